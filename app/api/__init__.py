@@ -1,0 +1,86 @@
+"""HTTP API v1: one blueprint per resource, all behind Bearer API keys."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, current_app, g, request
+from flask_smorest import Api
+from sqlalchemy.orm import Session
+
+from app import auth
+from app.config import Settings
+from app.db import Database
+from app.errors import ApiError, http_exception_response
+
+
+class MedmaasApi(Api):
+    def handle_http_exception(self, error):  # noqa: ANN001, ANN201
+        return http_exception_response(error)
+
+
+def settings() -> Settings:
+    return current_app.extensions["medmaas.settings"]
+
+
+def database() -> Database:
+    return current_app.extensions["medmaas.db"]
+
+
+def celery():  # noqa: ANN201
+    return current_app.extensions["medmaas.celery"]
+
+
+def db_session() -> Session:
+    """The request's session (closed at teardown)."""
+    if "db_session" not in g:
+        g.db_session = database().sessionmaker()
+    return g.db_session
+
+
+def tenant_id() -> int:
+    return g.tenant_id
+
+
+def require_api_key() -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'", "unauthorized")
+    session = db_session()
+    key = auth.authenticate(session, token.strip())
+    if key is None:
+        raise ApiError(401, "Invalid API key", "unauthorized")
+    auth.touch(session, key)
+    session.commit()
+    g.tenant_id = key.tenant_id
+    g.api_key_id = key.id
+
+
+def init_api(app: Flask) -> None:
+    api = MedmaasApi(app, spec_kwargs={
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+    })
+
+    @app.teardown_appcontext
+    def _close_session(_exc: Any) -> None:
+        session = g.pop("db_session", None)
+        if session is not None:
+            session.close()
+
+    from app.api import health, jobs
+
+    blueprints = [jobs.blp]
+    for name in ("datasets", "models", "scoring"):
+        try:
+            module = __import__(f"app.api.{name}", fromlist=["blp"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"app.api.{name}":
+                raise
+            continue
+        blueprints.append(module.blp)
+    for blp in blueprints:
+        blp.before_request(require_api_key)
+        api.register_blueprint(blp)
+    app.register_blueprint(health.bp)
+    app.extensions["medmaas.api"] = api

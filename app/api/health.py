@@ -1,0 +1,93 @@
+"""/healthz, /readyz and /metrics (no API key: for load balancers and Prometheus)."""
+from __future__ import annotations
+
+import redis
+from flask import Blueprint, Response, current_app, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy import case, func, select, text
+
+from app.jobs import count_by_state
+from app.models import Job, JobState
+from workers.celery_app import queue_names
+
+bp = Blueprint("health", __name__)
+
+DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
+
+def _settings():  # noqa: ANN202
+    return current_app.extensions["medmaas.settings"]
+
+
+def _redis() -> redis.Redis:
+    client = current_app.extensions.get("medmaas.redis")
+    if client is None:
+        client = redis.Redis.from_url(_settings().broker_url, socket_timeout=2, socket_connect_timeout=2)
+        current_app.extensions["medmaas.redis"] = client
+    return client
+
+
+@bp.get("/healthz")
+def healthz():  # noqa: ANN201
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():  # noqa: ANN201
+    checks: dict[str, str] = {}
+    try:
+        with current_app.extensions["medmaas.db"].engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        checks["database"] = f"error: {type(exc).__name__}"
+    try:
+        _redis().ping()
+        checks["broker"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        checks["broker"] = f"error: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return jsonify({"status": "ok" if ok else "unavailable", "checks": checks}), (200 if ok else 503)
+
+
+class _JobCollector:
+    """Reads the database and broker at scrape time, so every web process reports the truth."""
+
+    def __init__(self, app):  # noqa: ANN001
+        self.app = app
+
+    def collect(self):  # noqa: ANN201
+        db = self.app.extensions["medmaas.db"]
+        settings = self.app.extensions["medmaas.settings"]
+        with db.sessionmaker() as s:
+            counts = count_by_state(s)
+            dur = Job.duration_s
+            bucket_cols = [func.sum(case((dur <= b, 1), else_=0)) for b in DURATION_BUCKETS]
+            row = s.execute(
+                select(func.count(dur), func.coalesce(func.sum(dur), 0.0), *bucket_cols)
+                .where(Job.state == JobState.succeeded, dur.is_not(None))
+            ).one()
+        g = GaugeMetricFamily("medmaas_jobs", "Jobs by state", labels=["state"])
+        for state, n in counts.items():
+            g.add_metric([state], n)
+        yield g
+        q = GaugeMetricFamily("medmaas_queue_depth", "Messages waiting in each broker queue", labels=["queue"])
+        try:
+            client = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+            for name in queue_names(settings):
+                q.add_metric([name], client.llen(name))
+        except redis.RedisError:
+            pass
+        yield q
+        total, total_sum = row[0] or 0, float(row[1] or 0.0)
+        buckets = [(str(b), int(c or 0)) for b, c in zip(DURATION_BUCKETS, row[2:])] + [("+Inf", total)]
+        yield HistogramMetricFamily("medmaas_job_duration_seconds", "Run time of succeeded jobs",
+                                    buckets=buckets, sum_value=total_sum)
+
+
+@bp.get("/metrics")
+def metrics():  # noqa: ANN201
+    registry = CollectorRegistry()
+    registry.register(_JobCollector(current_app._get_current_object()))
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

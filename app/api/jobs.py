@@ -1,0 +1,242 @@
+"""/api/v1/jobs: submit, list, detail, events, SSE stream, cancel, result."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Iterator
+
+from flask import Response, request, stream_with_context
+from flask_smorest import Blueprint
+from marshmallow import Schema, ValidationError, fields, validate
+from sqlalchemy import select
+
+from app import dispatch, jobs
+from app.api import celery, database, db_session, settings, tenant_id
+from app.errors import ApiError
+from app.models import TERMINAL_STATES, Job, JobEvent, JobState
+from workers.celery_app import queue_names
+from workers.kinds import all_kinds, get_kind
+
+blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Submit and follow jobs")
+
+
+class JobSubmitSchema(Schema):
+    kind = fields.String(required=True, metadata={"description": "train, score, predict, sleep"})
+    spec = fields.Dict(load_default=dict)
+    priority = fields.Integer(load_default=0, validate=validate.Range(min=-100, max=100))
+    max_attempts = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=1, max=20))
+
+
+class JobSchema(Schema):
+    id = fields.Integer()
+    kind = fields.String()
+    state = fields.Function(lambda j: j.state.value)
+    spec = fields.Dict()
+    queue = fields.String()
+    priority = fields.Integer()
+    attempts = fields.Integer()
+    max_attempts = fields.Integer()
+    progress = fields.Float()
+    message = fields.String()
+    error = fields.String(allow_none=True)
+    result = fields.Dict(allow_none=True)
+    created_at = fields.DateTime()
+    started_at = fields.DateTime(allow_none=True)
+    finished_at = fields.DateTime(allow_none=True)
+    heartbeat_at = fields.DateTime(allow_none=True)
+    worker = fields.String(allow_none=True)
+    cancel_requested = fields.Boolean()
+    idempotency_key = fields.String(allow_none=True)
+    duration_s = fields.Float(allow_none=True)
+
+
+class JobListArgs(Schema):
+    state = fields.String(validate=validate.OneOf([s.value for s in JobState]))
+    kind = fields.String()
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+    cursor = fields.Integer(metadata={"description": "return jobs with id below this (next_cursor)"})
+
+
+class JobListSchema(Schema):
+    items = fields.List(fields.Nested(JobSchema))
+    next_cursor = fields.Integer(allow_none=True)
+
+
+class EventSchema(Schema):
+    seq = fields.Integer()
+    ts = fields.DateTime()
+    type = fields.String()
+    data = fields.Dict()
+
+
+class EventsArgs(Schema):
+    after = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    limit = fields.Integer(load_default=1000, validate=validate.Range(min=1, max=10_000))
+
+
+class EventListSchema(Schema):
+    items = fields.List(fields.Nested(EventSchema))
+    last_seq = fields.Integer()
+    state = fields.String()
+
+
+def get_job_or_404(job_id: int) -> Job:
+    job = db_session().scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id()))
+    if job is None:
+        raise ApiError(404, f"Job {job_id} not found")
+    return job
+
+
+def validate_spec(kind_name: str, spec: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
+    """(kind, normalised spec, queue) or a 422 naming the problem."""
+    kinds = all_kinds()
+    kind = kinds.get(kind_name)
+    if kind is None or not kind.submittable:
+        names = sorted(k for k, v in kinds.items() if v.submittable)
+        raise ApiError(422, f"Unknown job kind {kind_name!r}; known kinds: {', '.join(names)}", "unknown_kind")
+    try:
+        normalised = kind.spec_schema().load(spec)
+    except ValidationError as exc:
+        raise ApiError(422, f"Invalid spec for kind {kind_name!r}", "invalid_spec", {"spec": exc.messages})
+    queue = kind.route(normalised, settings())
+    if queue not in queue_names(settings()):
+        raise ApiError(422, f"Unknown queue {queue!r}", "invalid_spec", {"spec": {"queue": queue_names(settings())}})
+    return kind, normalised, queue
+
+
+def submit_job(kind_name: str, spec: dict[str, Any], *, priority: int = 0, max_attempts: int | None = None,
+               idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Validate, commit, then publish. Shared by every endpoint that creates jobs."""
+    _kind, normalised, queue = validate_spec(kind_name, spec)
+    session = db_session()
+    job, created = jobs.submit(
+        session, tenant_id=tenant_id(), kind=kind_name, spec=normalised, queue=queue, priority=priority,
+        max_attempts=max_attempts or settings().default_max_attempts, idempotency_key=idempotency_key,
+    )
+    session.commit()  # durable before the broker hears of it
+    if created:
+        dispatch.publish_jobs(celery(), database(), [(job.id, job.queue)])
+        session.refresh(job)
+    return job, created
+
+
+@blp.route("", methods=["POST"])
+@blp.arguments(JobSubmitSchema)
+@blp.response(202, JobSchema)
+@blp.alt_response(200, schema=JobSchema, description="Same Idempotency-Key seen before: the existing job")
+def submit(body: dict[str, Any]):  # noqa: ANN201
+    """Submit a job; answers 202 once the job row is committed."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (1 <= len(key) <= 255):
+        raise ApiError(400, "Idempotency-Key must be 1..255 characters")
+    job, created = submit_job(body["kind"], body["spec"], priority=body["priority"],
+                              max_attempts=body["max_attempts"], idempotency_key=key)
+    return job, (202 if created else 200)
+
+
+@blp.route("", methods=["GET"])
+@blp.arguments(JobListArgs, location="query")
+@blp.response(200, JobListSchema)
+def list_jobs(args: dict[str, Any]):  # noqa: ANN201
+    """List the tenant's jobs, newest first; page with next_cursor."""
+    q = select(Job).where(Job.tenant_id == tenant_id())
+    if "state" in args:
+        q = q.where(Job.state == JobState(args["state"]))
+    if "kind" in args:
+        q = q.where(Job.kind == args["kind"])
+    if "cursor" in args:
+        q = q.where(Job.id < args["cursor"])
+    items = db_session().scalars(q.order_by(Job.id.desc()).limit(args["limit"] + 1)).all()
+    more = len(items) > args["limit"]
+    items = items[: args["limit"]]
+    return {"items": items, "next_cursor": items[-1].id if more and items else None}
+
+
+@blp.route("/<int:job_id>", methods=["GET"])
+@blp.response(200, JobSchema)
+def detail(job_id: int):  # noqa: ANN201
+    return get_job_or_404(job_id)
+
+
+@blp.route("/<int:job_id>/events", methods=["GET"])
+@blp.arguments(EventsArgs, location="query")
+@blp.response(200, EventListSchema)
+def events(args: dict[str, Any], job_id: int):  # noqa: ANN201
+    """Events with seq > after, in order."""
+    job = get_job_or_404(job_id)
+    rows = db_session().scalars(
+        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq > args["after"])
+        .order_by(JobEvent.seq).limit(args["limit"])
+    ).all()
+    return {"items": rows, "last_seq": rows[-1].seq if rows else args["after"], "state": job.state.value}
+
+
+@blp.route("/<int:job_id>/cancel", methods=["POST"])
+@blp.response(202, JobSchema)
+def cancel(job_id: int):  # noqa: ANN201
+    """Cancel: queued jobs at once, running jobs between batches."""
+    job = get_job_or_404(job_id)
+    session = db_session()
+    if job.state in TERMINAL_STATES:
+        raise ApiError(409, f"Job {job_id} already {job.state.value}", "conflict")
+    jobs.request_cancel(session, job.id)
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def _sse(seq: int, type_: str, data: Any) -> str:
+    return f"id: {seq}\nevent: {type_}\ndata: {json.dumps(data, default=str)}\n\n"
+
+
+@blp.route("/<int:job_id>/stream", methods=["GET"])
+@blp.doc(responses={200: {"description": "text/event-stream of job events"}})
+def stream(job_id: int):  # noqa: ANN201
+    """Server-sent events; resumes after ?after=N or the Last-Event-ID header."""
+    job = get_job_or_404(job_id)
+    try:
+        after = int(request.headers.get("Last-Event-ID") or request.args.get("after", 0))
+    except ValueError:
+        raise ApiError(400, "after / Last-Event-ID must be an integer")
+    db = database()
+    max_s = 600.0
+
+    def generate() -> Iterator[str]:
+        nonlocal after
+        started = last_send = time.monotonic()
+        yield "retry: 2000\n\n"
+        while time.monotonic() - started < max_s:
+            with db.sessionmaker() as s:
+                rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq > after)
+                                 .order_by(JobEvent.seq).limit(500)).all()
+                state = s.scalar(select(Job.state).where(Job.id == job.id))
+            for ev in rows:
+                after = ev.seq
+                yield _sse(ev.seq, ev.type, {"seq": ev.seq, "ts": ev.ts.isoformat(), "type": ev.type, "data": ev.data})
+                last_send = time.monotonic()
+            if not rows and state in TERMINAL_STATES:
+                yield _sse(after, "end", {"state": state.value})
+                return
+            if time.monotonic() - last_send > 15:
+                yield ": keep-alive\n\n"
+                last_send = time.monotonic()
+            time.sleep(0.3 if rows else 0.5)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(stream_with_context(generate()), mimetype="text/event-stream", headers=headers)
+
+
+@blp.route("/<int:job_id>/result", methods=["GET"])
+@blp.doc(responses={200: {"description": "the job's result: JSON, or a file (?format=csv|parquet) for scoring jobs"}})
+def result(job_id: int):  # noqa: ANN201
+    """The job's output once it has succeeded."""
+    from flask import jsonify
+
+    job = get_job_or_404(job_id)
+    if job.state != JobState.succeeded:
+        raise ApiError(409, f"Job {job_id} is {job.state.value}; its result is not available", "not_ready")
+    kind = get_kind(job.kind)
+    serve_file = getattr(kind, "serve_result", None) if kind else None
+    if serve_file is not None:
+        return serve_file(job, request.args)
+    return jsonify(job.result or {})

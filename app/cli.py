@@ -1,0 +1,148 @@
+"""The `medmaas` command: run the platform's processes and administer it.
+
+Client commands that talk HTTP to a server (login, jobs, datasets, train, score, ...) are
+added from app.cli_client.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import click
+
+from app.config import from_env
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """MedMaaS: model-as-a-service for medical and drug-discovery ML."""
+
+
+@main.command()
+@click.option("--port", type=int, default=None, help="web port (default 5000)")
+@click.option("--demo", is_flag=True, help="once up, run `medmaas demo` against it, then keep serving")
+def standalone(port: int | None, demo: bool) -> None:
+    """Everything in one command: SQLite, an embedded broker, workers and the web server."""
+    from app.standalone import run_standalone
+
+    overrides = {"web_port": port} if port else {}
+    sys.exit(run_standalone(from_env(**overrides), demo=demo))
+
+
+@main.command()
+@click.option("--host", default=None)
+@click.option("--port", type=int, default=None)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--threads", type=int, default=8, show_default=True)
+def web(host: str | None, port: int | None, workers: int, threads: int) -> None:
+    """The web server (gunicorn, threaded workers so SSE streams don't block requests)."""
+    settings = from_env()
+    bind = f"{host or settings.web_host}:{port or settings.web_port}"
+    args = [sys.executable, "-m", "gunicorn", "app.wsgi:app", "--bind", bind, "--workers", str(workers),
+            "--worker-class", "gthread", "--threads", str(threads), "--timeout", "120",
+            "--graceful-timeout", "10", "--access-logfile", "-"]
+    os.execv(sys.executable, args)
+
+
+@main.command()
+@click.option("--queues", default="cpu", show_default=True, help="comma-separated: gpu, cpu, inference")
+@click.option("--gpu", "gpu", default=None, help="pin to this GPU index (sets CUDA_VISIBLE_DEVICES)")
+@click.option("--pool", type=click.Choice(["solo", "threads", "prefork"]), default=None,
+              help="default: solo (one job at a time, never forks after CUDA init); threads for inference")
+@click.option("--concurrency", type=int, default=None)
+@click.option("--loglevel", default="INFO")
+def worker(queues: str, gpu: str | None, pool: str | None, concurrency: int | None, loglevel: str) -> None:
+    """A Celery worker that runs jobs from the given queues."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before anything imports torch
+    from workers.tasks import worker_celery
+
+    settings = from_env()
+    celery = worker_celery(settings)
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    if pool is None:
+        pool = "threads" if names == [settings.inference_queue] else "solo"
+    if concurrency is None:
+        concurrency = 4 if pool == "threads" else 1
+    if gpu is not None and pool == "prefork":
+        raise click.UsageError("GPU workers must not fork after CUDA init: use --pool solo or threads")
+    celery.worker_main([
+        "worker", "-Q", ",".join(names), "-P", pool, "-c", str(concurrency), "--loglevel", loglevel,
+        "-n", f"{'-'.join(names)}-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
+    ])
+
+
+@main.command()
+def beat() -> None:
+    """The maintenance loop: reap jobs whose worker died, republish jobs the broker lost."""
+    import logging
+
+    from workers.tasks import run_maintenance_forever
+
+    settings = from_env()
+    logging.basicConfig(level=settings.log_level)
+    run_maintenance_forever(settings)
+
+
+@main.group()
+def db() -> None:
+    """Database administration."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION (default head)."""
+    from app.migrate import upgrade
+
+    upgrade(from_env(), revision)
+    click.echo(f"database at {revision}")
+
+
+@main.group()
+def tenants() -> None:
+    """Tenants (isolated groups of users, data and jobs)."""
+
+
+@tenants.command("create")
+@click.argument("name")
+def tenants_create(name: str) -> None:
+    from app import auth
+    from app.db import Database
+
+    database = Database(from_env().sqlalchemy_url)
+    with database.session() as s:
+        if auth.get_tenant(s, name) is not None:
+            raise click.ClickException(f"tenant {name!r} already exists")
+        tenant = auth.create_tenant(s, name)
+        click.echo(f"created tenant {tenant.name} (id {tenant.id})")
+
+
+@main.group()
+def keys() -> None:
+    """API keys."""
+
+
+@keys.command("create")
+@click.option("--tenant", required=True)
+@click.option("--name", default="")
+def keys_create(tenant: str, name: str) -> None:
+    """Create a key; it is printed once and stored only as a hash."""
+    from app import auth
+    from app.db import Database
+
+    database = Database(from_env().sqlalchemy_url)
+    with database.session() as s:
+        t = auth.get_tenant(s, tenant)
+        if t is None:
+            raise click.ClickException(f"no tenant {tenant!r}; create it with `medmaas tenants create {tenant}`")
+        click.echo(auth.create_key(s, t, name))
+
+
+if importlib.util.find_spec("app.cli_client") is not None:
+    import app.cli_client  # noqa: F401  (registers the HTTP client commands on `main`)
+
+
+if __name__ == "__main__":
+    main()

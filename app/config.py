@@ -1,0 +1,79 @@
+"""All settings, read from MEDMAAS_* environment variables in one place.
+
+Nothing else in the code base reads the environment: the Settings object is built here
+and passed into create_app(), the Celery app and the worker job kinds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = Path(".medmaas")
+    database_url: str = ""  # default: SQLite under home
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    artifact_root: str = ""  # default: home/artifacts
+    secret_key: str = ""  # default: generated and stored under home
+    max_upload_bytes: int = 2 * 1024**3
+    max_json_bytes: int = 1 * 1024**2
+    archive_max_members: int = 200_000
+    archive_max_bytes: int = 8 * 1024**3
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 60.0
+    reaper_interval_s: float = 10.0
+    requeue_grace_s: float = 30.0
+    default_max_attempts: int = 3
+    default_queue: str = "cpu"
+    gpu_queue: str = "gpu"
+    inference_queue: str = "inference"
+    model_cache_size: int = 8
+    predict_default_timeout_s: float = 10.0
+    score_shard_rows: int = 100_000
+    score_batch_size: int = 4096
+    web_host: str = "127.0.0.1"
+    web_port: int = 5000
+    log_level: str = "INFO"
+    testing: bool = False
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'medmaas.db').resolve()}"
+
+    @property
+    def artifacts(self) -> Path:
+        return Path(self.artifact_root) if self.artifact_root else (self.home / "artifacts").resolve()
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+_CASTS = {"int": int, "float": float, "bool": _bool, "Path": Path, "str": str}
+
+
+def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from MEDMAAS_<FIELD> variables, then apply keyword overrides."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = environ.get(f"MEDMAAS_{f.name.upper()}")
+        if raw is not None and raw != "":
+            values[f.name] = _CASTS[str(f.type)](raw)
+    values.update(overrides)
+    return Settings(**values)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, type) rows for the README's configuration table."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        rows.append((f"MEDMAAS_{f.name.upper()}", repr(f.default), str(f.type)))
+    return rows

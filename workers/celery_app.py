@@ -1,0 +1,38 @@
+"""The Celery app: a broker for job ids only. The SQL database is the record."""
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from app.config import Settings
+from app.dispatch import RUN_JOB  # noqa: F401  (re-exported for workers.tasks)
+
+
+# A message must outlive the longest job in the queue: lost workers are handled by the
+# DB-side reaper, not by broker redelivery.
+VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
+
+
+def queue_names(settings: Settings) -> list[str]:
+    return [settings.gpu_queue, settings.default_queue, settings.inference_queue]
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("medmaas", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=settings.default_queue,
+        task_queues=[Queue(n, Exchange(n, type="direct"), routing_key=n) for n in queue_names(settings)],
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    app.conf.medmaas_settings = settings
+    return app

@@ -1,0 +1,69 @@
+"""Configurable sequence RNN that reads the last real step of each sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+
+
+@dataclass
+class RNNConfig:
+    vocab_size: int
+    num_outputs: int = 1
+    cell: str = "gru"  # rnn, gru or lstm
+    embedding_dim: int = 64
+    hidden_size: int = 128
+    num_layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}")
+        if self.vocab_size < 2 or self.num_layers < 1:
+            raise ValueError("vocab_size must be >= 2 and num_layers >= 1")
+
+
+class SequenceRNN(nn.Module):
+    """(ids [B, L] int64 with 0 = padding, lengths [B]) -> [B, num_outputs].
+
+    Sequences are packed, so the recurrent state never sees padding: the forward
+    direction's final state is at step lengths-1 and the backward direction's final
+    state is at step 0 of each sequence. Appending more padding to a batch therefore
+    does not change any prediction.
+    """
+
+    cpu_inputs = (1,)  # lengths stay on CPU (pack_padded_sequence needs them there)
+
+    def __init__(self, cfg: RNNConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim, padding_idx=0)
+        self.rnn = CELLS[cfg.cell](
+            cfg.embedding_dim,
+            cfg.hidden_size,
+            num_layers=cfg.num_layers,
+            batch_first=True,
+            bidirectional=cfg.bidirectional,
+            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(cfg.hidden_size * (2 if cfg.bidirectional else 1), cfg.num_outputs)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # pack_padded_sequence wants CPU lengths; an empty sequence is read as one <pad>.
+        lengths = lengths.detach().to("cpu", torch.int64).clamp(min=1)
+        x = self.dropout(self.embedding(ids))
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, h = self.rnn(packed)  # h is returned in the batch's original order
+        if isinstance(h, tuple):  # LSTM: (h_n, c_n)
+            h = h[0]
+        dirs = 2 if self.cfg.bidirectional else 1
+        last = h.view(self.cfg.num_layers, dirs, h.shape[1], self.cfg.hidden_size)[-1]  # top layer
+        last = last.transpose(0, 1).reshape(h.shape[1], dirs * self.cfg.hidden_size)
+        return self.head(self.dropout(last))
