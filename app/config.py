@@ -77,3 +77,16 @@ def describe() -> list[tuple[str, str, str]]:
     for f in dataclasses.fields(Settings):
         rows.append((f"MEDMAAS_{f.name.upper()}", repr(f.default), str(f.type)))
     return rows
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The MEDMAAS_* variables that reproduce these settings in a child process."""
+    env = {}
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        if f.name == "database_url" and not value:
+            value = settings.sqlalchemy_url
+        if f.name == "artifact_root" and not value:
+            value = str(settings.artifacts)
+        env[f"MEDMAAS_{f.name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env

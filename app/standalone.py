@@ -20,7 +20,7 @@ from typing import Optional
 
 import click
 
-from app.config import Settings
+from app.config import Settings, to_env
 
 PR_SET_PDEATHSIG = 1
 
@@ -100,15 +100,7 @@ def bootstrap(settings: Settings) -> Optional[str]:
 
 
 def _child_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "MEDMAAS_HOME": str(settings.home),
-        "MEDMAAS_DATABASE_URL": settings.sqlalchemy_url,
-        "MEDMAAS_BROKER_URL": settings.broker_url,
-        "MEDMAAS_ARTIFACT_ROOT": str(settings.artifacts),
-        "MEDMAAS_WEB_PORT": str(settings.web_port),
-    })
-    return env
+    return {**os.environ, **to_env(settings)}
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:

@@ -80,7 +80,13 @@ def init_api(app: Flask) -> None:
             continue
         blueprints.append(module.blp)
     for blp in blueprints:
-        blp.before_request(require_api_key)
         api.register_blueprint(blp)
+
+    @app.before_request
+    def _authenticate_api() -> None:
+        # Every /api/v1 route needs a key; the OpenAPI document is public documentation.
+        path = request.path
+        if path.startswith("/api/v1/") and path != "/api/v1/openapi.json":
+            require_api_key()
     app.register_blueprint(health.bp)
     app.extensions["medmaas.api"] = api

@@ -447,10 +447,11 @@ def _probe(it: _Item, limits: IngestLimits) -> tuple[int, int]:
 
 def _read_dicom(it: _Item, stop_before_pixels: bool):
     import pydicom
+    from pydicom.errors import InvalidDicomError
     try:
         try:
             return pydicom.dcmread(it.path, stop_before_pixels=stop_before_pixels)
-        except pydicom.errors.InvalidDicomError:
+        except InvalidDicomError:
             # Files without the 128-byte preamble are common; only force for .dcm names.
             if os.path.splitext(it.name)[1].lower() not in _DICOM_EXT:
                 raise

@@ -28,7 +28,7 @@ def run(ctx, spec: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
             if left <= 0:
                 break
             time.sleep(min(left, 0.1))
-        ctx.progress((step + 1) / spec["steps"], f"step {step + 1}/{spec['steps']}", step=step + 1)
+        ctx.progress((step + 1) / spec["steps"], f"step {step + 1}/{spec['steps']}", step=step + 1, force=True)
     if spec["fail"]:
         raise RuntimeError("sleep job asked to fail")
     return {"slept_s": round(time.monotonic() - started, 3), "steps": spec["steps"], "attempt": ctx.attempt}

@@ -11,11 +11,20 @@ from rdkit.Chem.Scaffolds import MurckoScaffold
 _TIMESTAMP = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
 
 
+_PARSE_PREFIX = "SMILES Parse Error: "
+
+
 def _rdkit_message(captured: str, smiles: str) -> str:
+    """RDKit's log lines as one line: "SMILES Parse Error: syntax error while parsing: C1CC(;
+    check for mistakes around position 5", "Explicit valence for atom # 1 N, 5, is ..."."""
     lines = [_TIMESTAMP.sub("", ln).strip() for ln in captured.splitlines()]
-    # Drop RDKit's echo of the input and its ~~~^ position marker; keep the sentences.
-    keep = [ln for ln in lines if ln and ln != smiles and not set(ln) <= set("~^ ")]
-    return "; ".join(dict.fromkeys(keep)) or "invalid SMILES"
+    parse_error = any(ln.startswith(_PARSE_PREFIX) for ln in lines)
+    lines = [ln.removeprefix(_PARSE_PREFIX).rstrip(":") for ln in lines]
+    # Drop RDKit's echo of the input, its ~~~^ marker and the closing "Failed parsing" recap.
+    keep = [ln for ln in lines if ln and ln != smiles and not set(ln) <= set("~^ ")
+            and not ln.startswith("Failed parsing SMILES")]
+    message = "; ".join(dict.fromkeys(keep)) or "invalid SMILES"
+    return _PARSE_PREFIX + message if parse_error else message
 
 
 def parse_smiles(smiles: str) -> tuple[Chem.Mol | None, str | None]:

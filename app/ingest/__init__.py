@@ -1,0 +1,37 @@
+"""Dataset ingestion and validation: pure functions over file paths (no Flask, no DB),
+used by the upload endpoint and by workers. Everything streams.
+
+    report = ingest("sequences", "/uploads/abc", "train.csv.gz", "/artifacts/ds/42", {"text_column": "smiles"})
+
+raises IngestError (``code``, ``message``, ``details``, ``http_status`` 422 or 413) for an
+upload that cannot be accepted; invalid rows inside an acceptable upload are counted and
+sampled in the report instead.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .common import IngestLimits, IngestReport
+from .errors import IngestError
+from .images import ingest_images
+from .library import iter_library_rows, ingest_library, library_row_offsets
+from .sequences import ingest_sequences
+
+KINDS = ("images", "sequences", "library")
+
+__all__ = ["IngestError", "IngestLimits", "IngestReport", "KINDS", "ingest", "ingest_images",
+           "ingest_library", "ingest_sequences", "iter_library_rows", "library_row_offsets"]
+
+
+def ingest(kind: str, path: str, original_filename: str, work_dir: str,
+           options: Mapping[str, Any] | None = None,
+           limits: IngestLimits | Mapping[str, Any] | None = None) -> IngestReport:
+    """Validate the uploaded file at ``path`` and, for images and sequences, write the
+    normalised dataset under ``work_dir`` (``data.npz`` or ``data.parquet``)."""
+    if kind == "images":
+        return ingest_images(path, original_filename, work_dir, limits, options)
+    if kind == "sequences":
+        return ingest_sequences(path, original_filename, work_dir, options, limits)
+    if kind == "library":
+        return ingest_library(path, original_filename, options, limits)
+    raise IngestError("invalid_kind", f"unknown dataset kind {kind!r}; expected one of: {', '.join(KINDS)}")

@@ -1,0 +1,179 @@
+"""Drug libraries to score: .smi, CSV or TSV, gzip allowed, up to tens of millions of rows.
+
+Upload only checks the structure and counts rows in one constant-memory pass; molecules
+are validated when scored. A "row" is a non-blank, non-comment line of a .smi file or a
+non-blank data record of a CSV/TSV; rows are numbered from 0 in file order, and the
+numbering is the same for ``ingest_library``, ``iter_library_rows`` and
+``library_row_offsets``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, BinaryIO, Iterator, Mapping
+
+from .common import IngestLimits, IngestReport, check_option_names, opt_str
+from .errors import IngestError
+from .textio import base_name, detect_delimiter, first_line, is_gzip, iter_lines, iter_records, open_binary
+
+OPTIONS = ("text_column", "id_column", "format", "delimiter")
+FORMATS = ("smi", "csv", "tsv")
+_SMI_EXT = {".smi", ".smiles", ".ism", ".can"}
+_SMI_HEADER = {"smiles", "smile", "canonical_smiles", "isomeric_smiles"}
+_ID_NAMES = ("id", "name", "compound_id", "mol_id", "molecule_id", "cid", "chembl_id", "zinc_id", "title")
+
+
+def ingest_library(path: str, original_filename: str, options: Mapping[str, Any] | None = None,
+                   limits: IngestLimits | Mapping | None = None) -> IngestReport:
+    limits = IngestLimits.of(limits)
+    options = dict(options or {})
+    check_option_names(options, OPTIONS, "library")
+    text_column = opt_str(options, "text_column", "smiles")
+    id_column = opt_str(options, "id_column", None)
+    compressed = is_gzip(path)
+    head = first_line(path, compressed, limits)
+    fmt = opt_str(options, "format", None, FORMATS) or _detect_format(head, original_filename, text_column)
+
+    if fmt == "smi":
+        schema = _smi_schema(path, compressed, limits)
+    else:
+        schema = _csv_schema(path, compressed, limits, fmt, head, original_filename, text_column,
+                             id_column, opt_str(options, "delimiter", None))
+    rows = empty = 0
+    with open_binary(path, compressed) as fp:
+        fp.seek(schema["data_offset"])
+        for _, _, text in _iter_rows(fp, schema, limits, schema["data_offset"]):
+            rows += 1
+            empty += not text
+        end = fp.tell()
+    if rows == 0:
+        raise IngestError("no_rows", "the library has no rows" + (" after its header" if schema["header"] else ""))
+    return IngestReport(rows=rows, invalid_rows=0, invalid_samples=[], schema=schema,
+                        stats={"bytes": os.path.getsize(path), "uncompressed_bytes": end,
+                               "empty_text_rows": empty},
+                        data_path=None)
+
+
+def iter_library_rows(path: str, schema: Mapping[str, Any], start: int = 0, stop: int | None = None,
+                      offset: int | None = None, limits: IngestLimits | Mapping | None = None
+                      ) -> Iterator[tuple[int, str | None, str]]:
+    """Yield (row_number, id or None, text) for rows start <= row_number < stop, streaming.
+
+    ``offset`` is the byte offset of row ``start`` from library_row_offsets(); with it the
+    reader seeks instead of scanning from the top (for gzip a seek still decompresses up
+    to that point). Text is stripped; undecodable bytes become U+FFFD, so such a SMILES
+    fails to parse at scoring rather than here.
+    """
+    limits = IngestLimits.of(limits)
+    if stop is not None and stop <= start:
+        return
+    with open_binary(path, schema["compressed"]) as fp:
+        if offset is None:
+            row, pos = 0, schema["data_offset"]
+        else:
+            row, pos = start, offset
+        fp.seek(pos)
+        for _, ident, text in _iter_rows(fp, schema, limits, pos):
+            if row >= start:
+                if stop is not None and row >= stop:
+                    return
+                yield row, ident, text
+            row += 1
+
+
+def library_row_offsets(path: str, schema: Mapping[str, Any], every_n: int,
+                        limits: IngestLimits | Mapping | None = None) -> list[int]:
+    """Byte offsets (in the uncompressed stream) of rows 0, every_n, 2*every_n, ... for sharding:
+    shard k is ``iter_library_rows(path, schema, k*every_n, (k+1)*every_n, offset=offsets[k])``."""
+    if every_n < 1:
+        raise ValueError("every_n must be >= 1")
+    limits = IngestLimits.of(limits)
+    offsets = []
+    with open_binary(path, schema["compressed"]) as fp:
+        fp.seek(schema["data_offset"])
+        for row, (offset, _, _) in enumerate(_iter_rows(fp, schema, limits, schema["data_offset"])):
+            if row % every_n == 0:
+                offsets.append(offset)
+    return offsets
+
+
+# -- internals ----------------------------------------------------------------------
+
+def _detect_format(head: str, filename: str, text_column: str) -> str:
+    ext = os.path.splitext(base_name(filename))[1]
+    if ext in _SMI_EXT:
+        return "smi"
+    if ext == ".csv":
+        return "csv"
+    if ext in (".tsv", ".tab"):
+        return "tsv"
+    # .txt or no extension: a delimited file has the text column in its header line
+    for delim, fmt in (("\t", "tsv"), (",", "csv")):
+        if text_column in [f.strip().strip('"') for f in head.split(delim)] and delim in head:
+            return fmt
+    return "smi"
+
+
+def _smi_schema(path: str, compressed: bool, limits: IngestLimits) -> dict:
+    header: list[str] = []
+    data_offset = 0
+    with open_binary(path, compressed) as fp:
+        for offset, raw in iter_lines(fp, limits):
+            line = raw.decode("utf-8", "replace").lstrip("\ufeff").strip()
+            if not line or line.startswith("#"):
+                continue
+            # No header is expected, but a "SMILES Name" title line is common; don't count it as a row.
+            if line.split()[0].lower() in _SMI_HEADER:
+                header = line.split()
+                data_offset = offset + len(raw)
+            break
+    return {"kind": "library", "format": "smi", "compressed": compressed, "delimiter": None,
+            "text_column": None, "id_column": None, "header": header, "data_offset": data_offset,
+            "text_index": 0, "id_index": 1}
+
+
+def _csv_schema(path, compressed, limits, fmt, head, filename, text_column, id_column, delimiter) -> dict:
+    delim = detect_delimiter(head, filename, delimiter or ("\t" if fmt == "tsv" else ","))
+    with open_binary(path, compressed) as fp:
+        records = iter_records(fp, delim, limits)
+        first = next(records, None)
+        # the data starts where the second record does (a quoted header may span lines)
+        second = next(records, None)
+    if first is None:
+        raise IngestError("empty_file", "the file is empty")
+    header = [f.strip() for f in first[2]]
+    kind = "TSV" if delim == "\t" else "CSV"
+    if text_column not in header:
+        raise IngestError("missing_column", f"{kind} has no column {text_column!r}; columns are: "
+                          f"{', '.join(header)}. Set text_column to the column holding the SMILES.",
+                          {"columns": header})
+    if id_column is not None and id_column not in header:
+        raise IngestError("missing_column", f"{kind} has no id column {id_column!r}; columns are: "
+                          f"{', '.join(header)}", {"columns": header})
+    if id_column is None:
+        lower = {h.lower(): h for h in header if h != text_column}
+        id_column = next((lower[n] for n in _ID_NAMES if n in lower), None)
+    if second is None:
+        raise IngestError("no_rows", "the library has a header but no rows")
+    return {"kind": "library", "format": fmt, "compressed": compressed, "delimiter": delim,
+            "text_column": text_column, "id_column": id_column, "header": header,
+            "data_offset": second[0],
+            "text_index": header.index(text_column),
+            "id_index": header.index(id_column) if id_column is not None else None}
+
+
+def _iter_rows(fp: BinaryIO, schema: Mapping[str, Any], limits: IngestLimits, offset: int
+               ) -> Iterator[tuple[int, str | None, str]]:
+    """(byte offset, id, text) of each row from the current position (which is ``offset``)."""
+    if schema["format"] == "smi":
+        for pos, raw in iter_lines(fp, limits, offset):
+            line = raw.decode("utf-8", "replace").lstrip("\ufeff").strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split(None, 1)
+            yield pos, (parts[1].strip() if len(parts) > 1 else None), parts[0]
+        return
+    ti, ii = schema["text_index"], schema["id_index"]
+    for pos, _, fields in iter_records(fp, schema["delimiter"], limits, offset=offset):
+        text = fields[ti].strip() if ti < len(fields) else ""
+        ident = fields[ii].strip() if ii is not None and ii < len(fields) else None
+        yield pos, ident or None, text

@@ -1,0 +1,319 @@
+"""Sequence datasets: CSV/TSV (gzip allowed) with a text column (SMILES, or whitespace-
+separated tokens such as clinical codes) and label columns.
+
+One streaming pass validates the text of every row, writes valid rows to a temporary
+parquet file (labels still as strings) and accumulates per-column statistics; a second
+pass over that parquet casts label columns to their inferred types and writes
+``work_dir/data.parquet`` with columns ``text``, ``source_row`` and the label columns.
+``source_row`` is the 0-based index of the record among the file's non-blank data rows,
+i.e. the row ``pandas.read_csv(file).iloc[source_row]`` returns.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .chem import canonical_smiles, quiet_rdkit
+from .common import (IngestLimits, IngestReport, InvalidRows, check_option_names, opt_int, opt_list,
+                     opt_str)
+from .errors import IngestError
+from .textio import detect_delimiter, first_line, is_gzip, iter_records, open_binary
+
+OPTIONS = ("text_column", "tokenizer", "label_columns", "max_length", "delimiter")
+TOKENIZERS = ("smiles", "whitespace")
+RESERVED = ("text", "source_row")
+_CHUNK_ROWS = 20_000
+_MISSING = {"", "na", "n/a", "nan", "null", "none", "#n/a"}
+_INT_RE = r"[+-]?\d+"
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of non-UTF-8 bytes
+_MAX_INT_CLASSES = 50      # integer labels with more distinct values are regression targets
+_MAX_CLASSES = 10_000      # above this a string column is not a usable class label
+
+
+def ingest_sequences(path: str, original_filename: str, work_dir: str,
+                     options: Mapping[str, Any] | None = None,
+                     limits: IngestLimits | Mapping | None = None) -> IngestReport:
+    limits = IngestLimits.of(limits)
+    options = dict(options or {})
+    check_option_names(options, OPTIONS, "sequences")
+    text_column = opt_str(options, "text_column", "smiles")
+    tokenizer = opt_str(options, "tokenizer", "smiles", TOKENIZERS)
+    wanted = opt_list(options, "label_columns")
+    max_length = opt_int(options, "max_length", 1000, 1, 1_000_000)
+    os.makedirs(work_dir, exist_ok=True)
+
+    compressed = is_gzip(path)
+    delimiter = detect_delimiter(first_line(path, compressed, limits), original_filename,
+                                 opt_str(options, "delimiter", None))
+    invalid = InvalidRows(limits.max_invalid_samples)
+    raw_path = os.path.join(work_dir, "_rows.parquet")
+    out_path = os.path.join(work_dir, "data.parquet")
+    try:
+        with open_binary(path, compressed) as fp:
+            records = iter_records(fp, delimiter, limits, errors="surrogateescape")
+            header = _header(next(records, None), text_column, delimiter)
+            labels = _label_columns(header, text_column, wanted)
+            col_stats = {c: _ColumnStats() for c in labels}
+            rows, text_len = _first_pass(records, header, text_column, tokenizer, max_length, labels,
+                                         col_stats, invalid, raw_path)
+        if rows == 0:
+            raise IngestError("no_valid_rows", f"no valid rows: all {invalid.count} rows were invalid"
+                              if invalid.count else "the file has a header but no rows",
+                              {"invalid_rows": invalid.count, "invalid_samples": invalid.samples,
+                               "invalid_reasons": dict(invalid.reasons)})
+        warn: list[str] = []
+        types = {c: s.infer(c, explicit=wanted is not None, warn=warn) for c, s in col_stats.items()}
+        kept = [c for c in labels if types[c] is not None]
+        _second_pass(raw_path, out_path, kept, types, col_stats)
+    finally:
+        if os.path.exists(raw_path):
+            os.unlink(raw_path)
+
+    classes = {c: col_stats[c].classes() for c in kept if types[c] != "float"}
+    return IngestReport(
+        rows=rows,
+        invalid_rows=invalid.count,
+        invalid_samples=invalid.samples,
+        schema={"kind": "sequences", "text_column": text_column, "tokenizer": tokenizer,
+                "label_columns": kept, "label_types": {c: "float" if types[c] == "float" else "category"
+                                                       for c in kept},
+                "classes": classes, "delimiter": delimiter, "compressed": compressed, "header": header},
+        stats={"labels": {c: col_stats[c].summary(types[c]) for c in kept},
+               "text_length": text_len, "invalid_reasons": dict(invalid.reasons)},
+        data_path=out_path,
+        warnings=warn,
+    )
+
+
+def _header(first, text_column: str, delimiter: str) -> list[str]:
+    if first is None:
+        raise IngestError("empty_file", "the file is empty")
+    _, _, header = first
+    header = [h.strip() for h in header]
+    if any(_UNDECODABLE.search(h) for h in header):
+        raise IngestError("invalid_encoding", "the header row is not valid UTF-8 text")
+    if any(not h for h in header):
+        raise IngestError("invalid_header", f"the header has an empty column name: {header}")
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise IngestError("invalid_header", f"the header names column(s) twice: {', '.join(dupes)}")
+    if text_column not in header:
+        sep = {"\t": "tab", ",": "comma"}.get(delimiter, repr(delimiter))
+        raise IngestError("missing_column", f"{'TSV' if delimiter == chr(9) else 'CSV'} has no column "
+                          f"{text_column!r}; columns are: {', '.join(header)} (read with {sep} as the "
+                          "delimiter). Set text_column to the column holding the sequences.",
+                          {"columns": header, "text_column": text_column})
+    return header
+
+
+def _label_columns(header: list[str], text_column: str, wanted: list[str] | None) -> list[str]:
+    if wanted is None:
+        labels = [h for h in header if h != text_column]
+    else:
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise IngestError("missing_column", f"label column(s) {', '.join(map(repr, missing))} not in "
+                              f"the file; columns are: {', '.join(header)}",
+                              {"columns": header, "missing": missing})
+        if text_column in wanted:
+            raise IngestError("invalid_option", f"{text_column!r} is the text column; it cannot also be a label")
+        labels = wanted
+    clash = [c for c in labels if c in RESERVED]
+    if clash:
+        raise IngestError("invalid_header", f"column name(s) {', '.join(clash)} are reserved for the output "
+                          "(text, source_row); rename them or leave them out of label_columns")
+    return labels
+
+
+def _first_pass(records, header, text_column, tokenizer, max_length, labels, col_stats, invalid,
+                raw_path) -> tuple[int, dict]:
+    ncols = len(header)
+    ti = header.index(text_column)
+    li = [header.index(c) for c in labels]
+    schema = pa.schema([("text", pa.string()), ("source_row", pa.int64())] +
+                       [(f"l{i}", pa.string()) for i in range(len(labels))])
+    rows = 0
+    lengths = [0, 0, math.inf, 0]  # count, sum, min, max
+    buf_text: list[str] = []
+    buf_row: list[int] = []
+    buf_labels: list[list] = [[] for _ in labels]
+
+    def flush():
+        if not buf_text:
+            return
+        cols = [pa.array(buf_text, pa.string()), pa.array(buf_row, pa.int64())]
+        for j, values in enumerate(buf_labels):
+            col_stats[labels[j]].update(values)
+            cols.append(pa.array(values, pa.string()))
+            values.clear()
+        writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+        buf_text.clear()
+        buf_row.clear()
+
+    with pq.ParquetWriter(raw_path, schema) as writer, quiet_rdkit():
+        for source_row, (_, line, fields) in enumerate(records):
+            where = {"row": source_row, "line": line}
+            if len(fields) > ncols:
+                invalid.add(f"row has {len(fields)} fields; the header has {ncols}", **where)
+                continue
+            joined = "".join(fields)
+            if not joined.isascii() and _UNDECODABLE.search(joined):
+                invalid.add("row is not valid UTF-8 text", **where)
+                continue
+            raw = fields[ti].strip() if ti < len(fields) else ""
+            if not raw:
+                invalid.add("empty text", **where)
+                continue
+            if len(raw) > max_length:
+                invalid.add(f"text too long: {len(raw)} characters; max_length is {max_length}", **where)
+                continue
+            if tokenizer == "smiles":
+                if any(ch.isspace() for ch in raw):
+                    invalid.add("SMILES parse error: SMILES contains whitespace", **where)
+                    continue
+                text, reason = canonical_smiles(raw)
+                if reason:
+                    invalid.add(reason, **where)
+                    continue
+            else:
+                text = " ".join(raw.split())
+            buf_text.append(text)
+            buf_row.append(source_row)
+            for j, i in enumerate(li):
+                value = fields[i].strip() if i < len(fields) else ""
+                buf_labels[j].append(None if value.lower() in _MISSING else value)
+            n = len(text)
+            lengths[0] += 1
+            lengths[1] += n
+            lengths[2] = min(lengths[2], n)
+            lengths[3] = max(lengths[3], n)
+            rows += 1
+            if len(buf_text) >= _CHUNK_ROWS:
+                flush()
+        flush()
+    text_len = ({"min": lengths[2], "max": lengths[3], "mean": lengths[1] / lengths[0]}
+                if lengths[0] else {})
+    return rows, text_len
+
+
+class _ColumnStats:
+    """Running statistics of one label column, valid under both numeric and categorical readings
+    until the whole file has been seen."""
+
+    def __init__(self):
+        self.count = self.missing = 0
+        self.numeric = self.integer = True
+        self.non_finite = 0
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+        self.min, self.max = math.inf, -math.inf
+        self.counts: Counter[str] | None = Counter()
+
+    def update(self, values: list[str | None]) -> None:
+        s = pd.Series([v for v in values if v is not None], dtype=object)
+        self.missing += len(values) - len(s)
+        self.count += len(s)
+        if s.empty:
+            return
+        if self.counts is not None:
+            self.counts.update(s.value_counts().to_dict())
+            if len(self.counts) > _MAX_CLASSES:
+                self.counts = None
+        if self.numeric:
+            x = pd.to_numeric(s, errors="coerce").to_numpy(np.float64)
+            if np.isnan(x).any():
+                self.numeric = self.integer = False
+                return
+            self.integer = self.integer and bool(s.str.fullmatch(_INT_RE).all())
+            finite = x[np.isfinite(x)]
+            self.non_finite += len(x) - len(finite)
+            if len(finite):
+                # Chan et al. parallel update of mean and sum of squared deviations
+                n, mean = len(finite), float(finite.mean())
+                m2 = float(((finite - mean) ** 2).sum())
+                delta, total = mean - self.mean, self.n + n
+                self.mean += delta * n / total
+                self.m2 += m2 + delta * delta * self.n * n / total
+                self.n = total
+                self.min, self.max = min(self.min, float(finite.min())), max(self.max, float(finite.max()))
+
+    def infer(self, name: str, explicit: bool, warn: list[str]) -> str | None:
+        """'float', 'int' or 'str' (the last two are categorical), or None to drop the column."""
+        if self.count == 0:
+            if explicit:
+                raise IngestError("empty_label", f"label column {name!r} has no values in the valid rows")
+            warn.append(f"column {name!r} is empty; not used as a label")
+            return None
+        distinct = len(self.counts) if self.counts is not None else _MAX_CLASSES + 1
+        if self.numeric and self.integer and distinct <= _MAX_INT_CLASSES:
+            return "int"
+        if self.numeric:
+            if self.integer:
+                warn.append(f"integer column {name!r} has {distinct} distinct values; treated as a "
+                            "regression target (float)")
+            if self.non_finite:
+                warn.append(f"column {name!r} has {self.non_finite} infinite values; stored as missing")
+            return "float"
+        if distinct > _MAX_CLASSES:
+            if explicit:
+                raise IngestError("too_many_classes", f"label column {name!r} has more than {_MAX_CLASSES} "
+                                  "distinct text values; it cannot be a class label")
+            warn.append(f"column {name!r} has more than {_MAX_CLASSES} distinct values; not used as a label")
+            return None
+        if not explicit and distinct > 20 and distinct > self.count // 2:
+            warn.append(f"column {name!r} looks like an identifier ({distinct} distinct values in "
+                        f"{self.count} rows); not used as a label. List it in label_columns to use it.")
+            return None
+        return "str"
+
+    def class_counts(self) -> dict:
+        """Counts per class in class order; integer labels are merged by value ("01" is 1)."""
+        if self.numeric and self.integer:
+            merged: Counter[int] = Counter()
+            for k, v in self.counts.items():
+                merged[int(k)] += v
+            return dict(sorted(merged.items()))
+        return dict(sorted(self.counts.items()))
+
+    def classes(self) -> list:
+        return list(self.class_counts())
+
+    def summary(self, kind: str) -> dict:
+        if kind == "float":
+            return {"type": "float", "count": self.n, "missing": self.missing + self.non_finite,
+                    "mean": self.mean if self.n else None,
+                    "std": math.sqrt(self.m2 / self.n) if self.n else None,
+                    "min": self.min if self.n else None, "max": self.max if self.n else None}
+        return {"type": "category", "count": self.count, "missing": self.missing,
+                "class_counts": {str(k): v for k, v in self.class_counts().items()}}
+
+
+def _second_pass(raw_path: str, out_path: str, labels: list[str], types: dict, stats) -> None:
+    src = pq.ParquetFile(raw_path)
+    names = src.schema_arrow.names  # text, source_row, l0, l1, ... in the order of col_stats
+    index = {c: names[2 + i] for i, c in enumerate(stats)}
+    arrow_type = {"float": pa.float64(), "int": pa.int64(), "str": pa.string()}
+    schema = pa.schema([("text", pa.string()), ("source_row", pa.int64())] +
+                       [(c, arrow_type[types[c]]) for c in labels])
+    tmp = out_path + ".tmp"
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for batch in src.iter_batches(batch_size=_CHUNK_ROWS * 5):
+            cols = [batch.column("text"), batch.column("source_row")]
+            for c in labels:
+                col = batch.column(index[c])
+                if types[c] != "str":
+                    x = pd.to_numeric(col.to_pandas(), errors="coerce").to_numpy(np.float64)
+                    x[~np.isfinite(x)] = np.nan
+                    col = pa.array(x, pa.float64(), from_pandas=True)  # NaN -> null
+                    if types[c] == "int":
+                        col = col.cast(pa.int64())
+                cols.append(col)
+            writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+    os.replace(tmp, out_path)

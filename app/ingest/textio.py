@@ -1,0 +1,127 @@
+"""Streaming access to (optionally gzip-compressed) delimited text files.
+
+Every reader here works line by line with a cap on line length and on the total number
+of uncompressed bytes, so a gzip bomb or a file without newlines cannot exhaust memory.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import zlib
+from typing import BinaryIO, Iterator
+
+from .common import IngestLimits
+from .errors import IngestError, too_large
+
+GZIP_MAGIC = b"\x1f\x8b"
+_OTHER_MAGIC = {b"PK\x03\x04": "a zip archive", b"BZh": "bzip2-compressed", b"\xfd7zXZ\x00": "xz-compressed",
+                b"\x28\xb5\x2f\xfd": "zstd-compressed"}
+_EXT_DELIMITER = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+
+
+def is_gzip(path: str) -> bool:
+    """True for gzip (by magic bytes, whatever the name); IngestError for other archive formats."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(GZIP_MAGIC):
+        return True
+    for magic, what in _OTHER_MAGIC.items():
+        if head.startswith(magic):
+            raise IngestError("unsupported_compression", f"the file is {what}; upload plain text or gzip (.gz)")
+    return False
+
+
+def open_binary(path: str, compressed: bool) -> BinaryIO:
+    return gzip.open(path, "rb") if compressed else open(path, "rb")
+
+
+def base_name(filename: str) -> str:
+    """The file name without a .gz suffix, lower-cased."""
+    name = os.path.basename(filename or "").lower()
+    return name[:-3] if name.endswith(".gz") else name
+
+
+def iter_lines(fp: BinaryIO, limits: IngestLimits, offset: int = 0, lineno: int = 0
+               ) -> Iterator[tuple[int, bytes]]:
+    """Yield (byte offset in the uncompressed stream, raw line including its newline)."""
+    cap = limits.max_line_bytes
+    while True:
+        try:
+            line = fp.readline(cap + 1)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise IngestError("corrupt_gzip", f"the gzip stream is corrupt or truncated after line {lineno}: {exc}") from None
+        if not line:
+            return
+        lineno += 1
+        if len(line) > cap:
+            raise IngestError("line_too_long", f"line {lineno} is longer than {cap} bytes; is this a text "
+                              "file with one record per line?", {"line": lineno, "max_line_bytes": cap})
+        if offset + len(line) > limits.max_bytes:
+            raise too_large("file_too_large", f"the file expands to more than {limits.max_bytes} bytes")
+        yield offset, line
+        offset += len(line)
+
+
+class _LineFeed:
+    """Decoded lines for csv.reader that remember where the next unread line starts."""
+
+    __slots__ = ("_lines", "next_offset", "lineno", "_errors")
+
+    def __init__(self, lines: Iterator[tuple[int, bytes]], offset: int, lineno: int, errors: str):
+        self._lines, self.next_offset, self.lineno, self._errors = lines, offset, lineno, errors
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        offset, raw = next(self._lines)
+        self.next_offset = offset + len(raw)
+        self.lineno += 1
+        return raw.decode("utf-8", self._errors)
+
+
+def iter_records(fp: BinaryIO, delimiter: str, limits: IngestLimits, *, errors: str = "replace",
+                 offset: int = 0, lineno: int = 0) -> Iterator[tuple[int, int, list[str]]]:
+    """Yield (byte offset, 1-based line number, fields) of each non-blank CSV record.
+
+    A quoted field may span lines; the offset is where the record starts. ``errors`` is the
+    UTF-8 decoding policy ('surrogateescape' lets the caller spot undecodable bytes).
+    """
+    feed = _LineFeed(iter_lines(fp, limits, offset, lineno), offset, lineno, errors)
+    reader = csv.reader(feed, delimiter=delimiter)
+    while True:
+        start, line = feed.next_offset, feed.lineno + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise IngestError("invalid_csv", f"CSV syntax error at line {line}: {exc}",
+                              {"line": line}) from None
+        if fields:
+            if start == 0 and fields[0].startswith("\ufeff"):
+                fields[0] = fields[0][1:]
+            yield start, line, fields
+
+
+def first_line(path: str, compressed: bool, limits: IngestLimits) -> str:
+    with open_binary(path, compressed) as fp:
+        for _, raw in iter_lines(fp, limits):
+            text = raw.decode("utf-8", "replace").lstrip("\ufeff")
+            if text.strip():
+                return text
+    raise IngestError("empty_file", "the file is empty")
+
+
+def detect_delimiter(header: str, filename: str, override: str | None = None) -> str:
+    """The delimiter: the option, else the extension's if the header uses it, else the commonest."""
+    if override:
+        return {"tab": "\t", "\\t": "\t", "comma": ","}.get(override, override)
+    ext = os.path.splitext(base_name(filename))[1]
+    by_ext = _EXT_DELIMITER.get(ext)
+    counts = {d: header.count(d) for d in (",", "\t", ";", "|")}
+    if by_ext and counts[by_ext]:
+        return by_ext
+    best = max(counts, key=counts.get)
+    return best if counts[best] else (by_ext or ",")

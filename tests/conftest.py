@@ -1,0 +1,240 @@
+"""Shared fixtures. Integration tests use real services: a private redis-server and a
+private PostgreSQL database per test session (so parallel runs never collide), and
+workers as real subprocesses."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+
+from app.config import Settings, from_env, to_env
+from app.standalone import free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN_URL = os.environ.get("MEDMAAS_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+ARTIFACTS_DIR = ROOT / "test-artifacts"
+
+
+def _redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    from app.standalone import valkey_binary
+
+    return valkey_binary()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> str:  # noqa: ANN001
+    """A real Redis of our own (FLUSHALL in one test run cannot hurt another)."""
+    port = free_port()
+    work = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([_redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL)
+    wait_for_port(port, 15, proc)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    name = f"medmaas_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+FAST_TIMINGS = dict(heartbeat_interval_s=0.5, heartbeat_timeout_s=4.0, reaper_interval_s=0.5, requeue_grace_s=2.0)
+
+
+@pytest.fixture(scope="session")
+def pg_settings(tmp_path_factory, pg_url, redis_url) -> Settings:  # noqa: ANN001
+    from app.migrate import upgrade
+
+    home = tmp_path_factory.mktemp("medmaas-pg")
+    settings = from_env({}, home=home, database_url=pg_url, broker_url=redis_url, testing=True,
+                        secret_key="test-secret", **FAST_TIMINGS)
+    upgrade(settings)
+    return settings
+
+
+@pytest.fixture()
+def sqlite_settings(tmp_path, redis_url) -> Settings:  # noqa: ANN001
+    from app.migrate import upgrade
+
+    settings = from_env({}, home=tmp_path / "home", broker_url=redis_url, testing=True, secret_key="test-secret",
+                        **FAST_TIMINGS)
+    upgrade(settings)
+    return settings
+
+
+def _make_app(settings: Settings):  # noqa: ANN202
+    from app import create_app
+
+    return create_app(settings)
+
+
+@pytest.fixture(scope="session")
+def pg_app(pg_settings):  # noqa: ANN001, ANN201
+    app = _make_app(pg_settings)
+    yield app
+    app.extensions["medmaas.db"].dispose()
+
+
+@pytest.fixture()
+def app(sqlite_settings):  # noqa: ANN001, ANN201
+    """A SQLite-backed app for fast API tests (real Redis for publishing)."""
+    app = _make_app(sqlite_settings)
+    yield app
+    app.extensions["medmaas.db"].dispose()
+
+
+@pytest.fixture()
+def client(app):  # noqa: ANN001, ANN201
+    return app.test_client()
+
+
+@pytest.fixture()
+def runner(app):  # noqa: ANN001, ANN201
+    return app.test_cli_runner()
+
+
+def create_tenant_key(app, name: Optional[str] = None) -> tuple[int, str]:  # noqa: ANN001
+    from app import auth
+
+    with app.extensions["medmaas.db"].session() as s:
+        tenant = auth.create_tenant(s, name or f"t-{uuid.uuid4().hex[:8]}")
+        return tenant.id, auth.create_key(s, tenant)
+
+
+class ApiClient:
+    """Flask test client bound to one tenant's key."""
+
+    def __init__(self, client, key: str):  # noqa: ANN001
+        self.client, self.key = client, key
+        self.headers = {"Authorization": f"Bearer {key}"}
+
+    def _call(self, method: str, path: str, **kw: Any):  # noqa: ANN202
+        headers = {**self.headers, **kw.pop("headers", {})}
+        return getattr(self.client, method)(path, headers=headers, **kw)
+
+    def get(self, path: str, **kw: Any):  # noqa: ANN201
+        return self._call("get", path, **kw)
+
+    def post(self, path: str, **kw: Any):  # noqa: ANN201
+        return self._call("post", path, **kw)
+
+    def put(self, path: str, **kw: Any):  # noqa: ANN201
+        return self._call("put", path, **kw)
+
+    def submit(self, kind: str, spec: dict, **kw: Any) -> dict:
+        r = self.post("/api/v1/jobs", json={"kind": kind, "spec": spec}, **kw)
+        assert r.status_code in (200, 202), r.get_json()
+        return r.get_json()
+
+    def job(self, job_id: int) -> dict:
+        r = self.get(f"/api/v1/jobs/{job_id}")
+        assert r.status_code == 200, r.get_json()
+        return r.get_json()
+
+    def events(self, job_id: int, after: int = 0) -> list[dict]:
+        return self.get(f"/api/v1/jobs/{job_id}/events?after={after}").get_json()["items"]
+
+    def wait(self, job_id: int, states=("succeeded", "failed", "cancelled"), timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job["state"] in states:
+                return job
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {self.job(job_id)}")
+
+
+@pytest.fixture()
+def api(client, app) -> ApiClient:  # noqa: ANN001
+    return ApiClient(client, create_tenant_key(app)[1])
+
+
+@pytest.fixture()
+def pg_api(pg_app) -> ApiClient:  # noqa: ANN001
+    return ApiClient(pg_app.test_client(), create_tenant_key(pg_app)[1])
+
+
+class Processes:
+    """Real worker / beat subprocesses for one test; all stopped (SIGKILL if needed) at teardown."""
+
+    def __init__(self, settings: Settings, log_dir: Path):
+        self.settings, self.log_dir = settings, log_dir
+        self.procs: list[subprocess.Popen] = []
+
+    def _start(self, args: list[str], extra_env: Optional[dict] = None) -> subprocess.Popen:
+        env = {**os.environ, **to_env(self.settings), **(extra_env or {})}
+        log = open(self.log_dir / f"{args[0]}-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, queues: str = "cpu,gpu", *extra: str, env: Optional[dict] = None) -> subprocess.Popen:
+        return self._start(["worker", "--queues", queues, *extra], env)
+
+    def beat(self) -> subprocess.Popen:
+        return self._start(["beat"])
+
+    def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        proc.send_signal(sig)
+        proc.wait(30)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.log_dir.glob("*.log")))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture()
+def processes(pg_settings, tmp_path) -> Callable[..., Processes]:  # noqa: ANN001
+    created: list[Processes] = []
+
+    def make(settings: Optional[Settings] = None) -> Processes:
+        p = Processes(settings or pg_settings, tmp_path)
+        created.append(p)
+        return p
+
+    yield make
+    for p in created:
+        p.stop()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")

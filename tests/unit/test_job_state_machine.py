@@ -1,0 +1,113 @@
+"""The state machine in app/jobs.py, against SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from app import auth, jobs
+from app.db import Database
+from app.models import Job, JobState
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, sqlite_settings):  # noqa: ANN001, ANN201
+    settings = sqlite_settings if request.param == "sqlite" else request.getfixturevalue("pg_settings")
+    database = Database(settings.sqlalchemy_url)
+    yield database
+    database.dispose()
+
+
+def new_job(db: Database, **kw) -> int:  # noqa: ANN003
+    with db.session() as s:
+        tenant = auth.create_tenant(s, f"sm-{time.monotonic_ns()}")
+        job, _ = jobs.submit(s, tenant_id=tenant.id, kind="sleep", spec={}, queue="cpu", **kw)
+        return job.id
+
+
+def state_events(db: Database, job_id: int) -> list[str]:
+    from sqlalchemy import select
+
+    from app.models import JobEvent
+
+    with db.session() as s:
+        return [e.data["to"] for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id,
+                                                                       JobEvent.type == "state").order_by(JobEvent.seq))]
+
+
+def test_claim_is_compare_and_set(db: Database) -> None:
+    job_id = new_job(db)
+    with db.session() as s:
+        assert jobs.claim(s, job_id, "w1") == 1
+    with db.session() as s:
+        assert jobs.claim(s, job_id, "w2") is None  # duplicate delivery loses
+        assert s.get(Job, job_id).worker == "w1"
+
+
+def test_terminal_states_never_change(db: Database) -> None:
+    job_id = new_job(db)
+    with db.session() as s:
+        attempt = jobs.claim(s, job_id, "w")
+        assert jobs.succeed(s, job_id, attempt, {"x": 1})
+    with db.session() as s:
+        assert not jobs.fail(s, job_id, attempt, "late failure")
+        assert not jobs.mark_cancelled(s, job_id, attempt)
+        assert jobs.request_cancel(s, job_id) == JobState.succeeded
+        assert jobs.claim(s, job_id, "w2") is None
+        assert s.get(Job, job_id).result == {"x": 1}
+    assert state_events(db, job_id) == ["queued", "running", "succeeded"]
+
+
+def test_reaper_requeues_then_fails_after_max_attempts(db: Database) -> None:
+    job_id = new_job(db, max_attempts=2)
+    for expected in ("queued", "failed"):
+        with db.session() as s:
+            attempt = jobs.claim(s, job_id, "w")
+        time.sleep(0.05)
+        with db.session() as s:
+            reaped = jobs.reap_stale(s, timeout_s=0.01)
+        assert [r.state.value for r in reaped if r.job_id == job_id] == [expected]
+        with db.session() as s:  # the lost attempt is fenced off
+            assert not jobs.succeed(s, job_id, attempt, {})
+            assert jobs.heartbeat(s, job_id, attempt) is None
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.state == JobState.failed and job.error == "worker lost" and job.attempts == 2
+
+
+def test_cancel_running_sets_flag_seen_by_heartbeat(db: Database) -> None:
+    job_id = new_job(db)
+    with db.session() as s:
+        attempt = jobs.claim(s, job_id, "w")
+        assert jobs.heartbeat(s, job_id, attempt) is False
+        assert jobs.request_cancel(s, job_id) == JobState.running
+        assert jobs.heartbeat(s, job_id, attempt) is True
+        assert jobs.mark_cancelled(s, job_id, attempt)
+    assert state_events(db, job_id) == ["queued", "running", "cancelled"]
+
+
+def test_event_sequence_is_gapless(db: Database) -> None:
+    job_id = new_job(db)
+    with db.session() as s:
+        attempt = jobs.claim(s, job_id, "w")
+        for i in range(5):
+            jobs.report_progress(s, job_id, attempt, i / 5, f"step {i}")
+        jobs.succeed(s, job_id, attempt, {})
+    from sqlalchemy import select
+
+    from app.models import JobEvent
+
+    with db.session() as s:
+        seqs = s.scalars(select(JobEvent.seq).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)).all()
+    assert seqs == list(range(1, 9))
+
+
+def test_migrations_match_models(db: Database) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from app.db import Base
+
+    with db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    assert diff == []
