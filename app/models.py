@@ -139,3 +139,62 @@ class JobEvent(Base):
     ts: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     type: Mapped[str] = mapped_column(String(32))
     data: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+
+class Dataset(Base):
+    """An uploaded, validated dataset. `uri` is the original upload; `data_uri` the normalised
+    training copy (npz for images, parquet for sequences; the upload itself for libraries)."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    rows: Mapped[int] = mapped_column(Integer)
+    invalid_rows: Mapped[int] = mapped_column(Integer, default=0)
+    invalid_samples: Mapped[list[Any]] = mapped_column(JSONType, default=list)
+    schema: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    stats: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    options: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    uri: Mapped[str] = mapped_column(Text)
+    data_uri: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ModelVersion(Base):
+    """One trained model: weights (safetensors) and config.json under `artifact_uri`."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", "version", name="uq_model_versions_name_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    arch: Mapped[str] = mapped_column(String(16))
+    task: Mapped[str] = mapped_column(String(32))
+    input_kind: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    dataset_id: Mapped[Optional[int]] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    dataset_sha256: Mapped[str] = mapped_column(String(64), default="")
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    artifact_uri: Mapped[str] = mapped_column(Text)
+    job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ModelAlias(Base):
+    __tablename__ = "model_aliases"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", "alias", name="uq_model_aliases_name_alias"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    alias: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

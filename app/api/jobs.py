@@ -15,7 +15,7 @@ from app.api import celery, database, db_session, settings, tenant_id
 from app.errors import ApiError
 from app.models import TERMINAL_STATES, Job, JobEvent, JobState
 from workers.celery_app import queue_names
-from workers.kinds import all_kinds, get_kind
+from workers.kinds import SpecError, all_kinds, get_kind
 
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Submit and follow jobs")
 
@@ -98,6 +98,11 @@ def validate_spec(kind_name: str, spec: dict[str, Any]) -> tuple[Any, dict[str, 
         normalised = kind.spec_schema().load(spec)
     except ValidationError as exc:
         raise ApiError(422, f"Invalid spec for kind {kind_name!r}", "invalid_spec", {"spec": exc.messages})
+    if kind.check is not None:
+        try:
+            normalised = kind.check(normalised, db_session(), tenant_id())
+        except SpecError as exc:
+            raise ApiError(422, exc.message, exc.code, exc.details)
     queue = kind.route(normalised, settings())
     if queue not in queue_names(settings()):
         raise ApiError(422, f"Unknown queue {queue!r}", "invalid_spec", {"spec": {"queue": queue_names(settings())}})
@@ -194,12 +199,18 @@ def _sse(seq: int, type_: str, data: Any) -> str:
 def stream(job_id: int):  # noqa: ANN201
     """Server-sent events; resumes after ?after=N or the Last-Event-ID header."""
     job = get_job_or_404(job_id)
+    return event_stream_response(job.id)
+
+
+def event_stream_response(job_id: int, max_s: float = 600.0) -> Response:
+    """A text/event-stream of one job's events after ?after=N or Last-Event-ID, ending with an
+    `end` event once the job is terminal. The caller has already checked the job is the
+    tenant's. Shared by the Bearer API and the web pages' session-authenticated twin."""
     try:
         after = int(request.headers.get("Last-Event-ID") or request.args.get("after", 0))
     except ValueError:
         raise ApiError(400, "after / Last-Event-ID must be an integer")
     db = database()
-    max_s = 600.0
 
     def generate() -> Iterator[str]:
         nonlocal after
@@ -207,9 +218,9 @@ def stream(job_id: int):  # noqa: ANN201
         yield "retry: 2000\n\n"
         while time.monotonic() - started < max_s:
             with db.sessionmaker() as s:
-                rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq > after)
+                rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after)
                                  .order_by(JobEvent.seq).limit(500)).all()
-                state = s.scalar(select(Job.state).where(Job.id == job.id))
+                state = s.scalar(select(Job.state).where(Job.id == job_id))
             for ev in rows:
                 after = ev.seq
                 yield _sse(ev.seq, ev.type, {"seq": ev.seq, "ts": ev.ts.isoformat(), "type": ev.type, "data": ev.data})

@@ -34,6 +34,7 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": 
                   "validation": "val", "test": "test", "testing": "test"}
 _PIL_EXT = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 _DICOM_EXT = {".dcm", ".dicom"}
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 _JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 _CHUNK_BYTES = 64 << 20
 _MIN_SIDE, _MAX_SIDE = 8, 4096
@@ -362,8 +363,8 @@ def _layout(files: list[tuple[str, str]], invalid: InvalidRows) -> list[_Item]:
     parts = [name.split("/") for name, _ in files]
     # A zip of one wrapping folder ("mydata/cls_a/x.png") is common; look inside it.
     depth = 0
-    while parts and all(len(p) > depth + 2 for p in parts) and len({p[depth] for p in parts}) == 1 \
-            and parts[0][depth].lower() not in _SPLIT_ALIASES:
+    while parts and all(len(p) > depth + 1 for p in parts) and any(len(p) > depth + 2 for p in parts) \
+            and len({p[depth] for p in parts}) == 1 and parts[0][depth].lower() not in _SPLIT_ALIASES:
         depth += 1
     tops = {p[depth] for p in parts if len(p) > depth + 1}
     split_tops = {t for t in tops if t.lower() in _SPLIT_ALIASES}
@@ -404,6 +405,10 @@ class _Invalid(Exception):
     """One unreadable image: reported as an invalid row, never fatal."""
 
 
+def _msg(exc: Exception, it: _Item) -> str:
+    return str(exc).replace(it.path, it.name)  # never show server paths
+
+
 def _sniff_format(it: _Item) -> str:
     ext = os.path.splitext(it.name)[1].lower()
     if ext in _PIL_EXT:
@@ -433,13 +438,14 @@ def _probe(it: _Item, limits: IngestLimits) -> tuple[int, int]:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(it.path, formats=[it.fmt]) as im:
                     w, h = im.size
-                    it.color = im.mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+                    it.color = im.mode not in _GREY_MODES
                     if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation swaps axes
                         h, w = w, h
-                    if w * h <= limits.max_image_pixels:
-                        im.verify()
+                if w * h <= limits.max_image_pixels:
+                    with Image.open(it.path, formats=[it.fmt]) as im:
+                        im.verify()  # must come straight after open
         except Exception as exc:  # Pillow raises many types for hostile files
-            raise _Invalid(f"not a readable {it.fmt} image: {exc}") from None
+            raise _Invalid(f"not a readable {it.fmt} image: {_msg(exc, it)}") from None
     if h * w > limits.max_image_pixels:
         raise _Invalid(f"image is {w}x{h} pixels; the limit is {limits.max_image_pixels} pixels")
     return int(h), int(w)
@@ -457,7 +463,7 @@ def _read_dicom(it: _Item, stop_before_pixels: bool):
                 raise
             return pydicom.dcmread(it.path, stop_before_pixels=stop_before_pixels, force=True)
     except Exception as exc:
-        raise _Invalid(f"not a readable DICOM file: {exc}") from None
+        raise _Invalid(f"not a readable DICOM file: {_msg(exc, it)}") from None
 
 
 def _decode(it: _Item, h: int, w: int, c: int) -> np.ndarray:
@@ -479,8 +485,8 @@ def _decode_pil(it: _Item) -> np.ndarray:
                 im = ImageOps.exif_transpose(im)
                 im.load()
     except Exception as exc:
-        raise _Invalid(f"not a readable {it.fmt} image: {exc}") from None
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        raise _Invalid(f"not a readable {it.fmt} image: {_msg(exc, it)}") from None
+    if im.mode in _GREY_MODES[3:]:
         # 16-bit/float greyscale: Pillow's convert("L") clips, so scale min-max instead.
         return _minmax_u8(np.asarray(im, np.float32))
     if im.mode in ("1", "L", "LA"):
@@ -493,7 +499,7 @@ def _decode_dicom(it: _Item) -> np.ndarray:
     try:
         px = ds.pixel_array
     except Exception as exc:  # missing decoder plugins, truncated pixel data, ...
-        raise _Invalid(f"DICOM pixel data cannot be decoded: {exc}") from None
+        raise _Invalid(f"DICOM pixel data cannot be decoded: {_msg(exc, it)}") from None
     if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
         if px.ndim != 3 or px.shape[-1] != 3:
             raise _Invalid(f"DICOM colour image has unexpected shape {px.shape}")

@@ -162,7 +162,7 @@ def _first_pass(records, header, text_column, tokenizer, max_length, labels, col
         for source_row, (_, line, fields) in enumerate(records):
             where = {"row": source_row, "line": line}
             if len(fields) > ncols:
-                invalid.add(f"row has {len(fields)} fields; the header has {ncols}", **where)
+                invalid.add(f"wrong number of fields: {len(fields)}, the header has {ncols}", **where)
                 continue
             joined = "".join(fields)
             if not joined.isascii() and _UNDECODABLE.search(joined):
@@ -309,7 +309,7 @@ def _second_pass(raw_path: str, out_path: str, labels: list[str], types: dict, s
             for c in labels:
                 col = batch.column(index[c])
                 if types[c] != "str":
-                    x = pd.to_numeric(col.to_pandas(), errors="coerce").to_numpy(np.float64)
+                    x = pd.to_numeric(col.to_pandas(), errors="coerce").to_numpy(np.float64, copy=True)
                     x[~np.isfinite(x)] = np.nan
                     col = pa.array(x, pa.float64(), from_pandas=True)  # NaN -> null
                     if types[c] == "int":

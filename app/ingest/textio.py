@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import os
 import zlib
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, TextIO
 
 from .common import IngestLimits
 from .errors import IngestError, too_large
@@ -61,6 +62,65 @@ def iter_lines(fp: BinaryIO, limits: IngestLimits, offset: int = 0, lineno: int 
             raise too_large("file_too_large", f"the file expands to more than {limits.max_bytes} bytes")
         yield offset, line
         offset += len(line)
+
+
+class _Guarded(io.RawIOBase):
+    """A raw stream that enforces the line-length and total-size caps chunk by chunk, so that
+    C-speed readers (TextIOWrapper, csv.reader) can consume untrusted files safely."""
+
+    def __init__(self, fp: BinaryIO, limits: IngestLimits, offset: int):
+        self._fp, self._cap, self._max = fp, limits.max_line_bytes, limits.max_bytes
+        self._pos, self._run = offset, 0  # _run: bytes since the last newline
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._fp.close()
+        super().close()
+
+    def readinto(self, buf) -> int:
+        try:
+            data = self._fp.read(len(buf))
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise IngestError("corrupt_gzip", f"the gzip stream is corrupt or truncated: {exc}") from None
+        n = len(data)
+        last = data.rfind(b"\n")
+        if last < 0:
+            self._run += n
+        else:
+            longest = self._run + data.find(b"\n")
+            if n > self._cap:  # only then can a line lie wholly inside this chunk and be too long
+                longest = max(longest, max(map(len, data[:last].split(b"\n"))))
+            if longest > self._cap:
+                self._line_too_long()
+            self._run = n - last - 1
+        if self._run > self._cap:
+            self._line_too_long()
+        self._pos += n
+        if self._pos > self._max:
+            raise too_large("file_too_large", f"the file expands to more than {self._max} bytes")
+        buf[:n] = data
+        return n
+
+    def _line_too_long(self):
+        raise IngestError("line_too_long", f"a line near byte {self._pos} is longer than {self._cap} bytes; "
+                          "is this a text file with one record per line?", {"max_line_bytes": self._cap})
+
+
+def open_text(path: str, compressed: bool, limits: IngestLimits, offset: int = 0,
+              errors: str = "replace", newline: str = "") -> TextIO:
+    """A UTF-8 text stream starting at byte ``offset``, with the caps enforced. newline=''
+    suits csv.reader; newline='\\n' splits lines exactly as iter_lines does."""
+    fp = open_binary(path, compressed)
+    try:
+        fp.seek(offset)
+    except BaseException:
+        fp.close()
+        raise
+    raw = io.BufferedReader(_Guarded(fp, limits, offset), buffer_size=1 << 20)
+    return io.TextIOWrapper(raw, encoding="utf-8", errors=errors, newline=newline)
 
 
 class _LineFeed:

@@ -7,6 +7,9 @@ from workers.ml.cnn import CNNConfig, ImageCNN
 from workers.ml.models import build_model, config_dict
 from workers.ml.rnn import RNNConfig, SequenceRNN
 
+# Tiny models: one thread is faster than two contended ones on a shared CI box.
+torch.set_num_threads(1)
+
 
 def _assert_all_grads(model, loss):
     loss.backward()

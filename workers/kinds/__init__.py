@@ -6,11 +6,20 @@ process imports this registry to validate specs; ML code is imported inside run(
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from marshmallow import Schema
 
 from app.config import Settings
+
+
+class SpecError(Exception):
+    """A spec that is well-formed but refers to something that does not fit (a missing
+    dataset, a label column of the wrong type). The API answers 422 and stores nothing."""
+
+    def __init__(self, message: str, code: str = "invalid_spec", details: Any = None):
+        super().__init__(message)
+        self.message, self.code, self.details = message, code, details
 
 
 @dataclass(frozen=True)
@@ -21,6 +30,10 @@ class JobKind:
     route: Callable[[dict[str, Any], Settings], str]  # spec -> queue name
     description: str = ""
     submittable: bool = True  # False for kinds only the platform itself enqueues
+    # check(spec, session, tenant_id) -> spec: DB-aware validation at submit; raises SpecError
+    check: Optional[Callable[..., dict[str, Any]]] = None
+    # serve_result(job, query_args) -> Flask response for GET /jobs/{id}/result (files)
+    serve_result: Optional[Callable[..., Any]] = None
 
 
 KINDS: dict[str, JobKind] = {}

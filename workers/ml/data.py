@@ -368,7 +368,10 @@ def load_sequence_frame(
     method = split.pop("method", "random")
     if method == "column":
         col = split.get("column", "split")
-        names = df[col].astype(str).str.lower().to_numpy()[rows]
+        if col not in df.columns:
+            raise ValueError(f"split column {col!r} not in data")
+        aliases = {"valid": "val", "validation": "val", "dev": "val", "training": "train", "testing": "test"}
+        names = df[col].astype(str).str.strip().str.lower().replace(aliases).to_numpy()[rows]
         idx = {k: np.flatnonzero(names == k) for k in SPLITS}
     elif method == "scaffold":
         if tokenizer != "smiles":

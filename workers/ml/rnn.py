@@ -59,8 +59,11 @@ class SequenceRNN(nn.Module):
         # pack_padded_sequence wants CPU lengths; an empty sequence is read as one <pad>.
         lengths = lengths.detach().to("cpu", torch.int64).clamp(min=1)
         x = self.dropout(self.embedding(ids))
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        _, h = self.rnn(packed)  # h is returned in the batch's original order
+        packed = pack_padded_sequence(x.float(), lengths, batch_first=True, enforce_sorted=False)
+        # The recurrence runs in fp32 even under bf16 autocast: cuDNN/fused RNN kernels
+        # lack or mis-handle bf16 on some builds, and long recurrences lose precision.
+        with torch.autocast(device_type=ids.device.type, enabled=False):
+            _, h = self.rnn(packed)  # h is returned in the batch's original order
         if isinstance(h, tuple):  # LSTM: (h_n, c_n)
             h = h[0]
         dirs = 2 if self.cfg.bidirectional else 1

@@ -1,0 +1,178 @@
+"""/api/v1/models: the registry (versions, aliases, weights) and online predict."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import send_file
+from flask_smorest import Blueprint
+from marshmallow import Schema, fields, validate
+from sqlalchemy import select
+
+from app import registry
+from app.api import database, db_session, settings, tenant_id
+from app.api.jobs import JobSchema, submit_job
+from app.artifacts import ArtifactStore
+from app.errors import ApiError
+from app.models import TERMINAL_STATES, Job, JobState, ModelAlias, ModelVersion, utcnow
+
+blp = Blueprint("models", __name__, url_prefix="/api/v1/models", description="Model registry and predictions")
+
+ALIAS = validate.Regexp(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$", error="letters, digits, '_' and '-', starting with a letter")
+BUNDLE_FILES = {"weights": "model.safetensors", "config": "config.json"}
+
+
+class ModelVersionSchema(Schema):
+    name = fields.String()
+    version = fields.Integer()
+    arch = fields.String()
+    task = fields.String()
+    input_kind = fields.String()
+    spec = fields.Dict()
+    dataset_id = fields.Integer(allow_none=True)
+    dataset_sha256 = fields.String()
+    metrics = fields.Dict()
+    job_id = fields.Integer(allow_none=True)
+    created_at = fields.DateTime()
+    artifacts = fields.Function(lambda mv: {
+        k: f"/api/v1/models/{mv.name}/versions/{mv.version}/files/{k}" for k in BUNDLE_FILES})
+
+
+class ModelSummarySchema(Schema):
+    name = fields.String()
+    latest_version = fields.Integer()
+    versions = fields.Integer()
+    aliases = fields.Dict(keys=fields.String(), values=fields.Integer())
+
+
+class ModelListSchema(Schema):
+    items = fields.List(fields.Nested(ModelSummarySchema))
+
+
+class ModelDetailSchema(Schema):
+    name = fields.String()
+    aliases = fields.Dict(keys=fields.String(), values=fields.Integer())
+    versions = fields.List(fields.Nested(ModelVersionSchema))
+
+
+class AliasSchema(Schema):
+    version = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+
+
+class PredictRequest(Schema):
+    inputs = fields.List(fields.Raw(), required=True, validate=validate.Length(min=1, max=10_000))
+    version = fields.Integer(strict=True, validate=validate.Range(min=1))
+    alias = fields.String(validate=ALIAS)
+    timeout = fields.Float(validate=validate.Range(min=0, max=300))
+
+
+class PredictResponse(Schema):
+    model = fields.String()
+    version = fields.Integer()
+    outputs = fields.List(fields.String())
+    predictions = fields.List(fields.Dict())
+    job_id = fields.Integer()
+
+
+def _version_or_404(name: str, version: int | None = None, alias: str | None = None) -> ModelVersion:
+    try:
+        return registry.resolve(db_session(), tenant_id(), name, version=version, alias=alias)
+    except registry.ModelNotFound as exc:
+        raise ApiError(404, str(exc))
+
+
+@blp.route("", methods=["GET"])
+@blp.response(200, ModelListSchema)
+def list_models():  # noqa: ANN201
+    session = db_session()
+    return {"items": [
+        {"name": name, "latest_version": latest, "versions": count,
+         "aliases": registry.aliases_for(session, tenant_id(), name)}
+        for name, latest, count in registry.model_names(session, tenant_id())
+    ]}
+
+
+@blp.route("/<string:name>", methods=["GET"])
+@blp.response(200, ModelDetailSchema)
+def model_detail(name: str):  # noqa: ANN201
+    detail = _detail(name)
+    if not detail["versions"]:
+        raise ApiError(404, f"Model {name!r} not found")
+    return detail
+
+
+@blp.route("/<string:name>/versions/<int:version>", methods=["GET"])
+@blp.response(200, ModelVersionSchema)
+def version_detail(name: str, version: int):  # noqa: ANN201
+    return _version_or_404(name, version)
+
+
+@blp.route("/<string:name>/versions/<int:version>/files/<string:which>", methods=["GET"])
+@blp.doc(responses={200: {"description": "model.safetensors (which=weights) or config.json (which=config)"}})
+def version_file(name: str, version: int, which: str):  # noqa: ANN201
+    """Download the weights (safetensors) or the config (JSON) of a version."""
+    if which not in BUNDLE_FILES:
+        raise ApiError(404, f"No file {which!r}; choose from {sorted(BUNDLE_FILES)}")
+    mv = _version_or_404(name, version)
+    path = ArtifactStore(settings().artifacts).path(mv.artifact_uri) / BUNDLE_FILES[which]
+    if not path.is_file():
+        raise ApiError(404, f"{BUNDLE_FILES[which]} is missing from the artifact store")
+    return send_file(path, as_attachment=True, download_name=f"{name}-v{version}-{BUNDLE_FILES[which]}")
+
+
+@blp.route("/<string:name>/aliases/<string:alias>", methods=["PUT"])
+@blp.arguments(AliasSchema)
+@blp.response(200, ModelDetailSchema)
+def set_alias(body: dict[str, Any], name: str, alias: str):  # noqa: ANN201
+    """Point `alias` at a version; `name@alias` then resolves to it."""
+    try:
+        ALIAS(alias)
+    except Exception:  # noqa: BLE001
+        raise ApiError(422, f"Invalid alias {alias!r}: letters, digits, '_' and '-', starting with a letter")
+    if alias.isdigit():
+        raise ApiError(422, "An alias cannot be a number (it would shadow a version)")
+    _version_or_404(name, body["version"])
+    session = db_session()
+    row = session.scalar(select(ModelAlias).where(
+        ModelAlias.tenant_id == tenant_id(), ModelAlias.name == name, ModelAlias.alias == alias))
+    if row is None:
+        session.add(ModelAlias(tenant_id=tenant_id(), name=name, alias=alias, version=body["version"]))
+    else:
+        row.version, row.updated_at = body["version"], utcnow()
+    session.commit()
+    return _detail(name)
+
+
+def _detail(name: str) -> dict[str, Any]:
+    session = db_session()
+    versions = session.scalars(select(ModelVersion).where(
+        ModelVersion.tenant_id == tenant_id(), ModelVersion.name == name).order_by(ModelVersion.version.desc())).all()
+    return {"name": name, "aliases": registry.aliases_for(session, tenant_id(), name), "versions": versions}
+
+
+@blp.route("/<string:name>/predict", methods=["POST"])
+@blp.arguments(PredictRequest)
+@blp.response(200, PredictResponse)
+@blp.alt_response(202, schema=JobSchema, description="Not done within `timeout`: follow the returned job")
+def predict(body: dict[str, Any], name: str):  # noqa: ANN201
+    """Predict with a registered model. Answers 200 with predictions when the inference
+    worker finishes within `timeout` seconds, else 202 with the job to poll."""
+    mv = _version_or_404(name, body.get("version"), body.get("alias"))
+    job, _ = submit_job("predict", {"model": f"{mv.name}@{mv.version}", "inputs": body["inputs"]})
+    timeout = body.get("timeout", settings().predict_default_timeout_s)
+    deadline = time.monotonic() + timeout
+    db = database()
+    delay = 0.002
+    while True:
+        with db.sessionmaker() as s:
+            state, result, error = s.execute(select(Job.state, Job.result, Job.error).where(Job.id == job.id)).one()
+        if state in TERMINAL_STATES or time.monotonic() >= deadline:
+            break
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.05)
+    if state == JobState.succeeded:
+        return {**result, "job_id": job.id}
+    if state == JobState.failed:
+        raise ApiError(422, f"Prediction failed: {(error or '').splitlines()[0]}", "prediction_failed", {"job_id": job.id})
+    db_session().refresh(job)
+    return JobSchema().dump(job), 202

@@ -1,0 +1,24 @@
+"""Browser pages: sign in with an API key, follow jobs live (progress, ETA, loss curves),
+submit training and scoring jobs, upload datasets and browse the model registry.
+
+Server-rendered Jinja templates with a little vanilla JavaScript; the only third-party
+browser code is uPlot, vendored under static/vendor (no CDN, no build step).
+
+Pages authenticate with a signed session cookie holding the API key's id and tenant id;
+the key is re-checked on every request, so revoking it signs the browser out. Every POST
+carries a per-session CSRF token. The /api/v1 routes stay Bearer-only: the pages read JSON
+from session-authenticated GET twins under /ui/api/ that reuse the API's queries,
+serialisers and SSE generator.
+"""
+from __future__ import annotations
+
+from flask import Flask
+
+
+def init_web(app: Flask) -> None:
+    from app.web import filters
+    from app.web.blueprint import bp
+    from app.web import session_auth, jobs, library  # noqa: F401  (routes register on bp)
+
+    filters.register(app)
+    app.register_blueprint(bp)

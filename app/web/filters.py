@@ -1,0 +1,93 @@
+"""Jinja filters for the pages (the scripts format the same way in static/js/common.js)."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from flask import Flask
+
+
+def human_duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "—"
+    s = max(0, int(round(float(seconds))))
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m {s:02d}s"
+    h, m = divmod(m, 60)
+    if h < 48:
+        return f"{h}h {m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d {h}h"
+
+
+def _parse(value: Any) -> Optional[datetime]:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        dt = value
+    else:
+        dt = datetime.fromisoformat(str(value))
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+def age(value: Any) -> str:
+    dt = _parse(value)
+    if dt is None:
+        return "—"
+    return human_duration((datetime.now(timezone.utc) - dt).total_seconds()) + " ago"
+
+
+def iso(value: Any) -> str:
+    dt = _parse(value)
+    return dt.isoformat() if dt else ""
+
+
+def clock(value: Any) -> str:
+    dt = _parse(value)
+    return dt.strftime("%Y-%m-%d %H:%M:%S UTC") if dt else "—"
+
+
+def job_duration(job: dict[str, Any]) -> str:
+    if job.get("duration_s") is not None:
+        return human_duration(job["duration_s"])
+    started = _parse(job.get("started_at"))
+    if started is None:
+        return "—"
+    end = _parse(job.get("finished_at")) or datetime.now(timezone.utc)
+    return human_duration((end - started).total_seconds())
+
+
+def human_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "—"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def pretty_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+def percent(value: Optional[float]) -> str:
+    return f"{100 * float(value or 0):.0f}%"
+
+
+def metric_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def register(app: Flask) -> None:
+    app.jinja_env.filters.update(
+        duration=human_duration, age=age, iso=iso, clock=clock, job_duration=job_duration,
+        bytes=human_bytes, pretty_json=pretty_json, percent=percent, metric=metric_value,
+    )
