@@ -112,7 +112,8 @@ def upload(form: dict[str, Any], files: dict[str, Any]):  # noqa: ANN201
         ds = Dataset(
             tenant_id=tenant_id(), name=form.get("name") or filename, kind=form["kind"], filename=filename,
             bytes=size, sha256=sha256, rows=report.rows, invalid_rows=report.invalid_rows,
-            invalid_samples=report.invalid_samples, schema=report.schema, stats=report.stats, options=options,
+            invalid_samples=report.invalid_samples, schema=report.schema,
+            stats={**report.stats, "warnings": report.warnings}, options=options,
             uri=store.url(original), data_uri=store.url(Path(report.data_path)) if report.data_path else store.url(original),
         )
         session = db_session()

@@ -53,7 +53,8 @@ def _normalise(raw: str) -> str:
     return "/".join(parts)
 
 
-def check_zip(zf: zipfile.ZipFile, limits: IngestLimits | None = None) -> list[ZipEntry]:
+def check_zip(zf: zipfile.ZipFile, limits: IngestLimits | None = None, check_ratio: bool = True
+              ) -> list[ZipEntry]:
     """Validate every entry's name, type and declared size; raise IngestError on the first problem."""
     limits = IngestLimits.of(limits)
     infos = zf.infolist()
@@ -71,7 +72,8 @@ def check_zip(zf: zipfile.ZipFile, limits: IngestLimits | None = None) -> list[Z
         if stat.S_ISLNK(mode):
             raise IngestError("unsafe_archive", f"archive entry {info.filename!r} is a symbolic link; "
                               "links are not allowed", {"entry": info.filename})
-        if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
+        # the high bits are a Unix mode only for archives made on Unix
+        if info.create_system == 3 and stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
             raise IngestError("unsafe_archive", f"archive entry {info.filename!r} is not a regular file",
                               {"entry": info.filename})
         if info.flag_bits & 0x1:
@@ -96,7 +98,8 @@ def check_zip(zf: zipfile.ZipFile, limits: IngestLimits | None = None) -> list[Z
                 raise too_large("archive_too_large",
                                 f"archive expands to more than {limits.max_bytes} bytes "
                                 f"(the uncompressed size limit)", {"max_bytes": limits.max_bytes})
-            _check_ratio(info.filename, info.file_size, info.compress_size, limits)
+            if check_ratio:
+                _check_ratio(info.filename, info.file_size, info.compress_size, limits)
         entries.append(ZipEntry(info, name, is_dir))
     clash = files & dirs
     if clash:

@@ -130,3 +130,15 @@ def opt_list(options: Mapping[str, Any], name: str) -> list[str] | None:
     if len(set(items)) != len(items):
         raise IngestError("invalid_option", f"option {name} names a column twice: {value!r}")
     return items
+
+
+def resolve_column(header: list[str], name: str, explicit: bool) -> str | None:
+    """The header's name for a column: exact, or for a default name (not one the user typed)
+    a unique case-insensitive match, so 'SMILES' or 'Smiles' work without options."""
+    if name in header:
+        return name
+    if not explicit:
+        matches = [h for h in header if h.lower() == name.lower()]
+        if len(matches) == 1:
+            return matches[0]
+    return None

@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import tempfile
-import warnings
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
@@ -32,12 +31,14 @@ OPTIONS = ("image_size", "classes")
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validation": "val", "test": "test", "testing": "test"}
-_PIL_EXT = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+_PIL_EXT = {".png", ".jpg", ".jpeg"}
+_PIL_FORMATS = ["PNG", "JPEG", "MPO"]  # MPO: the multi-picture JPEG many cameras write
 _DICOM_EXT = {".dcm", ".dicom"}
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 _JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 _CHUNK_BYTES = 64 << 20
 _MIN_SIDE, _MAX_SIDE = 8, 4096
+_MAX_LABELS = 10_000
 
 
 def ingest_images(path: str, original_filename: str, work_dir: str,
@@ -107,7 +108,9 @@ def _read_npy_header(fp, key: str) -> _NpyHeader:
 def _ingest_npz(path: str, work_dir: str, limits: IngestLimits, size: tuple[int, int] | None,
                 class_names: list[str] | None) -> IngestReport:
     with open_zip(path, "npz file") as zf:
-        check_zip(zf, limits)
+        # No ratio check: sorted labels compress extremely well, and reads below are
+        # bounded by the declared sizes, which check_zip caps.
+        check_zip(zf, limits, check_ratio=False)
         try:
             npz = np.load(path, allow_pickle=False)
         except Exception as exc:  # np.load raises a variety of types on garbage
@@ -139,7 +142,7 @@ def _ingest_npz(path: str, work_dir: str, limits: IngestLimits, size: tuple[int,
                 raise IngestError("invalid_npz", "image shapes differ between splits: " +
                                   ", ".join(f"{s} {list(v)}" for s, v in hwc.items()))
             h, w, c = hwc["train"]
-            labels = {s: _load_labels(npz, s, headers[s].shape[0]) for s in splits}
+            labels = {s: _load_labels(npz, zf, s, headers[s].shape[0]) for s in splits}
 
     kinds = {s: k for s, (_, k) in labels.items()}
     if len(set(kinds.values())) > 1:
@@ -195,8 +198,14 @@ def _hwc(hdr: _NpyHeader) -> tuple[int, int, int]:
     return s[1], s[2], (s[3] if len(s) == 4 else 1)
 
 
-def _load_labels(npz, split: str, n: int) -> tuple[np.ndarray, str]:
+def _load_labels(npz, zf: zipfile.ZipFile, split: str, n: int) -> tuple[np.ndarray, str]:
     key = f"{split}_labels"
+    with zf.open(key + ".npy") as fp:
+        shape = _read_npy_header(fp, key).shape
+    # check the shape before loading, so a huge labels array is never read into memory
+    if len(shape) not in (1, 2) or shape[0] != n or (len(shape) == 2 and not 1 <= shape[1] <= _MAX_LABELS):
+        raise IngestError("invalid_npz", f"{key} has shape {shape}; expected ({n},), ({n}, 1) or "
+                          f"({n}, K) with K <= {_MAX_LABELS} to match {n} {split} images")
     try:
         y = npz[key]
     except ValueError as exc:
@@ -206,9 +215,6 @@ def _load_labels(npz, split: str, n: int) -> tuple[np.ndarray, str]:
         raise IngestError("invalid_npz", f"{key} is not a valid array: {exc}") from None
     except Exception as exc:
         raise IngestError("invalid_npz", f"{key} could not be read: {exc}") from None
-    if y.ndim not in (1, 2) or y.shape[0] != n:
-        raise IngestError("invalid_npz", f"{key} has shape {y.shape}; expected ({n},), ({n}, 1) or "
-                          f"({n}, K) to match {n} {split} images")
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
             raise IngestError("invalid_npz", f"{key} has non-integer values; labels must be class ids "
@@ -349,8 +355,9 @@ def _ingest_folders(path: str, work_dir: str, limits: IngestLimits, size: tuple[
         rows = {s: b - a for s, (a, b) in bounds.items()}
         warn = [f"class {name!r} has no training images" for name, n in
                 zip(classes, np.bincount(arrays["train"][:, 0], minlength=len(classes))) if n == 0]
+        resized = sum(n for hw, n in sizes.items() if hw != (out_h, out_w))
         return _report(rows, invalid, (out_h, out_w, c), classes, "multiclass", arrays, out_path, warn,
-                       {"source_format": "zip", "file_formats": dict(formats),
+                       {"source_format": "zip", "file_formats": dict(formats), "resized": resized,
                         "source_sizes": [{"height": h, "width": w, "count": n}
                                          for (h, w), n in sizes.most_common(5)]})
     finally:
@@ -412,7 +419,7 @@ def _msg(exc: Exception, it: _Item) -> str:
 def _sniff_format(it: _Item) -> str:
     ext = os.path.splitext(it.name)[1].lower()
     if ext in _PIL_EXT:
-        return _PIL_EXT[ext]
+        return "JPEG" if ext != ".png" else "PNG"
     with open(it.path, "rb") as f:
         head = f.read(132)
     if ext in _DICOM_EXT or head[128:132] == b"DICM":
@@ -431,19 +438,18 @@ def _probe(it: _Item, limits: IngestLimits) -> tuple[int, int]:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames > 1:
             raise _Invalid(f"multi-frame DICOM ({frames} frames) is not supported; export one image per file")
-        it.color = int(ds.get("SamplesPerPixel", 1) or 1) > 1
+        it.color = int(ds.get("SamplesPerPixel", 1) or 1) > 1 or ds.get("PhotometricInterpretation") == "PALETTE COLOR"
     else:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(it.path, formats=[it.fmt]) as im:
-                    w, h = im.size
-                    it.color = im.mode not in _GREY_MODES
-                    if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation swaps axes
-                        h, w = w, h
-                if w * h <= limits.max_image_pixels:
-                    with Image.open(it.path, formats=[it.fmt]) as im:
-                        im.verify()  # must come straight after open
+            with Image.open(it.path, formats=_PIL_FORMATS) as im:
+                w, h = im.size
+                it.fmt = "JPEG" if im.format == "MPO" else im.format  # trust content over extension
+                it.color = im.mode not in _GREY_MODES
+                if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation swaps axes
+                    h, w = w, h
+            if w * h <= limits.max_image_pixels:
+                with Image.open(it.path, formats=_PIL_FORMATS) as im:
+                    im.verify()  # must come straight after open
         except Exception as exc:  # Pillow raises many types for hostile files
             raise _Invalid(f"not a readable {it.fmt} image: {_msg(exc, it)}") from None
     if h * w > limits.max_image_pixels:
@@ -479,11 +485,9 @@ def _decode(it: _Item, h: int, w: int, c: int) -> np.ndarray:
 
 def _decode_pil(it: _Item) -> np.ndarray:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(it.path, formats=[it.fmt]) as im:
-                im = ImageOps.exif_transpose(im)
-                im.load()
+        with Image.open(it.path, formats=_PIL_FORMATS) as im:
+            im = ImageOps.exif_transpose(im)
+            im.load()
     except Exception as exc:
         raise _Invalid(f"not a readable {it.fmt} image: {_msg(exc, it)}") from None
     if im.mode in _GREY_MODES[3:]:
@@ -500,10 +504,16 @@ def _decode_dicom(it: _Item) -> np.ndarray:
         px = ds.pixel_array
     except Exception as exc:  # missing decoder plugins, truncated pixel data, ...
         raise _Invalid(f"DICOM pixel data cannot be decoded: {_msg(exc, it)}") from None
-    if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
-        if px.ndim != 3 or px.shape[-1] != 3:
-            raise _Invalid(f"DICOM colour image has unexpected shape {px.shape}")
-        return px if px.dtype == np.uint8 else _minmax_u8(px.astype(np.float32))
+    if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+        px = _apply_palette(px, ds)
+    elif int(ds.get("SamplesPerPixel", 1) or 1) == 1:
+        return _dicom_grey(px, ds)
+    if px.ndim != 3 or px.shape[-1] != 3:
+        raise _Invalid(f"DICOM colour image has unexpected shape {px.shape}")
+    return px if px.dtype == np.uint8 else _minmax_u8(px.astype(np.float32))
+
+
+def _dicom_grey(px: np.ndarray, ds) -> np.ndarray:
     if px.ndim != 2:
         raise _Invalid(f"DICOM image has unexpected shape {px.shape}")
     a = px.astype(np.float32)
@@ -519,6 +529,18 @@ def _decode_dicom(it: _Item) -> np.ndarray:
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         a = 1 - a  # MONOCHROME1: the lowest value is displayed white
     return np.rint(a * 255).astype(np.uint8)
+
+
+def _apply_palette(px: np.ndarray, ds) -> np.ndarray:
+    try:
+        from pydicom.pixels import apply_color_lut  # pydicom >= 3
+    except ImportError:
+        from pydicom.pixel_data_handlers.util import apply_color_lut
+    try:
+        rgb = apply_color_lut(px, ds)
+    except Exception as exc:
+        raise _Invalid(f"DICOM palette cannot be applied: {exc}") from None
+    return (rgb >> 8).astype(np.uint8) if rgb.dtype == np.uint16 else rgb.astype(np.uint8)
 
 
 def _first(value) -> float | None:

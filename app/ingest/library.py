@@ -12,7 +12,7 @@ import csv
 import os
 from typing import Any, Iterator, Mapping
 
-from .common import IngestLimits, IngestReport, check_option_names, opt_str
+from .common import IngestLimits, IngestReport, check_option_names, opt_str, resolve_column
 from .errors import IngestError
 from .textio import (base_name, detect_delimiter, first_line, is_gzip, iter_lines, iter_records, open_binary,
                      open_text)
@@ -29,7 +29,9 @@ def ingest_library(path: str, original_filename: str, options: Mapping[str, Any]
     limits = IngestLimits.of(limits)
     options = dict(options or {})
     check_option_names(options, OPTIONS, "library")
-    text_column = opt_str(options, "text_column", "smiles")
+    text_column = opt_str(options, "text_column", None)
+    explicit_text = text_column is not None
+    text_column = text_column or "smiles"
     id_column = opt_str(options, "id_column", None)
     compressed = is_gzip(path)
     head = first_line(path, compressed, limits)
@@ -39,7 +41,7 @@ def ingest_library(path: str, original_filename: str, options: Mapping[str, Any]
         schema = _smi_schema(path, compressed, limits)
     else:
         schema = _csv_schema(path, compressed, limits, fmt, head, original_filename, text_column,
-                             id_column, opt_str(options, "delimiter", None))
+                             explicit_text, id_column, opt_str(options, "delimiter", None))
     rows = empty = 0
     for _, text in _iter_rows(path, schema, limits, schema["data_offset"]):
         rows += 1
@@ -108,7 +110,7 @@ def _detect_format(head: str, filename: str, text_column: str) -> str:
         return "tsv"
     # .txt or no extension: a delimited file has the text column in its header line
     for delim, fmt in (("\t", "tsv"), (",", "csv")):
-        if text_column in [f.strip().strip('"') for f in head.split(delim)] and delim in head:
+        if delim in head and resolve_column([f.strip().strip('"') for f in head.split(delim)], text_column, False):
             return fmt
     return "smi"
 
@@ -131,7 +133,8 @@ def _smi_schema(path: str, compressed: bool, limits: IngestLimits) -> dict:
             "text_index": 0, "id_index": 1}
 
 
-def _csv_schema(path, compressed, limits, fmt, head, filename, text_column, id_column, delimiter) -> dict:
+def _csv_schema(path, compressed, limits, fmt, head, filename, text_column, explicit_text, id_column,
+                delimiter) -> dict:
     delim = detect_delimiter(head, filename, delimiter or ("\t" if fmt == "tsv" else ","))
     with open_binary(path, compressed) as fp:
         records = iter_records(fp, delim, limits)
@@ -142,10 +145,12 @@ def _csv_schema(path, compressed, limits, fmt, head, filename, text_column, id_c
         raise IngestError("empty_file", "the file is empty")
     header = [f.strip() for f in first[2]]
     kind = "TSV" if delim == "\t" else "CSV"
-    if text_column not in header:
+    found = resolve_column(header, text_column, explicit_text)
+    if found is None:
         raise IngestError("missing_column", f"{kind} has no column {text_column!r}; columns are: "
                           f"{', '.join(header)}. Set text_column to the column holding the SMILES.",
                           {"columns": header})
+    text_column = found
     if id_column is not None and id_column not in header:
         raise IngestError("missing_column", f"{kind} has no id column {id_column!r}; columns are: "
                           f"{', '.join(header)}", {"columns": header})

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from .chem import canonical_smiles, quiet_rdkit
 from .common import (IngestLimits, IngestReport, InvalidRows, check_option_names, opt_int, opt_list,
-                     opt_str)
+                     opt_str, resolve_column)
 from .errors import IngestError
 from .textio import detect_delimiter, first_line, is_gzip, iter_records, open_binary
 
@@ -31,6 +31,7 @@ OPTIONS = ("text_column", "tokenizer", "label_columns", "max_length", "delimiter
 TOKENIZERS = ("smiles", "whitespace")
 RESERVED = ("text", "source_row")
 _CHUNK_ROWS = 20_000
+_UNNAMED = "unnamed_"
 _MISSING = {"", "na", "n/a", "nan", "null", "none", "#n/a"}
 _INT_RE = r"[+-]?\d+"
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of non-UTF-8 bytes
@@ -44,7 +45,9 @@ def ingest_sequences(path: str, original_filename: str, work_dir: str,
     limits = IngestLimits.of(limits)
     options = dict(options or {})
     check_option_names(options, OPTIONS, "sequences")
-    text_column = opt_str(options, "text_column", "smiles")
+    text_column = opt_str(options, "text_column", None)
+    explicit_text = text_column is not None
+    text_column = text_column or "smiles"
     tokenizer = opt_str(options, "tokenizer", "smiles", TOKENIZERS)
     wanted = opt_list(options, "label_columns")
     max_length = opt_int(options, "max_length", 1000, 1, 1_000_000)
@@ -54,13 +57,14 @@ def ingest_sequences(path: str, original_filename: str, work_dir: str,
     delimiter = detect_delimiter(first_line(path, compressed, limits), original_filename,
                                  opt_str(options, "delimiter", None))
     invalid = InvalidRows(limits.max_invalid_samples)
+    warn: list[str] = []
     raw_path = os.path.join(work_dir, "_rows.parquet")
     out_path = os.path.join(work_dir, "data.parquet")
     try:
         with open_binary(path, compressed) as fp:
             records = iter_records(fp, delimiter, limits, errors="surrogateescape")
-            header = _header(next(records, None), text_column, delimiter)
-            labels = _label_columns(header, text_column, wanted)
+            header, text_column = _header(next(records, None), text_column, explicit_text, delimiter)
+            labels = _label_columns(header, text_column, wanted, warn)
             col_stats = {c: _ColumnStats() for c in labels}
             rows, text_len = _first_pass(records, header, text_column, tokenizer, max_length, labels,
                                          col_stats, invalid, raw_path)
@@ -69,13 +73,13 @@ def ingest_sequences(path: str, original_filename: str, work_dir: str,
                               if invalid.count else "the file has a header but no rows",
                               {"invalid_rows": invalid.count, "invalid_samples": invalid.samples,
                                "invalid_reasons": dict(invalid.reasons)})
-        warn: list[str] = []
         types = {c: s.infer(c, explicit=wanted is not None, warn=warn) for c, s in col_stats.items()}
         kept = [c for c in labels if types[c] is not None]
         _second_pass(raw_path, out_path, kept, types, col_stats)
     finally:
-        if os.path.exists(raw_path):
-            os.unlink(raw_path)
+        for leftover in (raw_path, out_path + ".tmp"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
     classes = {c: col_stats[c].classes() for c in kept if types[c] != "float"}
     return IngestReport(
@@ -93,30 +97,35 @@ def ingest_sequences(path: str, original_filename: str, work_dir: str,
     )
 
 
-def _header(first, text_column: str, delimiter: str) -> list[str]:
+def _header(first, text_column: str, explicit: bool, delimiter: str) -> tuple[list[str], str]:
     if first is None:
         raise IngestError("empty_file", "the file is empty")
     _, _, header = first
     header = [h.strip() for h in header]
     if any(_UNDECODABLE.search(h) for h in header):
         raise IngestError("invalid_encoding", "the header row is not valid UTF-8 text")
-    if any(not h for h in header):
-        raise IngestError("invalid_header", f"the header has an empty column name: {header}")
+    # an unnamed column is usually a pandas index written by DataFrame.to_csv()
+    header = [h or f"{_UNNAMED}{i}" for i, h in enumerate(header)]
     dupes = sorted({h for h in header if header.count(h) > 1})
     if dupes:
         raise IngestError("invalid_header", f"the header names column(s) twice: {', '.join(dupes)}")
-    if text_column not in header:
+    found = resolve_column(header, text_column, explicit)
+    if found is None:
         sep = {"\t": "tab", ",": "comma"}.get(delimiter, repr(delimiter))
         raise IngestError("missing_column", f"{'TSV' if delimiter == chr(9) else 'CSV'} has no column "
                           f"{text_column!r}; columns are: {', '.join(header)} (read with {sep} as the "
                           "delimiter). Set text_column to the column holding the sequences.",
                           {"columns": header, "text_column": text_column})
-    return header
+    return header, found
 
 
-def _label_columns(header: list[str], text_column: str, wanted: list[str] | None) -> list[str]:
+def _label_columns(header: list[str], text_column: str, wanted: list[str] | None, warn: list[str]
+                   ) -> list[str]:
     if wanted is None:
-        labels = [h for h in header if h != text_column]
+        labels = [h for h in header if h != text_column and not h.startswith(_UNNAMED)]
+        unnamed = [h for h in header if h.startswith(_UNNAMED)]
+        if unnamed:
+            warn.append(f"{len(unnamed)} column(s) without a name (e.g. a saved index) not used as labels")
     else:
         missing = [c for c in wanted if c not in header]
         if missing:

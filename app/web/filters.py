@@ -86,8 +86,29 @@ def metric_value(value: Any) -> str:
     return str(value)
 
 
+def error_text(value: Any) -> str:
+    """Marshmallow-style messages (str, list, nested dict) as one readable line."""
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {error_text(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return " ".join(error_text(v) for v in value)
+    return str(value)
+
+
+def flat_metrics(metrics: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """{"val": {"rmse": 0.5}, "best_epoch": 3} -> [("val_rmse", 0.5), ("best_epoch", 3)]; scalars only."""
+    out: list[tuple[str, Any]] = []
+    if isinstance(metrics, dict):
+        for k, v in metrics.items():
+            out.extend(flat_metrics(v, f"{prefix}{k}_" if isinstance(v, dict) else f"{prefix}{k}"))
+    elif isinstance(metrics, (int, float, str)) and not isinstance(metrics, bool):
+        out.append((prefix.rstrip("_"), metrics))
+    return out
+
+
 def register(app: Flask) -> None:
     app.jinja_env.filters.update(
         duration=human_duration, age=age, iso=iso, clock=clock, job_duration=job_duration,
-        bytes=human_bytes, pretty_json=pretty_json, percent=percent, metric=metric_value,
+        bytes=human_bytes, pretty_json=pretty_json, percent=percent, metric=metric_value, errtext=error_text,
+        flat_metrics=flat_metrics,
     )

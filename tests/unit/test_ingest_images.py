@@ -1,6 +1,8 @@
 """Image datasets: MedMNIST-layout npz and zips of class folders (PNG, JPEG, DICOM)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -131,6 +133,7 @@ def test_zip_png_jpeg_dicom(tmp_path):
     assert "/w/" not in str(r.invalid_samples)  # no server paths leak into messages
     assert r.stats["file_formats"] == {"PNG": 2, "JPEG": 1, "DICOM": 2}
     assert r.stats["label_counts"]["train"] == {"abnormal": 2, "normal": 3}
+    json.dumps(r.to_dict(), allow_nan=False)
     out = load(r)
     assert out["train_images"].shape == (5, 32, 32, 3)
     np.testing.assert_array_equal(out["train_labels"][:, 0], [0, 0, 1, 1, 1])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -74,6 +75,7 @@ def test_csv_invalid_rows_with_reasons(tmp_path):
     assert r.stats["labels"]["activity"] == {"type": "float", "count": 2, "missing": 2, "mean": 2.25,
                                              "std": 0.75, "min": 1.5, "max": 3.0}
     assert r.stats["labels"]["cls"]["class_counts"] == {"a": 3, "b": 1}
+    json.dumps(r.to_dict(), allow_nan=False)  # the API returns it as JSON
 
 
 def test_tsv_integer_classes_and_max_length(tmp_path):
@@ -95,9 +97,15 @@ def test_gzip_by_extension_and_by_magic(tmp_path):
     assert frame(b).y.tolist() == [1, 2, 3]
 
 
+def test_pandas_index_column_is_not_a_label(tmp_path):
+    r = run(tmp_path, "m.csv", b",smiles,y\n0,CCO,1.5\n1,CCN,2.5\n")
+    assert r.schema["label_columns"] == ["y"] and r.rows == 2 and r.warnings
+
+
 def test_semicolon_txt_sniffed(tmp_path):
-    r = run(tmp_path, "m.txt", b"smiles;y\nCCO;1.0\nCCN;2.5\n")
+    r = run(tmp_path, "m.txt", b"SMILES;y\nCCO;1.0\nCCN;2.5\n")
     assert r.schema["delimiter"] == ";" and r.rows == 2
+    assert r.schema["text_column"] == "SMILES"  # the default name matches case-insensitively
 
 
 def test_missing_text_column_lists_columns(tmp_path):

@@ -75,3 +75,17 @@ def test_whitespace_tokenizer():
     assert tok.tokenize(" E11.9  N18.3\tZ99 ") == ["E11.9", "N18.3", "Z99"]
     assert tok.decode(tok.encode("I10 E11.9")) == "I10 E11.9"
     assert tok.encode("I10 XYZ")[1] == UNK_ID
+
+
+def test_batch_path_matches_row_by_row_encoding():
+    rng = np.random.default_rng(0)
+    alphabet = list("CNOcn()=#12[]@+-%0. \t") + ["[Na+]", "%10", "Cl", "Br", "[nH]", "[C"]
+    for tok in (SmilesTokenizer().fit(SMILES), WhitespaceTokenizer().fit(["C N", "Cl Br ["])):
+        for _ in range(50):
+            texts = ["".join(rng.choice(alphabet, size=rng.integers(0, 12))) for _ in range(rng.integers(1, 12))]
+            for max_len in (None, 4):
+                fast, rows = tok.encode_batch(texts, max_len), tok._encode_rows(texts, max_len)
+                np.testing.assert_array_equal(fast[0], rows[0])
+                np.testing.assert_array_equal(fast[1], rows[1])
+        ids, lengths = tok.encode_batch(["C\nN", "C"])  # a newline inside a text: row path
+        assert lengths.tolist() == [2, 1]

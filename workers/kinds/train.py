@@ -173,7 +173,7 @@ def run(ctx, spec: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
     from app.models import Dataset
     from workers.ml.bundle import bundle_config, save_bundle
     from workers.ml.models import build_model
-    from workers.ml.training import TrainConfig, TrainingCancelled, fit, resolve_device
+    from workers.ml.training import TrainConfig, TrainingCancelled, fit, resolve_device, seed_everything
     from workers.runtime import JobCancelled
 
     store = ArtifactStore(ctx.settings.artifacts)
@@ -183,6 +183,7 @@ def run(ctx, spec: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
         raise ValueError(f"dataset {spec['dataset_id']} no longer exists")
     ctx.progress(0.0, "loading data", force=True)
     data = prepare_data(spec, dataset, store)
+    seed_everything(spec["seed"])  # same seed -> same initial weights -> same metrics
     model = build_model(spec["arch"], model_params(spec, data))
     cfg = TrainConfig(
         epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"], optimizer=spec["optimizer"],

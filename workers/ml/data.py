@@ -115,7 +115,10 @@ class PreparedData:
 
 
 def _fractions(split: Mapping | None) -> dict[str, float]:
-    f = {k: float((split or {}).get(k, DEFAULT_FRACTIONS[k] if not split else 0.0)) for k in SPLITS}
+    """Normalised train/val/test fractions; defaults when `split` names none of them."""
+    split = split or {}
+    given = any(k in split for k in SPLITS)
+    f = {k: float(split.get(k, 0.0)) if given else DEFAULT_FRACTIONS[k] for k in SPLITS}
     if min(f.values()) < 0 or f["train"] <= 0:
         raise ValueError(f"split fractions must be >= 0 with train > 0, got {f}")
     total = sum(f.values())

@@ -19,9 +19,16 @@ SMILES_REGEX = (
 )
 # Same alternatives plus a trailing catch-all, so a character the regex does not know
 # becomes a token (mapped to <unk>) instead of being silently dropped by findall, and
-# RDKit's `%(123)` ring bonds stay one token. No capturing group: findall returns
-# whole matches.
-_SMILES_PATTERN = re.compile(SMILES_REGEX[1:-1] + r"|%\([0-9]+\)|.")
+# RDKit's `%(123)` ring bonds stay one token. Bracket atoms may not span a newline (see
+# encode_batch). No capturing group: findall returns whole matches.
+_SMILES_ALTERNATIVES = SMILES_REGEX[1:-1].replace(r"\[[^\]]+]", r"\[[^\]\n]+]", 1) + r"|%\([0-9]+\)|."
+_SMILES_PATTERN = re.compile(_SMILES_ALTERNATIVES)
+# encode_batch tokenises a whole batch joined by "\n" in one findall; "\n" comes out
+# as its own token and marks the row boundaries ("." never matches a newline).
+_SEP = "\n"
+_SEP_ID = -1
+_SMILES_BATCH_PATTERN = re.compile(r"\n|" + _SMILES_ALTERNATIVES)
+_WHITESPACE_BATCH_PATTERN = re.compile(r"\n|[^\s]+")
 
 
 class _Lookup(dict):
@@ -42,6 +49,8 @@ class Vocab:
             raise ValueError("vocab has duplicate tokens")
         self.itos = itos
         self.stoi = _Lookup((t, i) for i, t in enumerate(itos))
+        self.batch_stoi = _Lookup(self.stoi)  # stoi plus the row separator used by encode_batch
+        self.batch_stoi[_SEP] = _SEP_ID
 
     @classmethod
     def build(cls, token_lists: Iterable[Sequence[str]], min_freq: int = 1, max_size: int | None = None) -> Vocab:
@@ -100,22 +109,40 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Encode and right-pad a batch.
 
-        Returns (ids int64 [N, L], lengths int64 [N]); sequences longer than max_len are
-        truncated. L is the longest (truncated) length in the batch, at least 1.
+        Returns (ids int64 [N, L], lengths int64 [N]); sequences longer than max_len
+        (default: the tokenizer's max_len) are truncated. L is the longest truncated
+        length in the batch, at least 1. The whole batch is tokenised by one regex pass
+        and one C-level map over a joined string; splitting and padding are numpy.
         """
-        get = self._vocab().stoi.__getitem__
+        vocab = self._vocab()
         max_len = max_len or self.max_len
-        tokenize = self.tokenize
+        texts = list(texts)
+        joined = _SEP.join(texts)
+        if not texts or joined.count(_SEP) != len(texts) - 1:  # a text itself holds a newline
+            return self._encode_rows(texts, max_len)
+        flat = np.fromiter(map(vocab.batch_stoi.__getitem__, self._batch_pattern.findall(joined)), dtype=np.int64)
+        seps = np.flatnonzero(flat == _SEP_ID)
+        starts = np.concatenate(([0], seps + 1))
+        lengths = np.concatenate((seps, [len(flat)])) - starts
         if max_len:
-            rows = [list(map(get, tokenize(t)[:max_len])) for t in texts]
-        else:
-            rows = [list(map(get, tokenize(t))) for t in texts]
+            lengths = np.minimum(lengths, max_len)
+        width = max(1, int(lengths.max()))
+        cols = np.arange(width)
+        mask = cols < lengths[:, None]
+        ids = np.zeros((len(texts), width), dtype=np.int64)
+        if len(flat):
+            ids[mask] = flat[(starts[:, None] + cols)[mask]]
+        return ids, lengths
+
+    def _encode_rows(self, texts: Sequence[str], max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Row-by-row encode_batch, for texts that contain the batch separator."""
+        get = self._vocab().stoi.__getitem__
+        rows = [list(map(get, self.tokenize(t)[:max_len] if max_len else self.tokenize(t))) for t in texts]
         lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         width = max(1, int(lengths.max(initial=0)))
         ids = np.zeros((len(rows), width), dtype=np.int64)
-        flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
         # Boolean mask of real positions; row-major assignment fills each row left to right.
-        ids[np.arange(width) < lengths[:, None]] = flat
+        ids[np.arange(width) < lengths[:, None]] = np.fromiter(chain.from_iterable(rows), dtype=np.int64)
         return ids, lengths
 
     def to_dict(self) -> dict:
@@ -132,6 +159,7 @@ class SmilesTokenizer(Tokenizer):
 
     kind = "smiles"
     joiner = ""
+    _batch_pattern = _SMILES_BATCH_PATTERN
 
     def tokenize(self, text: str) -> list[str]:
         return _SMILES_PATTERN.findall(text)
@@ -142,6 +170,7 @@ class WhitespaceTokenizer(Tokenizer):
 
     kind = "whitespace"
     joiner = " "
+    _batch_pattern = _WHITESPACE_BATCH_PATTERN
 
     def tokenize(self, text: str) -> list[str]:
         return text.split()

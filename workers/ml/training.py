@@ -63,12 +63,13 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
+    def from_dict(cls, d: dict, *, strict: bool = True) -> TrainConfig:
+        """From a job spec; strict=False ignores keys that are not training parameters."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
-        if unknown:
+        if unknown and strict:
             raise ValueError(f"unknown training parameters: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -1,0 +1,374 @@
+"""Job pages: list (live), detail (live progress, ETA, metric curves, events), cancel, result
+download, and submit forms (any kind, train, score).
+
+Queries, serialisers, spec validation and the SSE generator are the API's own
+(app.api.jobs); only authentication differs (session cookie instead of Bearer).
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Optional
+
+from flask import Response, abort, flash, jsonify, redirect, render_template, request, url_for
+from marshmallow import missing
+from sqlalchemy import func, select
+
+from app import jobs as state_machine
+from app.api import db_session, tenant_id
+from app.api.jobs import EventSchema, JobSchema, event_stream_response, submit_job
+from app.errors import ApiError
+from app.models import TERMINAL_STATES, Job, JobEvent, JobState
+from app.web.blueprint import bp
+from workers.kinds import all_kinds, get_kind
+
+PAGE_SIZE = 50
+STATES = [s.value for s in JobState]
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+def model_ref(job: Job) -> dict[str, Any]:
+    """The model a job trains or uses: train specs name it `model_name`; score/predict specs
+    reference `name@alias` or `name@version` in `model` (train's `model` is a dict of
+    hyper-parameters, not a name)."""
+    spec, result = job.spec or {}, job.result or {}
+    label = spec.get("model_name") if isinstance(spec.get("model_name"), str) else None
+    if label is None and isinstance(spec.get("model"), str):
+        label = spec["model"]
+    if label is None and isinstance(result.get("model"), str):
+        label = result["model"]
+    name = label.split("@", 1)[0] if label else None
+    version = result.get("version") if isinstance(result.get("version"), int) else None
+    return {"label": label, "name": name, "version": version}
+
+
+def dump_job(job: Job) -> dict[str, Any]:
+    data = JobSchema().dump(job)
+    ref = model_ref(job)
+    data.update(
+        model_name=ref["label"], model_registry_name=ref["name"], model_version=ref["version"],
+        url=url_for("web.job_detail", job_id=job.id),
+        result_url=url_for("web.job_result", job_id=job.id) if job.state == JobState.succeeded else None,
+        model_url=url_for("web.model_detail", name=ref["name"]) if ref["name"] else None,
+        terminal=job.state in TERMINAL_STATES,
+    )
+    return data
+
+
+def job_or_404(job_id: int) -> Job:
+    """The signed-in tenant's job; another tenant's id is indistinguishable from a missing one."""
+    job = db_session().scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id()))
+    if job is None:
+        abort(404, f"Job {job_id} not found.")
+    return job
+
+
+def _list_args() -> tuple[dict[str, Any], Optional[str]]:
+    args: dict[str, Any] = {}
+    problem = None
+    state = request.args.get("state") or ""
+    if state:
+        if state in STATES:
+            args["state"] = state
+        else:
+            problem = f"Unknown state {state!r}"
+    kind = (request.args.get("kind") or "").strip()
+    if kind:
+        args["kind"] = kind[:32]
+    cursor = request.args.get("cursor") or ""
+    if cursor:
+        if cursor.isdigit():
+            args["cursor"] = int(cursor)
+        else:
+            problem = "cursor must be a job id"
+    return args, problem
+
+
+def query_jobs(args: dict[str, Any], limit: int = PAGE_SIZE) -> tuple[list[Job], Optional[int]]:
+    """The same query as GET /api/v1/jobs: newest first, filtered, keyset-paged by id."""
+    q = select(Job).where(Job.tenant_id == tenant_id())
+    if "state" in args:
+        q = q.where(Job.state == JobState(args["state"]))
+    if "kind" in args:
+        q = q.where(Job.kind == args["kind"])
+    if "cursor" in args:
+        q = q.where(Job.id < args["cursor"])
+    items = db_session().scalars(q.order_by(Job.id.desc()).limit(limit + 1)).all()
+    more = len(items) > limit
+    items = items[:limit]
+    return list(items), (items[-1].id if more and items else None)
+
+
+def state_counts() -> dict[str, int]:
+    rows = db_session().execute(
+        select(Job.state, func.count()).where(Job.tenant_id == tenant_id()).group_by(Job.state)
+    ).all()
+    counts = {s: 0 for s in STATES}
+    counts.update({state.value: n for state, n in rows})
+    return counts
+
+
+def kind_names() -> list[str]:
+    known = set(all_kinds())
+    used = db_session().scalars(select(Job.kind).where(Job.tenant_id == tenant_id()).distinct()).all()
+    return sorted(known | set(used))
+
+
+def submittable_kinds() -> dict[str, Any]:
+    return {name: k for name, k in sorted(all_kinds().items()) if k.submittable}
+
+
+def spec_fields(kind: Any) -> list[dict[str, Any]]:
+    """The kind's spec schema as rows for the form's help table."""
+    rows = []
+    for name, field in kind.spec_schema().fields.items():
+        default = field.load_default
+        if callable(default):
+            default = default()
+        rows.append({
+            "name": name, "type": type(field).__name__, "required": field.required,
+            "default": None if default is missing else default,
+            "description": (field.metadata or {}).get("description", ""),
+        })
+    return rows
+
+
+def default_spec(kind: Any) -> dict[str, Any]:
+    """The kind's defaults (schema load_default values) for the spec editor."""
+    out: dict[str, Any] = {}
+    for row in spec_fields(kind):
+        if row["default"] is not None:
+            out[row["name"]] = row["default"]
+        elif row["required"]:
+            out[row["name"]] = None
+    return out
+
+
+def field_errors(exc: ApiError) -> dict[str, Any]:
+    details = exc.details if isinstance(exc.details, dict) else {}
+    spec = details.get("spec")
+    return spec if isinstance(spec, dict) else {}
+
+
+def _submit_from_form(kind: str, spec: dict[str, Any], priority: int = 0) -> Job:
+    # One idempotency key per rendered form: a double click or a resubmitted POST gives one job.
+    token = (request.form.get("form_id") or "")[:64]
+    key = f"web-form-{token}" if token else None
+    job, created = submit_job(kind, spec, priority=priority, idempotency_key=key)
+    flash(f"Job #{job.id} submitted." if created else f"Job #{job.id} was already submitted from this form.", "info")
+    return job
+
+
+# -- pages -------------------------------------------------------------------------------
+
+@bp.get("/")
+def index():  # noqa: ANN201
+    return redirect(url_for("web.jobs"))
+
+
+@bp.get("/jobs")
+def jobs():  # noqa: ANN201
+    args, problem = _list_args()
+    if problem:
+        flash(problem, "error")
+    items, next_cursor = query_jobs(args)
+    return render_template(
+        "jobs.html", jobs=[dump_job(j) for j in items], next_cursor=next_cursor, filters=args,
+        states=STATES, kinds=kind_names(), counts=state_counts(),
+    )
+
+
+@bp.get("/jobs/<int:job_id>")
+def job_detail(job_id: int):  # noqa: ANN201
+    job = job_or_404(job_id)
+    return render_template("job.html", job=dump_job(job))
+
+
+@bp.post("/jobs/<int:job_id>/cancel")
+def job_cancel(job_id: int):  # noqa: ANN201
+    job = job_or_404(job_id)
+    if job.state in TERMINAL_STATES:
+        flash(f"Job #{job.id} already {job.state.value}.", "error")
+    else:
+        state = state_machine.request_cancel(db_session(), job.id)
+        db_session().commit()
+        flash(f"Job #{job.id} cancelled." if state == JobState.cancelled
+              else f"Cancel requested: job #{job.id} stops at its next checkpoint.", "info")
+    return redirect(url_for("web.job_detail", job_id=job.id))
+
+
+@bp.get("/jobs/<int:job_id>/result")
+def job_result(job_id: int):  # noqa: ANN201
+    """The result download (what GET /api/v1/jobs/<id>/result serves, as an attachment)."""
+    job = job_or_404(job_id)
+    if job.state != JobState.succeeded:
+        abort(409, f"Job {job.id} is {job.state.value}; its result is not available.")
+    kind = get_kind(job.kind)
+    serve_file = getattr(kind, "serve_result", None) if kind else None
+    if serve_file is not None:
+        return serve_file(job, request.args)
+    body = json.dumps(job.result or {}, indent=2, sort_keys=True, default=str)
+    return Response(body, mimetype="application/json",
+                    headers={"Content-Disposition": f'attachment; filename="job-{job.id}-result.json"'})
+
+
+@bp.route("/jobs/new", methods=["GET", "POST"])
+def job_new():  # noqa: ANN201
+    kinds = submittable_kinds()
+    kind_name = request.values.get("kind") or ("sleep" if "sleep" in kinds else next(iter(kinds), ""))
+    kind = kinds.get(kind_name)
+    defaults = {name: json.dumps(default_spec(k), indent=2) for name, k in kinds.items()}
+    form = {"kind": kind_name, "spec": defaults.get(kind_name, "{}"), "priority": "0",
+            "form_id": uuid.uuid4().hex}
+    error, errors, status = None, {}, 200
+    if request.method == "POST":
+        form.update({k: request.form.get(k, form[k]) for k in ("spec", "priority", "form_id")})
+        try:
+            spec = json.loads(form["spec"] or "{}")
+            if not isinstance(spec, dict):
+                raise ValueError("the spec must be a JSON object")
+            priority = int(form["priority"] or 0)
+        except ValueError as exc:
+            error, status = f"Could not read the form: {exc}", 400
+        else:
+            try:
+                job = _submit_from_form(kind_name, spec, priority)
+                return redirect(url_for("web.job_detail", job_id=job.id))
+            except ApiError as exc:
+                error, errors, status = exc.message, field_errors(exc) or (exc.details or {}), exc.status
+    return render_template(
+        "job_new.html", kinds=kinds, kind=kind, form=form, defaults=defaults, error=error, errors=errors,
+        fields=spec_fields(kind) if kind else [],
+    ), status
+
+
+@bp.route("/train/new", methods=["GET", "POST"])
+def train_new():  # noqa: ANN201
+    from app.web.library import tenant_datasets
+
+    defaults = {"model_name": "", "dataset_id": request.args.get("dataset_id", ""), "arch": "rnn",
+                "task": "regression", "target": "", "epochs": "10", "batch_size": "64", "lr": "0.001",
+                "seed": "0", "device": "auto", "model": "{}", "early_stopping_patience": "",
+                "form_id": uuid.uuid4().hex}
+    form = dict(defaults)
+    error, errors, status = None, {}, 200
+    if request.method == "POST":
+        form.update({k: (request.form.get(k) or "").strip() for k in defaults})
+        spec, errors = _train_spec(form)
+        if errors:
+            error, status = "Please fix the marked fields.", 400
+        else:
+            try:
+                job = _submit_from_form("train", spec)
+                return redirect(url_for("web.job_detail", job_id=job.id))
+            except ApiError as exc:
+                error, errors, status = exc.message, field_errors(exc), exc.status
+    datasets = tenant_datasets(kinds=("sequences", "images"))
+    return render_template("train_new.html", form=form, error=error, errors=errors, datasets=datasets,
+                           available="train" in submittable_kinds()), status
+
+
+def _number(form: dict[str, str], name: str, cast: type, errors: dict[str, Any], spec: dict[str, Any],
+            required: bool = True) -> None:
+    raw = form.get(name, "")
+    if raw == "":
+        if required:
+            errors[name] = ["Required."]
+        return
+    try:
+        spec[name] = cast(raw)
+    except ValueError:
+        errors[name] = [f"Not a valid {'integer' if cast is int else 'number'}."]
+
+
+def _train_spec(form: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    spec: dict[str, Any] = {"model_name": form["model_name"], "arch": form["arch"], "task": form["task"],
+                            "device": form["device"] or "auto"}
+    errors: dict[str, Any] = {}
+    if not form["model_name"]:
+        errors["model_name"] = ["Required."]
+    _number(form, "dataset_id", int, errors, spec)
+    for name, cast in (("epochs", int), ("batch_size", int), ("lr", float), ("seed", int)):
+        _number(form, name, cast, errors, spec)
+    _number(form, "early_stopping_patience", int, errors, spec, required=False)
+    targets = [t.strip() for t in form["target"].split(",") if t.strip()]
+    if targets:
+        spec["target"] = targets[0] if len(targets) == 1 else targets
+    try:
+        model = json.loads(form["model"] or "{}")
+        if not isinstance(model, dict):
+            raise ValueError
+        spec["model"] = model
+    except ValueError:
+        errors["model"] = ["Architecture parameters must be a JSON object, e.g. {\"hidden_size\": 128}."]
+    return spec, errors
+
+
+@bp.route("/score/new", methods=["GET", "POST"])
+def score_new():  # noqa: ANN201
+    from app.web.library import model_choices, tenant_datasets
+
+    defaults = {"model": request.args.get("model", ""), "library_id": request.args.get("library_id", ""),
+                "top_k": "1000", "output": "csv", "form_id": uuid.uuid4().hex}
+    form = dict(defaults)
+    error, errors, status = None, {}, 200
+    if request.method == "POST":
+        form.update({k: (request.form.get(k) or "").strip() for k in defaults})
+        spec: dict[str, Any] = {"model": form["model"], "output": form["output"] or "csv"}
+        if not form["model"]:
+            errors["model"] = ["Required."]
+        _number(form, "library_id", int, errors, spec)
+        _number(form, "top_k", int, errors, spec, required=False)
+        if errors:
+            error, status = "Please fix the marked fields.", 400
+        else:
+            try:
+                job = _submit_from_form("score", spec)
+                return redirect(url_for("web.job_detail", job_id=job.id))
+            except ApiError as exc:
+                error, errors, status = exc.message, field_errors(exc), exc.status
+    return render_template("score_new.html", form=form, error=error, errors=errors,
+                           libraries=tenant_datasets(kinds=("library",)), models=model_choices(),
+                           available="score" in submittable_kinds()), status
+
+
+# -- session-authenticated JSON / SSE twins of the API (GET only) ------------------------
+
+@bp.get("/ui/api/jobs")
+def ui_jobs():  # noqa: ANN201
+    args, problem = _list_args()
+    if problem:
+        raise ApiError(422, problem, "validation_error")
+    try:
+        limit = min(max(int(request.args.get("limit", PAGE_SIZE)), 1), 500)
+    except ValueError:
+        raise ApiError(422, "limit must be an integer", "validation_error")
+    items, next_cursor = query_jobs(args, limit)
+    return jsonify(items=[dump_job(j) for j in items], next_cursor=next_cursor, counts=state_counts())
+
+
+@bp.get("/ui/api/jobs/<int:job_id>")
+def ui_job(job_id: int):  # noqa: ANN201
+    return jsonify(dump_job(job_or_404(job_id)))
+
+
+@bp.get("/ui/api/jobs/<int:job_id>/events")
+def ui_job_events(job_id: int):  # noqa: ANN201
+    job = job_or_404(job_id)
+    try:
+        after = max(int(request.args.get("after", 0)), 0)
+        limit = min(max(int(request.args.get("limit", 1000)), 1), 10_000)
+    except ValueError:
+        raise ApiError(422, "after and limit must be integers", "validation_error")
+    rows = db_session().scalars(
+        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq > after).order_by(JobEvent.seq).limit(limit)
+    ).all()
+    return jsonify(items=EventSchema(many=True).dump(rows), last_seq=rows[-1].seq if rows else after,
+                   state=job.state.value)
+
+
+@bp.get("/ui/api/jobs/<int:job_id>/stream")
+def ui_job_stream(job_id: int):  # noqa: ANN201
+    job = job_or_404(job_id)
+    return event_stream_response(job.id)
