@@ -35,13 +35,14 @@ def standalone(port: int | None, demo: bool) -> None:
 @click.option("--port", type=int, default=None)
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--threads", type=int, default=8, show_default=True)
-def web(host: str | None, port: int | None, workers: int, threads: int) -> None:
+@click.option("--access-log/--no-access-log", default=True, show_default=True)
+def web(host: str | None, port: int | None, workers: int, threads: int, access_log: bool) -> None:
     """The web server (gunicorn, threaded workers so SSE streams don't block requests)."""
     settings = from_env()
     bind = f"{host or settings.web_host}:{port or settings.web_port}"
     args = [sys.executable, "-m", "gunicorn", "app.wsgi:app", "--bind", bind, "--workers", str(workers),
             "--worker-class", "gthread", "--threads", str(threads), "--timeout", "120",
-            "--graceful-timeout", "10", "--access-logfile", "-"]
+            "--graceful-timeout", "10"] + (["--access-logfile", "-"] if access_log else [])
     os.execv(sys.executable, args)
 
 
@@ -60,6 +61,9 @@ def worker(queues: str, gpu: str | None, pool: str | None, concurrency: int | No
 
     settings = from_env()
     celery = worker_celery(settings)
+    # Import the ML stack now, not on the first job, so the first predict call is fast.
+    # (Importing torch does not initialise CUDA, so forking pools stay safe.)
+    import workers.ml.predict  # noqa: F401
     names = [q.strip() for q in queues.split(",") if q.strip()]
     if pool is None:
         pool = "threads" if names == [settings.inference_queue] else "solo"
@@ -83,6 +87,27 @@ def beat() -> None:
     settings = from_env()
     logging.basicConfig(level=settings.log_level)
     run_maintenance_forever(settings)
+
+
+@main.command()
+@click.option("--url", default=None, help="server URL (default: the local standalone server)")
+@click.option("--key", default=None, help="API key (default: .medmaas/api_key from standalone)")
+@click.option("--epochs", type=int, default=15, show_default=True)
+def demo(url: str | None, key: str | None, epochs: int) -> None:
+    """Upload a shipped solubility dataset, train an RNN, watch it, predict with it."""
+    from app.demo import DemoError, run_demo
+
+    settings = from_env()
+    url = url or f"http://{settings.web_host}:{settings.web_port}"
+    if key is None:
+        key_file = settings.home / "api_key"
+        if not key_file.exists():
+            raise click.ClickException(f"no --key given and {key_file} does not exist; start `medmaas standalone` first")
+        key = key_file.read_text().strip()
+    try:
+        run_demo(url, key, epochs=epochs)
+    except DemoError as exc:
+        raise click.ClickException(str(exc))
 
 
 @main.group()

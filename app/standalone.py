@@ -140,7 +140,7 @@ def run_standalone(settings: Settings, demo: bool = False) -> int:
         env = _child_env(settings)
         procs.append(_spawn(["worker", "--queues", f"{settings.gpu_queue},{settings.default_queue}"], env))
         procs.append(_spawn(["worker", "--queues", settings.inference_queue], env))
-        web = _spawn(["web", "--host", settings.web_host, "--port", str(settings.web_port), "--workers", "1"], env)
+        web = _spawn(["web", "--host", settings.web_host, "--port", str(settings.web_port), "--workers", "1", "--no-access-log"], env)
         procs.append(web)
 
         from workers.tasks import run_maintenance_forever
