@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Enum,
@@ -198,3 +199,44 @@ class ModelAlias(Base):
     alias: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ShardState(str, enum.Enum):
+    pending = "pending"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class ScoreShard(Base):
+    """One block of rows [start_row, stop_row) of a `score` job's library. Any worker on the
+    job's queue claims a pending shard with a compare-and-set UPDATE fenced by `attempts`;
+    a finished shard keeps its part file (output_uri) until the parent job merges them."""
+
+    __tablename__ = "score_shards"
+    __table_args__ = (
+        UniqueConstraint("job_id", "index", name="uq_score_shards_job_index"),
+        Index("ix_score_shards_state_heartbeat", "state", "heartbeat_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    start_row: Mapped[int] = mapped_column(BigInteger)
+    stop_row: Mapped[int] = mapped_column(BigInteger)
+    # byte offset of start_row in the (uncompressed) source file, so a shard seeks instead of scanning
+    offset: Mapped[Optional[int]] = mapped_column(BigInteger)
+    state: Mapped[ShardState] = mapped_column(_enum(ShardState, "shard_state"), default=ShardState.pending)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[Optional[str]] = mapped_column(String(255))
+    heartbeat_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    published_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    rows_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows: Mapped[Optional[int]] = mapped_column(BigInteger)
+    valid: Mapped[Optional[int]] = mapped_column(BigInteger)
+    output_uri: Mapped[Optional[str]] = mapped_column(Text)
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    stats: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)

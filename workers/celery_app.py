@@ -31,6 +31,10 @@ def create_celery(settings: Settings) -> Celery:
         task_queues=[Queue(n, Exchange(n, type="direct"), routing_key=n) for n in queue_names(settings)],
         broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        # A down broker must not hold an API request for long: the job row is already
+        # committed and the reconciler publishes it once the broker is back.
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )

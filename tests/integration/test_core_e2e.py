@@ -85,3 +85,22 @@ def test_failing_job_records_error(pg_api: ApiClient, processes) -> None:  # noq
     job = pg_api.submit("sleep", {"seconds": 0, "steps": 1, "fail": True})
     done = pg_api.wait(job["id"], timeout=60)
     assert done["state"] == "failed" and "sleep job asked to fail" in done["error"]
+
+
+def test_submit_with_broker_down_is_durable(pg_app, pg_settings, processes) -> None:  # noqa: ANN001
+    from app import create_app
+    from app.standalone import free_port
+    from tests.conftest import create_tenant_key
+
+    down = create_app(pg_settings.replace(broker_url=f"redis://127.0.0.1:{free_port()}/0"))
+    api = ApiClient(down.test_client(), create_tenant_key(down)[1])
+    started = time.monotonic()
+    r = api.post("/api/v1/jobs", json={"kind": "sleep", "spec": {"seconds": 0}})
+    assert r.status_code == 202 and time.monotonic() - started < 10
+    job_id = r.get_json()["id"]
+    assert api.job(job_id)["state"] == "queued"
+    procs = processes()
+    procs.beat()
+    procs.worker()
+    assert api.wait(job_id, timeout=60)["state"] == "succeeded", procs.logs()
+    down.extensions["medmaas.db"].dispose()
