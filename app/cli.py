@@ -81,12 +81,17 @@ def worker(queues: str, gpu: str | None, pool: str | None, concurrency: int | No
 def beat() -> None:
     """The maintenance loop: reap jobs whose worker died, republish jobs the broker lost."""
     import logging
+    import signal
+    import threading
 
     from workers.tasks import run_maintenance_forever
 
     settings = from_env()
     logging.basicConfig(level=settings.log_level)
-    run_maintenance_forever(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run_maintenance_forever(settings, stop)
 
 
 @main.command()

@@ -121,6 +121,7 @@ def stop_all(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
 
 
 def run_standalone(settings: Settings, demo: bool = False) -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # the API key must show at once, even when piped
     settings.home.mkdir(parents=True, exist_ok=True)
     settings = settings.replace(home=settings.home.resolve())
     procs: list[subprocess.Popen] = []

@@ -100,7 +100,8 @@ def machine_info() -> dict[str, Any]:
         commit, dirty = "", False
     info = {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "mem_gb": mem_gb,
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "git": commit + ("+dirty" if dirty else ""), "gpu": None}
+            "git": commit + ("+dirty" if dirty else ""), "gpu": None,
+            "loadavg_1min_at_start": round(os.getloadavg()[0], 2)}
     try:
         import torch
 
@@ -114,6 +115,18 @@ def machine_info() -> dict[str, Any]:
 
 def machine_label(m: dict[str, Any]) -> str:
     return f"{m.get('cpu', '?')}, {m.get('cores')} cores, {m.get('mem_gb')} GB" + (f", {m['gpu']}" if m.get("gpu") else ", no GPU")
+
+
+def wait_for_quiet(max_load: float = 1.0, max_wait_s: float = 120.0) -> float:
+    """Wait (bounded) for the 1-minute load average to drop below max_load: this machine is
+    shared, and other people's test runs make absolute times and even ratios noisy.
+    Returns the load average when it gives up or the machine is quiet."""
+    deadline = time.monotonic() + max_wait_s
+    load = os.getloadavg()[0]
+    while load > max_load and time.monotonic() < deadline:
+        time.sleep(5)
+        load = os.getloadavg()[0]
+    return round(load, 2)
 
 
 def now_iso() -> str:
@@ -381,8 +394,14 @@ class Api:
     def __init__(self, base_url: str, key: str):
         import requests
 
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
         self.base, self.http = base_url.rstrip("/"), requests.Session()
         self.http.headers["Authorization"] = f"Bearer {key}"
+        # gunicorn drops idle keep-alive connections after 2 s; retry GETs that hit one.
+        self.http.mount("http://", HTTPAdapter(max_retries=Retry(total=3, connect=3, read=3, backoff_factor=0.05,
+                                                                 allowed_methods={"GET"}, status=0)))
 
     def submit(self, kind: str, spec: dict, **kw: Any) -> dict:
         r = self.http.post(f"{self.base}/api/v1/jobs", json={"kind": kind, "spec": spec, **kw}, timeout=60)
@@ -557,4 +576,4 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
 
 
 def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

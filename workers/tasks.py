@@ -21,6 +21,7 @@ from app.models import Job, JobState
 from workers.celery_app import RUN_JOB, queue_names
 from workers.kinds import get_kind
 from workers.runtime import JobCancelled, JobContext, JobLost
+from workers.scoring.shards import SCORE_SHARD, reap_shards, reconcile_shards
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +97,16 @@ def reap(db: Database, settings: Settings, celery: Celery) -> list[jobs.Reaped]:
     for r in reaped:
         log.warning("job %s: worker lost; now %s", r.job_id, r.state.value)
     dispatch.publish_jobs(celery, db, [(r.job_id, r.queue) for r in reaped if r.state == JobState.queued])
+    reap_shards(db, settings, celery)  # score shards: stale ones back to pending, ended jobs' ones cancelled
     return reaped
 
 
 def reconcile(db: Database, settings: Settings, celery: Celery) -> int:
     """Republish queued jobs whose broker message is gone (Redis flushed or restarted)."""
+    try:  # and pending score shards of running jobs
+        reconcile_shards(db, settings, celery, queue_names(settings))
+    except Exception:  # noqa: BLE001
+        log.warning("reconciling score shards failed", exc_info=True)
     with db.session() as s:
         candidates = jobs.unpublished_queued(s, settings.requeue_grace_s)
     if not candidates:
@@ -122,6 +128,12 @@ def register_tasks(celery: Celery, settings: Settings) -> None:
     @celery.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def run_job(job_id: int, *extra: Any) -> str:
         return execute_job(get_db(settings), settings, celery, int(job_id))
+
+    @celery.task(name=SCORE_SHARD, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def score_shard(job_id: int, index: int, *extra: Any) -> str:
+        from workers.scoring.runner import run_shard_task
+
+        return run_shard_task(get_db(settings), settings, celery, int(job_id), int(index), worker_name())
 
 
 

@@ -1,0 +1,198 @@
+"""Row checks and RDKit canonicalisation for scoring, optionally in a pool of processes.
+
+RDKit is the slowest step of scoring on CPU (a few thousand molecules per second per
+core), so a worker spreads it over child processes, one per core, while its main process
+reads, tokenises, runs the model and writes. The children are fresh interpreters
+(`python -m workers.scoring.rdkit_child`), not forks: they never inherit CUDA state from a
+GPU worker, never re-import the worker's main module, and import nothing but RDKit. They
+talk over their stdin/stdout pipes and exit when stdin closes, so a SIGKILLed worker
+leaves no orphans. A child that crashes (RDKit segfault) fails only the batch it held and
+is restarted for the next one.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+import queue
+import struct
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from typing import Any, Optional, Sequence
+
+from workers.scoring.rdkit_child import check_and_canonicalise  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("!Q")
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_pool_size() -> int:
+    """One process per core when there are at least two cores; none on a single core (the
+    main process then canonicalises in line; a pool would only add pickling)."""
+    cores = available_cores()
+    return cores if cores >= 2 else 0
+
+
+class ChildDied(RuntimeError):
+    pass
+
+
+class _Child:
+    """One RDKit child process: a request/reply loop over pipes."""
+
+    def __init__(self) -> None:
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "CUDA_VISIBLE_DEVICES": ""}
+        self.proc = subprocess.Popen([sys.executable, "-m", "workers.scoring.rdkit_child"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env, close_fds=True)
+
+    def call(self, payload: Any) -> Any:
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            self.proc.stdin.write(_HEADER.pack(len(data)) + data)
+            self.proc.stdin.flush()
+            head = self.proc.stdout.read(_HEADER.size)
+            if len(head) < _HEADER.size:
+                raise EOFError
+            (size,) = _HEADER.unpack(head)
+            reply = self.proc.stdout.read(size)
+            if len(reply) < size:
+                raise EOFError
+        except (BrokenPipeError, EOFError, OSError) as exc:
+            self.stop()
+            raise ChildDied(f"the RDKit child process died ({type(exc).__name__})") from None
+        return pickle.loads(reply)  # our own child's reply
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class RDKitPool:
+    """n child processes fed from one queue by n threads (a thread blocks in its child's
+    pipe while the child works, so the caller's thread stays free)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._queue: "queue.Queue[Optional[tuple[Future, Any]]]" = queue.Queue()
+        self._children = [_Child() for _ in range(size)]
+        self._threads = [threading.Thread(target=self._serve, args=(c,), name=f"rdkit-{i}", daemon=True)
+                         for i, c in enumerate(self._children)]
+        for t in self._threads:
+            t.start()
+
+    def _serve(self, child: _Child) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                child.stop()
+                return
+            fut, payload = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(child.call(payload))
+            except BaseException as exc:  # noqa: BLE001
+                fut.set_exception(exc)
+
+    def submit(self, texts: list[str], validate: str, max_length: int) -> Future:
+        fut: Future = Future()
+        self._queue.put((fut, (texts, validate, max_length)))
+        return fut
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self._children if c.proc is not None]
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
+
+
+_pool: Optional[RDKitPool] = None
+_pool_pid: Optional[int] = None
+_pool_lock = threading.Lock()
+
+
+def get_pool(size: Optional[int] = None) -> Optional[RDKitPool]:
+    """The process-wide pool (created on first use), or None on a single-core machine."""
+    global _pool, _pool_pid
+    size = default_pool_size() if size is None else size
+    if size < 2:
+        return None
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid():  # (a forked child must not share its parent's pipes)
+            _pool, _pool_pid = RDKitPool(size), os.getpid()
+            log.info("RDKit pool of %d processes", size)
+        return _pool
+
+
+def shutdown_pool() -> None:
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is not None and _pool_pid == os.getpid():
+            _pool.close()
+        _pool, _pool_pid = None, None
+
+
+atexit.register(shutdown_pool)
+
+
+class Canonicalised:
+    """A batch being canonicalised: in the pool (one chunk per process) or, without a
+    pool, in line when result() is called."""
+
+    def __init__(self, texts: list[str], validate: str, max_length: int, pool: Optional[RDKitPool]):
+        self._texts, self._validate, self._max_length = texts, validate, max_length
+        self._futures: list[Future] = []
+        if pool is not None and validate != "none" and len(texts) > 1:
+            step = max(1, -(-len(texts) // pool.size))
+            self._futures = [pool.submit(texts[i:i + step], validate, max_length)
+                             for i in range(0, len(texts), step)]
+
+    def result(self) -> tuple[list[Optional[str]], list[Optional[str]]]:
+        if not self._futures:
+            return check_and_canonicalise(self._texts, self._validate, self._max_length)
+        canon: list[Optional[str]] = []
+        errors: list[Optional[str]] = []
+        for fut in self._futures:
+            c, e = fut.result()
+            canon.extend(c)
+            errors.extend(e)
+        return canon, errors
+
+    def cancel(self) -> None:
+        for fut in self._futures:
+            fut.cancel()
+
+
+def canonicalise(texts: Sequence[str], validate: str = "rdkit", max_length: int = 2000,
+                 pool: Optional[RDKitPool] = None) -> tuple[list[Optional[str]], list[Optional[str]]]:
+    return Canonicalised(list(texts), validate, max_length, pool).result()

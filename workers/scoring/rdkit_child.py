@@ -1,0 +1,86 @@
+"""The RDKit side of scoring: row checks and canonicalisation, and the loop a pool child
+runs (`python -m workers.scoring.rdkit_child`: length-prefixed pickled requests on stdin,
+replies on stdout, exit when stdin closes).
+
+This module imports RDKit and nothing of the platform except app/ingest/chem.py, which it
+loads by file path so that a child does not import the web app's packages (Flask,
+SQLAlchemy, pandas) only to canonicalise SMILES.
+"""
+from __future__ import annotations
+
+import importlib.util
+import pickle
+import struct
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPLACEMENT_CHAR = "\ufffd"  # what undecodable bytes became when the library was read
+
+
+def _load_chem():  # noqa: ANN202
+    loaded = sys.modules.get("app.ingest.chem")
+    if loaded is not None:
+        return loaded
+    spec = importlib.util.find_spec("app")  # a top-level find_spec imports nothing
+    path = Path(list(spec.submodule_search_locations)[0]) / "ingest" / "chem.py"
+    module_spec = importlib.util.spec_from_file_location("_medmaas_ingest_chem", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+_chem = _load_chem()
+
+
+def check_and_canonicalise(texts: Sequence[str], validate: str = "rdkit", max_length: int = 2000
+                           ) -> tuple[list[Optional[str]], list[Optional[str]]]:
+    """(canonical SMILES or None, error or None) per text. Never raises for bad input.
+
+    validate="none" skips RDKit: the text is scored as is (it must already be the SMILES
+    form the model was trained on); only empty, undecodable and over-long rows fail.
+    """
+    canon: list[Optional[str]] = []
+    errors: list[Optional[str]] = []
+    canonical_smiles = _chem.canonical_smiles
+    with _chem.quiet_rdkit():
+        for text in texts:
+            if not text:
+                canon.append(None)
+                errors.append("empty SMILES")
+            elif REPLACEMENT_CHAR in text:
+                canon.append(None)
+                errors.append("invalid text encoding: the row is not valid UTF-8")
+            elif len(text) > max_length:
+                canon.append(None)
+                errors.append(f"SMILES too long: {len(text)} characters (max_length {max_length})")
+            elif validate == "none":
+                canon.append(text)
+                errors.append(None)
+            else:
+                c, err = canonical_smiles(text)
+                canon.append(c)
+                errors.append(err)
+    return canon, errors
+
+
+def serve(stdin=None, stdout=None) -> None:  # noqa: ANN001
+    header = struct.Struct("!Q")
+    stdin = stdin or sys.stdin.buffer
+    stdout = stdout or sys.stdout.buffer
+    while True:
+        head = stdin.read(header.size)
+        if len(head) < header.size:
+            return  # the worker closed the pipe (or died)
+        (size,) = header.unpack(head)
+        data = stdin.read(size)
+        if len(data) < size:
+            return
+        texts, validate, max_length = pickle.loads(data)  # from our own parent process
+        reply = pickle.dumps(check_and_canonicalise(texts, validate, max_length), protocol=pickle.HIGHEST_PROTOCOL)
+        stdout.write(header.pack(len(reply)) + reply)
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    serve()

@@ -1,0 +1,524 @@
+"""Scoring shards: the per-shard pipeline, the shard Celery task, and the parent job's loop.
+
+Per shard, in constant memory (two batches in flight):
+
+    read rows (seek to the shard's byte offset) --> batch of score_batch_size rows
+      --> checks + RDKit canonicalisation (pool; overlaps with the previous batch's model work)
+      --> tokenise (one regex pass per batch) --> forward (length-bucketed batches, bf16 on CUDA)
+      --> Arrow record batch --> Parquet part file
+
+The parent job never waits idly on shards it could run itself: it claims pending shards
+with the same compare-and-set as the shard task, so one worker finishes a job alone and
+every extra worker on the queue takes shards off it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+from sqlalchemy import select
+
+from app.artifacts import ArtifactStore
+from app.config import Settings
+from app.ingest import IngestLimits, iter_library_rows, library_row_offsets
+from app.models import Dataset, Job, JobState, ModelVersion, ShardState
+from workers.scoring import canon, shards, source
+from workers.scoring import table as tbl
+
+log = logging.getLogger(__name__)
+
+MAX_INVALID_SAMPLES = 20
+
+
+class _Stopped(Exception):
+    """The shard must stop between batches (job cancelled, shard taken away)."""
+
+
+@dataclass
+class ScoreEnv:
+    """What scoring a shard of one job needs; built once per job and process."""
+
+    db: Any
+    settings: Settings
+    job_id: int
+    tenant_id: int
+    queue: str
+    max_attempts: int
+    spec: dict[str, Any]
+    source: Path
+    schema: dict[str, Any]
+    predictor: Any
+    score_cols: list[str]
+    table_schema: Any
+    scratch: Path
+    limits: IngestLimits = field(default_factory=IngestLimits)
+    celery: Any = None  # for republishing a shard that failed and has attempts left
+
+    @property
+    def parts_dir(self) -> Path:
+        return self.scratch / "parts"
+
+    @property
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.settings.artifacts)
+
+
+def _limits(settings: Settings) -> IngestLimits:
+    return IngestLimits(max_bytes=settings.archive_max_bytes)
+
+
+def load_env(db: Any, settings: Settings, job_id: int, *, prepare: bool = False) -> tuple[ScoreEnv, dict[str, Any]]:
+    """Build the job's ScoreEnv. prepare=True (the parent) also writes the decompressed
+    library copy when needed. Returns (env, info about the source)."""
+    from workers.model_cache import get_predictor
+
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} no longer exists")
+        spec = dict(job.spec)
+        dataset = s.scalar(select(Dataset).where(Dataset.id == spec["library_id"], Dataset.tenant_id == job.tenant_id))
+        mv = s.get(ModelVersion, spec["model_version_id"])
+        tenant_id, queue, max_attempts = job.tenant_id, job.queue, job.max_attempts
+    if dataset is None:
+        raise LookupError(f"library {spec['library_id']} no longer exists")
+    if mv is None or mv.tenant_id != tenant_id:
+        raise LookupError(f"model version {spec['model_version_id']} no longer exists")
+    store = ArtifactStore(settings.artifacts)
+    scratch = shards.scratch_dir(settings, tenant_id, job_id)
+    schema = source.library_schema(dataset.schema, spec.get("text_column"), spec.get("id_column"))
+    upload = store.path(dataset.uri)
+    info: dict[str, Any] = {"compressed": bool(schema.get("compressed")), "format": schema.get("format")}
+    if prepare:
+        path, schema, seconds = source.prepare_source(upload, schema, scratch, settings.archive_max_bytes)
+        if seconds is not None:
+            info["decompress_s"] = round(seconds, 3)
+    else:
+        path, schema = source.source_for(upload, schema, scratch)
+        if not path.exists():
+            raise FileNotFoundError(f"the library copy {path.name} is missing from the job's scratch directory")
+    predictor = get_predictor(store.path(mv.artifact_uri), settings.model_cache_size, spec.get("device") or "auto")
+    if predictor.input["kind"] != "smiles":
+        raise ValueError(f"model {mv.name} v{mv.version} takes {predictor.input['kind']}, not SMILES")
+    cols = tbl.score_columns(predictor.output_names)
+    env = ScoreEnv(db=db, settings=settings, job_id=job_id, tenant_id=tenant_id, queue=queue,
+                   max_attempts=max_attempts, spec=spec, source=path, schema=schema, predictor=predictor,
+                   score_cols=cols, table_schema=tbl.table_schema(cols), scratch=scratch, limits=_limits(settings))
+    return env, info
+
+
+# -- the per-shard pipeline -------------------------------------------------------------------
+
+@dataclass
+class ShardStats:
+    rows: int = 0
+    valid: int = 0
+    duplicates: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    samples: list = field(default_factory=list)
+
+    def add(self, batch: Any) -> None:
+        self.rows += batch.num_rows
+        valid = batch.column("valid").to_numpy(zero_copy_only=False)
+        self.valid += int(valid.sum())
+        bad = np.flatnonzero(~valid)
+        if len(bad):
+            errors = batch.column("error").to_pylist()
+            rows = batch.column("row")
+            texts = batch.column("smiles")
+            for i in bad:
+                reason = errors[i] or "invalid"
+                self.reasons[reason.split(":", 1)[0]] += 1
+                if len(self.samples) < MAX_INVALID_SAMPLES:
+                    self.samples.append({"row": rows[i].as_py(), "smiles": (texts[i].as_py() or "")[:200],
+                                         "error": reason})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "valid": self.valid, "duplicates": self.duplicates,
+                "invalid_reasons": dict(self.reasons), "invalid_samples": self.samples}
+
+
+def _chunks(it: Iterator, size: int) -> Iterator[list]:
+    while True:
+        chunk = list(islice(it, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def score_batches(rows: Iterator[tuple[int, Optional[str], str]], env: ScoreEnv, stats: ShardStats
+                  ) -> Iterator[Any]:
+    """(row, id, text) tuples -> Arrow record batches of the score table, in input order.
+    Batch k+1 is canonicalised in the pool while batch k is tokenised, scored and written."""
+    spec = env.spec
+    validate, max_length, dedupe = spec.get("validate", "rdkit"), spec.get("max_length", 2000), spec.get("dedupe")
+    batch_size = env.settings.score_batch_size
+    pool = canon.get_pool() if validate != "none" else None
+    predictor, n_out = env.predictor, len(env.score_cols)
+    seen: Optional[dict[str, np.ndarray]] = {} if dedupe else None  # per shard: bounded by score_shard_rows
+
+    def finish(chunk: list, handle: canon.Canonicalised) -> Any:
+        canonical, errors = handle.result()
+        n = len(chunk)
+        scores = np.full((n, n_out), np.nan, dtype=np.float32)
+        valid_idx = [i for i, e in enumerate(errors) if e is None]
+        if valid_idx:
+            if seen is None:
+                scores[valid_idx] = predictor.score_smiles([canonical[i] for i in valid_idx], batch_size=batch_size,
+                                                           canonical=True)[0]
+            else:
+                new: dict[str, int] = {}
+                for i in valid_idx:
+                    c = canonical[i]
+                    if c in seen or c in new:
+                        stats.duplicates += 1
+                    else:
+                        new[c] = len(new)
+                if new:
+                    fresh = predictor.score_smiles(list(new), batch_size=batch_size, canonical=True)[0]
+                    for c, j in new.items():
+                        seen[c] = fresh[j]
+                scores[valid_idx] = np.stack([seen[canonical[i]] for i in valid_idx])
+        return tbl.build_batch(
+            env.table_schema, env.score_cols, [r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk],
+            canonical if validate != "none" else [None] * n, scores, errors)
+
+    pending: Optional[tuple[list, canon.Canonicalised]] = None
+    try:
+        for chunk in _chunks(rows, batch_size):
+            handle = canon.Canonicalised([r[2] for r in chunk], validate, max_length, pool)
+            if pending is not None:
+                yield finish(*pending)
+            pending = (chunk, handle)
+        if pending is not None:
+            out, pending = finish(*pending), None
+            yield out
+    finally:
+        if pending is not None:
+            pending[1].cancel()
+
+
+class ShardLease:
+    """Heartbeats a claimed shard (and how many rows it has done) from a thread; `lost` is
+    set once the shard is no longer this attempt's (reaped, or cancelled with its job)."""
+
+    def __init__(self, db: Any, claim: shards.Claim, interval_s: float):
+        self.db, self.claim, self.interval = db, claim, interval_s
+        self.rows_done = 0
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"shard-{claim.job_id}-{claim.index}", daemon=True)
+
+    def beat(self) -> None:
+        try:
+            with self.db.session() as s:
+                if not shards.heartbeat(s, self.claim.id, self.claim.attempt, self.rows_done):
+                    self.lost.set()
+        except Exception:  # noqa: BLE001  (a DB blip: the next beat retries)
+            log.warning("heartbeat of score shard %s/%s failed", self.claim.job_id, self.claim.index, exc_info=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+    def __enter__(self) -> "ShardLease":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def score_shard(env: ScoreEnv, claim: shards.Claim, should_stop: Callable[[], bool],
+                on_batch: Optional[Callable[[], None]] = None) -> str:
+    """Score one claimed shard into its part file and mark it done. Returns done, stopped
+    (cancel or job lost: the shard is released or cancelled), lost (taken away), failed."""
+    part = env.parts_dir / f"shard-{claim.index:06d}-a{claim.attempt}.parquet"
+    writer: Optional[tbl.PartWriter] = None
+    stats = ShardStats()
+    started = time.monotonic()
+    # progress refreshes at least every 2 s even when heartbeats are rarer
+    with ShardLease(env.db, claim, min(env.settings.heartbeat_interval_s, 2.0)) as lease:
+        try:
+            writer = tbl.PartWriter(part, env.table_schema)
+            rows = iter_library_rows(str(env.source), env.schema, claim.start_row, claim.stop_row,
+                                     offset=claim.offset, limits=env.limits)
+            for batch in score_batches(rows, env, stats):
+                writer.write(batch)
+                stats.add(batch)
+                lease.rows_done = stats.rows
+                if on_batch is not None:
+                    on_batch()
+                if lease.lost.is_set() or should_stop():
+                    raise _Stopped()
+            writer.close()
+            expected = claim.stop_row - claim.start_row
+            if stats.rows != expected:
+                raise RuntimeError(f"shard {claim.index} read {stats.rows} rows from the library, expected {expected} "
+                                   f"(rows {claim.start_row}..{claim.stop_row - 1}); was the file changed?")
+            shard_stats = {**stats.to_dict(), "seconds": round(time.monotonic() - started, 3)}
+            with env.db.session() as s:
+                ok = shards.finish(s, claim.id, claim.attempt, rows=stats.rows, valid=stats.valid,
+                                   output_uri=env.store.url(part), stats=shard_stats)
+            if not ok:
+                part.unlink(missing_ok=True)
+                return "lost"
+            return "done"
+        except _Stopped:
+            if writer is not None:
+                writer.abort()
+            if not lease.lost.is_set():
+                with env.db.session() as s:
+                    shards.release(s, claim.id, claim.attempt)
+            return "stopped"
+        except Exception as exc:  # noqa: BLE001  (one shard's failure is retried, then fails the job)
+            log.exception("score job %s shard %s attempt %s failed", env.job_id, claim.index, claim.attempt)
+            if writer is not None:
+                writer.abort()
+            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+            with env.db.session() as s:
+                to = shards.release(s, claim.id, claim.attempt, error=error, max_attempts=env.max_attempts)
+            if to == ShardState.pending and env.celery is not None:
+                shards.publish_shards(env.celery, env.db, [(env.job_id, claim.index, env.queue)])
+            return "failed"
+
+
+# -- the shard task (any worker on the job's queue) ---------------------------------------------
+
+class JobWatch:
+    """should_stop() for a shard worker: the job was cancelled or ended. Polls at most once a second."""
+
+    def __init__(self, db: Any, job_id: int):
+        self.db, self.job_id = db, job_id
+        self._last, self._stop = 0.0, False
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if not self._stop and now - self._last >= 1.0:
+            self._last = now
+            with self.db.session() as s:
+                row = s.execute(select(Job.state, Job.cancel_requested).where(Job.id == self.job_id)).first()
+            self._stop = row is None or bool(row[1]) or row[0] in (JobState.succeeded, JobState.failed, JobState.cancelled)
+        return self._stop
+
+
+_envs: dict[int, ScoreEnv] = {}
+
+
+def run_shard_task(db: Any, settings: Settings, celery: Any, job_id: int, index: int, worker: str) -> str:
+    """One shard message: claim the shard (a duplicate or late delivery loses and returns
+    'skipped'), score it, record it. The job may be running or re-queued (its parent died);
+    only a cancel or the job's end stops shard work."""
+    with db.session() as s:
+        row = s.execute(select(Job.state, Job.cancel_requested).where(Job.id == job_id)).first()
+        if row is None or row[1] or row[0] not in (JobState.queued, JobState.running):
+            return "skipped"
+        claim = shards.claim(s, job_id, index, worker)
+    if claim is None:
+        return "skipped"
+    try:
+        env = _envs.get(job_id)
+        if env is None or env.settings is not settings:
+            env, _ = load_env(db, settings, job_id)
+            env.celery = celery
+            _envs.clear()  # keep one job's env per process
+            _envs[job_id] = env
+    except Exception as exc:  # noqa: BLE001
+        log.exception("score job %s shard %s: cannot prepare", job_id, index)
+        with db.session() as s:
+            max_attempts = s.scalar(select(Job.max_attempts).where(Job.id == job_id)) or 1
+            shards.release(s, claim.id, claim.attempt, error=f"{type(exc).__name__}: {exc}", max_attempts=max_attempts)
+        return "failed"
+    outcome = score_shard(env, claim, JobWatch(db, job_id).should_stop)
+    log.info("score job %s shard %s attempt %s: %s", job_id, index, claim.attempt, outcome)
+    return outcome
+
+
+# -- the parent job ---------------------------------------------------------------------------
+
+class ProgressReporter:
+    """Progress events for the parent: molecules done/total, molecules/s (over the last
+    30 s), ETA, shards done. Reads shard counters from SQL at most once a second."""
+
+    WINDOW_S = 30.0
+
+    def __init__(self, ctx: Any):
+        self.ctx = ctx
+        self._samples: deque = deque()
+        self._last = 0.0
+        self.summary: dict[str, Any] = {}
+
+    def __call__(self, force: bool = False) -> dict[str, Any]:
+        now = time.monotonic()
+        if not force and now - self._last < 1.0:
+            return self.summary
+        self._last = now
+        with self.ctx.db.session() as s:
+            self.summary = summ = shards.summary(s, self.ctx.job_id)
+        done, total = summ["rows_done"], summ["rows_total"]
+        self._samples.append((now, done))
+        while len(self._samples) > 2 and now - self._samples[0][0] > self.WINDOW_S:
+            self._samples.popleft()
+        t0, d0 = self._samples[0]
+        rate = (done - d0) / (now - t0) if now > t0 else None
+        eta = (total - done) / rate if rate else None
+        fraction = 0.99 * done / total if total else 0.99
+        msg = (f"{done:,}/{total:,} molecules, shards {summ['done']}/{summ['shards']}"
+               + (f", {rate:,.0f}/s" if rate else "") + (f", ETA {eta:,.0f} s" if eta is not None else ""))
+        self.ctx.progress(fraction, msg, force=force, molecules_done=done, molecules_total=total,
+                          molecules_per_s=None if rate is None else round(rate, 1),
+                          eta_s=None if eta is None else round(eta, 1), shards_done=summ["done"],
+                          shards_running=summ["running"], shards_total=summ["shards"])
+        return summ
+
+
+def _blocks(env: ScoreEnv, rows: int) -> list[tuple[int, int, Optional[int]]]:
+    n = env.settings.score_shard_rows
+    offsets = library_row_offsets(str(env.source), env.schema, n, env.limits) if rows else []
+    expected = -(-rows // n)
+    if len(offsets) != expected:
+        raise RuntimeError(f"the library now has a different number of rows than at upload ({rows}); "
+                           f"found {len(offsets)} shard starts, expected {expected}")
+    return [(k * n, min((k + 1) * n, rows), off) for k, off in enumerate(offsets)]
+
+
+def output_paths(job_dir: Path) -> dict[str, Path]:
+    return {"parquet": job_dir / "scores.parquet", "csv": job_dir / "scores.csv"}
+
+
+def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    from workers.runtime import JobLost
+
+    db, settings = ctx.db, ctx.settings
+    scratch = shards.scratch_dir(settings, ctx.tenant_id, ctx.job_id)
+    try:
+        ctx.progress(0.0, "preparing the library", force=True)
+        env, info = load_env(db, settings, ctx.job_id, prepare=True)
+        env.celery = ctx.celery
+        rank_by = spec.get("rank_by") or (env.score_cols[0] if env.score_cols else None)
+        if rank_by not in env.score_cols:
+            raise ValueError(f"rank_by {rank_by!r} is not one of the model's outputs {env.score_cols}")
+        with db.session() as s:
+            rows = s.scalar(select(Dataset.rows).where(Dataset.id == spec["library_id"]))
+            existing = shards.shards_of(s, ctx.job_id)
+        if not existing:
+            started = time.monotonic()
+            blocks = _blocks(env, int(rows))
+            with db.session() as s:
+                created = shards.create_shards(s, ctx.job_id, blocks)
+            ctx.log(f"{len(blocks)} shards of up to {settings.score_shard_rows:,} rows", shards=len(blocks),
+                    shard_rows=settings.score_shard_rows, index_s=round(time.monotonic() - started, 3), created=created,
+                    **info)
+        else:
+            ctx.log(f"resuming: {sum(sh.state == ShardState.done for sh in existing)}/{len(existing)} shards done",
+                    shards=len(existing))
+        with db.session() as s:
+            shards.release_stale(s, settings.heartbeat_timeout_s, ctx.job_id)
+            pending = [sh.index for sh in shards.shards_of(s, ctx.job_id) if sh.state == ShardState.pending]
+        if ctx.celery is not None and len(pending) > 1:
+            # the first one is ours; the rest are for any worker on the queue
+            shards.publish_shards(ctx.celery, db, [(ctx.job_id, i, env.queue) for i in pending[1:]])
+        report = ProgressReporter(ctx)
+        report(force=True)
+        worker = ctx.worker or "parent"
+
+        def on_batch() -> None:
+            try:
+                report()
+            except JobLost:  # ctx.should_stop() is now True: the shard stops and is released
+                pass
+        while True:
+            ctx.check_cancel()
+            with db.session() as s:
+                stale = shards.release_stale(s, settings.heartbeat_timeout_s, ctx.job_id)
+                claim = shards.claim_next(s, ctx.job_id, worker)
+            if stale and ctx.celery is not None:
+                shards.publish_shards(ctx.celery, db, [(ctx.job_id, i, env.queue) for _, i, _, _, to in stale
+                                                       if to == ShardState.pending])
+            if claim is not None:
+                outcome = score_shard(env, claim, ctx.should_stop, on_batch=on_batch)
+                if outcome == "stopped":
+                    ctx.check_cancel()
+                continue
+            summ = report()
+            if summ.get("failed"):
+                index, error = summ["error"]
+                raise RuntimeError(f"shard {index} failed after {env.max_attempts} attempts: {error}")
+            if summ.get("cancelled"):
+                ctx.check_cancel()
+                raise RuntimeError("shards of this job were cancelled without a cancel request")
+            if summ["done"] == summ["shards"]:
+                break
+            time.sleep(0.25)
+            report()
+        report(force=True)
+        ctx.progress(0.99, "merging shard outputs", force=True)
+        result = _merge(ctx, env, spec, rank_by, info)
+    except JobLost:
+        raise
+    except Exception:
+        # cancelled or failed: stop outstanding shards, delete partial outputs
+        try:
+            with db.session() as s:
+                shards.cancel_shards(s, ctx.job_id)
+        finally:
+            source.remove_tree(scratch)
+            for p in output_paths(shards.job_dir(settings, ctx.tenant_id, ctx.job_id)).values():
+                p.unlink(missing_ok=True)
+        raise
+    source.remove_tree(scratch)
+    return result
+
+
+def _merge(ctx: Any, env: ScoreEnv, spec: dict[str, Any], rank_by: str, info: dict[str, Any]) -> dict[str, Any]:
+    with ctx.db.session() as s:
+        done = shards.shards_of(s, ctx.job_id)
+    if any(sh.state != ShardState.done for sh in done):
+        raise RuntimeError("merge started before every shard was done")
+    store = env.store
+    paths = output_paths(ctx.job_dir())
+    fmt = spec.get("output", "csv")
+    topk = tbl.TopK(int(spec.get("top_k", 100)), rank_by)
+
+    def parts():
+        for sh in done:
+            ctx.check_cancel()
+            yield store.path(sh.output_uri), sh.start_row, sh.stop_row
+
+    merged_at = time.monotonic()
+    counts = tbl.merge(parts(), env.table_schema, paths["parquet"], paths["csv"] if fmt == "csv" else None, topk)
+    merge_s = time.monotonic() - merged_at
+    reasons: Counter = Counter()
+    samples: list = []
+    duplicates = 0
+    for sh in done:
+        reasons.update(sh.stats.get("invalid_reasons", {}))
+        duplicates += sh.stats.get("duplicates", 0)
+        samples.extend(sh.stats.get("invalid_samples", [])[: MAX_INVALID_SAMPLES - len(samples)])
+    started = min((sh.started_at for sh in done if sh.started_at), default=None)
+    finished = max((sh.finished_at for sh in done if sh.finished_at), default=None)
+    scoring_s = (finished - started).total_seconds() if started and finished else 0.0
+    files = {f: {"bytes": p.stat().st_size} for f, p in paths.items() if p.exists() and (f == "parquet" or fmt == f)}
+    workers = sorted({sh.worker or "" for sh in done} - {""})
+    return {
+        "model": spec.get("model_name"), "version": spec.get("version"), "model_version_id": spec["model_version_id"],
+        "library_id": spec["library_id"], "outputs": env.score_cols, "rank_by": rank_by,
+        "rows": counts["rows"], "valid": counts["valid"], "invalid": counts["rows"] - counts["valid"],
+        "duplicates": duplicates if spec.get("dedupe") else None,
+        "invalid_reasons": dict(reasons.most_common()), "invalid_samples": samples,
+        "top_k": topk.rows(), "format": fmt, "files": files,
+        "shards": {"count": len(done), "rows_per_shard": ctx.settings.score_shard_rows,
+                   "attempts": sum(sh.attempts for sh in done), "workers": workers or None},
+        "scoring_seconds": round(scoring_s, 3), "merge_seconds": round(merge_s, 3),
+        "molecules_per_s": round(counts["rows"] / scoring_s, 1) if scoring_s > 0 else None,
+        "source": info,
+    }
