@@ -37,6 +37,16 @@ def db_session() -> Session:
     return g.db_session
 
 
+def cursor_page(query, id_column, args: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+    """Newest first, `limit` rows below `cursor`; next_cursor is None on the last page."""
+    if "cursor" in args:
+        query = query.where(id_column < args["cursor"])
+    items = db_session().scalars(query.order_by(id_column.desc()).limit(args["limit"] + 1)).all()
+    more = len(items) > args["limit"]
+    items = items[: args["limit"]]
+    return {"items": items, "next_cursor": items[-1].id if more and items else None}
+
+
 def tenant_id() -> int:
     return g.tenant_id
 

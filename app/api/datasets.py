@@ -10,7 +10,7 @@ from flask_smorest import Blueprint
 from marshmallow import INCLUDE, Schema, fields, validate
 from sqlalchemy import select
 
-from app.api import db_session, settings, tenant_id
+from app.api import cursor_page, db_session, settings, tenant_id
 from app.artifacts import ArtifactStore, save_stream
 from app.errors import ApiError
 from app.ingest import KINDS, IngestError, IngestLimits, ingest
@@ -132,12 +132,7 @@ def list_datasets(args: dict[str, Any]):  # noqa: ANN201
     q = select(Dataset).where(Dataset.tenant_id == tenant_id())
     if "kind" in args:
         q = q.where(Dataset.kind == args["kind"])
-    if "cursor" in args:
-        q = q.where(Dataset.id < args["cursor"])
-    items = db_session().scalars(q.order_by(Dataset.id.desc()).limit(args["limit"] + 1)).all()
-    more = len(items) > args["limit"]
-    items = items[: args["limit"]]
-    return {"items": items, "next_cursor": items[-1].id if more and items else None}
+    return cursor_page(q, Dataset.id, args)
 
 
 @blp.route("/<int:dataset_id>", methods=["GET"])

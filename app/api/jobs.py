@@ -11,7 +11,7 @@ from marshmallow import Schema, ValidationError, fields, validate
 from sqlalchemy import select
 
 from app import dispatch, jobs
-from app.api import celery, database, db_session, settings, tenant_id
+from app.api import celery, cursor_page, database, db_session, settings, tenant_id
 from app.errors import ApiError
 from app.models import TERMINAL_STATES, Job, JobEvent, JobState
 from workers.celery_app import queue_names
@@ -149,12 +149,7 @@ def list_jobs(args: dict[str, Any]):  # noqa: ANN201
         q = q.where(Job.state == JobState(args["state"]))
     if "kind" in args:
         q = q.where(Job.kind == args["kind"])
-    if "cursor" in args:
-        q = q.where(Job.id < args["cursor"])
-    items = db_session().scalars(q.order_by(Job.id.desc()).limit(args["limit"] + 1)).all()
-    more = len(items) > args["limit"]
-    items = items[: args["limit"]]
-    return {"items": items, "next_cursor": items[-1].id if more and items else None}
+    return cursor_page(q, Job.id, args)
 
 
 @blp.route("/<int:job_id>", methods=["GET"])
