@@ -137,7 +137,11 @@ def run(quick: bool = False, seconds: float | None = None, profile: bool = True)
             log(f"{NAME}: ratio {ratio:.2f} < 0.5; profiling the gunicorn workers under load with py-spy")
             handle = py_spy_top(gunicorn_worker_pids(web.pid), seconds, st.home / "profiles", "web")
             load(target, st.key, seconds, st.home)
-            result["profile"] = finish_profile(handle)
+            result["profile"] = finish_profile(handle, [
+                "Flask.wsgi_app", "require_api_key", "authenticate", "touch", "detail", "get_job_or_404",
+                "Session.scalar", "Session.commit", "Session.close", "_ConnectionFairy._checkout", "*.do_ping",
+                "Schema.dump", "*.access", "*.log_request", "PollableMethodQueue.defer", "ThreadWorker.handle",
+                "Connection.wait"])
     result["params"] = {"seconds_per_run": seconds, "rounds": rounds, "connections": CONNECTIONS,
                         "server": "gunicorn gthread, 2 workers x 8 threads (medmaas web flags)",
                         "platform_endpoint": "GET /api/v1/jobs/{id} (Bearer key, PostgreSQL)",

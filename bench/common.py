@@ -515,7 +515,7 @@ def py_spy_top(pids: list[int], seconds: float, out_dir: Path, label: str, top: 
     return {"procs": procs, "top": top}
 
 
-def finish_profile(handle: dict[str, Any]) -> dict[str, Any]:
+def finish_profile(handle: dict[str, Any], focus: Iterable[str] = ()) -> dict[str, Any]:
     """Wait for py-spy and fold its raw stacks into self-time and inclusive-time tables."""
     stacks: dict[str, int] = {}
     for p, raw in handle["procs"]:
@@ -528,7 +528,7 @@ def finish_profile(handle: dict[str, Any]) -> dict[str, Any]:
                 stack, _, count = line.rpartition(" ")
                 if stack and count.isdigit():
                     stacks[stack] = stacks.get(stack, 0) + int(count)
-    return fold_stacks(stacks, handle["top"])
+    return fold_stacks(stacks, handle["top"], focus)
 
 
 def _frame_name(frame: str) -> str:
@@ -543,7 +543,9 @@ def _frame_name(frame: str) -> str:
     return f"{name} ({path})"
 
 
-def fold_stacks(stacks: dict[str, int], top: int = 25) -> dict[str, Any]:
+def fold_stacks(stacks: dict[str, int], top: int = 25, focus: Iterable[str] = ()) -> dict[str, Any]:
+    """Self and inclusive sample shares per function; `focus` adds the inclusive share of
+    each named function (matched on the "name (file)" label's start) even when not in the top."""
     total = sum(stacks.values())
     self_t: dict[str, int] = {}
     incl: dict[str, int] = {}
@@ -559,8 +561,19 @@ def fold_stacks(stacks: dict[str, int], top: int = 25) -> dict[str, Any]:
     def table(d: dict[str, int]) -> list[list[Any]]:
         return [[k, round(100.0 * v / total, 1)] for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]] if total else []
 
-    return {"samples": total, "note": "py-spy samples of threads on CPU (idle threads excluded)",
-            "self_pct": table(self_t), "inclusive_pct": table(incl)}
+    out = {"samples": total, "note": "py-spy samples of threads on CPU (idle threads excluded)",
+           "self_pct": table(self_t), "inclusive_pct": table(incl)}
+    def matches(label: str, f: str) -> bool:
+        if f.startswith("*."):  # any class: "*.do_ping"
+            name = label.split(" (", 1)[0]
+            return name == f[2:] or name.endswith("." + f[2:])
+        return label.startswith(f if " (" in f else f + " (")
+
+    focus = list(focus)
+    if focus and total:
+        out["focus_inclusive_pct"] = {f: round(100.0 * sum(v for k, v in incl.items() if matches(k, f)) / total, 1)
+                                      for f in focus}
+    return out
 
 
 # --------------------------------------------------------------------------- results

@@ -76,6 +76,24 @@ def _commits(st: Stack) -> int:
         return int(c.execute(text("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()")).scalar())
 
 
+def pg_commit_ms(st: Stack, n: int = 200) -> dict[str, float]:
+    """Round trip of one tiny write transaction (UPDATE + COMMIT) on the benchmark database:
+    the unit cost every state transition and event of the platform pays."""
+    from sqlalchemy import text
+
+    out = []
+    with st.db.engine.connect() as c:
+        c.execute(text("CREATE TABLE IF NOT EXISTS bench_commit (n int)"))  # private database, dropped after
+        c.execute(text("INSERT INTO bench_commit VALUES (0)"))
+        c.commit()
+        for _ in range(n):
+            t = time.perf_counter()
+            c.execute(text("UPDATE bench_commit SET n = n + 1"))
+            c.commit()
+            out.append((time.perf_counter() - t) * 1000)
+    return summary(out)
+
+
 def platform_block(api: Api, st: Stack, n: int, out: dict[str, list[float]], polls: list[int] | None = None) -> None:
     from sqlalchemy import text
 
@@ -124,7 +142,7 @@ def bare_block(app: Any, n: int, out: dict[str, list[float]]) -> None:
         out["succeeded"].append((t_done - t0) * 1000.0)
 
 
-def run(quick: bool = False, jobs: int | None = None, profile: bool = True) -> dict[str, Any]:
+def run(quick: bool = False, jobs: int | None = None, profile: bool = True, diagnose: bool = True) -> dict[str, Any]:
     n = jobs or (60 if quick else 300)
     block = 20 if quick else 25
     warmup = 5 if quick else 10
@@ -152,8 +170,9 @@ def run(quick: bool = False, jobs: int | None = None, profile: bool = True) -> d
             platform_block(api, st, k, plat, polls)
             done += k
         wall = time.monotonic() - t_start
+        commit_cost = pg_commit_ms(st)
         time.sleep(1.0)  # PostgreSQL flushes its statistics asynchronously
-        commits = _commits(st) - c0 - polls[0] - 1
+        commits = _commits(st) - c0 - polls[0] - 1 - 202
         profile_out: dict[str, Any] = {}
         p50_gap = summary(plat["succeeded"])["p50"] - summary(bare["succeeded"])["p50"]
         if profile and py_spy_available() and p50_gap > 10.0:
@@ -164,10 +183,29 @@ def run(quick: bool = False, jobs: int | None = None, profile: bool = True) -> d
             t_end = time.monotonic() + 11
             while time.monotonic() < t_end:
                 platform_block(api, st, 10, extra)
-            profile_out = {k: finish_profile(h) for k, h in handles.items()}
+            focus = {"worker": ["execute_job", "claim", "get_kind", "JobContext.start_heartbeat", "run (workers/kinds/sleep.py",
+                                "JobContext.check_cancel", "JobContext._beat", "JobContext.progress", "succeed",
+                                "free_accelerator_memory", "JobContext.stop_heartbeat", "Session.commit"],
+                     "web": ["require_api_key", "authenticate", "validate_spec", "submit (app/api/jobs.py", "submit (app/jobs.py", "submit_job",
+                             "Session.commit", "publish_jobs", "publish", "mark_published", "Session.refresh",
+                             "Schema.dump", "Database.session"]}
+            profile_out = {k: finish_profile(h, focus[k]) for k, h in handles.items()}
             profile_out["jobs_during_profile"] = len(extra["succeeded"])
         st.stop(bare_worker)
         st.stop(worker)
+        # Diagnostic (not the platform as shipped): the same path with the worker's per-job
+        # gc.collect() (workers.tasks.free_accelerator_memory) patched out, to show how much
+        # of the gap it accounts for.
+        what_if: dict[str, list[float]] = {k: [] for k in plat}
+        if diagnose:
+            log(f"{NAME}: diagnostic block with free_accelerator_memory() patched out of the worker")
+            code = ("import workers.tasks as t; t.free_accelerator_memory = lambda: None; "
+                    "from app.cli import main; main()")
+            patched = st.spawn([sys.executable, "-c", code, "worker", "--queues", "cpu"], "worker-no-gc")
+            wait_for_log(patched.log_path, " ready.", 120, patched)
+            platform_block(api, st, warmup, {k: [] for k in plat})
+            platform_block(api, st, min(n, 100), what_if)
+            st.stop(patched)
 
     ps, bs = {k: summary(v) for k, v in plat.items()}, {k: summary(v) for k, v in bare.items()}
     result["params"] = {"jobs_per_path": n, "warmup": warmup, "block": block, "sleep_spec": SLEEP_SPEC,
@@ -184,6 +222,12 @@ def run(quick: bool = False, jobs: int | None = None, profile: bool = True) -> d
             target="(report; ≤ bare + 10 ms)", met=None, note=f"gap {gap_run50:.1f} ms"),
         row("submit→running p95", ps["running"]["p95"], bs["running"]["p95"], unit="ms", target="(report)", met=None),
     ]
+    if what_if["succeeded"]:
+        ws = {k: summary(v) for k, v in what_if.items()}
+        result["diagnostic_without_gc_collect_ms"] = ws
+        result["rows"].append(row("submit→succeeded p50, worker without per-job gc.collect() (diagnostic)",
+                                  ws["succeeded"]["p50"], bs["succeeded"]["p50"], unit="ms", target="(diagnostic)",
+                                  met=None, note=f"gap {ws['succeeded']['p50'] - bs['succeeded']['p50']:.1f} ms"))
     result["platform_ms"] = ps
     result["bare_ms"] = bs
     result["breakdown_p50_ms"] = {
@@ -195,6 +239,9 @@ def run(quick: bool = False, jobs: int | None = None, profile: bool = True) -> d
     result["db_transactions_per_job"] = round(commits / max(n, 1), 2) if commits else None
     result["db_transactions_note"] = ("PostgreSQL xact_commit+xact_rollback of the benchmark database during the "
                                       "measured platform jobs, minus the client's own polls, divided by the job count")
+    result["pg_commit_ms"] = commit_cost
+    result["pg_commit_note"] = ("one UPDATE + COMMIT on a one-row table in the benchmark database (WAL flush with "
+                                "synchronous_commit=on), sequential, after the measured jobs")
     result["wall_s"] = round(wall, 1)
     if profile_out:
         result["profile"] = profile_out

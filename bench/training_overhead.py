@@ -35,10 +35,10 @@ MODELS = {
     "rnn": {"label": "RNN (GRU) on solubility, regression", "kind": "sequences",
             "spec": {"arch": "rnn", "task": "regression", "target": "solubility", "batch_size": 32, "lr": 3e-3,
                      "seed": 1, "model": {"cell": "gru", "embedding_dim": 48, "hidden_size": 96}, "device": "cpu"},
-            "epochs": {"quick": 3, "full": 8}},
+            "epochs": {"quick": 3, "full": 10}},
     "cnn": {"label": "CNN on digits npz, classification", "kind": "images",
             "spec": {"arch": "cnn", "task": "classification", "batch_size": 64, "seed": 0, "device": "cpu"},
-            "epochs": {"quick": 4, "full": 15}},
+            "epochs": {"quick": 4, "full": 20}},
 }
 
 
@@ -51,16 +51,16 @@ def bare_train(arch: str, data_path: str, spec: dict[str, Any], class_names: lis
     import torch
 
     torch.set_num_threads(threads)
-    t_start = time.monotonic()
     from workers.kinds.train import model_params
     from workers.ml import data as mldata
     from workers.ml.models import build_model
     from workers.ml.training import (TrainConfig, autocast_dtype_for, evaluate, make_optimizer, resolve_device,
                                      seed_everything, train_one_epoch)
 
-    if arch == "rnn":
-        import pandas as pd
+    import pandas as pd
 
+    t_start = time.monotonic()  # after imports: the worker has them loaded already
+    if arch == "rnn":
         data = mldata.load_sequence_frame(pd.read_parquet(data_path), text_column="text", target_columns=spec["target"],
                                           task=spec["task"], tokenizer=spec.get("tokenizer") or "smiles", split=None,
                                           seed=spec["seed"], max_len=spec["max_len"], canonicalize_smiles=False)
@@ -194,13 +194,86 @@ def platform_train(api: Api, spec: dict[str, Any], timeout: float, worker_pid: i
     }
 
 
-def run(quick: bool = False, threads: int | None = None, models: list[str] | None = None) -> dict[str, Any]:
+def _pooled(runs: list[dict[str, Any]], key: str, skip_first: bool = True) -> float:
+    xs = [x for r in runs for x in (r[key][1:] if skip_first and len(r[key]) > 1 else r[key])]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def compare_paths(st: Stack, api: Api, worker_pid: int, payload: dict[str, Any], spec: dict[str, Any], rounds: int,
+                  threads: int) -> dict[str, Any]:
+    """(bare, platform) x rounds, one after another; pooled medians per path."""
+    bare_runs, plat_runs, load = [], [], [loadavg()]
+    for _ in range(rounds):
+        bare_runs.append(run_bare_subprocess(st, payload, threads))
+        load.append(loadavg())
+        plat_runs.append(platform_train(api, spec, timeout=1800, worker_pid=worker_pid))
+        load.append(loadavg())
+    for p in plat_runs:
+        if p["normalised_spec"]["batch_size"] != payload["spec"]["batch_size"]:
+            raise RuntimeError("platform and bare specs differ")
+        # the fixed cost per epoch: time between metric events minus the next epoch's own time
+        p["per_epoch_fixed_cost_s"] = [c - e for c, e in zip(p["epoch_cadence_s"], p["epoch_seconds"][1:])]
+    same_losses = all(abs(a["train_loss"] - b["train_loss"]) <= 1e-4 * max(1.0, abs(b["train_loss"]))
+                      for p in plat_runs for a, b in zip(p["losses"], bare_runs[0]["losses"]))
+    return {
+        "platform_s_per_epoch": _pooled(plat_runs, "epoch_seconds"),
+        "platform_cadence_s": _pooled(plat_runs, "epoch_cadence_s", skip_first=False),
+        "platform_cadence_cpu_s": _pooled(plat_runs, "epoch_cadence_cpu_s", skip_first=False),
+        "platform_fixed_cost_per_epoch_s": _pooled(plat_runs, "per_epoch_fixed_cost_s", skip_first=False),
+        "platform_job_wall_s": statistics.median(p["job_wall_s"] for p in plat_runs),
+        "bare_s_per_epoch": _pooled(bare_runs, "epoch_seconds"),
+        "bare_cpu_s_per_epoch": _pooled(bare_runs, "epoch_cpu_s"),
+        "bare_wall_s": statistics.median(b["wall_s"] for b in bare_runs),
+        "same_train_losses_as_bare": same_losses,
+        "loadavg_1min": load,
+        "platform_runs": plat_runs,
+        "bare_runs": bare_runs,
+    }
+
+
+TRAIN_FOCUS = ["fit", "train_one_epoch", "evaluate", "save_checkpoint", "_cpu_state", "on_epoch", "on_progress",
+               "JobContext.metric", "JobContext.progress", "JobContext.should_stop", "JobContext._beat",
+               "JobContext._heartbeat_loop", "append_event", "Session.commit", "_check_stop", "on_batch", "report"]
+
+
+def profile_platform_run(st: Stack, api: Api, worker_pid: int, spec: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """One more platform run with py-spy sampling the worker (all its threads)."""
+    from bench.common import finish_profile, py_spy_available, py_spy_top
+
+    if not py_spy_available():
+        return {"error": "py-spy not installed"}
+    handle = py_spy_top([worker_pid], seconds, st.home / "profiles", "train", top=30)
+    platform_train(api, spec, timeout=1800, worker_pid=worker_pid)
+    return finish_profile(handle, TRAIN_FOCUS)
+
+
+def model_rows(label: str, c: dict[str, Any], where: str = "") -> list[dict[str, Any]]:
+    b = c["bare_s_per_epoch"]
+    return [
+        row(f"{label} s/epoch{where} (metric epoch_seconds)", c["platform_s_per_epoch"], b, unit="s",
+            target="≤ 1.05× bare", met=c["platform_s_per_epoch"] / b <= 1.05),
+        row(f"{label} epoch cadence{where} incl. checkpoint + events", c["platform_cadence_s"], b, unit="s",
+            target="≤ 1.05× bare", met=c["platform_cadence_s"] / b <= 1.05,
+            note=f"fixed cost {1000 * c['platform_fixed_cost_per_epoch_s']:.0f} ms/epoch"),
+        row(f"{label} CPU-s/epoch{where} incl. checkpoint + events", c["platform_cadence_cpu_s"], c["bare_cpu_s_per_epoch"],
+            unit="CPU s", target="(report)", met=None, note="robust to other load on the VM"),
+        row(f"{label} job wall{where} (started→finished) vs bare process", c["platform_job_wall_s"], c["bare_wall_s"],
+            unit="s", target="(report)", met=None, note="platform also writes the bundle, registers the version"),
+    ]
+
+
+def run(quick: bool = False, threads: int | None = None, models: list[str] | None = None,
+        force_profile: bool = False) -> dict[str, Any]:
     from workers.kinds.train import TrainSpec
 
     from app.sample_data import digits_npz, solubility_csv
 
-    threads = threads or (os.cpu_count() or 1)
+    # One intra-op thread in both paths by default: on this shared 2-core VM, 2 OpenMP threads
+    # made the same epoch take 1 to 40 s (threads spinning at barriers while other processes
+    # hold the other core), which drowns a 5 % signal. 1 thread: about ±5 % epoch to epoch.
+    threads = threads or 1
     size = "quick" if quick else "full"
+    rounds = 2 if quick else 3
     result: dict[str, Any] = {"benchmark": NAME, "date": now_iso(), "machine": machine_info(), "quick": quick}
     per_model: dict[str, Any] = {}
     rows: list[dict] = []
@@ -225,45 +298,19 @@ def run(quick: bool = False, threads: int | None = None, models: list[str] | Non
             classes = ds.get("schema", {}).get("classes")
             payload = {"arch": arch, "data_path": str(data_path), "spec": full_spec,
                        "class_names": classes if isinstance(classes, list) else None, "threads": threads}
-            load = {"before": loadavg()}
-            log(f"{NAME}: {arch}: bare run 1 ({epochs} epochs)")
-            bare1 = run_bare_subprocess(st, payload, threads)
-            load["after_bare1"] = loadavg()
-            log(f"{NAME}: {arch}: platform run ({epochs} epochs through the worker)")
-            plat = platform_train(api, spec, timeout=1800, worker_pid=worker.pid)
-            load["after_platform"] = loadavg()
-            log(f"{NAME}: {arch}: bare run 2")
-            bare2 = run_bare_subprocess(st, payload, threads)
-            load["after_bare2"] = loadavg()
-            if plat["normalised_spec"]["batch_size"] != full_spec["batch_size"]:
-                raise RuntimeError("platform and bare specs differ")
-            b_epoch = statistics.mean([_median_after_first(bare1["epoch_seconds"]), _median_after_first(bare2["epoch_seconds"])])
-            p_epoch = _median_after_first(plat["epoch_seconds"])
-            p_cadence = statistics.median(plat["epoch_cadence_s"]) if plat["epoch_cadence_s"] else float("nan")
-            b_wall = statistics.mean([bare1["wall_s"], bare2["wall_s"]])
-            same_losses = all(abs(a["train_loss"] - b["train_loss"]) <= 1e-4 * max(1.0, abs(b["train_loss"]))
-                              for a, b in zip(plat["losses"], bare1["losses"]))
-            b_cpu = statistics.mean([_median_after_first(bare1["epoch_cpu_s"]), _median_after_first(bare2["epoch_cpu_s"])])
-            p_cpu = statistics.median(plat["epoch_cadence_cpu_s"]) if plat["epoch_cadence_cpu_s"] else float("nan")
-            per_model[arch] = {"label": m["label"], "epochs": epochs, "spec": full_spec, "platform": plat,
-                               "bare_runs": [bare1, bare2], "same_train_losses_as_bare": same_losses,
-                               "loadavg_1min": load}
-            rows += [
-                row(f"{arch.upper()} s/epoch (metric epoch_seconds, median ep≥2)", p_epoch, b_epoch, unit="s",
-                    target="≤ 1.05× bare", met=p_epoch / b_epoch <= 1.05),
-                row(f"{arch.upper()} epoch cadence incl. checkpoint + events", p_cadence, b_epoch, unit="s",
-                    target="≤ 1.05× bare", met=p_cadence / b_epoch <= 1.05),
-                row(f"{arch.upper()} CPU-s/epoch incl. checkpoint + events", p_cpu, b_cpu, unit="CPU s",
-                    target="(report)", met=None,
-                    note="worker process CPU between metric events vs bare process CPU per epoch"),
-                row(f"{arch.upper()} job wall (started→finished) vs bare process", plat["job_wall_s"], b_wall, unit="s",
-                    target="(report)", met=None,
-                    note="platform also saves the bundle and registers the version"),
-            ]
+            log(f"{NAME}: {arch}: {rounds} rounds of (bare, platform), {epochs} epochs each")
+            cmp = compare_paths(st, api, worker.pid, payload, spec, rounds, threads)
+            per_model[arch] = {"label": m["label"], "epochs": epochs, "spec": full_spec, **cmp}
+            new_rows = model_rows(arch.upper(), cmp)
+            rows += new_rows
+            if force_profile or any(r["met"] is False for r in new_rows):
+                log(f"{NAME}: {arch}: a target was missed; one more platform run under py-spy")
+                secs = 3 + epochs * max(cmp["platform_cadence_s"], cmp["bare_s_per_epoch"])
+                per_model[arch]["profile"] = profile_platform_run(st, api, worker.pid, spec, secs)
         st.stop(worker)
     result["params"] = {"torch_threads": threads, "thread_env": thread_env(threads), "device": "cpu",
-                        "order": "bare, platform, bare (sequential)",
-                        "epoch_statistic": "median of epochs 2..N (epoch 1 warms up allocators)",
+                        "order": f"(bare, platform) x {rounds}, sequential",
+                        "epoch_statistic": "median over all rounds of epochs 2..N (epoch 1 warms up allocators)",
                         "models": {k: {"label": MODELS[k]["label"], "epochs": v["epochs"]} for k, v in per_model.items()}}
     result["rows"] = rows
     result["models"] = per_model
@@ -274,14 +321,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bare", metavar="JSON", help="internal: run the bare loop and print JSON")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int)
+    ap.add_argument("--threads", type=int, help="torch/OpenMP threads in both paths (default 1)")
     ap.add_argument("--models", default="rnn,cnn")
+    ap.add_argument("--profile", action="store_true", help="profile one platform run even when targets are met")
     args = ap.parse_args(argv)
     if args.bare:
         p = json.loads(args.bare)
         print(json.dumps(bare_train(p["arch"], p["data_path"], p["spec"], p["class_names"], p["threads"])))
         return
-    print(json.dumps(run(args.quick, args.threads, args.models.split(",")), indent=2, default=str))
+    print(json.dumps(run(args.quick, args.threads, args.models.split(","), args.profile), indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,13 @@ from flask import Flask
 
 
 def init_web(app: Flask) -> None:
+    import importlib
+
     from app.web import filters
     from app.web.blueprint import bp
-    from app.web import session_auth, jobs, library  # noqa: F401  (routes register on bp)
+
+    for module in ("session_auth", "jobs", "library"):  # each adds its routes to bp
+        importlib.import_module(f"app.web.{module}")
 
     filters.register(app)
     app.register_blueprint(bp)

@@ -310,7 +310,7 @@ def score_new():  # noqa: ANN201
     from app.web.library import model_choices, tenant_datasets
 
     defaults = {"model": request.args.get("model", ""), "library_id": request.args.get("library_id", ""),
-                "top_k": "1000", "output": "csv", "form_id": uuid.uuid4().hex}
+                "top_k": "100", "output": "csv", "form_id": uuid.uuid4().hex}
     form = dict(defaults)
     error, errors, status = None, {}, 200
     if request.method == "POST":

@@ -30,7 +30,8 @@ class ScoreSpec(Schema):
                            metadata={"description": "rows with the highest scores kept in the job result"})
     output = fields.String(load_default="csv", validate=validate.OneOf(FORMATS))
     text_column = fields.String(load_default=None, allow_none=True,
-                                metadata={"description": "CSV/TSV column holding the SMILES (default: the one found at upload)"})
+                                metadata={"description": "CSV/TSV column holding the SMILES "
+                                                         "(default: the one found at upload)"})
     id_column = fields.String(load_default=None, allow_none=True,
                               metadata={"description": "CSV/TSV column holding the molecule id"})
     validate_ = fields.String(data_key="validate", attribute="validate", load_default="rdkit",

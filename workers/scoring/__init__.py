@@ -1,10 +1,15 @@
-"""Batch scoring of drug libraries (the `score` job kind).
+"""Batch scoring of drug libraries (the `score` job kind, workers/kinds/score.py).
 
-    shards.py  the score_shards table's compare-and-set operations, publishing, reaping
-    canon.py   row checks + RDKit canonicalisation, in a forkserver process pool
-    table.py   the output table: per-shard part files, the ordered merge, top-K, CSV streaming
-    runner.py  scoring one shard (read -> canonicalise -> tokenise -> forward -> write), the
-               shard Celery task, and the parent job's loop
+    shards.py       the score_shards table: compare-and-set claims fenced by attempt,
+                    heartbeats, publishing shard messages, reaping and reconciling
+    source.py       which file shards read (a gzip library is decompressed once per job)
+                    and which columns hold the SMILES and ids
+    rdkit_child.py  row checks + RDKit canonicalisation; the loop of a pool child process
+    canon.py        the pool of RDKit child processes (fresh interpreters over pipes)
+    table.py        the output table: per-shard Parquet parts, the ordered merge, top-K,
+                    CSV streaming from Parquet
+    runner.py       scoring one shard (read -> canonicalise -> tokenise -> forward ->
+                    write), the shard Celery task, and the parent job's loop
 
 A parent `score` job cuts the library into row blocks (shards), publishes one message per
 shard on the job's queue, and then works through pending shards itself while any other

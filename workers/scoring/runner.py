@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -29,7 +30,7 @@ from sqlalchemy import select
 from app.artifacts import ArtifactStore
 from app.config import Settings
 from app.ingest import IngestLimits, iter_library_rows, library_row_offsets
-from app.models import Dataset, Job, JobState, ModelVersion, ShardState
+from app.models import TERMINAL_STATES, Dataset, Job, JobState, ModelVersion, ShardState
 from workers.scoring import canon, shards, source
 from workers.scoring import table as tbl
 
@@ -238,10 +239,38 @@ class ShardLease:
         self._thread.join(timeout=10)
 
 
+@contextmanager
+def cpu_threads_beside_pool(env: ScoreEnv) -> Iterator[None]:
+    """On CPU with an RDKit pool busy on every core, the model gets half the cores (at least
+    one): more intra-op threads only contend with the pool (measured on a 2-core VM: a GRU
+    ran 3-4x slower with 2 threads than with 1 while RDKit children were busy). Without a
+    pool, no more threads than the cores this process may run on."""
+    import torch
+
+    device = getattr(env.predictor, "device", None)
+    if getattr(device, "type", "cpu") != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    cores = canon.available_cores()  # this process's CPU affinity, e.g. a worker pinned with taskset
+    pool = env.spec.get("validate") != "none" and canon.default_pool_size() >= 2
+    torch.set_num_threads(max(1, cores // 2) if pool else max(1, min(before, cores)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def score_shard(env: ScoreEnv, claim: shards.Claim, should_stop: Callable[[], bool],
                 on_batch: Optional[Callable[[], None]] = None) -> str:
     """Score one claimed shard into its part file and mark it done. Returns done, stopped
     (cancel or job lost: the shard is released or cancelled), lost (taken away), failed."""
+    with cpu_threads_beside_pool(env):
+        return _score_shard(env, claim, should_stop, on_batch)
+
+
+def _score_shard(env: ScoreEnv, claim: shards.Claim, should_stop: Callable[[], bool],
+                 on_batch: Optional[Callable[[], None]]) -> str:
     part = env.parts_dir / f"shard-{claim.index:06d}-a{claim.attempt}.parquet"
     writer: Optional[tbl.PartWriter] = None
     stats = ShardStats()
@@ -307,7 +336,7 @@ class JobWatch:
             self._last = now
             with self.db.session() as s:
                 row = s.execute(select(Job.state, Job.cancel_requested).where(Job.id == self.job_id)).first()
-            self._stop = row is None or bool(row[1]) or row[0] in (JobState.succeeded, JobState.failed, JobState.cancelled)
+            self._stop = row is None or bool(row[1]) or row[0] in TERMINAL_STATES
         return self._stop
 
 
@@ -338,7 +367,16 @@ def run_shard_task(db: Any, settings: Settings, celery: Any, job_id: int, index:
             max_attempts = s.scalar(select(Job.max_attempts).where(Job.id == job_id)) or 1
             shards.release(s, claim.id, claim.attempt, error=f"{type(exc).__name__}: {exc}", max_attempts=max_attempts)
         return "failed"
-    outcome = score_shard(env, claim, JobWatch(db, job_id).should_stop)
+    watch = JobWatch(db, job_id)
+    outcome = score_shard(env, claim, watch.should_stop)
+    if outcome in ("stopped", "lost") and watch.should_stop():
+        # The job was cancelled and its parent deleted the scratch directory, possibly while
+        # this shard was starting (which re-created it empty): remove what is left if empty.
+        for path in (env.parts_dir, env.scratch):
+            try:
+                path.rmdir()
+            except OSError:
+                pass
     log.info("score job %s shard %s attempt %s: %s", job_id, index, claim.attempt, outcome)
     return outcome
 
@@ -357,13 +395,18 @@ class ProgressReporter:
         self._last = 0.0
         self.summary: dict[str, Any] = {}
 
-    def __call__(self, force: bool = False) -> dict[str, Any]:
+    def __call__(self, force: bool = False, refresh: bool = False) -> dict[str, Any]:
+        """Report if a second has passed (or force); refresh=True re-reads the shard
+        summary even when it is too early to report."""
         now = time.monotonic()
-        if not force and now - self._last < 1.0:
+        due = force or now - self._last >= 1.0
+        if not due and not refresh:
             return self.summary
-        self._last = now
         with self.ctx.db.session() as s:
             self.summary = summ = shards.summary(s, self.ctx.job_id)
+        if not due:
+            return summ
+        self._last = now
         done, total = summ["rows_done"], summ["rows_total"]
         self._samples.append((now, done))
         while len(self._samples) > 2 and now - self._samples[0][0] > self.WINDOW_S:
@@ -449,7 +492,7 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
                 if outcome == "stopped":
                     ctx.check_cancel()
                 continue
-            summ = report()
+            summ = report(refresh=True)
             if summ.get("failed"):
                 index, error = summ["error"]
                 raise RuntimeError(f"shard {index} failed after {env.max_attempts} attempts: {error}")
@@ -458,8 +501,7 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
                 raise RuntimeError("shards of this job were cancelled without a cancel request")
             if summ["done"] == summ["shards"]:
                 break
-            time.sleep(0.25)
-            report()
+            time.sleep(0.25)  # other workers hold the remaining shards
         report(force=True)
         ctx.progress(0.99, "merging shard outputs", force=True)
         result = _merge(ctx, env, spec, rank_by, info)

@@ -1,4 +1,4 @@
-"""Score shards in SQL: created once per job, claimed with compare-and-set UPDATEs fenced by
+r"""Score shards in SQL: created once per job, claimed with compare-and-set UPDATEs fenced by
 the shard's attempt number, heartbeated while they run, and reaped when their worker dies.
 
     pending --claim--> running --finish--> done
@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.models import TERMINAL_STATES, Job, JobState, ScoreShard, ShardState, utcnow
+from app.models import Job, JobState, ScoreShard, ShardState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,8 @@ def summary(session: Session, job_id: int) -> dict[str, Any]:
     out["error"] = None
     if out["failed"]:
         out["error"] = session.execute(
-            select(ScoreShard.index, ScoreShard.error).where(ScoreShard.job_id == job_id, ScoreShard.state == ShardState.failed)
+            select(ScoreShard.index, ScoreShard.error)
+            .where(ScoreShard.job_id == job_id, ScoreShard.state == ShardState.failed)
             .order_by(ScoreShard.index).limit(1)).first()
     return out
 
@@ -239,8 +240,9 @@ def stamp_published(session: Session, keys: Iterable[tuple[int, int]]) -> None:
     now = utcnow()
     for job_id, indices in by_job.items():
         for i in range(0, len(indices), 1000):
-            session.execute(update(ScoreShard).where(ScoreShard.job_id == job_id, ScoreShard.index.in_(indices[i:i + 1000]),
-                                                     ScoreShard.state == P).values(published_at=now))
+            session.execute(update(ScoreShard).where(
+                ScoreShard.job_id == job_id, ScoreShard.index.in_(indices[i:i + 1000]), ScoreShard.state == P,
+            ).values(published_at=now))
 
 
 def shards_in_broker(redis_client: Any, queues: Iterable[str]) -> set[tuple[int, int]]:
@@ -313,7 +315,3 @@ def reconcile_shards(db: Any, settings: Settings, celery: Any, queues: Iterable[
     if missing:
         log.warning("republishing %d score shards missing from the broker", len(missing))
     return publish_shards(celery, db, missing)
-
-
-def is_terminal(state: JobState) -> bool:
-    return state in TERMINAL_STATES

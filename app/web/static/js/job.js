@@ -52,6 +52,8 @@
     text("job-error-text", j.error || "");
     text("job-result", j.result === null || j.result === undefined ? "—" : JSON.stringify(j.result, null, 2));
     setProgress(j.progress, j.message, null, null, j.terminal);
+    if (j.terminal && rows.size === 0) text("metrics-latest", "This job reported no metrics.");
+    if (j.terminal) liveStatus.textContent = "Job finished";
   }
 
   var refreshing = null;
@@ -105,10 +107,18 @@
   /* ---------------------------------------------------------------- metrics + charts */
   var rows = new Map();            // x (epoch or step) -> merged metric values
   var lossKeys = [], valKeys = [];
-  var SKIP = {epoch: 1, step: 1, attempt: 1, lr: 1, batch: 1, global_step: 1};
+  // Curves are losses and quality metrics; bookkeeping numbers (epoch counters, timings,
+  // learning rate) stay in the events log.
+  var SKIP = {epoch: 1, step: 1, attempt: 1, lr: 1, batch: 1, global_step: 1, eta_s: 1};
+  function isCurve(k) { return !SKIP[k] && !/(^best_|epoch|_s$|_seconds$|_sec$|_time$|^time)/.test(k); }
   var COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#be185d", "#4d7c0f"];
   var charts = {};
   var renderPending = false;
+
+  // Event data may arrive with keys in any order (PostgreSQL JSONB reorders them):
+  // show train_* first, then val_*, then test_*, then the rest, each alphabetically.
+  function rank(k) { return /^train/.test(k) ? 0 : /^val/.test(k) ? 1 : /^test/.test(k) ? 2 : 3; }
+  function byPrefix(a, b) { return rank(a) - rank(b) || (a < b ? -1 : a > b ? 1 : 0); }
 
   function xOf(d) {
     if (typeof d.epoch === "number") return d.epoch;
@@ -121,9 +131,9 @@
     var row = rows.get(x) || {};
     Object.keys(d).forEach(function (k) {
       row[k] = d[k];
-      if (typeof d[k] !== "number" || SKIP[k] || /_s$/.test(k)) return;
+      if (typeof d[k] !== "number" || !isCurve(k)) return;
       var target = /loss/.test(k) ? lossKeys : valKeys;
-      if (target.indexOf(k) < 0) target.push(k);
+      if (target.indexOf(k) < 0) { target.push(k); target.sort(byPrefix); }
     });
     rows.set(x, row);
     if (!renderPending) { renderPending = true; requestAnimationFrame(renderMetrics); }
@@ -136,7 +146,8 @@
       legend: {live: true},
       cursor: {drag: {x: false, y: false}},
       axes: [
-        {label: "epoch", stroke: "#475569", grid: {stroke: "#e2e8f0", width: 1}, ticks: {stroke: "#cbd5e1"}},
+        {label: "epoch", stroke: "#475569", grid: {stroke: "#e2e8f0", width: 1}, ticks: {stroke: "#cbd5e1"},
+         incrs: [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000]},
         {stroke: "#475569", grid: {stroke: "#e2e8f0", width: 1}, ticks: {stroke: "#cbd5e1"}, size: 60,
          values: function (u, vals) { return vals.map(function (v) { return v === null ? "" : M.fmtNumber(v); }); }}
       ],
@@ -183,7 +194,7 @@
     drawChart("val", valKeys, xs);
     var last = rows.get(xs[xs.length - 1]);
     var parts = [("epoch" in last ? "Epoch " + last.epoch : "Step " + xs[xs.length - 1])];
-    lossKeys.concat(valKeys).forEach(function (k) { if (k in last) parts.push(k + " " + M.fmtNumber(last[k])); });
+    lossKeys.concat(valKeys).forEach(function (k) { if (k in last) parts.push(k + "\u00a0" + M.fmtNumber(last[k])); });
     text("metrics-latest", "Latest: " + parts.join(" · "));
     renderMetricsTable(xs);
   }

@@ -1,0 +1,576 @@
+"""`medmaas` client commands: talk HTTP to a MedMaaS server through medmaas.client.
+
+    medmaas login http://127.0.0.1:5000 --key mm_...
+    medmaas datasets upload solubility.csv --kind sequences --option label_columns=solubility
+    medmaas train --dataset 1 --arch rnn --task regression --target solubility --model-name sol --epochs 10 --watch
+    medmaas score sol@production 2 --top-k 100 --output parquet --watch -o scores.parquet
+    medmaas jobs list --state running
+    medmaas jobs watch 7        # exit code 0 succeeded, 1 failed, 2 cancelled
+
+Errors from the server (bad key, unknown job, invalid spec) print one clear line and exit
+with code 3; nothing here prints a traceback for them. This module imports only click,
+rich and the light medmaas client (requests), never Flask, the workers or torch.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from medmaas.client import TERMINAL_STATES, Client, MedmaasError, config_path, load_config, save_config
+
+EXIT_API_ERROR = 3
+WATCH_EXIT = {"succeeded": 0, "failed": 1, "cancelled": 2}
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+def _cli_group() -> click.Group:
+    """The `medmaas` group of app.cli. Run as `python -m app.cli`, that module is __main__
+    (importing app.cli again would build a second group), so use the one being run."""
+    main_module = sys.modules.get("__main__")
+    spec = getattr(main_module, "__spec__", None)
+    if spec is not None and spec.name == "app.cli" and isinstance(getattr(main_module, "main", None), click.Group):
+        return main_module.main
+    from app.cli import main
+
+    return main
+
+
+main = _cli_group()
+
+
+class ClientError(click.ClickException):
+    exit_code = EXIT_API_ERROR
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def _explain(exc: MedmaasError, client: Optional[Client] = None) -> str:
+    if exc.status == 401:
+        where = f" by {client.url}" if client else ""
+        return (f"The API key was rejected{where} ({exc.message}). "
+                "Log in again with `medmaas login URL --key KEY` using a valid key.")
+    if exc.code in ("connection_error", "timeout"):
+        return f"{exc.message}. Is the server running? (`medmaas login URL --key KEY` sets the address.)"
+    text = f"{exc.message} ({exc.status} {exc.code})" if exc.status else exc.message
+    if exc.details:
+        text += "\n" + json.dumps(exc.details, indent=2, default=str)
+    return text
+
+
+def api_command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn MedmaasError / TimeoutError into a one-line message and exit code 3."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MedmaasError as exc:
+            raise ClientError(_explain(exc)) from None
+        except TimeoutError as exc:
+            raise ClientError(str(exc) or "timed out") from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def get_client() -> Client:
+    try:
+        return Client.from_config()
+    except MedmaasError as exc:
+        raise ClientError(exc.message) from None
+
+
+def _json_option(value: Optional[str], what: str) -> dict[str, Any]:
+    if not value:
+        return {}
+    text = value
+    if value.startswith("@"):
+        text = Path(value[1:]).read_text()
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{what} must be a JSON object")
+    return data
+
+
+def _key_values(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{what} must look like key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)  # numbers, true/false, lists
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _age(ts: Optional[str]) -> str:
+    if not ts:
+        return "—"
+    dt = datetime.fromisoformat(ts)
+    dt = dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return _duration((datetime.now(timezone.utc) - dt).total_seconds()) + " ago"
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "—"
+    s = int(round(max(seconds, 0)))
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"
+
+
+def _model_label(job: dict) -> str:
+    spec = job.get("spec") or {}
+    for value in (spec.get("model_name"), spec.get("model")):
+        if isinstance(value, str):
+            return value
+    return ""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _metrics_line(data: dict) -> str:
+    skip = {"epoch", "step", "lr", "attempt"}
+    parts = [f"epoch {data['epoch']}"] if "epoch" in data else []
+    parts += [f"{k} {_fmt(v)}" for k, v in sorted(data.items(), key=lambda kv: _metric_rank(kv[0]))
+              if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return " · ".join(parts)
+
+
+def _metric_rank(key: str) -> tuple[int, str]:
+    order = ("train", "val", "test")
+    return next((i for i, p in enumerate(order) if key.startswith(p)), len(order)), key
+
+
+# -- login -----------------------------------------------------------------------------------
+
+@main.command("login")
+@click.argument("url")
+@click.option("--key", envvar="MEDMAAS_API_KEY", prompt="API key", hide_input=True,
+              help="an API key (mm_...); prompted for if not given")
+@api_command
+def login(url: str, key: str) -> None:
+    """Check an API key against the server at URL and save both (config file mode 0600)."""
+    try:
+        client = Client(url, key.strip())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="URL") from None
+    try:
+        client.check_key()
+    except MedmaasError as exc:
+        raise ClientError(_explain(exc, client)) from None
+    path = save_config({**load_config(), "url": client.url, "key": key.strip()})
+    click.echo(f"Logged in to {client.url}; settings saved in {path}")
+
+
+@main.command("logout")
+def logout() -> None:
+    """Forget the saved API key."""
+    cfg = load_config()
+    if "key" in cfg:
+        cfg.pop("key")
+        save_config(cfg)
+    click.echo(f"Logged out ({config_path()})")
+
+
+# -- jobs ------------------------------------------------------------------------------------
+
+@main.group("jobs")
+def jobs() -> None:
+    """List, inspect, follow and cancel jobs on the server."""
+
+
+@jobs.command("list")
+@click.option("--state", type=click.Choice(STATES))
+@click.option("--kind")
+@click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the API's JSON")
+@api_command
+def jobs_list(state: Optional[str], kind: Optional[str], limit: int, as_json: bool) -> None:
+    """Your jobs, newest first."""
+    page = get_client().list_jobs(state=state, kind=kind, limit=limit)
+    if as_json:
+        click.echo(json.dumps(page, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in ("ID", "KIND", "MODEL", "STATE", "PROGRESS", "AGE", "DURATION"):
+        table.add_column(col, justify="right" if col in ("ID", "PROGRESS") else "left")
+    for job in page["items"]:
+        table.add_row(str(job["id"]), job["kind"], _model_label(job), _styled_state(job["state"]),
+                      f"{100 * (job['progress'] or 0):.0f}%", _age(job["created_at"]), _duration(job.get("duration_s")))
+    console = Console()
+    if page["items"]:
+        console.print(table)
+    else:
+        console.print("no jobs")
+    if page.get("next_cursor"):
+        console.print(f"(more: older than job {page['next_cursor']}; use --limit)")
+
+
+def _styled_state(state: str) -> str:
+    colour = {"queued": "white", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "yellow"}
+    return f"[{colour.get(state, 'white')}]{state}[/]"
+
+
+@jobs.command("show")
+@click.argument("job_id", type=int)
+@click.option("--events", "show_events", is_flag=True, help="also print the job's events")
+@click.option("--json", "as_json", is_flag=True, help="print the API's JSON")
+@api_command
+def jobs_show(job_id: int, show_events: bool, as_json: bool) -> None:
+    """One job: state, progress, spec, result or error."""
+    client = get_client()
+    job = client.get_job(job_id)
+    if as_json:
+        if show_events:
+            job = {**job, "events": client.events(job_id, limit=10_000)["items"]}
+        click.echo(json.dumps(job, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"[bold]Job {job['id']}[/] · {job['kind']} · {_styled_state(job['state'])}"
+                  + (" (cancel requested)" if job["cancel_requested"] and job["state"] not in TERMINAL_STATES else ""))
+    rows = [("progress", f"{100 * job['progress']:.0f}%  {job['message']}"),
+            ("attempts", f"{job['attempts']} of {job['max_attempts']}"),
+            ("model", _model_label(job) or "—"), ("queue", job["queue"]), ("worker", job.get("worker") or "—"),
+            ("created", f"{job['created_at']} ({_age(job['created_at'])})"),
+            ("started", job.get("started_at") or "—"), ("finished", job.get("finished_at") or "—"),
+            ("duration", _duration(job.get("duration_s")))]
+    for name, value in rows:
+        console.print(f"  [dim]{name:<9}[/] {value}", highlight=False)
+    console.print("  [dim]spec[/]", json.dumps(job["spec"], sort_keys=True), highlight=False)
+    if job.get("error"):
+        console.print(f"  [red]error[/]    {job['error']}", highlight=False)
+    if job.get("result") is not None:
+        console.print("  [dim]result[/]", json.dumps(job["result"], sort_keys=True)[:2000], highlight=False)
+    if show_events:
+        for ev in client.events(job_id, limit=10_000)["items"]:
+            console.print(f"  {ev['seq']:>4} {ev['ts'][11:19]} {ev['type']:<16} {json.dumps(ev['data'], sort_keys=True)}",
+                          highlight=False)
+
+
+@jobs.command("watch")
+@click.argument("job_id", type=int)
+@click.option("--timeout", type=float, default=None, help="give up after this many seconds (exit 3)")
+@api_command
+def jobs_watch(job_id: int, timeout: Optional[float]) -> None:
+    """Follow a job live (progress bar, ETA, metrics) until it ends.
+
+    Exit code: 0 succeeded, 1 failed, 2 cancelled, 3 could not follow it."""
+    sys.exit(watch_job(get_client(), job_id, timeout))
+
+
+def watch_job(client: Client, job_id: int, timeout: Optional[float] = None) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    console = Console()
+    job = client.get_job(job_id)
+    console.print(f"[bold]Job {job_id}[/] · {job['kind']}" + (f" · {_model_label(job)}" if _model_label(job) else ""),
+                  highlight=False)
+    columns = [TextColumn("{task.fields[state]:<9}"), BarColumn(bar_width=None), TaskProgressColumn(),
+               TextColumn("{task.fields[eta]}"), TextColumn("[dim]{task.fields[message]}", markup=True)]
+    with Progress(*columns, console=console, transient=False, expand=True) as progress:
+        task = progress.add_task("job", total=1.0, completed=job["progress"] or 0.0, state=job["state"],
+                                 eta="", message=job.get("message") or "")
+
+        def on_event(ev: dict) -> None:
+            data = ev.get("data") or {}
+            if ev["type"] == "progress":
+                eta = data.get("eta_s")
+                progress.update(task, completed=float(data.get("progress") or 0.0),
+                                eta=f"ETA {_duration(eta)}" if isinstance(eta, (int, float)) else "",
+                                message=str(data.get("message") or "")[:60])
+            elif ev["type"] == "metric":
+                progress.console.print(f"  {_metrics_line(data)}", highlight=False)
+            elif ev["type"] == "state":
+                progress.update(task, state=data.get("to", ""))
+                extra = f" · {data['reason']}" if data.get("reason") else ""
+                extra += f" on {data['worker']}" if data.get("worker") else ""
+                progress.console.print(f"  [dim]{ev['ts'][11:19]}[/] → {_styled_state(data.get('to', '?'))} "
+                                       f"(attempt {data.get('attempt')}){extra}", highlight=False)
+            elif ev["type"] == "log" and data.get("message"):
+                progress.console.print(f"  [dim]{data['message']}[/]", highlight=False)
+            elif ev["type"] == "cancel_requested":
+                progress.update(task, message="cancel requested")
+
+        final = client.wait_for(job_id, timeout=timeout, on_event=on_event)
+        progress.update(task, completed=final["progress"] or 0.0, state=final["state"], eta="",
+                        message=final.get("message") or "")
+    state = final["state"]
+    summary = f"Job {job_id} {_styled_state(state)} after {_duration(final.get('duration_s'))}"
+    if state == "failed" and final.get("error"):
+        summary += f": {final['error'].strip().splitlines()[-1]}"
+    console.print(summary, highlight=False)
+    if state == "succeeded" and final.get("result"):
+        result = final["result"]
+        if isinstance(result.get("model"), str) and result.get("version"):
+            console.print(f"Model {result['model']} version {result['version']} registered", highlight=False)
+    return WATCH_EXIT.get(state, EXIT_API_ERROR)
+
+
+@jobs.command("cancel")
+@click.argument("job_id", type=int)
+@api_command
+def jobs_cancel(job_id: int) -> None:
+    """Cancel a job: queued jobs at once, running jobs at their next checkpoint."""
+    job = get_client().cancel(job_id)
+    if job["state"] == "cancelled":
+        click.echo(f"Job {job_id} cancelled")
+    else:
+        click.echo(f"Cancel requested: job {job_id} is {job['state']} and stops within seconds")
+
+
+# -- submit, train, score, download ----------------------------------------------------------
+
+def _after_submit(client: Client, job: dict, watch: bool, output: Optional[str] = None,
+                  fmt: Optional[str] = None) -> None:
+    click.echo(f"Submitted job {job['id']} ({job['kind']}, {job['state']})")
+    if not watch:
+        click.echo(f"Follow it with: medmaas jobs watch {job['id']}")
+        return
+    code = watch_job(client, job["id"])
+    if code == 0 and output:
+        path = client.download_result(job["id"], output, format=fmt)
+        click.echo(f"Saved the result to {path}")
+    sys.exit(code)
+
+
+@main.command("submit")
+@click.argument("kind")
+@click.option("--spec", default="{}", show_default=True, help="the job spec as JSON, or @file.json")
+@click.option("--priority", type=click.IntRange(-100, 100), default=0, show_default=True)
+@click.option("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
+@click.option("--watch", is_flag=True, help="follow the job until it ends (exit code as `jobs watch`)")
+@api_command
+def submit(kind: str, spec: str, priority: int, idempotency_key: Optional[str], watch: bool) -> None:
+    """Submit a job of any KIND (train, score, sleep, ...) with a JSON spec."""
+    client = get_client()
+    job = client.submit_job(kind, _json_option(spec, "--spec"), priority=priority, idempotency_key=idempotency_key)
+    _after_submit(client, job, watch)
+
+
+@main.command("train")
+@click.option("--dataset", "dataset_id", type=int, required=True, help="dataset id (sequences or images)")
+@click.option("--model-name", required=True, help="registry name; each run adds a version")
+@click.option("--arch", type=click.Choice(["rnn", "cnn"]), required=True)
+@click.option("--task", type=click.Choice(["classification", "multilabel", "regression"]), default="classification",
+              show_default=True)
+@click.option("--target", multiple=True, help="label column (repeat for several)")
+@click.option("--epochs", type=click.IntRange(1, 10_000), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 65_536), default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default=None, help="auto, cpu or cuda[:N]")
+@click.option("--param", "params", multiple=True, help="architecture parameter key=value, e.g. hidden_size=128")
+@click.option("--spec", "extra_spec", default=None, help="more spec fields as JSON (split, scheduler, ...)")
+@click.option("--watch", is_flag=True, help="follow the job until it ends (exit code as `jobs watch`)")
+@api_command
+def train(dataset_id: int, model_name: str, arch: str, task: str, target: tuple[str, ...], epochs: int,
+          batch_size: Optional[int], lr: Optional[float], seed: Optional[int], device: Optional[str],
+          params: tuple[str, ...], extra_spec: Optional[str], watch: bool) -> None:
+    """Train a model on an uploaded dataset and register it as a new version."""
+    client = get_client()
+    targets = list(target)
+    job = client.train(dataset_id=dataset_id, model_name=model_name, arch=arch, task=task,
+                       target=(targets[0] if len(targets) == 1 else targets) or None, epochs=epochs,
+                       batch_size=batch_size, lr=lr, seed=seed, device=device,
+                       model=_key_values(params, "--param") or None, **_json_option(extra_spec, "--spec"))
+    _after_submit(client, job, watch)
+
+
+@main.command("score")
+@click.argument("model")
+@click.argument("library_id", type=int)
+@click.option("--top-k", type=click.IntRange(0, 10_000), default=None, help="best rows kept in the job result")
+@click.option("--output", "output_format", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True)
+@click.option("--watch", is_flag=True, help="follow the job until it ends (exit code as `jobs watch`)")
+@click.option("-o", "--save", "save_to", type=click.Path(dir_okay=True, writable=True), default=None,
+              help="with --watch: save the score file here when done")
+@api_command
+def score(model: str, library_id: int, top_k: Optional[int], output_format: str, watch: bool,
+          save_to: Optional[str]) -> None:
+    """Score library LIBRARY_ID with MODEL (name, name@version or name@alias)."""
+    client = get_client()
+    job = client.score(model, library_id, top_k=top_k, output=output_format)
+    _after_submit(client, job, watch, save_to, output_format)
+
+
+@main.command("download")
+@click.argument("job_id", type=int)
+@click.option("-o", "--output", required=True, type=click.Path(writable=True),
+              help="file (or directory) to write")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "json"]), default=None,
+              help="for scoring jobs: the file format (default: the job's output)")
+@api_command
+def download(job_id: int, output: str, fmt: Optional[str]) -> None:
+    """Save a finished job's result (a score file, or the JSON result)."""
+    path = get_client().download_result(job_id, output, format=fmt)
+    click.echo(f"Saved job {job_id}'s result to {path} ({path.stat().st_size} bytes)")
+
+
+# -- datasets --------------------------------------------------------------------------------
+
+@main.group("datasets")
+def datasets() -> None:
+    """Upload and inspect datasets."""
+
+
+@datasets.command("upload")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, readable=True))
+@click.option("--kind", type=click.Choice(["images", "sequences", "library"]), required=True)
+@click.option("--name", default=None)
+@click.option("--option", "options", multiple=True, help="ingest option key=value, e.g. text_column=smiles")
+@click.option("--json", "as_json", is_flag=True, help="print the API's JSON")
+@api_command
+def datasets_upload(file: str, kind: str, name: Optional[str], options: tuple[str, ...], as_json: bool) -> None:
+    """Upload FILE (streamed) and print its validation report."""
+    client = get_client()
+    opts = {}
+    for pair in options:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"--option must look like key=value, got {pair!r}")
+        opts[key] = value
+    size = Path(file).stat().st_size
+    if as_json or not sys.stderr.isatty():
+        ds = client.upload_dataset(file, kind, name=name, options=opts)
+    else:
+        from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+        with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(),
+                      transient=True) as bar:
+            task = bar.add_task(f"uploading {Path(file).name}", total=size)
+            ds = client.upload_dataset(file, kind, name=name, options=opts,
+                                       progress=lambda sent, total: bar.update(task, completed=sent, total=total))
+            bar.update(task, description="validating on the server")
+    if as_json:
+        click.echo(json.dumps(ds, indent=2))
+        return
+    _print_dataset(ds)
+
+
+def _print_dataset(ds: dict) -> None:
+    click.echo(f"Dataset {ds['id']} · {ds['name']} · {ds['kind']}")
+    click.echo(f"  rows          {ds['rows']}")
+    click.echo(f"  invalid rows  {ds['invalid_rows']}")
+    click.echo(f"  bytes         {ds['bytes']}")
+    click.echo(f"  sha256        {ds['sha256']}")
+    for sample in (ds.get("invalid_samples") or [])[:10]:
+        where = ", ".join(f"{k} {v}" for k, v in sample.items() if k != "reason")
+        click.echo(f"  invalid: {where}: {sample.get('reason', '')}")
+    if ds.get("schema"):
+        click.echo(f"  schema        {json.dumps(ds['schema'], sort_keys=True)[:500]}")
+
+
+@datasets.command("list")
+@click.option("--kind", type=click.Choice(["images", "sequences", "library"]), default=None)
+@api_command
+def datasets_list(kind: Optional[str]) -> None:
+    """Your datasets, newest first."""
+    items = get_client().list_datasets(kind=kind)["items"]
+    if not items:
+        click.echo("no datasets")
+    for ds in items:
+        click.echo(f"{ds['id']:>5}  {ds['kind']:<9}  {ds['rows']:>9} rows  {ds['invalid_rows']:>6} invalid  {ds['name']}")
+
+
+@datasets.command("show")
+@click.argument("dataset_id", type=int)
+@api_command
+def datasets_show(dataset_id: int) -> None:
+    """One dataset's validation report."""
+    _print_dataset(get_client().get_dataset(dataset_id))
+
+
+# -- models and predict ----------------------------------------------------------------------
+
+@main.group("models")
+def models() -> None:
+    """The model registry."""
+
+
+@models.command("list")
+@api_command
+def models_list() -> None:
+    items = get_client().models()
+    if not items:
+        click.echo("no models")
+    for m in items:
+        aliases = ", ".join(f"{a}→v{v}" for a, v in sorted(m.get("aliases", {}).items()))
+        click.echo(f"{m['name']:<30} latest v{m['latest_version']}  {m['versions']} version(s)  {aliases}")
+
+
+@models.command("show")
+@click.argument("name")
+@api_command
+def models_show(name: str) -> None:
+    detail = get_client().model(name)
+    click.echo(f"Model {detail['name']}")
+    for alias, version in sorted(detail.get("aliases", {}).items()):
+        click.echo(f"  alias {alias} → v{version}")
+    for v in detail["versions"]:
+        metrics = v.get("metrics") or {}
+        test = metrics.get("test") or {}
+        summary = " · ".join(f"{k} {_fmt(val)}" for k, val in sorted(test.items()) if isinstance(val, (int, float)))
+        click.echo(f"  v{v['version']}  {v['arch']} {v['task']}  job {v.get('job_id')}  {v['created_at'][:19]}  "
+                   f"{('test: ' + summary) if summary else ''}")
+
+
+@models.command("alias")
+@click.argument("name")
+@click.argument("alias")
+@click.argument("version", type=int)
+@api_command
+def models_alias(name: str, alias: str, version: int) -> None:
+    """Point NAME@ALIAS at VERSION."""
+    get_client().set_alias(name, alias, version)
+    click.echo(f"{name}@{alias} → version {version}")
+
+
+@models.command("download")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("-o", "--output", required=True, type=click.Path(writable=True))
+@click.option("--file", "which", type=click.Choice(["weights", "config"]), default="weights", show_default=True)
+@api_command
+def models_download(name: str, version: int, output: str, which: str) -> None:
+    """Save a version's weights (safetensors) or config (JSON)."""
+    path = get_client().download_model_file(name, version, output, which)
+    click.echo(f"Saved {name} v{version} {which} to {path}")
+
+
+@main.command("predict")
+@click.argument("model")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--timeout", type=float, default=None, help="seconds to wait before answering with a job")
+@api_command
+def predict(model: str, inputs: tuple[str, ...], timeout: Optional[float]) -> None:
+    """Predict with MODEL (name, name@version, name@alias) for SMILES / token INPUTS."""
+    answer = get_client().predict(model, list(inputs), timeout=timeout)
+    click.echo(json.dumps(answer, indent=2))

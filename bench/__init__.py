@@ -1,0 +1,1 @@
+"""MedMaaS benchmarks: platform overhead as ratios against bare baselines (`python -m bench`)."""

@@ -1,0 +1,9 @@
+"""MedMaaS Python client: `from medmaas.client import Client`.
+
+This package talks HTTP to a MedMaaS server and depends on `requests` only; it never
+imports the server (Flask), the workers or torch.
+"""
+from medmaas.client import Client, MedmaasError, TERMINAL_STATES
+
+__all__ = ["Client", "MedmaasError", "TERMINAL_STATES"]
+__version__ = "0.1.0"

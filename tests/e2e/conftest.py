@@ -1,0 +1,81 @@
+"""Browser fixtures: a live server on the PostgreSQL app and Debian's headless Chromium
+driven by Playwright. A missing browser fails the tests (it is never downloaded)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ARTIFACTS_DIR
+from tests.e2e.live_server import LiveServer
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture(scope="module")
+def live_server(pg_app):  # noqa: ANN001, ANN201
+    server = LiveServer(pg_app).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():  # noqa: ANN201
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium and chromium-driver "
+                    "(apt-get install -y chromium chromium-driver)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def context(browser, live_server):  # noqa: ANN001, ANN201
+    ctx = browser.new_context(base_url=live_server.url, viewport={"width": 1280, "height": 900})
+    ctx.set_default_timeout(30_000)
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture()
+def page(context):  # noqa: ANN001, ANN201
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.js_errors = errors  # checked by tests that care
+    yield page
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS_DIR
+
+
+def wait_js(page, expression: str, timeout: float = 30_000, interval: float = 0.1):  # noqa: ANN001, ANN201
+    """Poll a JavaScript expression until it is truthy. (page.wait_for_function evaluates its
+    predicate with eval inside the page, which the pages' Content-Security-Policy forbids;
+    page.evaluate runs over the DevTools protocol and is not subject to it.)"""
+    import time
+
+    deadline = time.monotonic() + timeout / 1000
+    while True:
+        value = page.evaluate(expression)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout / 1000:.0f}s waiting for: {expression}")
+        time.sleep(interval)
+
+
+def sign_in(page, key: str) -> None:  # noqa: ANN001
+    page.goto("/login")
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(re.compile(r"/jobs$"))
