@@ -29,18 +29,19 @@ STATES = [s.value for s in JobState]
 # -- helpers -----------------------------------------------------------------------------
 
 def model_ref(job: Job) -> dict[str, Any]:
-    """The model a job trains or uses: train specs name it `model_name`; score/predict specs
-    reference `name@alias` or `name@version` in `model` (train's `model` is a dict of
-    hyper-parameters, not a name)."""
+    """The model a job trains or uses. Train specs name it `model_name` (their `model` is a
+    dict of hyper-parameters); score/predict specs reference `name`, `name@version` or
+    `name@alias` in `model`, and their check adds the resolved `model_name` and `version`."""
     spec, result = job.spec or {}, job.result or {}
-    label = spec.get("model_name") if isinstance(spec.get("model_name"), str) else None
-    if label is None and isinstance(spec.get("model"), str):
-        label = spec["model"]
-    if label is None and isinstance(result.get("model"), str):
-        label = result["model"]
-    name = label.split("@", 1)[0] if label else None
-    version = result.get("version") if isinstance(result.get("version"), int) else None
-    return {"label": label, "name": name, "version": version}
+    reference = spec.get("model") if isinstance(spec.get("model"), str) else None
+    name = spec.get("model_name") if isinstance(spec.get("model_name"), str) else None
+    if name is None and reference:
+        name = reference.split("@", 1)[0]
+    if name is None and isinstance(result.get("model"), str):
+        name = result["model"]
+    version = next((v for v in (spec.get("version"), result.get("version"))
+                    if isinstance(v, int) and not isinstance(v, bool)), None)
+    return {"label": reference or name, "name": name, "version": version}
 
 
 def dump_job(job: Job) -> dict[str, Any]:

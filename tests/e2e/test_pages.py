@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from app import jobs
 from app.models import ApiKey, Job, utcnow
 from tests.conftest import ApiClient, create_tenant_key
-from tests.e2e.conftest import sign_in, wait_js
+from tests.e2e.helpers import sign_in, wait_js
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
