@@ -34,6 +34,7 @@ def create_app(settings: Optional[Settings] = None) -> Flask:
         MAX_CONTENT_LENGTH=settings.max_upload_bytes,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.secure_cookies,
         API_TITLE="MedMaaS",
         API_VERSION="v1",
         OPENAPI_VERSION="3.0.3",

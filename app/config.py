@@ -42,6 +42,7 @@ class Settings:
     web_host: str = "127.0.0.1"
     web_port: int = 5000
     log_level: str = "INFO"
+    secure_cookies: bool = False  # set when served over HTTPS
     testing: bool = False
 
     @property
