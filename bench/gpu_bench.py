@@ -117,7 +117,9 @@ def run(device: str = "cuda", quick: bool = False, library_rows: int | None = No
     from app.models import Dataset, ModelVersion
 
     cuda = device.startswith("cuda")
-    threads = threads or min(os.cpu_count() or 1, 8)
+    # CUDA: a few CPU threads feed the GPU. CPU check: 1 (see training_overhead: more threads than
+    # free cores makes OpenMP spin and epoch times meaningless on a shared VM).
+    threads = threads or (min(os.cpu_count() or 1, 8) if cuda else 1)
     library_rows = library_rows or (20_000 if quick else 200_000)
     rounds = 2 if quick else 3
     result: dict[str, Any] = {"benchmark": "gpu", "date": now_iso(), "machine": machine_info(), "quick": quick,

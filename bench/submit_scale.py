@@ -94,7 +94,7 @@ def bare_drain(st: Stack, n: int, workers: int) -> dict[str, Any]:
 def run(quick: bool = False, jobs: int | None = None, clients: int = 50, drain_workers: int = 2) -> dict[str, Any]:
     from sqlalchemy import text
 
-    n = jobs or (300 if quick else 1000)
+    n = jobs or (200 if quick else 1000)
     result: dict[str, Any] = {"benchmark": NAME, "date": now_iso(), "machine": machine_info(), "quick": quick}
     with Stack("scale") as st:
         log(f"{NAME}: web (2 gunicorn workers) + bare app; {n} submits by {clients} clients each, no worker running")

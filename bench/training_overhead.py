@@ -38,7 +38,7 @@ MODELS = {
             "epochs": {"quick": 3, "full": 10}},
     "cnn": {"label": "CNN on digits npz, classification", "kind": "images",
             "spec": {"arch": "cnn", "task": "classification", "batch_size": 64, "seed": 0, "device": "cpu"},
-            "epochs": {"quick": 4, "full": 20}},
+            "epochs": {"quick": 3, "full": 20}},
 }
 
 
@@ -273,7 +273,7 @@ def run(quick: bool = False, threads: int | None = None, models: list[str] | Non
     # hold the other core), which drowns a 5 % signal. 1 thread: about ±5 % epoch to epoch.
     threads = threads or 1
     size = "quick" if quick else "full"
-    rounds = 2 if quick else 3
+    rounds = 1 if quick else 3
     result: dict[str, Any] = {"benchmark": NAME, "date": now_iso(), "machine": machine_info(), "quick": quick}
     per_model: dict[str, Any] = {}
     rows: list[dict] = []
