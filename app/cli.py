@@ -64,6 +64,11 @@ def worker(queues: str, gpu: str | None, pool: str | None, concurrency: int | No
     # Import the ML stack now, not on the first job, so the first predict call is fast.
     # (Importing torch does not initialise CUDA, so forking pools stay safe.)
     import workers.ml.predict  # noqa: F401
+
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     names = [q.strip() for q in queues.split(",") if q.strip()]
     if pool is None:
         pool = "threads" if names == [settings.inference_queue] else "solo"

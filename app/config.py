@@ -36,6 +36,7 @@ class Settings:
     gpu_queue: str = "gpu"
     inference_queue: str = "inference"
     model_cache_size: int = 8
+    torch_threads: int = 0  # intra-op threads per worker process; 0 = torch's default (all cores)
     predict_default_timeout_s: float = 10.0
     score_shard_rows: int = 100_000
     score_batch_size: int = 4096

@@ -13,6 +13,7 @@ import json
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 from bench.common import BENCH, RESULTS, log, machine_info, now_iso, wait_for_quiet, write_result
@@ -27,17 +28,17 @@ def _module_run(name: str) -> Callable[[bool], dict[str, Any]]:
     return lambda quick: module.run(quick=quick)
 
 
-def run_score_library(quick: bool) -> dict[str, Any] | None:
+def run_score_library(quick: bool, results_dir: Path = RESULTS) -> dict[str, Any] | None:
     """bench/score_library.py belongs to the scoring benchmark; call its main(argv) if it is
     there and fold what it reports into the common result shape."""
     if importlib.util.find_spec("bench.score_library") is None:
         return None
     module = importlib.import_module("bench.score_library")
-    path = RESULTS / "score_library.json"
+    path = results_dir / "score_library.json"
     before = path.stat().st_mtime if path.exists() else None
     # bounded for the suite (< 20 min in all): 50,000 MOSES rows; `python -m bench.score_library`
     # alone runs its own default sizes (100,000 and the full 1,584,663 rows)
-    argv = ["--quick"] if quick else ["--rows", "50000"]
+    argv = (["--quick"] if quick else ["--rows", "50000"]) + ["--out", str(path)]
     returned = module.main(argv)
     data: Any = returned if isinstance(returned, dict) else None
     if data is None and path.exists() and path.stat().st_mtime != before:
@@ -94,7 +95,7 @@ def _fmt(x: Any) -> str:
 
 def table_markdown() -> str:
     results = []
-    for name in ORDER:
+    for name in ORDER + ["gpu"]:  # gpu.json: from bench/gpu.sh on a GPU machine, copied here
         p = RESULTS / f"{name}.json"
         if p.exists():
             try:
@@ -140,11 +141,14 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=[],
                     help=f"run only these (comma-separated, repeatable): {', '.join(ORDER)}")
-    ap.add_argument("--quick", action="store_true", help="small sizes (about 3 minutes in all)")
+    ap.add_argument("--quick", action="store_true",
+                    help="small sizes (about 4.5 minutes here, plus score_library's own quick mode, about 4)")
     ap.add_argument("--no-wait", action="store_true",
                     help="do not wait (up to 20 s; never with --quick) for the machine's load average to drop "
                          "before each benchmark")
     ap.add_argument("--table", action="store_true", help="only regenerate the README table from bench/results")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS,
+                    help="write the JSON here instead (the README table is then left alone)")
     args = ap.parse_args(argv)
     if args.table:
         update_readme()
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         try:
             if name == "score_library":
-                result = run_score_library(args.quick)
+                result = run_score_library(args.quick, args.results_dir)
                 if result is None:
                     log("score_library: bench/score_library.py is not there; skipped")
                     continue
@@ -177,13 +181,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             result = {"benchmark": name, "date": now_iso(), "machine": machine_info(), "quick": args.quick,
                       "rows": [], "error": traceback.format_exc()}
-        path = write_result(name, result)
-        log(f"{name}: wrote {path.relative_to(BENCH.parent)} in {time.monotonic() - t0:.0f}s")
+        path = write_result(name, result, args.results_dir)
+        log(f"{name}: wrote {path} in {time.monotonic() - t0:.0f}s")
         for r in result.get("rows", []):
             met = {True: "met", False: "NOT MET", None: ""}.get(r.get("met"), "")
             log(f"  {r['metric']}: platform {r.get('platform')} / bare {r.get('bare')} = {r.get('ratio')} "
                 f"[{r.get('target')}] {met}")
-        update_readme()
+        if args.results_dir.resolve() == RESULTS.resolve():
+            update_readme()
     log(f"all done in {time.monotonic() - t_all:.0f}s; table in bench/README.md")
     return 1 if failures else 0
 

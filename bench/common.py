@@ -579,9 +579,10 @@ def fold_stacks(stacks: dict[str, int], top: int = 25, focus: Iterable[str] = ()
 # --------------------------------------------------------------------------- results
 
 
-def write_result(name: str, result: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, result: dict[str, Any], directory: Optional[Path] = None) -> Path:
+    directory = directory or RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     os.replace(tmp, path)

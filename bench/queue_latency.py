@@ -145,7 +145,7 @@ def bare_block(app: Any, n: int, out: dict[str, list[float]]) -> None:
 
 
 def run(quick: bool = False, jobs: int | None = None, profile: bool = True, diagnose: bool = True) -> dict[str, Any]:
-    n = jobs or (50 if quick else 300)
+    n = jobs or (50 if quick else 250)
     block = 25
     warmup = 5 if quick else 10
     plat: dict[str, list[float]] = {k: [] for k in ("http_202", "row_committed", "running", "succeeded", "observed",

@@ -42,9 +42,11 @@ def worker_name() -> str:
 
 
 def free_accelerator_memory() -> None:
-    gc.collect()
+    """Return a finished job's GPU memory to the device. A full gc costs ~0.3 s, so it only
+    runs where CUDA is in use; on CPU, reference counting frees the job's tensors."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
         torch.cuda.empty_cache()
 
 

@@ -61,7 +61,8 @@ def require_api_key() -> None:
     if key is None:
         raise ApiError(401, "Invalid API key", "unauthorized")
     auth.touch(session, key)
-    session.commit()
+    if session.dirty:  # last_used_at moved (at most once a minute); otherwise no extra round trip
+        session.commit()
     g.tenant_id = key.tenant_id
     g.api_key_id = key.id
 
