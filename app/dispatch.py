@@ -39,8 +39,9 @@ def publish(celery: Celery, job_id: int, queue: str, task: str = RUN_JOB, args: 
                      declare=[Queue(queue, Exchange(queue, type="direct"), routing_key=queue)])
 
 
-def publish_jobs(celery: Celery, db: Database, items: Iterable[tuple[int, str]]) -> int:
-    """Publish (job_id, queue) pairs and stamp published_at; returns how many went out."""
+def publish_jobs(celery: Celery, db: Database, items: Iterable[tuple[int, str]], stamp: bool = True) -> int:
+    """Publish (job_id, queue) pairs and stamp published_at (unless the caller already
+    did); returns how many went out."""
     sent: list[int] = []
     for job_id, queue in items:
         try:
@@ -49,7 +50,7 @@ def publish_jobs(celery: Celery, db: Database, items: Iterable[tuple[int, str]])
         except Exception:  # broker down: the reconciler will retry
             log.warning("publishing job %s failed; it stays queued for the reconciler", job_id, exc_info=True)
             break
-    if sent:
+    if sent and stamp:
         with db.session() as s:
             jobs.mark_published(s, sent)
     return len(sent)

@@ -81,6 +81,9 @@ def submit(
     job = Job(
         tenant_id=tenant_id, kind=kind, spec=spec, state=Q, queue=queue, priority=priority,
         max_attempts=max_attempts, idempotency_key=idempotency_key, created_at=utcnow(), event_seq=0,
+        # Stamped now, published right after commit: if that publish fails, the reconciler
+        # finds no broker message once the grace period has passed and publishes again.
+        published_at=utcnow(),
     )
     try:
         with session.begin_nested():

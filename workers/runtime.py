@@ -31,7 +31,7 @@ class JobContext:
         self._lost = threading.Event()
         self._stop_heartbeat = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._last_poll = 0.0
+        self._last_poll = time.monotonic()  # the claim just read the job: no need to poll at once
         self._last_progress = 0.0
 
     # -- reporting ---------------------------------------------------------------------

@@ -120,8 +120,7 @@ def submit_job(kind_name: str, spec: dict[str, Any], *, priority: int = 0, max_a
     )
     session.commit()  # durable before the broker hears of it
     if created:
-        dispatch.publish_jobs(celery(), database(), [(job.id, job.queue)])
-        session.refresh(job)
+        dispatch.publish_jobs(celery(), database(), [(job.id, job.queue)], stamp=False)
     return job, created
 
 
