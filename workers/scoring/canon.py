@@ -14,7 +14,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import pickle
+import json
 import queue
 import struct
 import subprocess
@@ -62,7 +62,7 @@ class _Child:
     def call(self, payload: Any) -> Any:
         if self.proc is None or self.proc.poll() is not None:
             self.start()
-        data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+        data = json.dumps(payload).encode()  # JSON, not pickle: plain lists of strings
         try:
             self.proc.stdin.write(_HEADER.pack(len(data)) + data)
             self.proc.stdin.flush()
@@ -76,7 +76,7 @@ class _Child:
         except (BrokenPipeError, EOFError, OSError) as exc:
             self.stop()
             raise ChildDied(f"the RDKit child process died ({type(exc).__name__})") from None
-        return pickle.loads(reply)  # our own child's reply
+        return tuple(json.loads(reply))  # (canonical, errors), as check_and_canonicalise returns
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

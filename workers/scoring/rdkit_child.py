@@ -1,5 +1,5 @@
 """The RDKit side of scoring: row checks and canonicalisation, and the loop a pool child
-runs (`python -m workers.scoring.rdkit_child`: length-prefixed pickled requests on stdin,
+runs (`python -m workers.scoring.rdkit_child`: length-prefixed JSON requests on stdin,
 replies on stdout, exit when stdin closes).
 
 This module imports RDKit and nothing of the platform except app/ingest/chem.py, which it
@@ -9,7 +9,7 @@ SQLAlchemy, pandas) only to canonicalise SMILES.
 from __future__ import annotations
 
 import importlib.util
-import pickle
+import json
 import struct
 import sys
 from pathlib import Path
@@ -76,8 +76,8 @@ def serve(stdin=None, stdout=None) -> None:  # noqa: ANN001
         data = stdin.read(size)
         if len(data) < size:
             return
-        texts, validate, max_length = pickle.loads(data)  # from our own parent process
-        reply = pickle.dumps(check_and_canonicalise(texts, validate, max_length), protocol=pickle.HIGHEST_PROTOCOL)
+        texts, validate, max_length = json.loads(data)
+        reply = json.dumps(check_and_canonicalise(texts, validate, max_length)).encode()
         stdout.write(header.pack(len(reply)) + reply)
         stdout.flush()
 
