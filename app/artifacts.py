@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
-from app.errors import ApiError
+from app.config import Settings
 
 CHUNK = 1024 * 1024
 
@@ -47,8 +47,19 @@ class ArtifactStore:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def job_dir(settings: Settings, tenant_id: int, job_id: int) -> Path:
+    """A job's artifact directory: checkpoints, score files, scratch space."""
+    return settings.artifacts / f"tenant-{tenant_id}" / "jobs" / str(job_id)
+
+
+class UploadTooLarge(ValueError):
+    def __init__(self, max_bytes: int):
+        super().__init__(f"Upload larger than the {max_bytes} byte limit")
+        self.max_bytes = max_bytes
+
+
 def save_stream(stream: BinaryIO, dest: Path, max_bytes: int) -> tuple[int, str]:
-    """Copy a stream to dest, hashing as it goes; 413 once it passes max_bytes."""
+    """Copy a stream to dest, hashing as it goes; UploadTooLarge once it passes max_bytes."""
     digest = hashlib.sha256()
     size = 0
     with open(dest, "wb") as out:
@@ -58,7 +69,7 @@ def save_stream(stream: BinaryIO, dest: Path, max_bytes: int) -> tuple[int, str]
                 break
             size += len(chunk)
             if size > max_bytes:
-                raise ApiError(413, f"Upload larger than the {max_bytes} byte limit", "payload_too_large")
+                raise UploadTooLarge(max_bytes)
             digest.update(chunk)
             out.write(chunk)
     return size, digest.hexdigest()

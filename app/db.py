@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from sqlalchemy import MetaData, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+if TYPE_CHECKING:
+    from app.notify import Notifier
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -43,10 +46,12 @@ def make_engine(url: str) -> Engine:
 class Database:
     """One engine and session factory per process, built from Settings."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, notifier: "Notifier | None" = None):
         self.url = url
         self.engine = make_engine(url)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        if notifier is not None:  # committed job events wake their watchers
+            notifier.install(self.sessionmaker)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -14,11 +14,11 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from app import jobs
+from app.broker import RUN_JOB
 from app.db import Database
 
 log = logging.getLogger(__name__)
 
-RUN_JOB = "medmaas.run_job"
 
 
 def task_id_for(job_id: int) -> str:

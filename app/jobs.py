@@ -15,6 +15,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import notify
 from app.models import TERMINAL_STATES, Job, JobEvent, JobState, utcnow
 
 Q, R = JobState.queued, JobState.running
@@ -27,6 +28,7 @@ def append_event(session: Session, job_id: int, type_: str, data: dict[str, Any]
     ).scalar_one()
     session.add(JobEvent(job_id=job_id, seq=seq, ts=utcnow(), type=type_, data=data))
     session.flush()
+    notify.touch(session, job_id)
     return seq
 
 

@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Enum,
     Float,
@@ -71,6 +72,13 @@ def _enum(cls: type[enum.Enum], name: str) -> Enum:
     return Enum(cls, name=name, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
 
 
+def in_enum_sql(column: str, cls: type[enum.Enum]) -> str:
+    """`column IN ('a', 'b', ...)` over an enum's values: the CHECK text shared by the models and
+    migration 0004, so the allowed states are written down once (in the Python enum)."""
+    quoted = ("'" + str(m.value).replace("'", "''") + "'" for m in cls)
+    return f"{column} IN ({', '.join(quoted)})"
+
+
 class Tenant(Base):
     __tablename__ = "tenants"
 
@@ -102,6 +110,11 @@ class Job(Base):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_state_queue", "state", "queue"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
+        # The database refuses invalid states too (names become ck_jobs_<name>; see migration 0004).
+        CheckConstraint(in_enum_sql("state", JobState), name="state"),
+        CheckConstraint("progress >= 0 AND progress <= 1", name="progress"),
+        CheckConstraint("attempts >= 0", name="attempts"),
+        CheckConstraint("max_attempts >= 1", name="max_attempts"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -218,6 +231,10 @@ class ScoreShard(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "index", name="uq_score_shards_job_index"),
         Index("ix_score_shards_state_heartbeat", "state", "heartbeat_at"),
+        # Names become ck_score_shards_<name>; see migration 0004.
+        CheckConstraint(in_enum_sql("state", ShardState), name="state"),
+        CheckConstraint("attempts >= 0", name="attempts"),
+        CheckConstraint("stop_row >= start_row", name="rows"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -1,4 +1,4 @@
 """WSGI entry point for gunicorn: `gunicorn app.wsgi:app`."""
-from app import create_app
+from app.factory import create_app
 
 app = create_app()

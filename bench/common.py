@@ -29,7 +29,7 @@ PG_ADMIN_URL = os.environ.get("MEDMAAS_BENCH_PG_ADMIN_URL",
                               os.environ.get("MEDMAAS_TEST_PG_ADMIN_URL",
                                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
 
-# The same gunicorn command line `medmaas web` runs (app/cli.py), so the bare baseline is
+# The same gunicorn command line `medmaas web` runs (medmaas/cli.py), so the bare baseline is
 # served exactly the way the platform is.
 GUNICORN_ARGS = ["--worker-class", "gthread", "--timeout", "120", "--graceful-timeout", "10",
                  "--access-logfile", "-"]
@@ -169,7 +169,7 @@ def redis_server_binary() -> str:
     found = shutil.which("redis-server") or shutil.which("valkey-server")
     if found:
         return found
-    from app.standalone import valkey_binary
+    from medmaas.standalone import valkey_binary
 
     return valkey_binary()
 
@@ -298,7 +298,7 @@ class Stack:
     def web(self, workers: int = 2, threads: int = 8) -> tuple[subprocess.Popen, str]:
         """The production server: `medmaas web` (gunicorn gthread)."""
         port = free_port()
-        proc = self.spawn([sys.executable, "-m", "app.cli", "web", "--host", "127.0.0.1", "--port", str(port),
+        proc = self.spawn([sys.executable, "-m", "medmaas.cli", "web", "--host", "127.0.0.1", "--port", str(port),
                            "--workers", str(workers), "--threads", str(threads)], f"web-{port}")
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/healthz", proc)
@@ -317,7 +317,7 @@ class Stack:
     def worker(self, queues: str = "cpu", *extra: str, extra_env: Optional[dict[str, str]] = None,
                name: str = "worker") -> subprocess.Popen:
         """`medmaas worker` as shipped (solo pool unless told otherwise); returns once it is ready."""
-        proc = self.spawn([sys.executable, "-m", "app.cli", "worker", "--queues", queues, *extra],
+        proc = self.spawn([sys.executable, "-m", "medmaas.cli", "worker", "--queues", queues, *extra],
                           f"{name}-{len(self.procs)}", extra_env)
         wait_for_log(proc.log_path, " ready.", 120, proc)  # type: ignore[attr-defined]
         return proc

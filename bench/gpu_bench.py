@@ -111,7 +111,7 @@ def bare_score(bundle_dir: str, smiles_path: str, rows: int, device: str, batch_
 
 def run(device: str = "cuda", quick: bool = False, library_rows: int | None = None, epochs: int | None = None,
         threads: int | None = None) -> dict[str, Any]:
-    from workers.kinds.train import TrainSpec
+    from app.kinds.train import TrainSpec
 
     from app.artifacts import ArtifactStore
     from app.models import Dataset, ModelVersion

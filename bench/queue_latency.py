@@ -186,7 +186,7 @@ def run(quick: bool = False, jobs: int | None = None, profile: bool = True, diag
             t_end = time.monotonic() + secs - 1
             while time.monotonic() < t_end:
                 platform_block(api, st, 10, extra)
-            focus = {"worker": ["execute_job", "claim", "get_kind", "JobContext.start_heartbeat", "run (workers/kinds/sleep.py",
+            focus = {"worker": ["execute_job", "claim", "kind_for", "JobContext.start_heartbeat", "run (workers/kinds/sleep.py",
                                 "JobContext.check_cancel", "JobContext._beat", "JobContext.progress", "succeed",
                                 "free_accelerator_memory", "JobContext.stop_heartbeat", "Session.commit"],
                      "web": ["require_api_key", "authenticate", "validate_spec", "submit (app/api/jobs.py", "submit (app/jobs.py", "submit_job",
@@ -203,7 +203,7 @@ def run(quick: bool = False, jobs: int | None = None, profile: bool = True, diag
         if diagnose:
             log(f"{NAME}: diagnostic block with free_accelerator_memory() patched out of the worker")
             code = ("import workers.tasks as t; t.free_accelerator_memory = lambda: None; "
-                    "from app.cli import main; main()")
+                    "from medmaas.cli import main; main()")
             patched = st.spawn([sys.executable, "-c", code, "worker", "--queues", "cpu"], "worker-no-gc")
             wait_for_log(patched.log_path, " ready.", 120, patched)
             platform_block(api, st, warmup, {k: [] for k in plat})

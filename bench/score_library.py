@@ -157,7 +157,7 @@ def bare_score(bundle: str, library: str, out: str, batch_size: int, threads: in
     import torch
 
     torch.set_num_threads(threads)
-    from app.ingest.chem import canonical_smiles, quiet_rdkit
+    from app.chem import canonical_smiles, quiet_rdkit
     from workers.ml.predict import Predictor
 
     predictor = Predictor.from_bundle(bundle, device="cpu")
@@ -218,7 +218,7 @@ def start_worker(stack: Stack, name: str, pin: Optional[int]) -> subprocess.Pope
 
     if pin is None:
         return stack.worker("cpu", name=name)
-    proc = stack.spawn(["taskset", "-c", str(pin), sys.executable, "-m", "app.cli", "worker", "--queues", "cpu"], name)
+    proc = stack.spawn(["taskset", "-c", str(pin), sys.executable, "-m", "medmaas.cli", "worker", "--queues", "cpu"], name)
     wait_for_log(proc.log_path, " ready.", 120, proc)  # type: ignore[attr-defined]
     return proc
 

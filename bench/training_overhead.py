@@ -272,7 +272,7 @@ def model_rows(label: str, c: dict[str, Any], where: str = "") -> list[dict[str,
 
 def run(quick: bool = False, threads: int | None = None, models: list[str] | None = None,
         force_profile: bool = False) -> dict[str, Any]:
-    from workers.kinds.train import TrainSpec
+    from app.kinds.train import TrainSpec
 
     from app.sample_data import digits_npz, solubility_csv
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from app.config import Settings, from_env, to_env
-from app.standalone import free_port, wait_for_port
+from medmaas.standalone import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get("MEDMAAS_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -27,7 +27,7 @@ def _redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    from app.standalone import valkey_binary
+    from medmaas.standalone import valkey_binary
 
     return valkey_binary()
 
@@ -186,7 +186,7 @@ class Processes:
     def _start(self, args: list[str], extra_env: Optional[dict] = None) -> subprocess.Popen:
         env = {**os.environ, **to_env(self.settings), **(extra_env or {})}
         log = open(self.log_dir / f"{args[0]}-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "medmaas.cli", *args], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=ROOT)
         self.procs.append(proc)
         return proc

@@ -15,13 +15,14 @@ from celery import Celery
 from sqlalchemy import select
 
 from app import dispatch, jobs
+from app.broker import RUN_JOB, SCORE_SHARD, create_celery, queue_names
 from app.config import Settings
 from app.db import Database
+from app.notify import Notifier
 from app.models import Job, JobState
-from workers.celery_app import RUN_JOB, queue_names
-from workers.kinds import get_kind
+from workers.kinds import kind_for
 from workers.runtime import JobCancelled, JobContext, JobLost
-from workers.scoring.shards import SCORE_SHARD, reap_shards, reconcile_shards
+from workers.scoring.shards import reap_shards, reconcile_shards
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def get_db(settings: Settings) -> Database:
     """One engine per process, created after any fork."""
     global _db
     if _db is None or _db.url != settings.sqlalchemy_url:
-        _db = Database(settings.sqlalchemy_url)
+        _db = Database(settings.sqlalchemy_url, notifier=Notifier(settings.broker_url))
     return _db
 
 
@@ -59,7 +60,7 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
     if attempt is None or job is None:
         log.info("job %s: not claimable (duplicate delivery or cancelled); skipping", job_id)
         return "skipped"
-    kind = get_kind(job.kind)
+    kind = kind_for(job.kind)
     ctx = JobContext(db, settings, job_id, attempt, job.tenant_id, job.spec, celery=celery, worker=worker)
     if kind is None:
         with db.session() as s:
@@ -140,8 +141,7 @@ def register_tasks(celery: Celery, settings: Settings) -> None:
 
 
 def worker_celery(settings: Settings) -> Celery:
-    from workers.celery_app import create_celery
-
+    """The Celery app a worker process runs: the client configuration plus the tasks."""
     celery = create_celery(settings)
     register_tasks(celery, settings)
     return celery
@@ -156,8 +156,6 @@ def run_maintenance_forever(settings: Settings, stop: Any = None) -> None:
 
     stop = stop or threading.Event()
     db = get_db(settings)
-    from workers.celery_app import create_celery
-
     celery = create_celery(settings)
     while not stop.is_set():
         try:

@@ -11,7 +11,7 @@ from marshmallow import INCLUDE, Schema, fields, validate
 from sqlalchemy import select
 
 from app.api import cursor_page, db_session, settings, tenant_id
-from app.artifacts import ArtifactStore, save_stream
+from app.artifacts import ArtifactStore, UploadTooLarge, save_stream
 from app.errors import ApiError
 from app.ingest import KINDS, IngestError, IngestLimits, ingest
 from app.models import Dataset
@@ -101,7 +101,10 @@ def upload(form: dict[str, Any], files: dict[str, Any]):  # noqa: ANN201
     work = store.new_dir(tenant_id(), "datasets")
     try:
         original = work / f"upload-{filename}"
-        size, sha256 = save_stream(upload_file.stream, original, cfg.max_upload_bytes)
+        try:
+            size, sha256 = save_stream(upload_file.stream, original, cfg.max_upload_bytes)
+        except UploadTooLarge as exc:
+            raise ApiError(413, str(exc), "payload_too_large")
         if size == 0:
             raise ApiError(422, "The uploaded file is empty", "empty_file")
         limits = IngestLimits(max_members=cfg.archive_max_members, max_bytes=cfg.archive_max_bytes)

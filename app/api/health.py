@@ -7,9 +7,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import case, func, select, text
 
+from app.broker import queue_names
 from app.jobs import count_by_state
 from app.models import Job, JobState
-from workers.celery_app import queue_names
 
 bp = Blueprint("health", __name__)
 

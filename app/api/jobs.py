@@ -5,17 +5,17 @@ import json
 import time
 from typing import Any, Iterator
 
-from flask import Response, request, stream_with_context
+from flask import Response, current_app, request, stream_with_context
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError, fields, validate
 from sqlalchemy import select
 
 from app import dispatch, jobs
+from app.broker import queue_names
 from app.api import celery, cursor_page, database, db_session, settings, tenant_id
 from app.errors import ApiError
 from app.models import TERMINAL_STATES, Job, JobEvent, JobState
-from workers.celery_app import queue_names
-from workers.kinds import SpecError, all_kinds, get_kind
+from app.kinds import SpecError, all_kinds, get_kind
 
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Submit and follow jobs")
 
@@ -95,7 +95,7 @@ def validate_spec(kind_name: str, spec: dict[str, Any]) -> tuple[Any, dict[str, 
         names = sorted(k for k, v in kinds.items() if v.submittable)
         raise ApiError(422, f"Unknown job kind {kind_name!r}; known kinds: {', '.join(names)}", "unknown_kind")
     try:
-        normalised = kind.spec_schema().load(spec)
+        normalised = kind.schema().load(spec)
     except ValidationError as exc:
         raise ApiError(422, f"Invalid spec for kind {kind_name!r}", "invalid_spec", {"spec": exc.messages})
     if kind.check is not None:
@@ -184,8 +184,87 @@ def cancel(job_id: int):  # noqa: ANN201
     return job
 
 
-def _sse(seq: int, type_: str, data: Any) -> str:
+# -- server-sent events -------------------------------------------------------------------
+# One framing, one event query and one feed (the per-viewer cursor) serve both loops: the
+# WSGI generator below (Flask test client, plain WSGI servers) and the async route in
+# app.asgi, which `medmaas web` serves so an idle stream holds no thread. Between reads a
+# stream sleeps on the process's EventHub; a commit that appends an event wakes it at once,
+# and a missed notification only delays the next read until the safety-net timeout.
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_MIMETYPE = "text/event-stream"
+STREAM_SAFETY_NET_S = 15.0  # re-read the database at least this often, notified or not
+STREAM_KEEPALIVE_S = 15.0  # an SSE comment when nothing was sent for this long (proxies, dead peers)
+STREAM_MAX_S = 600.0  # then the stream ends without `end`; EventSource reconnects with Last-Event-ID
+STREAM_BATCH = 500
+# WSGI environ key set by app.asgi: the view authenticates as usual, then hands the stream
+# (job id and position) back instead of generating it on a worker thread.
+STREAM_HANDOFF = "medmaas.stream_handoff"
+
+
+def sse_frame(seq: int, type_: str, data: Any) -> str:
     return f"id: {seq}\nevent: {type_}\ndata: {json.dumps(data, default=str)}\n\n"
+
+
+def read_stream_batch(db: Any, job_id: int, after: int, limit: int = STREAM_BATCH) -> tuple[JobState | None, list[JobEvent]]:
+    """The job's state, then its events with seq > after. State first: when it reads terminal,
+    every event committed up to the terminal transition is visible to the second query."""
+    with db.sessionmaker() as s:
+        state = s.scalar(select(Job.state).where(Job.id == job_id))
+        rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after)
+                         .order_by(JobEvent.seq).limit(limit)).all()
+    return state, list(rows)
+
+
+def stream_position() -> int:
+    """Where a stream resumes: the Last-Event-ID header (EventSource reconnects) or ?after=N."""
+    raw = request.headers.get("Last-Event-ID") or request.args.get("after", "0")
+    try:
+        after = int(raw)
+    except ValueError:
+        raise ApiError(400, "after / Last-Event-ID must be an integer")
+    if after < 0:
+        raise ApiError(400, "after / Last-Event-ID must be >= 0")
+    return after
+
+
+class EventFeed:
+    """One viewer's position in one job's events. `step()` does one database read and says
+    what to send and how long to wait for a notification before the next step."""
+
+    def __init__(self, db: Any, job_id: int, after: int, *, max_s: float = STREAM_MAX_S,
+                 safety_net_s: float = STREAM_SAFETY_NET_S, keepalive_s: float = STREAM_KEEPALIVE_S):
+        self.db, self.job_id, self.after = db, job_id, after
+        self.safety_net_s, self.keepalive_s = safety_net_s, keepalive_s
+        self.started = self.last_send = time.monotonic()
+        self.deadline = self.started + max_s
+        self.opened = False
+
+    def step(self) -> tuple[str, float | None]:
+        """(text to send, seconds to wait before the next step); the wait is None once the
+        stream is over and 0 when more events are already waiting."""
+        state, rows = read_stream_batch(self.db, self.job_id, self.after)
+        parts = [] if self.opened else ["retry: 2000\n\n"]
+        self.opened = True
+        for ev in rows:
+            self.after = ev.seq
+            parts.append(sse_frame(ev.seq, ev.type, {"seq": ev.seq, "ts": ev.ts.isoformat(), "type": ev.type,
+                                                     "data": ev.data}))
+        now = time.monotonic()
+        if state is None:  # erased while watched
+            return "".join(parts) + sse_frame(self.after, "end", {"state": None}), None
+        if not rows and state in TERMINAL_STATES:
+            return "".join(parts) + sse_frame(self.after, "end", {"state": state.value}), None
+        if not parts and now - self.last_send >= self.keepalive_s:
+            parts.append(": keep-alive\n\n")
+        if parts:
+            self.last_send = now
+        if now >= self.deadline:
+            return "".join(parts), None
+        if len(rows) >= STREAM_BATCH or state in TERMINAL_STATES:  # more to read, or the `end` to send
+            return "".join(parts), 0.0
+        wait = min(self.safety_net_s, self.deadline - now, max(0.0, self.last_send + self.keepalive_s - now))
+        return "".join(parts), wait
 
 
 @blp.route("/<int:job_id>/stream", methods=["GET"])
@@ -196,39 +275,31 @@ def stream(job_id: int):  # noqa: ANN201
     return event_stream_response(job.id)
 
 
-def event_stream_response(job_id: int, max_s: float = 600.0) -> Response:
+def event_stream_response(job_id: int, max_s: float = STREAM_MAX_S) -> Response:
     """A text/event-stream of one job's events after ?after=N or Last-Event-ID, ending with an
     `end` event once the job is terminal. The caller has already checked the job is the
     tenant's. Shared by the Bearer API and the web pages' session-authenticated twin."""
-    try:
-        after = int(request.headers.get("Last-Event-ID") or request.args.get("after", 0))
-    except ValueError:
-        raise ApiError(400, "after / Last-Event-ID must be an integer")
-    db = database()
+    after = stream_position()
+    handoff = request.environ.get(STREAM_HANDOFF)
+    if handoff is not None:  # app.asgi streams it on its event loop, with this response's headers
+        handoff.update(job_id=job_id, after=after, max_s=max_s)
+        return Response(b"", mimetype=SSE_MIMETYPE, headers=SSE_HEADERS)
+    feed = EventFeed(database(), job_id, after, max_s=max_s)
+    hub = current_app.extensions["medmaas.hub"]
 
     def generate() -> Iterator[str]:
-        nonlocal after
-        started = last_send = time.monotonic()
-        yield "retry: 2000\n\n"
-        while time.monotonic() - started < max_s:
-            with db.sessionmaker() as s:
-                rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after)
-                                 .order_by(JobEvent.seq).limit(500)).all()
-                state = s.scalar(select(Job.state).where(Job.id == job_id))
-            for ev in rows:
-                after = ev.seq
-                yield _sse(ev.seq, ev.type, {"seq": ev.seq, "ts": ev.ts.isoformat(), "type": ev.type, "data": ev.data})
-                last_send = time.monotonic()
-            if not rows and state in TERMINAL_STATES:
-                yield _sse(after, "end", {"state": state.value})
-                return
-            if time.monotonic() - last_send > 15:
-                yield ": keep-alive\n\n"
-                last_send = time.monotonic()
-            time.sleep(0.3 if rows else 0.5)
+        # Registered before the first read: a commit between a read and the wait still wakes it.
+        with hub.watch(job_id) as watch:
+            while True:
+                text, wait = feed.step()
+                if text:
+                    yield text
+                if wait is None:
+                    return
+                if wait > 0:
+                    watch.wait(wait)
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return Response(stream_with_context(generate()), mimetype="text/event-stream", headers=headers)
+    return Response(stream_with_context(generate()), mimetype=SSE_MIMETYPE, headers=SSE_HEADERS)
 
 
 @blp.route("/<int:job_id>/result", methods=["GET"])
@@ -241,7 +312,6 @@ def result(job_id: int):  # noqa: ANN201
     if job.state != JobState.succeeded:
         raise ApiError(409, f"Job {job_id} is {job.state.value}; its result is not available", "not_ready")
     kind = get_kind(job.kind)
-    serve_file = getattr(kind, "serve_result", None) if kind else None
-    if serve_file is not None:
-        return serve_file(job, request.args)
+    if kind is not None and kind.render_result is not None:
+        return kind.render_result(job, request.args, settings())
     return jsonify(job.result or {})

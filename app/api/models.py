@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import send_file
+from flask import current_app, send_file
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 from sqlalchemy import select
@@ -150,6 +150,9 @@ def _detail(name: str) -> dict[str, Any]:
     return {"name": name, "aliases": registry.aliases_for(session, tenant_id(), name), "versions": versions}
 
 
+PREDICT_SAFETY_NET_S = 2.0  # re-read at least this often while waiting, notified or not
+
+
 @blp.route("/<string:name>/predict", methods=["POST"])
 @blp.arguments(PredictRequest)
 @blp.response(200, PredictResponse)
@@ -162,14 +165,15 @@ def predict(body: dict[str, Any], name: str):  # noqa: ANN201
     timeout = body.get("timeout", settings().predict_default_timeout_s)
     deadline = time.monotonic() + timeout
     db = database()
-    delay = 0.002
-    while True:
-        with db.sessionmaker() as s:
-            state, result, error = s.execute(select(Job.state, Job.result, Job.error).where(Job.id == job.id)).one()
-        if state in TERMINAL_STATES or time.monotonic() >= deadline:
-            break
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.05)
+    # Woken by the worker's commits (EventHub); the timeout is only a safety net for a missed one.
+    with current_app.extensions["medmaas.hub"].watch(job.id) as watch:
+        while True:
+            with db.sessionmaker() as s:
+                state, result, error = s.execute(select(Job.state, Job.result, Job.error).where(Job.id == job.id)).one()
+            left = deadline - time.monotonic()
+            if state in TERMINAL_STATES or left <= 0:
+                break
+            watch.wait(min(left, PREDICT_SAFETY_NET_S))
     if state == JobState.succeeded:
         return {**result, "job_id": job.id}
     if state == JobState.failed:

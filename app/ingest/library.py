@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 from .common import IngestLimits, IngestReport, check_option_names, opt_str, resolve_column
 from .errors import IngestError
@@ -193,3 +193,27 @@ def _iter_rows(path: str, schema: Mapping[str, Any], limits: IngestLimits, offse
                     yield ident or None, text
         except csv.Error as exc:
             raise IngestError("invalid_csv", f"CSV syntax error near line {reader.line_num}: {exc}") from None
+
+
+class SchemaError(ValueError):
+    pass
+
+
+def library_schema(schema: Mapping[str, Any], text_column: Optional[str] = None,
+                   id_column: Optional[str] = None) -> dict[str, Any]:
+    """The dataset's stored schema with text/id columns overridden by the score spec."""
+    out = dict(schema)
+    if text_column is None and id_column is None:
+        return out
+    if out.get("format") == "smi":
+        raise SchemaError("text_column and id_column apply to CSV/TSV libraries; a .smi library holds "
+                          "the SMILES then an optional id on each line")
+    header = list(out.get("header") or [])
+    for name, value in (("text_column", text_column), ("id_column", id_column)):
+        if value is not None and value not in header:
+            raise SchemaError(f"the library has no column {value!r} ({name}); its columns are: {', '.join(header)}")
+    if text_column is not None:
+        out["text_column"], out["text_index"] = text_column, header.index(text_column)
+    if id_column is not None:
+        out["id_column"], out["id_index"] = id_column, header.index(id_column)
+    return out

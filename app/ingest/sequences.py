@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .chem import canonical_smiles, quiet_rdkit
+from app.chem import canonical_smiles, quiet_rdkit
 from .common import (IngestLimits, IngestReport, InvalidRows, check_option_names, opt_int, opt_list,
                      opt_str, resolve_column)
 from .errors import IngestError

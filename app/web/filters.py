@@ -7,21 +7,7 @@ from typing import Any, Optional
 
 from flask import Flask
 
-
-def human_duration(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "—"
-    s = max(0, int(round(float(seconds))))
-    if s < 60:
-        return f"{s}s"
-    m, s = divmod(s, 60)
-    if m < 60:
-        return f"{m}m {s:02d}s"
-    h, m = divmod(m, 60)
-    if h < 48:
-        return f"{h}h {m:02d}m"
-    d, h = divmod(h, 24)
-    return f"{d}d {h}h"
+from medmaas.formatting import human_duration
 
 
 def _parse(value: Any) -> Optional[datetime]:

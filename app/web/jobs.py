@@ -15,12 +15,12 @@ from marshmallow import missing
 from sqlalchemy import func, select
 
 from app import jobs as state_machine
-from app.api import db_session, tenant_id
+from app.api import db_session, settings, tenant_id
 from app.api.jobs import EventSchema, JobSchema, event_stream_response, submit_job
 from app.errors import ApiError
 from app.models import TERMINAL_STATES, Job, JobEvent, JobState
 from app.web.blueprint import bp
-from workers.kinds import all_kinds, get_kind
+from app.kinds import all_kinds, get_kind, submittable_kinds
 
 PAGE_SIZE = 50
 STATES = [s.value for s in JobState]
@@ -116,14 +116,10 @@ def kind_names() -> list[str]:
     return sorted(known | set(used))
 
 
-def submittable_kinds() -> dict[str, Any]:
-    return {name: k for name, k in sorted(all_kinds().items()) if k.submittable}
-
-
 def spec_fields(kind: Any) -> list[dict[str, Any]]:
     """The kind's spec schema as rows for the form's help table."""
     rows = []
-    for name, field in kind.spec_schema().fields.items():
+    for name, field in kind.schema().fields.items():
         default = field.load_default
         if callable(default):
             default = default()
@@ -206,9 +202,8 @@ def job_result(job_id: int):  # noqa: ANN201
     if job.state != JobState.succeeded:
         abort(409, f"Job {job.id} is {job.state.value}; its result is not available.")
     kind = get_kind(job.kind)
-    serve_file = getattr(kind, "serve_result", None) if kind else None
-    if serve_file is not None:
-        return serve_file(job, request.args)
+    if kind is not None and kind.render_result is not None:
+        return kind.render_result(job, request.args, settings())
     body = json.dumps(job.result or {}, indent=2, sort_keys=True, default=str)
     return Response(body, mimetype="application/json",
                     headers={"Content-Disposition": f'attachment; filename="job-{job.id}-result.json"'})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from app.standalone import free_port
+from medmaas.standalone import free_port
 from medmaas.client import Client, MedmaasError
 from tests.conftest import create_tenant_key, wait_until
 from tests.e2e.live_server import LiveServer
@@ -47,7 +47,7 @@ def client(server, key) -> Client:  # noqa: ANN001
 
 def _medmaas_command() -> list[str]:
     script = shutil.which("medmaas", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-m", "app.cli"]
+    return [script] if script else [sys.executable, "-m", "medmaas.cli"]
 
 
 class Cli:

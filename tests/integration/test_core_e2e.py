@@ -89,7 +89,7 @@ def test_failing_job_records_error(pg_api: ApiClient, processes) -> None:  # noq
 
 def test_submit_with_broker_down_is_durable(pg_app, pg_settings, processes) -> None:  # noqa: ANN001
     from app import create_app
-    from app.standalone import free_port
+    from medmaas.standalone import free_port
     from tests.conftest import create_tenant_key
 
     down = create_app(pg_settings.replace(broker_url=f"redis://127.0.0.1:{free_port()}/0"))

@@ -6,7 +6,7 @@ import io
 import pytest
 from rich.console import Console
 
-from app.demo import DEMO_MOLECULES, DemoError, run_demo
+from medmaas.demo import DEMO_MOLECULES, DemoError, run_demo
 from tests.conftest import create_tenant_key
 from tests.e2e.live_server import LiveServer
 

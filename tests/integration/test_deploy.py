@@ -26,7 +26,7 @@ import redis
 import requests
 
 from app.config import Settings, from_env
-from app.standalone import free_port, wait_for_port
+from medmaas.standalone import free_port, wait_for_port
 from tests.conftest import PG_ADMIN_URL, ROOT, wait_until
 
 pytestmark = pytest.mark.integration
@@ -116,7 +116,7 @@ def _flag(command: list[str], flag: str) -> Optional[str]:
 
 
 def test_workers_cover_every_queue(compose: dict) -> None:
-    from workers.celery_app import queue_names
+    from app.broker import queue_names
 
     services = compose["services"]
     consumed: dict[str, str] = {}
@@ -322,7 +322,7 @@ def test_pip_install_dot_from_the_docker_context_is_complete(tmp_path: Path) -> 
     missing = sorted(wanted - names)
     assert not missing, f"files the image would lack: {missing}"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "medmaas = app.cli:main" in (tmp_path / "site" / entry_points).read_text()
+    assert "medmaas = medmaas.cli:main" in (tmp_path / "site" / entry_points).read_text()
 
     work = tmp_path / "run"
     work.mkdir()
@@ -332,7 +332,7 @@ def test_pip_install_dot_from_the_docker_context_is_complete(tmp_path: Path) -> 
         cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr
     assert all(Path(p).is_relative_to(tmp_path / "site") for p in probe.stdout.split()), probe.stdout
-    upgrade = subprocess.run([sys.executable, "-P", "-m", "app.cli", "db", "upgrade"], cwd=work, env=env,
+    upgrade = subprocess.run([sys.executable, "-P", "-m", "medmaas.cli", "db", "upgrade"], cwd=work, env=env,
                              capture_output=True, text=True, timeout=300)
     assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
     assert (work / "home" / "medmaas.db").exists()

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import requests
 
-from app.standalone import free_port
+from medmaas.standalone import free_port
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
@@ -179,7 +179,7 @@ def test_standalone_runs_a_job_stops_cleanly_and_restarts_on_the_same_data(tmp_p
     names = [p.name() for p in tree[1:]]
     assert any("valkey-server" in n for n in names), names  # the embedded broker, not the machine's Redis
     cmdlines = [" ".join(p.cmdline()) for p in tree[1:]]
-    assert sum("worker" in c and "app.cli" in c for c in cmdlines) >= 2, cmdlines
+    assert sum("worker" in c and "medmaas.cli" in c for c in cmdlines) >= 2, cmdlines
     assert any("gunicorn" in c for c in cmdlines), cmdlines
 
     http = requests.Session()

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workers.ml.chem import murcko_scaffold
+from app.chem import murcko_scaffold
 from workers.ml.data import (
     EpochBatchSampler,
     length_buckets,

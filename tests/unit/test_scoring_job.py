@@ -21,7 +21,7 @@ from app.ingest.library import ingest_library
 from app.migrate import upgrade
 from app.models import Dataset, Job, JobState, ModelVersion, ScoreShard, ShardState, utcnow
 from app.sample_data import moses_library
-from workers.kinds import SpecError, get_kind
+from app.kinds import SpecError, get_kind
 from workers.scoring import runner, shards
 from workers.tasks import execute_job
 
@@ -82,7 +82,7 @@ def submit(env, **spec) -> int:  # noqa: ANN001
     settings, db, tenant, ds_id, ref, _ = env
     kind = get_kind("score")
     with db.session() as s:
-        full = kind.check(kind.spec_schema().load({"model": ref, "library_id": ds_id, **spec}), s, tenant)
+        full = kind.check(kind.schema().load({"model": ref, "library_id": ds_id, **spec}), s, tenant)
         job, _ = jobs.submit(s, tenant_id=tenant, kind="score", spec=full, queue="cpu")
         return job.id
 
@@ -176,7 +176,7 @@ def test_cancel_stops_the_job_and_deletes_partial_outputs(env) -> None:  # noqa:
 def test_spec_checks(env) -> None:  # noqa: ANN001
     settings, db, tenant, ds_id, ref, _ = env
     kind = get_kind("score")
-    spec = kind.spec_schema().load({"model": ref, "library_id": ds_id})
+    spec = kind.schema().load({"model": ref, "library_id": ds_id})
     assert (spec["top_k"], spec["output"], spec["validate"], spec["dedupe"], spec["max_length"]) == (
         100, "csv", "rdkit", False, 2000)
     assert kind.route(spec, settings) == "cpu" and kind.route({**spec, "device": "cuda"}, settings) == "gpu"

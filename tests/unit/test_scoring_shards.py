@@ -122,7 +122,7 @@ def test_shard_task_ids_are_not_job_task_ids() -> None:
 def test_reconcile_republishes_only_shards_the_broker_lost(tmp_path, redis_url) -> None:  # noqa: ANN001
     import redis
 
-    from workers.celery_app import create_celery, queue_names
+    from app.broker import create_celery, queue_names
 
     settings = from_env({}, home=tmp_path / "home", broker_url=redis_url, requeue_grace_s=0.0)
     upgrade(settings)

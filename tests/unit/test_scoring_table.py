@@ -8,6 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from app.kinds.score import csv_from_parquet
 from workers.scoring import table as tbl
 
 
@@ -44,7 +45,7 @@ def test_merge_keeps_input_order_nulls_invalid_scores_and_ranks(tmp_path) -> Non
     # highest first; equal scores by input row
     assert [(r["row"], r["y"]) for r in top.rows()] == [(6, 9.0), (2, 2.0), (3, 2.0), (4, 2.0)]
     assert set(top.rows()[0]) == {"row", "id", "smiles", "canonical_smiles", "y"}
-    streamed = b"".join(tbl.iter_csv_from_parquet(tmp_path / "s.parquet", chunk_rows=3))
+    streamed = b"".join(csv_from_parquet(tmp_path / "s.parquet", chunk_rows=3))
     assert pd.read_csv(io.BytesIO(streamed)).equals(csv)
 
 
@@ -64,4 +65,4 @@ def test_empty_merge_writes_headers_and_zero_top_k(tmp_path) -> None:  # noqa: A
     counts = tbl.merge([], schema, tmp_path / "s.parquet", tmp_path / "s.csv", top)
     assert counts == {"rows": 0, "valid": 0} and top.rows() == []
     assert (tmp_path / "s.csv").read_text().startswith('"row","id","smiles"')
-    assert b"".join(tbl.iter_csv_from_parquet(tmp_path / "s.parquet")).startswith(b'"row","id"')
+    assert b"".join(csv_from_parquet(tmp_path / "s.parquet")).startswith(b'"row","id"')

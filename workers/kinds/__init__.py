@@ -1,71 +1,54 @@
-"""Job kinds: name -> handler module with a spec schema.
+"""Job kinds, the worker half: the code that runs each kind.
 
-Kind modules keep their top-level imports light (marshmallow only) because the web
-process imports this registry to validate specs; ML code is imported inside run().
+A kind's spec (schema, submit-time check, route, result rendering) is core and lives in
+app/kinds; this registry pairs each kind name with its runner. A runner gets the job's
+context (progress, metrics, cancel checks, its artifact directory) and the validated spec,
+and returns the job's result: a JSON object stored on the job row. Runners import their
+ML code inside the call, so a worker starts quickly.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
-from marshmallow import Schema
+from app.kinds import KindSpec, Spec, get_kind
 
-from app.config import Settings
+if TYPE_CHECKING:
+    from workers.runtime import JobContext
+
+JobResult = dict[str, Any]  # stored as the job's `result` (JSON)
 
 
-class SpecError(Exception):
-    """A spec that is well-formed but refers to something that does not fit (a missing
-    dataset, a label column of the wrong type). The API answers 422 and stores nothing."""
-
-    def __init__(self, message: str, code: str = "invalid_spec", details: Any = None):
-        super().__init__(message)
-        self.message, self.code, self.details = message, code, details
+class Runner(Protocol):
+    def __call__(self, ctx: JobContext, spec: Spec) -> JobResult: ...
 
 
 @dataclass(frozen=True)
-class JobKind:
-    name: str
-    spec_schema: type[Schema]
-    run: Callable[..., dict[str, Any]]  # run(ctx: JobContext, spec: dict) -> result dict
-    route: Callable[[dict[str, Any], Settings], str]  # spec -> queue name
-    description: str = ""
-    submittable: bool = True  # False for kinds only the platform itself enqueues
-    # check(spec, session, tenant_id) -> spec: DB-aware validation at submit; raises SpecError
-    check: Optional[Callable[..., dict[str, Any]]] = None
-    # serve_result(job, query_args) -> Flask response for GET /jobs/{id}/result (files)
-    serve_result: Optional[Callable[..., Any]] = None
+class Kind:
+    """A kind as a worker sees it: its spec half (app.kinds) and its runner."""
+
+    spec: KindSpec
+    run: Runner
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
-KINDS: dict[str, JobKind] = {}
+def _runners() -> dict[str, Runner]:
+    from workers.kinds import predict, score, sleep, train
+
+    return {"sleep": sleep.run, "train": train.run, "predict": predict.run, "score": score.run}
 
 
-def register(kind: JobKind) -> JobKind:
-    KINDS[kind.name] = kind
-    return kind
+_KINDS: dict[str, Kind] = {}
 
 
-def get_kind(name: str) -> JobKind | None:
-    _load_builtin_kinds()
-    return KINDS.get(name)
-
-
-def all_kinds() -> dict[str, JobKind]:
-    _load_builtin_kinds()
-    return KINDS
-
-
-_loaded = False
-
-
-def _load_builtin_kinds() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    from workers.kinds import sleep  # noqa: F401
-    for optional in ("train", "predict", "score"):
-        try:
-            __import__(f"workers.kinds.{optional}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"workers.kinds.{optional}":
-                raise
+def kind_for(name: str) -> Optional[Kind]:
+    """The runnable kind for a job, or None when this worker has no runner for it."""
+    if not _KINDS:
+        for kind_name, run in _runners().items():
+            spec = get_kind(kind_name)
+            if spec is not None:
+                _KINDS[kind_name] = Kind(spec, run)
+    return _KINDS.get(name)

@@ -1,4 +1,4 @@
-"""`predict`: online inference for POST /models/{name}/predict, on the inference queue.
+"""Runs `predict` (spec: app/kinds/predict.py): online inference on the inference queue.
 
 Inputs are SMILES / token strings, or images as {"image_base64": "..."} (PNG, JPEG or
 DICOM). Each invalid input gets its own error; the valid ones are still scored.
@@ -7,51 +7,19 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from marshmallow import Schema, ValidationError, fields, validate, validates
+from app.kinds import Spec
+from workers.kinds import JobResult
+from workers.runtime import JobContext
 
-from app.config import Settings
-from workers.kinds import JobKind, SpecError, register
+if TYPE_CHECKING:
+    import numpy as np
 
-MAX_INPUTS = 10_000
-
-
-class PredictSpec(Schema):
-    model = fields.String(required=True, metadata={"description": "name, name@version or name@alias"})
-    inputs = fields.List(fields.Raw(), required=True, validate=validate.Length(min=1, max=MAX_INPUTS))
-    queue = fields.String(load_default=None, allow_none=True)
-
-    @validates("inputs")
-    def _input_types(self, inputs: list, **_kw: Any) -> None:
-        for i, item in enumerate(inputs):
-            if isinstance(item, str):
-                continue
-            if isinstance(item, dict) and isinstance(item.get("image_base64"), str):
-                continue
-            raise ValidationError(f"input {i} must be a string or {{\"image_base64\": ...}}")
+    from workers.ml.predict import Predictor
 
 
-def check(spec: dict[str, Any], session, tenant_id: int) -> dict[str, Any]:  # noqa: ANN001
-    from app.registry import ModelNotFound, resolve_ref
-
-    try:
-        mv = resolve_ref(session, tenant_id, spec["model"])
-    except ModelNotFound as exc:
-        raise SpecError(str(exc), "unknown_model")
-    wants_images = mv.input_kind == "image"
-    if any(isinstance(x, dict) for x in spec["inputs"]) != wants_images or \
-            (wants_images and not all(isinstance(x, dict) for x in spec["inputs"])):
-        takes = 'images as {"image_base64": ...}' if wants_images else "strings (SMILES or token sequences)"
-        raise SpecError(f"model {mv.name} v{mv.version} takes {takes}", "invalid_inputs")
-    return {**spec, "model_version_id": mv.id, "model_name": mv.name, "version": mv.version}
-
-
-def route(spec: dict[str, Any], settings: Settings) -> str:
-    return spec.get("queue") or settings.inference_queue
-
-
-def decode_image(item: dict[str, Any]):  # noqa: ANN201
+def decode_image(item: dict[str, Any]) -> np.ndarray:
     """PNG/JPEG via Pillow, DICOM via pydicom (detected by its 'DICM' preamble marker)."""
     import numpy as np
 
@@ -73,7 +41,7 @@ def decode_image(item: dict[str, Any]):  # noqa: ANN201
         return np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
 
 
-def predict_inputs(predictor, inputs: list) -> list[dict[str, Any]]:  # noqa: ANN001
+def predict_inputs(predictor: Predictor, inputs: list[Any]) -> list[dict[str, Any]]:
     if predictor.input["kind"] != "image":
         return predictor.predict(inputs)
     results: list[dict[str, Any] | None] = [None] * len(inputs)
@@ -90,7 +58,7 @@ def predict_inputs(predictor, inputs: list) -> list[dict[str, Any]]:  # noqa: AN
     return results  # type: ignore[return-value]
 
 
-def load_predictor(ctx, model_version_id: int):  # noqa: ANN001, ANN201
+def load_predictor(ctx: JobContext, model_version_id: int) -> Predictor:
     from app.artifacts import ArtifactStore
     from app.models import ModelVersion
     from workers.model_cache import get_predictor
@@ -104,11 +72,8 @@ def load_predictor(ctx, model_version_id: int):  # noqa: ANN001, ANN201
     return get_predictor(bundle, ctx.settings.model_cache_size)
 
 
-def run(ctx, spec: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+def run(ctx: JobContext, spec: Spec) -> JobResult:
     predictor = load_predictor(ctx, spec["model_version_id"])
     predictions = predict_inputs(predictor, spec["inputs"])
     return {"model": spec["model_name"], "version": spec["version"], "predictions": predictions,
             "outputs": predictor.output_names}
-
-
-register(JobKind("predict", PredictSpec, run, route, "online predictions from a registered model", check=check))

@@ -1,26 +1,14 @@
-"""`sleep`: a diagnostic job that exercises the engine (progress, cancel, heartbeats)."""
+"""Runs `sleep` (spec: app/kinds/sleep.py): progress events, cancel, heartbeats."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
-from marshmallow import Schema, fields, validate
-
-from app.config import Settings
-from workers.kinds import JobKind, register
+from app.kinds import Spec
+from workers.kinds import JobResult
+from workers.runtime import JobContext
 
 
-class SleepSpec(Schema):
-    seconds = fields.Float(load_default=1.0, validate=validate.Range(min=0, max=7 * 24 * 3600))
-    steps = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100_000))
-    fail = fields.Boolean(load_default=False, metadata={"description": "raise an error at the end"})
-    metrics = fields.Boolean(load_default=False, metadata={
-        "description": "also emit a deterministic `metric` event per step (epoch=step, losses 1/step) to "
-                       "exercise metric curves without training a model"})
-    queue = fields.String(load_default=None, allow_none=True)
-
-
-def run(ctx, spec: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+def run(ctx: JobContext, spec: Spec) -> JobResult:
     step_s = spec["seconds"] / spec["steps"]
     started = time.monotonic()
     for step in range(spec["steps"]):
@@ -41,10 +29,3 @@ def run(ctx, spec: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
     if spec["fail"]:
         raise RuntimeError("sleep job asked to fail")
     return {"slept_s": round(time.monotonic() - started, 3), "steps": spec["steps"], "attempt": ctx.attempt}
-
-
-def route(spec: dict[str, Any], settings: Settings) -> str:
-    return spec.get("queue") or settings.default_queue
-
-
-register(JobKind("sleep", SleepSpec, run, route, "diagnostic: sleeps with progress events, honours cancel"))

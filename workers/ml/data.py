@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .chem import canonicalize, murcko_scaffold
+from app.chem import canonical_smiles as canonicalize, murcko_scaffold
 from .tasks import ClassificationTask, MultilabelTask, RegressionTask, Task
 from .tokenizers import Tokenizer, make_tokenizer
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bundle import load_bundle
-from .chem import canonicalize
+from app.chem import canonical_smiles as canonicalize
 from .data import length_buckets, to_unit_range
 from .tasks import Task
 from .tokenizers import Tokenizer

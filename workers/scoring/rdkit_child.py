@@ -2,35 +2,21 @@
 runs (`python -m workers.scoring.rdkit_child`: length-prefixed JSON requests on stdin,
 replies on stdout, exit when stdin closes).
 
-This module imports RDKit and nothing of the platform except app/ingest/chem.py, which it
-loads by file path so that a child does not import the web app's packages (Flask,
-SQLAlchemy, pandas) only to canonicalise SMILES.
+This module imports RDKit and, of the platform, only app.chem (the `app` package imports
+nothing heavy), so a child does not load Flask, SQLAlchemy or pandas to canonicalise SMILES.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
+
+from app import chem as _chem
 
 REPLACEMENT_CHAR = "\ufffd"  # what undecodable bytes became when the library was read
 
 
-def _load_chem():  # noqa: ANN202
-    loaded = sys.modules.get("app.ingest.chem")
-    if loaded is not None:
-        return loaded
-    spec = importlib.util.find_spec("app")  # a top-level find_spec imports nothing
-    path = Path(list(spec.submodule_search_locations)[0]) / "ingest" / "chem.py"
-    module_spec = importlib.util.spec_from_file_location("_medmaas_ingest_chem", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-_chem = _load_chem()
 
 
 def check_and_canonicalise(texts: Sequence[str], validate: str = "rdkit", max_length: int = 2000

@@ -24,12 +24,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.broker import SCORE_SHARD
 from app.config import Settings
 from app.models import Job, JobState, ScoreShard, ShardState, utcnow
 
 log = logging.getLogger(__name__)
 
-SCORE_SHARD = "medmaas.score_shard"
 P, R = ShardState.pending, ShardState.running
 
 

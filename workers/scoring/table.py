@@ -195,20 +195,3 @@ def merge(parts: Iterable[tuple[Path, int, int]], schema: pa.Schema, parquet_pat
     if csv_path and tmp_csv:
         os.replace(tmp_csv, csv_path)
     return counts
-
-
-def iter_csv_from_parquet(path: Path, chunk_rows: int = ROW_GROUP_ROWS) -> Iterator[bytes]:
-    """The Parquet score table as CSV bytes, one record batch at a time (for downloads)."""
-    import io
-
-    pf = pq.ParquetFile(path)
-    first = True
-    for batch in pf.iter_batches(batch_size=chunk_rows):
-        buf = io.BytesIO()
-        pacsv.write_csv(batch, buf, pacsv.WriteOptions(include_header=first))
-        first = False
-        yield buf.getvalue()
-    if first:  # an empty table still gets its header
-        buf = io.BytesIO()
-        pacsv.write_csv(pf.schema_arrow.empty_table(), buf)
-        yield buf.getvalue()

@@ -23,25 +23,16 @@ from typing import Any, Callable, Optional
 import click
 
 from medmaas.client import TERMINAL_STATES, Client, MedmaasError, config_path, load_config, save_config
+from medmaas.formatting import human_duration
 
 EXIT_API_ERROR = 3
 WATCH_EXIT = {"succeeded": 0, "failed": 1, "cancelled": 2}
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
-def _cli_group() -> click.Group:
-    """The `medmaas` group of app.cli. Run as `python -m app.cli`, that module is __main__
-    (importing app.cli again would build a second group), so use the one being run."""
-    main_module = sys.modules.get("__main__")
-    spec = getattr(main_module, "__spec__", None)
-    if spec is not None and spec.name == "app.cli" and isinstance(getattr(main_module, "main", None), click.Group):
-        return main_module.main
-    from app.cli import main
-
-    return main
-
-
-main = _cli_group()
+@click.group()
+def client() -> None:
+    """The HTTP client commands (merged into the `medmaas` command by medmaas.cli)."""
 
 
 class ClientError(click.ClickException):
@@ -120,20 +111,7 @@ def _age(ts: Optional[str]) -> str:
         return "—"
     dt = datetime.fromisoformat(ts)
     dt = dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
-    return _duration((datetime.now(timezone.utc) - dt).total_seconds()) + " ago"
-
-
-def _duration(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "—"
-    s = int(round(max(seconds, 0)))
-    if s < 60:
-        return f"{s}s"
-    m, s = divmod(s, 60)
-    if m < 60:
-        return f"{m}m{s:02d}s"
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m"
+    return human_duration((datetime.now(timezone.utc) - dt).total_seconds()) + " ago"
 
 
 def _model_label(job: dict) -> str:
@@ -165,7 +143,7 @@ def _metric_rank(key: str) -> tuple[int, str]:
 
 # -- login -----------------------------------------------------------------------------------
 
-@main.command("login")
+@client.command("login")
 @click.argument("url")
 @click.option("--key", envvar="MEDMAAS_API_KEY", prompt="API key", hide_input=True,
               help="an API key (mm_...); prompted for if not given")
@@ -184,7 +162,7 @@ def login(url: str, key: str) -> None:
     click.echo(f"Logged in to {client.url}; settings saved in {path}")
 
 
-@main.command("logout")
+@client.command("logout")
 def logout() -> None:
     """Forget the saved API key."""
     cfg = load_config()
@@ -196,7 +174,7 @@ def logout() -> None:
 
 # -- jobs ------------------------------------------------------------------------------------
 
-@main.group("jobs")
+@client.group("jobs")
 def jobs() -> None:
     """List, inspect, follow and cancel jobs on the server."""
 
@@ -221,7 +199,7 @@ def jobs_list(state: Optional[str], kind: Optional[str], limit: int, as_json: bo
         table.add_column(col, justify="right" if col in ("ID", "PROGRESS") else "left")
     for job in page["items"]:
         table.add_row(str(job["id"]), job["kind"], _model_label(job), _styled_state(job["state"]),
-                      f"{100 * (job['progress'] or 0):.0f}%", _age(job["created_at"]), _duration(job.get("duration_s")))
+                      f"{100 * (job['progress'] or 0):.0f}%", _age(job["created_at"]), human_duration(job.get("duration_s")))
     console = Console()
     if page["items"]:
         console.print(table)
@@ -260,7 +238,7 @@ def jobs_show(job_id: int, show_events: bool, as_json: bool) -> None:
             ("model", _model_label(job) or "—"), ("queue", job["queue"]), ("worker", job.get("worker") or "—"),
             ("created", f"{job['created_at']} ({_age(job['created_at'])})"),
             ("started", job.get("started_at") or "—"), ("finished", job.get("finished_at") or "—"),
-            ("duration", _duration(job.get("duration_s")))]
+            ("duration", human_duration(job.get("duration_s")))]
     for name, value in rows:
         console.print(f"  [dim]{name:<9}[/] {value}", highlight=False)
     console.print("  [dim]spec[/]", json.dumps(job["spec"], sort_keys=True), highlight=False)
@@ -304,7 +282,7 @@ def watch_job(client: Client, job_id: int, timeout: Optional[float] = None) -> i
             if ev["type"] == "progress":
                 eta = data.get("eta_s")
                 progress.update(task, completed=float(data.get("progress") or 0.0),
-                                eta=f"ETA {_duration(eta)}" if isinstance(eta, (int, float)) else "",
+                                eta=f"ETA {human_duration(eta)}" if isinstance(eta, (int, float)) else "",
                                 message=str(data.get("message") or "")[:60])
             elif ev["type"] == "metric":
                 progress.console.print(f"  {_metrics_line(data)}", highlight=False)
@@ -323,7 +301,7 @@ def watch_job(client: Client, job_id: int, timeout: Optional[float] = None) -> i
         progress.update(task, completed=final["progress"] or 0.0, state=final["state"], eta="",
                         message=final.get("message") or "")
     state = final["state"]
-    summary = f"Job {job_id} {_styled_state(state)} after {_duration(final.get('duration_s'))}"
+    summary = f"Job {job_id} {_styled_state(state)} after {human_duration(final.get('duration_s'))}"
     if state == "failed" and final.get("error"):
         summary += f": {final['error'].strip().splitlines()[-1]}"
     console.print(summary, highlight=False)
@@ -361,7 +339,7 @@ def _after_submit(client: Client, job: dict, watch: bool, output: Optional[str] 
     sys.exit(code)
 
 
-@main.command("submit")
+@client.command("submit")
 @click.argument("kind")
 @click.option("--spec", default="{}", show_default=True, help="the job spec as JSON, or @file.json")
 @click.option("--priority", type=click.IntRange(-100, 100), default=0, show_default=True)
@@ -375,7 +353,7 @@ def submit(kind: str, spec: str, priority: int, idempotency_key: Optional[str], 
     _after_submit(client, job, watch)
 
 
-@main.command("train")
+@client.command("train")
 @click.option("--dataset", "dataset_id", type=int, required=True, help="dataset id (sequences or images)")
 @click.option("--model-name", required=True, help="registry name; each run adds a version")
 @click.option("--arch", type=click.Choice(["rnn", "cnn"]), required=True)
@@ -404,7 +382,7 @@ def train(dataset_id: int, model_name: str, arch: str, task: str, target: tuple[
     _after_submit(client, job, watch)
 
 
-@main.command("score")
+@client.command("score")
 @click.argument("model")
 @click.argument("library_id", type=int)
 @click.option("--top-k", type=click.IntRange(0, 10_000), default=None, help="best rows kept in the job result")
@@ -421,7 +399,7 @@ def score(model: str, library_id: int, top_k: Optional[int], output_format: str,
     _after_submit(client, job, watch, save_to, output_format)
 
 
-@main.command("download")
+@client.command("download")
 @click.argument("job_id", type=int)
 @click.option("-o", "--output", required=True, type=click.Path(writable=True),
               help="file (or directory) to write")
@@ -436,7 +414,7 @@ def download(job_id: int, output: str, fmt: Optional[str]) -> None:
 
 # -- datasets --------------------------------------------------------------------------------
 
-@main.group("datasets")
+@client.group("datasets")
 def datasets() -> None:
     """Upload and inspect datasets."""
 
@@ -510,7 +488,7 @@ def datasets_show(dataset_id: int) -> None:
 
 # -- models and predict ----------------------------------------------------------------------
 
-@main.group("models")
+@client.group("models")
 def models() -> None:
     """The model registry."""
 
@@ -565,7 +543,7 @@ def models_download(name: str, version: int, output: str, which: str) -> None:
     click.echo(f"Saved {name} v{version} {which} to {path}")
 
 
-@main.command("predict")
+@client.command("predict")
 @click.argument("model")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--timeout", type=float, default=None, help="seconds to wait before answering with a job")

@@ -1,11 +1,14 @@
-"""SMILES validation and canonicalisation with RDKit, with RDKit's own reason when a
-SMILES is rejected. Shared by dataset ingestion and library scoring."""
+"""The one RDKit helper: SMILES validation and canonicalisation with RDKit's own reason
+when a SMILES is rejected, and Murcko scaffolds. Shared by dataset ingestion, training
+data, online prediction and library scoring (whose RDKit child processes import only
+this module and RDKit: the `app` package itself imports nothing heavy)."""
 from __future__ import annotations
 
 import contextlib
 import re
 
 from rdkit import Chem, rdBase
+from rdkit.Chem.Scaffolds import MurckoScaffold
 
 _TIMESTAMP = re.compile(r"^\[\d\d:\d\d:\d\d\] ?")
 _CAPTURE = getattr(rdBase, "CaptureErrorLog", None)  # RDKit >= 2025.09
@@ -16,14 +19,31 @@ def quiet_rdkit():
     return rdBase.BlockLogs() if hasattr(rdBase, "BlockLogs") else contextlib.nullcontext()
 
 
+def parse_smiles(smiles: str) -> tuple[Chem.Mol | None, str | None]:
+    """(mol, None) or (None, reason). Call inside quiet_rdkit() for batches."""
+    if not isinstance(smiles, str) or not smiles.strip():
+        return None, "empty SMILES"
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None:
+        return None, _explain(smiles)
+    if mol.GetNumAtoms() == 0:
+        return None, "SMILES has no atoms"
+    return mol, None
+
+
 def canonical_smiles(smiles: str) -> tuple[str | None, str | None]:
     """Return (canonical SMILES, None) or (None, reason). Call inside quiet_rdkit() for batches."""
-    mol = Chem.MolFromSmiles(smiles)
-    if mol is not None:
-        if mol.GetNumAtoms() == 0:
-            return None, "SMILES has no atoms"
-        return Chem.MolToSmiles(mol), None
-    return None, _explain(smiles)
+    mol, reason = parse_smiles(smiles)
+    return (Chem.MolToSmiles(mol), None) if mol is not None else (None, reason)
+
+
+def murcko_scaffold(smiles: str) -> str:
+    """Bemis-Murcko scaffold SMILES (no chirality); "" for acyclic or unparsable molecules."""
+    with quiet_rdkit():
+        mol, _ = parse_smiles(smiles)
+    if mol is None:
+        return ""
+    return MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=False)
 
 
 def _explain(smiles: str) -> str:

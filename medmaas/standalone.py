@@ -104,7 +104,7 @@ def _child_env(settings: Settings) -> dict[str, str]:
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, preexec_fn=_die_with_parent)
+    return subprocess.Popen([sys.executable, "-m", "medmaas.cli", *args], env=env, preexec_fn=_die_with_parent)
 
 
 def stop_all(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
@@ -156,7 +156,7 @@ def run_standalone(settings: Settings, demo: bool = False) -> int:
             click.echo(f"API key: see {settings.home / 'api_key'} (created on first start)")
         click.echo("Press Ctrl-C to stop.\n")
         if demo:
-            from app.demo import run_demo
+            from medmaas.demo import run_demo
 
             key_text = (settings.home / "api_key").read_text().strip()
             run_demo(url, key_text)

@@ -1,17 +1,18 @@
-"""The `medmaas` command: run the platform's processes and administer it.
-
-Client commands that talk HTTP to a server (login, jobs, datasets, train, score, ...) are
-added from app.cli_client.
+"""The `medmaas` command, and the composition root: the one place that wires the web
+front end (app) and the workers together (`medmaas web`, `worker`, `beat`, `standalone`,
+and the admin commands). Each command imports what it runs when it runs, so client
+commands stay fast. The HTTP client commands (login, jobs, datasets, train, score, ...)
+come from medmaas.commands, which imports neither app nor workers.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
 import click
 
 from app.config import from_env
+from medmaas.commands import client
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +25,7 @@ def main() -> None:
 @click.option("--demo", is_flag=True, help="once up, run `medmaas demo` against it, then keep serving")
 def standalone(port: int | None, demo: bool) -> None:
     """Everything in one command: SQLite, an embedded broker, workers and the web server."""
-    from app.standalone import run_standalone
+    from medmaas.standalone import run_standalone
 
     overrides = {"web_port": port} if port else {}
     sys.exit(run_standalone(from_env(**overrides), demo=demo))
@@ -105,7 +106,7 @@ def beat() -> None:
 @click.option("--epochs", type=int, default=15, show_default=True)
 def demo(url: str | None, key: str | None, epochs: int) -> None:
     """Upload a shipped solubility dataset, train an RNN, watch it, predict with it."""
-    from app.demo import DemoError, run_demo
+    from medmaas.demo import DemoError, run_demo
 
     settings = from_env()
     url = url or f"http://{settings.web_host}:{settings.web_port}"
@@ -175,8 +176,8 @@ def keys_create(tenant: str, name: str) -> None:
         click.echo(auth.create_key(s, t, name))
 
 
-if importlib.util.find_spec("app.cli_client") is not None:
-    import app.cli_client  # noqa: F401  (registers the HTTP client commands on `main`)
+for _name, _command in client.commands.items():
+    main.add_command(_command, _name)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""The Celery app: a broker for job ids only. The SQL database is the record."""
+"""The Celery *client*: enough to publish job ids. The broker carries ids only; the SQL
+database is the record. Workers build on this (workers.celery_app registers the tasks)."""
 from __future__ import annotations
 
 from celery import Celery
 from kombu import Exchange, Queue
 
 from app.config import Settings
-from app.dispatch import RUN_JOB  # noqa: F401  (re-exported for workers.tasks)
 
+# Task names shared by the publisher (app/) and the worker (workers/).
+RUN_JOB = "medmaas.run_job"
+SCORE_SHARD = "medmaas.score_shard"
 
 # A message must outlive the longest job in the queue: lost workers are handled by the
 # DB-side reaper, not by broker redelivery.

@@ -1,0 +1,140 @@
+"""ASGI entry point: what `medmaas web` serves (`gunicorn -k app.asgi.Worker app.asgi:app`).
+
+Every route is the Flask app's, run on a thread pool through a2wsgi, except the two
+server-sent-event streams (`/api/v1/jobs/{id}/stream`, Bearer key, and its page twin
+`/ui/api/jobs/{id}/stream`, session cookie). An open stream spends nearly all its life
+waiting for the job's next event; on a WSGI thread that wait pins the thread, so 100
+viewers would need 100 threads. Here a stream is a coroutine on the event loop:
+
+1. The request goes through the Flask app itself, on a thread, exactly as any other request
+   would (before_request authentication, the view's tenant check, after_request headers,
+   the session cookie). The view's `event_stream_response` sees the `STREAM_HANDOFF` key
+   in the environ and, instead of generating the stream there, records the job id and
+   position in it. Anything but that handoff (401, 404, 400, ...) is Flask's response,
+   forwarded unchanged; so the stream routes authenticate exactly like the Flask routes.
+2. The stream itself is `EventFeed` (app.api.jobs, shared with the WSGI generator): each
+   step is one short database read on a thread; between steps the coroutine awaits the
+   process's EventHub (Redis pub/sub), woken by the commit that appended the event, with
+   a safety-net timeout.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Optional
+
+import anyio
+from a2wsgi import WSGIMiddleware
+from a2wsgi.wsgi import build_environ
+from flask import Flask
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Mount, Route
+from uvicorn_worker import UvicornWorker
+from werkzeug.test import run_wsgi_app
+
+from app.api.jobs import SSE_MIMETYPE, STREAM_HANDOFF, EventFeed
+
+STREAM_PATHS = ("/api/v1/jobs/{job_id:int}/stream", "/ui/api/jobs/{job_id:int}/stream")
+DEFAULT_WSGI_THREADS = 8  # `medmaas web --threads`: Flask requests served at once per process
+DEFAULT_STREAM_THREADS = 8  # database reads for streams at once per process (short; they queue)
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+def create_asgi_app(flask_app: Optional[Flask] = None, *, wsgi_threads: Optional[int] = None,
+                    stream_threads: Optional[int] = None) -> Starlette:
+    """The Flask app (built from the environment when not given) behind an ASGI front that
+    streams job events on the event loop."""
+    if flask_app is None:
+        from app import create_app
+
+        flask_app = create_app()
+    wsgi_threads = wsgi_threads or _env_int("MEDMAAS_WEB_THREADS", DEFAULT_WSGI_THREADS)
+    stream_threads = stream_threads or _env_int("MEDMAAS_WEB_STREAM_THREADS", DEFAULT_STREAM_THREADS)
+    hub = flask_app.extensions["medmaas.hub"]
+    db = flask_app.extensions["medmaas.db"]
+    # Its own small pool, so 100 streams waking at once never starve ordinary requests of
+    # threads or pooled database connections (a2wsgi has its own executor).
+    limiter = anyio.CapacityLimiter(stream_threads)
+
+    def flask_preamble(environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
+        app_iter, status, headers = run_wsgi_app(flask_app, environ, buffered=True)
+        try:
+            body = b"".join(app_iter)
+        finally:
+            close = getattr(app_iter, "close", None)
+            if close is not None:
+                close()
+        return int(status.split(" ", 1)[0]), list(headers.items()), body
+
+    async def stream(request: Request) -> Response:
+        environ = build_environ(request.scope, io.BytesIO(b""))  # type: ignore[arg-type]
+        handoff: dict[str, Any] = {}
+        environ[STREAM_HANDOFF] = handoff
+        status, headers, body = await anyio.to_thread.run_sync(flask_preamble, environ, limiter=limiter)
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers
+               if k.lower() != "content-length"]
+        if not handoff or status != 200 or request.method != "GET":
+            response = Response(body, status_code=status)
+            response.raw_headers = [(k, v) for k, v in raw] + [(b"content-length", str(len(body)).encode())]
+            return response
+        job_id = handoff["job_id"]
+        feed = EventFeed(db, job_id, handoff["after"], max_s=handoff["max_s"])
+
+        async def events() -> AsyncIterator[str]:
+            # Registered before the first read: a commit between a read and the wait still wakes it.
+            with hub.watch(job_id, loop=asyncio.get_running_loop()) as watch:
+                while True:
+                    text, wait = await anyio.to_thread.run_sync(feed.step, limiter=limiter)
+                    if text:
+                        yield text
+                    if wait is None:
+                        return
+                    if wait > 0:
+                        await watch.wait_async(wait)
+
+        response = StreamingResponse(events(), status_code=200, media_type=SSE_MIMETYPE)
+        response.raw_headers = raw
+        return response
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        yield
+        hub.close()
+
+    routes = [Route(path, stream, methods=["GET"]) for path in STREAM_PATHS]
+    # Everything else, and other methods on the stream paths (Flask answers 401/405 as ever).
+    routes.append(Mount("/", app=WSGIMiddleware(flask_app, workers=wsgi_threads)))
+    asgi = Starlette(routes=routes, lifespan=lifespan)
+    asgi.state.flask_app = flask_app
+    return asgi
+
+
+class Worker(UvicornWorker):
+    """gunicorn's uvicorn worker, with a bounded graceful shutdown: on SIGTERM, requests in
+    flight get gunicorn's --graceful-timeout (less a second), then open streams are
+    cancelled (clients reconnect with Last-Event-ID) so the worker exits by itself rather
+    than being killed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config.timeout_graceful_shutdown = max(1, int(self.cfg.graceful_timeout) - 1)
+
+
+def __getattr__(name: str) -> Any:
+    # `app.asgi:app` for gunicorn, built on first access: gunicorn's master imports this
+    # module for the Worker class and must not build the app (and its pools) before forking.
+    if name == "app":
+        global app
+        app = create_asgi_app()
+        return app
+    raise AttributeError(name)

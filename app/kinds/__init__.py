@@ -1,0 +1,86 @@
+"""Job kinds, the core half: what a kind accepts, where it runs, how its result is served.
+
+Every kind declares a spec schema (marshmallow; the OpenAPI document and the API's
+validation both come from it), an optional `check` against the database at submit time,
+a `route` to a queue, and optionally a `render_result` for GET /jobs/{id}/result. The
+code that *runs* a kind lives in workers/kinds (a runner per kind name); the web process
+imports only this package, so spec modules stay light (marshmallow and SQLAlchemy).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Protocol
+
+from marshmallow import Schema
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.models import Job
+
+Spec = dict[str, Any]
+
+
+class SpecError(Exception):
+    """A spec that is well-formed but refers to something that does not fit (a missing
+    dataset, a label column of the wrong type). The API answers 422 and stores nothing."""
+
+    def __init__(self, message: str, code: str = "invalid_spec", details: Any = None):
+        super().__init__(message)
+        self.message, self.code, self.details = message, code, details
+
+
+class Check(Protocol):
+    """DB-aware validation at submit: returns the spec to store (resolved ids added) or
+    raises SpecError."""
+
+    def __call__(self, spec: Spec, session: Session, tenant_id: int) -> Spec: ...
+
+
+class Route(Protocol):
+    def __call__(self, spec: Spec, settings: Settings) -> str: ...
+
+
+class RenderResult(Protocol):
+    """The response for GET /jobs/{id}/result of a succeeded job (files, formats)."""
+
+    def __call__(self, job: Job, args: Mapping[str, str], settings: Settings) -> Any: ...
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    name: str
+    schema: type[Schema]
+    route: Route
+    description: str = ""
+    check: Optional[Check] = None
+    render_result: Optional[RenderResult] = None
+    submittable: bool = True  # False for kinds only the platform itself enqueues
+
+
+KINDS: dict[str, KindSpec] = {}
+
+
+def register(kind: KindSpec) -> KindSpec:
+    KINDS[kind.name] = kind
+    return kind
+
+
+def get_kind(name: str) -> Optional[KindSpec]:
+    return KINDS.get(name)
+
+
+def all_kinds() -> dict[str, KindSpec]:
+    return KINDS
+
+
+def submittable_kinds() -> dict[str, KindSpec]:
+    return {name: k for name, k in sorted(KINDS.items()) if k.submittable}
+
+
+def queue_or_default(spec: Spec, default: str) -> str:
+    """An explicit `queue` in the spec wins over the kind's default."""
+    return spec.get("queue") or default
+
+
+# The built-in kinds register themselves on import.
+from app.kinds import predict, score, sleep, train  # noqa: E402,F401

@@ -1,0 +1,127 @@
+"""`score`: batch-score a drug library with a registered SMILES model (spec, check, route,
+and the score file download). The run is workers/scoring/runner.py: the library is cut
+into shards that any worker on the job's queue scores; the parent merges them in input
+order into one CSV or Parquet file with one row per library row."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from flask import Response, jsonify, send_file
+from marshmallow import Schema, fields, validate
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.artifacts import job_dir
+from app.config import Settings
+from app.errors import ApiError
+from app.ingest.library import SchemaError, library_schema
+from app.kinds import KindSpec, Spec, SpecError, register
+from app.models import Dataset, Job
+from app.registry import ModelNotFound, resolve_ref
+
+FORMATS = ("csv", "parquet")
+MEDIA_TYPES = {"csv": "text/csv", "parquet": "application/vnd.apache.parquet"}
+
+
+def score_files(directory: Path) -> dict[str, Path]:
+    """Where a score job's merged outputs live inside its job directory."""
+    return {"parquet": directory / "scores.parquet", "csv": directory / "scores.csv"}
+
+
+class ScoreSpec(Schema):
+    model = fields.String(required=True, validate=validate.Length(min=1, max=200),
+                          metadata={"description": "name (latest version), name@version or name@alias"})
+    library_id = fields.Integer(required=True, strict=True, metadata={"description": "a dataset of kind library"})
+    top_k = fields.Integer(load_default=100, validate=validate.Range(min=0, max=10_000),
+                           metadata={"description": "rows with the highest scores kept in the job result"})
+    output = fields.String(load_default="csv", validate=validate.OneOf(FORMATS))
+    text_column = fields.String(load_default=None, allow_none=True,
+                                metadata={"description": "CSV/TSV column holding the SMILES "
+                                                         "(default: the one found at upload)"})
+    id_column = fields.String(load_default=None, allow_none=True,
+                              metadata={"description": "CSV/TSV column holding the molecule id"})
+    validate_ = fields.String(data_key="validate", attribute="validate", load_default="rdkit",
+                              validate=validate.OneOf(["rdkit", "none"]),
+                              metadata={"description": "rdkit: parse and canonicalise each SMILES (invalid rows "
+                                                       "get RDKit's reason); none: score the text as is"})
+    dedupe = fields.Boolean(load_default=False, metadata={
+        "description": "score identical canonical SMILES once per shard (every row is still reported)"})
+    max_length = fields.Integer(load_default=2000, validate=validate.Range(min=1, max=1_000_000),
+                                metadata={"description": "longer SMILES are reported as errors, not parsed"})
+    rank_by = fields.String(load_default=None, allow_none=True,
+                            metadata={"description": "output column for top-K (default: the model's first output)"})
+    device = fields.String(load_default="auto", validate=validate.Regexp(r"^(auto|cpu|cuda(:\d+)?)$"))
+    queue = fields.String(load_default=None, allow_none=True)
+
+
+def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
+    """The model must resolve for this tenant and take SMILES; the library must be the
+    tenant's own dataset of kind library, with the named columns."""
+    try:
+        mv = resolve_ref(session, tenant_id, spec["model"])
+    except ModelNotFound as exc:
+        raise SpecError(str(exc), "unknown_model", {"spec": {"model": spec["model"]}})
+    if mv.input_kind != "smiles":
+        raise SpecError(f"model {mv.name} v{mv.version} takes {mv.input_kind} input; scoring needs a SMILES model",
+                        "invalid_model", {"spec": {"model": spec["model"]}})
+    ds = session.scalar(select(Dataset).where(Dataset.id == spec["library_id"], Dataset.tenant_id == tenant_id))
+    if ds is None:
+        raise SpecError(f"Dataset {spec['library_id']} not found", "unknown_dataset",
+                        {"spec": {"library_id": spec["library_id"]}})
+    if ds.kind != "library":
+        raise SpecError(f"dataset {ds.id} is a {ds.kind} dataset; scoring reads a dataset of kind library",
+                        "invalid_dataset", {"spec": {"library_id": spec["library_id"]}})
+    try:
+        library_schema(ds.schema, spec.get("text_column"), spec.get("id_column"))
+    except SchemaError as exc:
+        raise SpecError(str(exc), "invalid_spec", {"spec": {"text_column": ds.schema.get("header")}})
+    return {**spec, "model_version_id": mv.id, "model_name": mv.name, "version": mv.version,
+            "library_rows": ds.rows, "library_sha256": ds.sha256}
+
+
+def route(spec: Spec, settings: Settings) -> str:
+    if spec.get("queue"):
+        return spec["queue"]
+    return settings.gpu_queue if str(spec.get("device", "auto")).startswith("cuda") else settings.default_queue
+
+
+def csv_from_parquet(path: Path, chunk_rows: int = 65_536) -> Iterator[bytes]:
+    """The Parquet score table as CSV bytes, one record batch at a time (for downloads)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    first = True
+    for batch in pf.iter_batches(batch_size=chunk_rows):
+        buf = io.BytesIO()
+        pacsv.write_csv(batch, buf, pacsv.WriteOptions(include_header=first))
+        first = False
+        yield buf.getvalue()
+    if first:  # an empty table still gets its header
+        buf = io.BytesIO()
+        pacsv.write_csv(pf.schema_arrow.empty_table(), buf)
+        yield buf.getvalue()
+
+
+def render_result(job: Job, args: Mapping[str, str], settings: Settings) -> Any:
+    """The score table as a file download: ?format=csv|parquet (default: the spec's output)."""
+    fmt = (args.get("format") or (job.spec or {}).get("output") or "csv").lower()
+    if fmt == "json":
+        return jsonify(job.result or {})
+    if fmt not in FORMATS:
+        raise ApiError(400, f"format must be one of {', '.join(FORMATS)} or json", "bad_request")
+    paths = score_files(job_dir(settings, job.tenant_id, job.id))
+    name = f"job-{job.id}-scores.{fmt}"
+    if paths[fmt].exists():
+        return send_file(paths[fmt], mimetype=MEDIA_TYPES[fmt], as_attachment=True, download_name=name,
+                         max_age=0, conditional=True)
+    if fmt == "csv" and paths["parquet"].exists():  # output=parquet, CSV asked for: convert while streaming
+        return Response(csv_from_parquet(paths["parquet"]), mimetype=MEDIA_TYPES["csv"],
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    raise ApiError(410, f"the score file of job {job.id} is no longer available", "gone")
+
+
+register(KindSpec("score", ScoreSpec, route, "score a drug library with a SMILES model (sharded, resumable)",
+                  check=check, render_result=render_result))
