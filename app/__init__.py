@@ -5,9 +5,10 @@ Importing `app` alone loads nothing heavy: worker processes and RDKit child proc
 import core modules (app.chem, app.models, ...) without Flask. The web application comes
 from `create_app()` (app/factory.py).
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from app.config import Settings
 
 
-def create_app(settings: Optional[Settings] = None) -> Flask:
+def create_app(settings: Settings | None = None) -> Flask:
     from app.factory import create_app as _create_app
 
     return _create_app(settings)

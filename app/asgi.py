@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 import anyio
 from a2wsgi import WSGIMiddleware
@@ -50,8 +51,8 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
-def create_asgi_app(flask_app: Optional[Flask] = None, *, wsgi_threads: Optional[int] = None,
-                    stream_threads: Optional[int] = None) -> Starlette:
+def create_asgi_app(flask_app: Flask | None = None, *, wsgi_threads: int | None = None,
+                    stream_threads: int | None = None) -> Starlette:
     """The Flask app (built from the environment when not given) behind an ASGI front that
     streams job events on the event loop."""
     if flask_app is None:

@@ -1,10 +1,10 @@
 """API keys: random, shown once, stored as a SHA-256 hash behind a visible prefix."""
+
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
-from typing import Optional
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -26,7 +26,7 @@ def create_tenant(session: Session, name: str) -> Tenant:
     return tenant
 
 
-def get_tenant(session: Session, name: str) -> Optional[Tenant]:
+def get_tenant(session: Session, name: str) -> Tenant | None:
     return session.scalar(select(Tenant).where(Tenant.name == name))
 
 
@@ -39,11 +39,11 @@ def create_key(session: Session, tenant: Tenant, name: str = "") -> str:
     return secret
 
 
-def authenticate(session: Session, presented: str) -> Optional[ApiKey]:
+def authenticate(session: Session, presented: str) -> ApiKey | None:
     """The ApiKey for a presented secret, or None. Constant-time hash comparison."""
     if not presented.startswith(KEY_PREFIX):
         return None
-    prefix = presented[len(KEY_PREFIX):].split("_", 1)[0]
+    prefix = presented[len(KEY_PREFIX) :].split("_", 1)[0]
     if len(prefix) != 12:
         return None
     key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None)))

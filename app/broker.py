@@ -1,5 +1,6 @@
 """The Celery *client*: enough to publish job ids. The broker carries ids only; the SQL
 database is the record. Workers build on this (workers.celery_app registers the tasks)."""
+
 from __future__ import annotations
 
 from celery import Celery

@@ -2,6 +2,7 @@
 when a SMILES is rejected, and Murcko scaffolds. Shared by dataset ingestion, training
 data, online prediction and library scoring (whose RDKit child processes import only
 this module and RDKit: the `app` package itself imports nothing heavy)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,7 @@ _TIMESTAMP = re.compile(r"^\[\d\d:\d\d:\d\d\] ?")
 _CAPTURE = getattr(rdBase, "CaptureErrorLog", None)  # RDKit >= 2025.09
 
 
-def quiet_rdkit():
+def quiet_rdkit() -> contextlib.AbstractContextManager[object]:
     """Context manager that keeps RDKit from printing to stderr (one per batch, not per molecule)."""
     return rdBase.BlockLogs() if hasattr(rdBase, "BlockLogs") else contextlib.nullcontext()
 
@@ -70,7 +71,7 @@ def _clean_log(text: str, smiles: str) -> str:
         line = _TIMESTAMP.sub("", line).strip()
         if line.startswith("SMILES Parse Error:"):
             parse_error = True
-            line = line[len("SMILES Parse Error:"):].strip()
+            line = line[len("SMILES Parse Error:") :].strip()
         # skip RDKit's echo of the input, its caret marker and the generic summary line
         if not line or line in smiles or set(line) <= set("~^ ") or line.startswith("Failed parsing SMILES"):
             continue

@@ -3,13 +3,15 @@
 Nothing else in the code base reads the environment: the Settings object is built here
 and passed into create_app(), the Celery app and the worker job kinds.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 
 def _bool(value: str) -> bool:
@@ -54,11 +56,11 @@ class Settings:
     def artifacts(self) -> Path:
         return Path(self.artifact_root) if self.artifact_root else (self.home / "artifacts").resolve()
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 
-_CASTS = {"int": int, "float": float, "bool": _bool, "Path": Path, "str": str}
+_CASTS: dict[str, Callable[[str], object]] = {"int": int, "float": float, "bool": _bool, "Path": Path, "str": str}
 
 
 def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -1,14 +1,19 @@
 """Engine, sessions and the declarative Base shared by the web app and the workers."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from sqlalchemy import MetaData, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.pool import ConnectionPoolEntry
+
     from app.notify import Notifier
 
 NAMING_CONVENTION = {
@@ -29,7 +34,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+        def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
             # WAL lets the web server read while a worker writes; the busy timeout makes
             # concurrent writers wait instead of failing with "database is locked".
             cur = dbapi_conn.cursor()
@@ -46,7 +51,7 @@ def make_engine(url: str) -> Engine:
 class Database:
     """One engine and session factory per process, built from Settings."""
 
-    def __init__(self, url: str, notifier: "Notifier | None" = None):
+    def __init__(self, url: str, notifier: Notifier | None = None) -> None:
         self.url = url
         self.engine = make_engine(url)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)

@@ -1,10 +1,16 @@
-"""One error body for every failure: {"error": {"code", "message", "details"}}."""
+"""One error body for every failure: {"error": {"code", "message", "details"}}.
+
+Stores and the core raise domain errors (app.stores' NotFound / Conflict / Invalid, the
+kinds' SpecError, UploadTooLarge, IngestError); `as_api_error` is the one place they are
+given an HTTP status, and the handlers registered here answer them for the API and the
+pages alike (each with its own ApiError rendering: JSON for the API, an error page or the
+JSON twin's body for the pages)."""
 from __future__ import annotations
 
 import logging
 from typing import Any, Optional
 
-from flask import Flask, jsonify
+from flask import Flask, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -44,8 +50,46 @@ def http_exception_response(exc: HTTPException):
     return error_response(status, message, details=details)
 
 
+def domain_errors() -> tuple[type[Exception], ...]:
+    """The exception types `as_api_error` maps (imported late: app.kinds imports this module)."""
+    from app.artifacts import UploadTooLarge
+    from app.ingest.errors import IngestError
+    from app.kinds import SpecError
+    from app.stores.errors import StoreError
+
+    return (StoreError, SpecError, UploadTooLarge, IngestError)
+
+
+def as_api_error(exc: Exception) -> ApiError:
+    """The status, code, message and details a domain error answers with."""
+    from app.artifacts import UploadTooLarge
+    from app.ingest.errors import IngestError
+    from app.kinds import SpecError
+    from app.stores.errors import Conflict, Invalid, NotFound, StoreError
+
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, StoreError):
+        status = next((s for t, s in ((NotFound, 404), (Conflict, 409), (Invalid, 422)) if isinstance(exc, t)), 400)
+        return ApiError(status, exc.message, exc.code, exc.details)
+    if isinstance(exc, SpecError):
+        return ApiError(422, exc.message, exc.code, exc.details)
+    if isinstance(exc, UploadTooLarge):
+        return ApiError(413, str(exc), "payload_too_large")
+    if isinstance(exc, IngestError):
+        return ApiError(exc.http_status, exc.message, exc.code, exc.details)
+    raise TypeError(f"not a domain error: {exc!r}")
+
+
+def _domain_error(exc: Exception):  # noqa: ANN202
+    # Re-dispatched as an ApiError so a blueprint's own ApiError handler (the pages') applies.
+    return current_app.handle_user_exception(as_api_error(exc))
+
+
 def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(ApiError, lambda e: error_response(e.status, e.message, e.code, e.details))
+    for exc_type in domain_errors():
+        app.register_error_handler(exc_type, _domain_error)
     app.register_error_handler(HTTPException, http_exception_response)
 
     @app.errorhandler(Exception)

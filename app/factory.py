@@ -1,10 +1,10 @@
 """The web application factory: settings, database, broker client, API and pages."""
+
 from __future__ import annotations
 
 import logging
 import secrets
 from pathlib import Path
-from typing import Optional
 
 from flask import Flask, request
 
@@ -25,7 +25,7 @@ def _secret_key(settings: Settings) -> str:
     return path.read_text().strip()
 
 
-def create_app(settings: Optional[Settings] = None) -> Flask:
+def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or from_env()
     logging.basicConfig(level=settings.log_level)
     app = Flask(__name__, static_folder="web/static", template_folder="web/templates")

@@ -1,21 +1,21 @@
 """The job state machine: the only code that changes jobs.state.
 
 queued -> running -> succeeded | failed | cancelled, plus running -> queued when a worker is
-lost. Every transition is a single compare-and-set UPDATE guarded in SQL, and appends a
-job_events row in the same transaction. Running jobs are fenced by their attempt number:
-a worker whose attempt was taken away (reaped) can no longer report or finish.
+lost. Every transition is a single compare-and-set UPDATE guarded in SQL (`transition`), and
+appends a job_events row in the same transaction. A job is a leased unit like any other
+(app/leases.py): claim, heartbeat, attempt fencing and reaping are the shared lease code,
+which changes a job's state only through `transition` here (the job lease's hook).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import notify
+from app import leases, notify
+from app.broker import RUN_JOB
 from app.models import TERMINAL_STATES, Job, JobEvent, JobState, utcnow
 
 Q, R = JobState.queued, JobState.running
@@ -32,7 +32,7 @@ def append_event(session: Session, job_id: int, type_: str, data: dict[str, Any]
     return seq
 
 
-def _transition(
+def transition(
     session: Session,
     job_id: int,
     *,
@@ -42,20 +42,27 @@ def _transition(
     extra_where: tuple = (),
     values: Optional[dict[str, Any]] = None,
     event: Optional[dict[str, Any]] = None,
-) -> bool:
+    returning: tuple = (),
+) -> Optional[Sequence[Any]]:
+    """The one state change: compare-and-set plus its event. Returns (attempts, *returning),
+    or None when the job was not in from_states (or not at `attempt`)."""
     from_states = tuple(from_states)
     assert not (set(from_states) & TERMINAL_STATES), "terminal states never change"
     where = [Job.id == job_id, Job.state.in_(from_states), *extra_where]
     if attempt is not None:
         where.append(Job.attempts == attempt)
     row = session.execute(
-        update(Job).where(*where).values(state=to, **(values or {})).returning(Job.attempts)
+        update(Job).where(*where).values(state=to, **(values or {})).returning(Job.attempts, *returning)
     ).first()
     if row is None:
-        return False
+        return None
     data = {"to": to.value, "attempt": row[0], **(event or {})}
     append_event(session, job_id, "state", data)
-    return True
+    return tuple(row)
+
+
+def _transition(session: Session, job_id: int, **kw: Any) -> bool:
+    return transition(session, job_id, **kw) is not None
 
 
 def submit(
@@ -106,25 +113,8 @@ def submit(
 def claim(session: Session, job_id: int, worker: str) -> Optional[int]:
     """queued -> running, atomically. Returns the attempt number, or None if another
     delivery (or a cancel) got there first."""
-    now = utcnow()
-    ok = _transition(
-        session, job_id, from_states=[Q], to=R,
-        values={"attempts": Job.attempts + 1, "started_at": now, "heartbeat_at": now, "worker": worker,
-                "error": None, "message": "started"},
-        event={"from": Q.value, "worker": worker},
-    )
-    if not ok:
-        return None
-    return session.scalar(select(Job.attempts).where(Job.id == job_id))
-
-
-def heartbeat(session: Session, job_id: int, attempt: int) -> Optional[bool]:
-    """Refresh heartbeat_at. Returns cancel_requested, or None if this attempt lost the job."""
-    row = session.execute(
-        update(Job).where(Job.id == job_id, Job.state == R, Job.attempts == attempt)
-        .values(heartbeat_at=utcnow()).returning(Job.cancel_requested)
-    ).first()
-    return None if row is None else bool(row[0])
+    row = leases.claim(session, LEASE, job_id, worker)
+    return None if row is None else int(row[0])
 
 
 def report_progress(
@@ -200,54 +190,27 @@ def request_cancel(session: Session, job_id: int) -> JobState:
     return session.scalar(select(Job.state).where(Job.id == job_id))
 
 
-@dataclass
-class Reaped:
-    job_id: int
-    queue: str
-    state: JobState
-
-
-def reap_stale(session: Session, timeout_s: float) -> list[Reaped]:
+def reap_stale(session: Session, timeout_s: float) -> list[leases.Reaped]:
     """Running jobs whose heartbeat is older than timeout: back to queued (attempts is bumped
     by the next claim), or failed with 'worker lost' once max_attempts is spent, or
-    cancelled if a cancel was pending."""
-    cutoff = utcnow() - timedelta(seconds=timeout_s)
-    stale = session.execute(
-        select(Job.id, Job.attempts, Job.max_attempts, Job.queue, Job.cancel_requested)
-        .where(Job.state == R, Job.heartbeat_at < cutoff)
-    ).all()
-    out: list[Reaped] = []
-    for job_id, attempts, max_attempts, queue, cancel_requested in stale:
-        guard = (Job.heartbeat_at < cutoff,)
-        event = {"from": R.value, "reason": "worker lost"}
-        if cancel_requested:
-            to, values = JobState.cancelled, {"message": "cancelled", **_finish_values(session, job_id)}
-        elif attempts >= max_attempts:
-            to = JobState.failed
-            values = {"error": "worker lost", "message": "failed", **_finish_values(session, job_id)}
-        else:
-            to, values = Q, {"worker": None, "message": "worker lost; re-queued", "published_at": None}
-        if _transition(session, job_id, from_states=[R], to=to, attempt=attempts, extra_where=guard,
-                       values=values, event=event):
-            out.append(Reaped(job_id, queue, to))
-    return out
+    cancelled if a cancel was pending (app.leases.reap)."""
+    return leases.reap(session, LEASE, timeout_s)
 
 
-def unpublished_queued(session: Session, grace_s: float, limit: int = 10_000) -> list[tuple[int, str]]:
-    """Queued jobs never published, or published longer ago than the grace period."""
-    cutoff = utcnow() - timedelta(seconds=grace_s)
-    rows = session.execute(
-        select(Job.id, Job.queue).where(
-            Job.state == Q, (Job.published_at.is_(None) & (Job.created_at < cutoff)) | (Job.published_at < cutoff)
-        ).order_by(Job.id).limit(limit)
-    ).all()
-    return [(r[0], r[1]) for r in rows]
+def _leave_values(session: Session, job_id: int, to: JobState, error: Optional[str]) -> dict[str, Any]:
+    """What a running job's row gets when its lease ends without success."""
+    if to == Q:
+        return {"worker": None, "message": f"{error}; re-queued" if error else "re-queued", "published_at": None}
+    if to == JobState.failed:
+        return {"error": (error or "failed")[:10000], "message": "failed", **_finish_values(session, job_id)}
+    return {"message": "cancelled", **_finish_values(session, job_id)}
 
 
-def mark_published(session: Session, job_ids: Iterable[int], when: Optional[datetime] = None) -> None:
-    ids = list(job_ids)
-    if ids:
-        session.execute(update(Job).where(Job.id.in_(ids), Job.state == Q).values(published_at=when or utcnow()))
+LEASE = leases.register(leases.LeaseKind(
+    name="job", model=Job, claimable=Q, running=R, done=JobState.succeeded, failed=JobState.failed,
+    cancelled=JobState.cancelled, task=RUN_JOB, key=(Job.id,), job_id=Job.id,
+    claim_values={"error": None, "message": "started"}, leave_values=_leave_values, transition=transition,
+))
 
 
 def count_by_state(session: Session) -> dict[str, int]:

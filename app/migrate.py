@@ -1,4 +1,5 @@
 """Apply Alembic migrations (`medmaas db upgrade`, standalone start, tests)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,6 @@ from alembic import command
 from alembic.config import Config
 
 import migrations
-
 from app.config import Settings
 
 

@@ -19,8 +19,9 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
 
 import redis
 from sqlalchemy import event
@@ -42,12 +43,12 @@ def touch(session: Session, job_id: int) -> None:
 class Notifier:
     """The publishing side: one lazily created Redis client per process."""
 
-    def __init__(self, url: Optional[str] = None, factory: Optional[RedisFactory] = None):
+    def __init__(self, url: str | None = None, factory: RedisFactory | None = None) -> None:
         if factory is None and url is None:
             raise ValueError("a Redis URL or a client factory is needed")
         self._factory: RedisFactory = factory or (
             lambda: redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2))  # type: ignore[arg-type]
-        self._client: Optional[redis.Redis] = None
+        self._client: redis.Redis | None = None
         self._warned_at = 0.0
 
     def publish(self, job_ids: Iterable[int]) -> None:
@@ -90,7 +91,7 @@ class Notifier:
 class _Waiter:
     """One watcher of one job: a flag set by the hub, waited on by a thread or a coroutine."""
 
-    def __init__(self, loop: Optional[asyncio.AbstractEventLoop] = None):
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.flag = threading.Event()
         self.loop = loop
         self.async_flag = asyncio.Event() if loop is not None else None
@@ -98,17 +99,15 @@ class _Waiter:
     def fire(self) -> None:
         self.flag.set()
         if self.loop is not None and self.async_flag is not None:
-            try:
+            with suppress(RuntimeError):  # the loop has closed
                 self.loop.call_soon_threadsafe(self.async_flag.set)
-            except RuntimeError:  # the loop has closed
-                pass
 
 
 class Watch:
     """Returned by EventHub.watch(): wait(timeout) blocks until the job was notified (True)
     or the timeout passed (False). Notifications that arrived since the last wait count."""
 
-    def __init__(self, waiter: _Waiter):
+    def __init__(self, waiter: _Waiter) -> None:
         self._waiter = waiter
 
     def wait(self, timeout: float) -> bool:
@@ -122,7 +121,7 @@ class Watch:
         try:
             await asyncio.wait_for(flag.wait(), timeout)
             woke = True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             woke = False
         flag.clear()
         self._waiter.flag.clear()
@@ -136,20 +135,20 @@ class EventHub:
     It reconnects after errors; while it is disconnected, waits simply time out.
     """
 
-    def __init__(self, url: Optional[str] = None, factory: Optional[RedisFactory] = None):
+    def __init__(self, url: str | None = None, factory: RedisFactory | None = None) -> None:
         if factory is None and url is None:
             raise ValueError("a Redis URL or a client factory is needed")
         self._factory: RedisFactory = factory or (
             lambda: redis.Redis.from_url(url, socket_connect_timeout=2, health_check_interval=15))  # type: ignore[arg-type]
         self._lock = threading.Lock()
         self._waiters: dict[int, set[_Waiter]] = defaultdict(set)
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.connected = threading.Event()
 
     # -- watchers ---------------------------------------------------------------------
     @contextmanager
-    def watch(self, job_id: int, loop: Optional[asyncio.AbstractEventLoop] = None) -> Iterator[Watch]:
+    def watch(self, job_id: int, loop: asyncio.AbstractEventLoop | None = None) -> Iterator[Watch]:
         """Register before reading the database, so a commit between the read and the wait
         still wakes the watcher."""
         self._ensure_started()
@@ -202,17 +201,15 @@ class EventHub:
                             self._fire(int(message["data"]))
                         except (TypeError, ValueError):
                             continue
-            except Exception:  # noqa: BLE001  (Redis down or restarted: retry, watchers time out meanwhile)
+            except Exception:
                 self.connected.clear()
                 log.debug("event hub disconnected; retrying in %.1fs", backoff, exc_info=True)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
                 if pubsub is not None:
-                    try:
+                    with suppress(Exception):
                         pubsub.close()
-                    except Exception:  # noqa: BLE001
-                        pass
 
     def _fire_all(self) -> None:
         with self._lock:

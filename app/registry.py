@@ -1,4 +1,7 @@
-"""Model registry look-ups: `name`, `name@3`, `name@alias` -> a tenant's ModelVersion."""
+"""Model registry look-ups: `name`, `name@3`, `name@alias` -> a tenant's ModelVersion.
+
+The resolver the kinds' spec checks use; app.stores.models builds the registry's other
+queries on it."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,10 +10,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import ModelAlias, ModelVersion
+from app.stores.errors import NotFound
 
 
-class ModelNotFound(LookupError):
-    pass
+class ModelNotFound(NotFound):
+    """No such model, version or alias for the tenant (a store NotFound: HTTP 404)."""
 
 
 def split_ref(ref: str) -> tuple[str, Optional[str]]:

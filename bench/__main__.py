@@ -13,12 +13,13 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.common import BENCH, RESULTS, log, machine_info, now_iso, wait_for_quiet, write_result
 
-ORDER = ["queue_latency", "api_throughput", "training_overhead", "score_library", "submit_scale"]
+ORDER = ["queue_latency", "api_throughput", "training_overhead", "score_library", "submit_scale", "sse_load"]
 README = BENCH / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -95,7 +96,7 @@ def _fmt(x: Any) -> str:
 
 def table_markdown() -> str:
     results = []
-    for name in ORDER + ["gpu"]:  # gpu.json: from bench/gpu.sh on a GPU machine, copied here
+    for name in [*ORDER, "gpu"]:  # gpu.json: from bench/gpu.sh on a GPU machine, copied here
         p = RESULTS / f"{name}.json"
         if p.exists():
             try:
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 result = _module_run(name)(args.quick)
             result["duration_s"] = round(time.monotonic() - t0, 1)
-        except Exception:  # noqa: BLE001  (one broken benchmark must not hide the others)
+        except Exception:
             failures += 1
             log(f"{name}: FAILED")
             traceback.print_exc()

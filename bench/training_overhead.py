@@ -75,7 +75,7 @@ def bare_train(arch: str, data_path: str, spec: dict[str, Any], class_names: lis
     amp = autocast_dtype_for(device)
     seed_everything(cfg.seed)
     model.to(device)
-    task = data.task
+    task = data.head
     optimizer = make_optimizer(model, cfg)
     eval_bs = cfg.batch_size * 4
     loaders = {k: mldata.make_loader(ds, cfg.batch_size if k == "train" else eval_bs, shuffle=k == "train",

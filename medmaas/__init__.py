@@ -3,7 +3,8 @@
 This package talks HTTP to a MedMaaS server and depends on `requests` only; it never
 imports the server (Flask), the workers or torch.
 """
-from medmaas.client import Client, MedmaasError, TERMINAL_STATES
 
-__all__ = ["Client", "MedmaasError", "TERMINAL_STATES"]
+from medmaas.client import TERMINAL_STATES, Client, MedmaasError
+
+__all__ = ["TERMINAL_STATES", "Client", "MedmaasError"]
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ and the admin commands). Each command imports what it runs when it runs, so clie
 commands stay fast. The HTTP client commands (login, jobs, datasets, train, score, ...)
 come from medmaas.commands, which imports neither app nor workers.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,8 @@ def standalone(port: int | None, demo: bool) -> None:
     """Everything in one command: SQLite, an embedded broker, workers and the web server."""
     from medmaas.standalone import run_standalone
 
-    overrides = {"web_port": port} if port else {}
-    sys.exit(run_standalone(from_env(**overrides), demo=demo))
+    settings = from_env(web_port=port) if port else from_env()
+    sys.exit(run_standalone(settings, demo=demo))
 
 
 @main.command()
@@ -38,11 +39,13 @@ def standalone(port: int | None, demo: bool) -> None:
 @click.option("--threads", type=int, default=8, show_default=True)
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 def web(host: str | None, port: int | None, workers: int, threads: int, access_log: bool) -> None:
-    """The web server (gunicorn, threaded workers so SSE streams don't block requests)."""
+    """The web server: gunicorn with uvicorn workers serving app.asgi (Flask on --threads threads
+    per worker; SSE streams wait on the event loop, not one thread per open stream)."""
     settings = from_env()
     bind = f"{host or settings.web_host}:{port or settings.web_port}"
-    args = [sys.executable, "-m", "gunicorn", "app.wsgi:app", "--bind", bind, "--workers", str(workers),
-            "--worker-class", "gthread", "--threads", str(threads), "--timeout", "120",
+    os.environ["MEDMAAS_WEB_THREADS"] = str(threads)
+    args = [sys.executable, "-m", "gunicorn", "app.asgi:app", "--bind", bind, "--workers", str(workers),
+            "--worker-class", "app.asgi.Worker", "--timeout", "120",
             "--graceful-timeout", "10"] + (["--access-logfile", "-"] if access_log else [])
     os.execv(sys.executable, args)
 
@@ -50,8 +53,12 @@ def web(host: str | None, port: int | None, workers: int, threads: int, access_l
 @main.command()
 @click.option("--queues", default="cpu", show_default=True, help="comma-separated: gpu, cpu, inference")
 @click.option("--gpu", "gpu", default=None, help="pin to this GPU index (sets CUDA_VISIBLE_DEVICES)")
-@click.option("--pool", type=click.Choice(["solo", "threads", "prefork"]), default=None,
-              help="default: solo (one job at a time, never forks after CUDA init); threads for inference")
+@click.option(
+    "--pool",
+    type=click.Choice(["solo", "threads", "prefork"]),
+    default=None,
+    help="default: solo (one job at a time, never forks after CUDA init); threads for inference",
+)
 @click.option("--concurrency", type=int, default=None)
 @click.option("--loglevel", default="INFO")
 def worker(queues: str, gpu: str | None, pool: str | None, concurrency: int | None, loglevel: str) -> None:
@@ -77,10 +84,23 @@ def worker(queues: str, gpu: str | None, pool: str | None, concurrency: int | No
         concurrency = 4 if pool == "threads" else 1
     if gpu is not None and pool == "prefork":
         raise click.UsageError("GPU workers must not fork after CUDA init: use --pool solo or threads")
-    celery.worker_main([
-        "worker", "-Q", ",".join(names), "-P", pool, "-c", str(concurrency), "--loglevel", loglevel,
-        "-n", f"{'-'.join(names)}-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
-    ])
+    celery.worker_main(
+        [
+            "worker",
+            "-Q",
+            ",".join(names),
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "--loglevel",
+            loglevel,
+            "-n",
+            f"{'-'.join(names)}-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
 
 
 @main.command()
@@ -113,12 +133,14 @@ def demo(url: str | None, key: str | None, epochs: int) -> None:
     if key is None:
         key_file = settings.home / "api_key"
         if not key_file.exists():
-            raise click.ClickException(f"no --key given and {key_file} does not exist; start `medmaas standalone` first")
+            raise click.ClickException(
+                f"no --key given and {key_file} does not exist; start `medmaas standalone` first"
+            )
         key = key_file.read_text().strip()
     try:
         run_demo(url, key, epochs=epochs)
     except DemoError as exc:
-        raise click.ClickException(str(exc))
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.group()

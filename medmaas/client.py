@@ -13,6 +13,7 @@ Every non-2xx answer raises `MedmaasError(status, code, message, details)`, buil
 API's error body `{"error": {"code", "message", "details"}}`; a server that cannot be
 reached raises it with status None and code "connection_error".
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ import os
 import stat
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, BinaryIO, Union
 from urllib.parse import quote
 
 import requests
@@ -33,7 +35,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 class MedmaasError(Exception):
     """An error answer from the server (or no answer at all: status None)."""
 
-    def __init__(self, status: Optional[int], code: str, message: str, details: Any = None):
+    def __init__(self, status: int | None, code: str, message: str, details: Any = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details
 
@@ -47,6 +49,7 @@ class MedmaasError(Exception):
 
 # -- configuration written by `medmaas login` ------------------------------------------------
 
+
 def config_path() -> Path:
     """$MEDMAAS_CLIENT_CONFIG, else $XDG_CONFIG_HOME/medmaas/config.json (~/.config by default)."""
     explicit = os.environ.get("MEDMAAS_CLIENT_CONFIG")
@@ -56,7 +59,7 @@ def config_path() -> Path:
     return Path(base).expanduser() / "medmaas" / "config.json"
 
 
-def load_config(path: Optional[PathLike] = None) -> dict[str, Any]:
+def load_config(path: PathLike | None = None) -> dict[str, Any]:
     p = Path(path) if path else config_path()
     try:
         data = json.loads(p.read_text())
@@ -67,7 +70,7 @@ def load_config(path: Optional[PathLike] = None) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def save_config(data: Mapping[str, Any], path: Optional[PathLike] = None) -> Path:
+def save_config(data: Mapping[str, Any], path: PathLike | None = None) -> Path:
     """Write the config readable by its owner only (0600), atomically."""
     p = Path(path) if path else config_path()
     p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -87,29 +90,33 @@ def save_config(data: Mapping[str, Any], path: Optional[PathLike] = None) -> Pat
 
 # -- streamed multipart upload ---------------------------------------------------------------
 
+
 class _MultipartStream:
     """A multipart/form-data body read from disk in chunks (never held in memory), with a
     known length so the request carries Content-Length rather than chunked encoding."""
 
     CHUNK = 1024 * 1024
 
-    def __init__(self, fields: Mapping[str, str], file_field: str, path: Path,
-                 progress: Optional[Callable[[int, int], None]] = None):
+    def __init__(
+        self, fields: Mapping[str, str], file_field: str, path: Path, progress: Callable[[int, int], None] | None = None
+    ) -> None:
         self.boundary = f"medmaas-{uuid.uuid4().hex}"
         head = b"".join(self._part(name, value) for name, value in fields.items())
         filename = path.name.replace('"', "_").replace("\r", "_").replace("\n", "_")
-        head += (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"{file_field}\"; "
-                 f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
+        head += (
+            f'--{self.boundary}\r\nContent-Disposition: form-data; name="{file_field}"; '
+            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
         self._head, self._tail = head, f"\r\n--{self.boundary}--\r\n".encode()
-        self._file: BinaryIO = open(path, "rb")
+        # Kept open across read() calls: closed at the end of the body or by close().
+        self._file: BinaryIO = open(path, "rb")  # noqa: SIM115
         self._file_size = path.stat().st_size
         self._length = len(head) + self._file_size + len(self._tail)
         self._sent, self._progress = 0, progress
         self._stage = 0  # 0 head, 1 file, 2 tail, 3 done
 
     def _part(self, name: str, value: str) -> bytes:
-        return (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
-                f"{value}\r\n").encode()
+        return (f'--{self.boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n').encode()
 
     @property
     def content_type(self) -> str:
@@ -153,11 +160,13 @@ class _MultipartStream:
 
 # -- the client ------------------------------------------------------------------------------
 
+
 class Client:
     """One server and one API key. Methods return the API's JSON as plain dicts."""
 
-    def __init__(self, url: str, key: Optional[str] = None, *, timeout: float = 30.0,
-                 session: Optional[requests.Session] = None):
+    def __init__(
+        self, url: str, key: str | None = None, *, timeout: float = 30.0, session: requests.Session | None = None
+    ) -> None:
         if not url or not url.startswith(("http://", "https://")):
             raise ValueError(f"the server URL must start with http:// or https://, not {url!r}")
         self.url = url.rstrip("/")
@@ -169,7 +178,7 @@ class Client:
             self.session.headers["Authorization"] = f"Bearer {key}"
 
     @classmethod
-    def from_config(cls, path: Optional[PathLike] = None, **kwargs: Any) -> "Client":
+    def from_config(cls, path: PathLike | None = None, **kwargs: Any) -> Client:
         """The server and key saved by `medmaas login` ($MEDMAAS_URL / $MEDMAAS_API_KEY win)."""
         cfg = load_config(path)
         url = os.environ.get("MEDMAAS_URL") or cfg.get("url")
@@ -178,7 +187,7 @@ class Client:
             raise MedmaasError(None, "not_logged_in", "No server configured: run `medmaas login URL --key KEY`")
         return cls(url, key, **kwargs)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -191,23 +200,40 @@ class Client:
         return f"Client({self.url!r})"
 
     # -- transport -------------------------------------------------------------------------
-    def request(self, method: str, path: str, *, params: Optional[Mapping[str, Any]] = None, json_body: Any = None,
-                data: Any = None, headers: Optional[Mapping[str, str]] = None, stream: bool = False,
-                timeout: Any = None) -> requests.Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        timeout: Any = None,
+    ) -> requests.Response:
         """Send one request; raise MedmaasError unless the answer is 2xx."""
         if params:
             params = {k: v for k, v in params.items() if v is not None}
         try:
-            resp = self.session.request(method, self.url + path, params=params, json=json_body, data=data,
-                                        headers=dict(headers or {}), stream=stream,
-                                        timeout=self.timeout if timeout is None else timeout)
+            resp = self.session.request(
+                method,
+                self.url + path,
+                params=params,
+                json=json_body,
+                data=data,
+                headers=dict(headers or {}),
+                stream=stream,
+                timeout=self.timeout if timeout is None else timeout,
+            )
         except requests.exceptions.SSLError as exc:
             raise MedmaasError(None, "connection_error", f"TLS error talking to {self.url}: {exc}") from None
         except requests.exceptions.Timeout:
             raise MedmaasError(None, "timeout", f"{self.url} did not answer {method} {path} in time") from None
         except requests.exceptions.ConnectionError as exc:
-            raise MedmaasError(None, "connection_error", f"Cannot reach the MedMaaS server at {self.url}: "
-                                                         f"{_root_cause(exc)}") from None
+            raise MedmaasError(
+                None, "connection_error", f"Cannot reach the MedMaaS server at {self.url}: {_root_cause(exc)}"
+            ) from None
         if resp.status_code >= 400:
             raise _error_from(resp)
         return resp
@@ -217,12 +243,22 @@ class Client:
         try:
             return resp.json()
         except ValueError:
-            raise MedmaasError(resp.status_code, "bad_response",
-                               f"Expected JSON from {method} {path}, got {resp.headers.get('Content-Type')!r}") from None
+            raise MedmaasError(
+                resp.status_code,
+                "bad_response",
+                f"Expected JSON from {method} {path}, got {resp.headers.get('Content-Type')!r}",
+            ) from None
 
     # -- jobs ------------------------------------------------------------------------------
-    def submit_job(self, kind: str, spec: Optional[Mapping[str, Any]] = None, *, priority: int = 0,
-                   max_attempts: Optional[int] = None, idempotency_key: Optional[str] = None) -> dict:
+    def submit_job(
+        self,
+        kind: str,
+        spec: Mapping[str, Any] | None = None,
+        *,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict:
         body: dict[str, Any] = {"kind": kind, "spec": dict(spec or {}), "priority": priority}
         if max_attempts is not None:
             body["max_attempts"] = max_attempts
@@ -232,12 +268,15 @@ class Client:
     def get_job(self, job_id: int) -> dict:
         return self._json("GET", f"/api/v1/jobs/{int(job_id)}")
 
-    def list_jobs(self, state: Optional[str] = None, kind: Optional[str] = None, limit: int = 50,
-                  cursor: Optional[int] = None) -> dict:
+    def list_jobs(
+        self, state: str | None = None, kind: str | None = None, limit: int = 50, cursor: int | None = None
+    ) -> dict:
         """One page: {"items": [...], "next_cursor": id or None}, newest first."""
-        return self._json("GET", "/api/v1/jobs", params={"state": state, "kind": kind, "limit": limit, "cursor": cursor})
+        return self._json(
+            "GET", "/api/v1/jobs", params={"state": state, "kind": kind, "limit": limit, "cursor": cursor}
+        )
 
-    def iter_jobs(self, state: Optional[str] = None, kind: Optional[str] = None, page_size: int = 100) -> Iterator[dict]:
+    def iter_jobs(self, state: str | None = None, kind: str | None = None, page_size: int = 100) -> Iterator[dict]:
         cursor = None
         while True:
             page = self.list_jobs(state=state, kind=kind, limit=page_size, cursor=cursor)
@@ -253,17 +292,23 @@ class Client:
     def cancel(self, job_id: int) -> dict:
         return self._json("POST", f"/api/v1/jobs/{int(job_id)}/cancel")
 
-    def stream(self, job_id: int, after: int = 0, *, deadline: Optional[float] = None,
-               max_reconnects: int = 30) -> Iterator[dict]:
+    def stream(
+        self, job_id: int, after: int = 0, *, deadline: float | None = None, max_reconnects: int = 30
+    ) -> Iterator[dict]:
         """Follow a job's server-sent events ({"seq", "ts", "type", "data"}) until it is
         terminal. Reconnects after dropped connections, resuming after the last event seen.
         `deadline` is a time.monotonic() value; past it, TimeoutError is raised."""
         last_seq, failures, retry_s = after, 0, 2.0
         while True:
             try:
-                resp = self.request("GET", f"/api/v1/jobs/{int(job_id)}/stream", params={"after": last_seq},
-                                    headers={"Accept": "text/event-stream", "Last-Event-ID": str(last_seq)},
-                                    stream=True, timeout=(self.timeout, 60))
+                resp = self.request(
+                    "GET",
+                    f"/api/v1/jobs/{int(job_id)}/stream",
+                    params={"after": last_seq},
+                    headers={"Accept": "text/event-stream", "Last-Event-ID": str(last_seq)},
+                    stream=True,
+                    timeout=(self.timeout, 60),
+                )
             except MedmaasError as exc:
                 if exc.status is not None or failures >= max_reconnects:
                     raise
@@ -286,8 +331,11 @@ class Client:
                         last_seq = max(last_seq, data["seq"])
                         failures = 0
                         yield data
-            except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.Timeout):
+            except (
+                requests.exceptions.ConnectionError,
+                requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.Timeout,
+            ):
                 failures += 1
                 if failures > max_reconnects:
                     raise MedmaasError(None, "connection_error", f"lost the event stream of job {job_id}") from None
@@ -297,8 +345,9 @@ class Client:
             _check_deadline(deadline)
             time.sleep(min(retry_s, 2.0))
 
-    def wait_for(self, job_id: int, *, timeout: Optional[float] = None,
-                 on_event: Optional[Callable[[dict], None]] = None) -> dict:
+    def wait_for(
+        self, job_id: int, *, timeout: float | None = None, on_event: Callable[[dict], None] | None = None
+    ) -> dict:
         """Block until the job is terminal, calling on_event for each event; returns the job."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for event in self.stream(job_id, deadline=deadline):
@@ -319,20 +368,31 @@ class Client:
             raise MedmaasError(409, "not_ready", f"Job {job_id} is {job['state']}; its result is not available")
         return job.get("result") or {}
 
-    def download_result(self, job_id: int, dest: PathLike, *, format: Optional[str] = None) -> Path:
+    def download_result(self, job_id: int, dest: PathLike, *, format: str | None = None) -> Path:
         """Save GET /jobs/{id}/result (a score file, or the JSON result) to dest (a file, or a
         directory to save under the server's file name). Written atomically."""
-        resp = self.request("GET", f"/api/v1/jobs/{int(job_id)}/result", params={"format": format},
-                            stream=True, timeout=(self.timeout, 300))
+        resp = self.request(
+            "GET",
+            f"/api/v1/jobs/{int(job_id)}/result",
+            params={"format": format},
+            stream=True,
+            timeout=(self.timeout, 300),
+        )
         dest = Path(dest)
         if dest.is_dir():
             dest = dest / (_attachment_name(resp) or f"job-{int(job_id)}-result.json")
         return _save_stream(resp, dest)
 
     # -- datasets --------------------------------------------------------------------------
-    def upload_dataset(self, path: PathLike, kind: str, *, name: Optional[str] = None,
-                       options: Optional[Mapping[str, Any]] = None,
-                       progress: Optional[Callable[[int, int], None]] = None) -> dict:
+    def upload_dataset(
+        self,
+        path: PathLike,
+        kind: str,
+        *,
+        name: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict:
         """Upload and validate a file (streamed from disk). kind: images, sequences or library.
         Options, e.g. {"text_column": "smiles", "label_columns": "logS"}. Returns the dataset
         with rows, invalid_rows, invalid_samples, sha256, bytes and schema."""
@@ -346,32 +406,65 @@ class Client:
             fields["options"] = json.dumps(dict(options))
         body = _MultipartStream(fields, "file", path, progress)
         try:
-            return self._json("POST", "/api/v1/datasets", data=body, headers={"Content-Type": body.content_type},
-                              timeout=(self.timeout, 3600))
+            return self._json(
+                "POST",
+                "/api/v1/datasets",
+                data=body,
+                headers={"Content-Type": body.content_type},
+                timeout=(self.timeout, 3600),
+            )
         finally:
             body.close()
 
     def get_dataset(self, dataset_id: int) -> dict:
         return self._json("GET", f"/api/v1/datasets/{int(dataset_id)}")
 
-    def list_datasets(self, kind: Optional[str] = None, limit: int = 100, cursor: Optional[int] = None) -> dict:
+    def list_datasets(self, kind: str | None = None, limit: int = 100, cursor: int | None = None) -> dict:
         return self._json("GET", "/api/v1/datasets", params={"kind": kind, "limit": limit, "cursor": cursor})
 
     # -- training, scoring, prediction -----------------------------------------------------
-    def train(self, *, dataset_id: int, model_name: str, arch: str, task: str = "classification",
-              target: Union[str, list[str], None] = None, epochs: Optional[int] = None,
-              batch_size: Optional[int] = None, lr: Optional[float] = None, seed: Optional[int] = None,
-              model: Optional[Mapping[str, Any]] = None, device: Optional[str] = None,
-              idempotency_key: Optional[str] = None, **extra: Any) -> dict:
+    def train(
+        self,
+        *,
+        dataset_id: int,
+        model_name: str,
+        arch: str,
+        task: str = "classification",
+        target: str | list[str] | None = None,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        seed: int | None = None,
+        model: Mapping[str, Any] | None = None,
+        device: str | None = None,
+        idempotency_key: str | None = None,
+        **extra: Any,
+    ) -> dict:
         """Submit a `train` job (see the train spec in the API docs); returns the job."""
         spec: dict[str, Any] = {"dataset_id": int(dataset_id), "model_name": model_name, "arch": arch, "task": task}
-        optional = {"target": target, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                    "model": dict(model) if model else None, "device": device, **extra}
+        optional = {
+            "target": target,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "model": dict(model) if model else None,
+            "device": device,
+            **extra,
+        }
         spec.update({k: v for k, v in optional.items() if v is not None})
         return self.submit_job("train", spec, idempotency_key=idempotency_key)
 
-    def score(self, model: str, library_id: int, *, top_k: Optional[int] = None, output: str = "csv",
-              idempotency_key: Optional[str] = None, **extra: Any) -> dict:
+    def score(
+        self,
+        model: str,
+        library_id: int,
+        *,
+        top_k: int | None = None,
+        output: str = "csv",
+        idempotency_key: str | None = None,
+        **extra: Any,
+    ) -> dict:
         """Submit a `score` job: model is `name`, `name@version` or `name@alias`."""
         spec: dict[str, Any] = {"model": model, "library_id": int(library_id), "output": output}
         if top_k is not None:
@@ -379,8 +472,15 @@ class Client:
         spec.update({k: v for k, v in extra.items() if v is not None})
         return self.submit_job("score", spec, idempotency_key=idempotency_key)
 
-    def predict(self, model: str, inputs: Iterable[Any], *, version: Optional[int] = None,
-                alias: Optional[str] = None, timeout: Optional[float] = None) -> dict:
+    def predict(
+        self,
+        model: str,
+        inputs: Iterable[Any],
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        timeout: float | None = None,
+    ) -> dict:
         """Online prediction. model may carry its selector (`name@3`, `name@production`).
         Returns the predictions, or (when slower than timeout) the job to follow (202)."""
         name, _, selector = model.partition("@")
@@ -397,8 +497,9 @@ class Client:
         if timeout is not None:
             body["timeout"] = timeout
         wait = (timeout or 10) + self.timeout
-        return self._json("POST", f"/api/v1/models/{quote(name, safe='')}/predict", json_body=body,
-                          timeout=(self.timeout, wait))
+        return self._json(
+            "POST", f"/api/v1/models/{quote(name, safe='')}/predict", json_body=body, timeout=(self.timeout, wait)
+        )
 
     # -- model registry --------------------------------------------------------------------
     def models(self) -> list[dict]:
@@ -411,13 +512,20 @@ class Client:
         return self._json("GET", f"/api/v1/models/{quote(name, safe='')}/versions/{int(version)}")
 
     def set_alias(self, name: str, alias: str, version: int) -> dict:
-        return self._json("PUT", f"/api/v1/models/{quote(name, safe='')}/aliases/{quote(alias, safe='')}",
-                          json_body={"version": int(version)})
+        return self._json(
+            "PUT",
+            f"/api/v1/models/{quote(name, safe='')}/aliases/{quote(alias, safe='')}",
+            json_body={"version": int(version)},
+        )
 
     def download_model_file(self, name: str, version: int, dest: PathLike, which: str = "weights") -> Path:
         """Save a version's weights (safetensors) or config (JSON)."""
-        resp = self.request("GET", f"/api/v1/models/{quote(name, safe='')}/versions/{int(version)}/files/{which}",
-                            stream=True, timeout=(self.timeout, 300))
+        resp = self.request(
+            "GET",
+            f"/api/v1/models/{quote(name, safe='')}/versions/{int(version)}/files/{which}",
+            stream=True,
+            timeout=(self.timeout, 300),
+        )
         dest = Path(dest)
         if dest.is_dir():
             dest = dest / (_attachment_name(resp) or f"{name}-v{version}-{which}")
@@ -430,6 +538,7 @@ class Client:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
 
 def _root_cause(exc: BaseException) -> str:
     while exc.__context__ is not None and exc.__context__ is not exc:
@@ -444,18 +553,22 @@ def _error_from(resp: requests.Response) -> MedmaasError:
         body = None
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         err = body["error"]
-        return MedmaasError(resp.status_code, str(err.get("code") or "error"),
-                            str(err.get("message") or resp.reason), err.get("details"))
+        return MedmaasError(
+            resp.status_code,
+            str(err.get("code") or "error"),
+            str(err.get("message") or resp.reason),
+            err.get("details"),
+        )
     text = (resp.text or "").strip().splitlines()[0][:200] if resp.text else resp.reason
     return MedmaasError(resp.status_code, "http_error", f"HTTP {resp.status_code}: {text}")
 
 
-def _check_deadline(deadline: Optional[float]) -> None:
+def _check_deadline(deadline: float | None) -> None:
     if deadline is not None and time.monotonic() > deadline:
         raise TimeoutError("timed out waiting for the job")
 
 
-def _attachment_name(resp: requests.Response) -> Optional[str]:
+def _attachment_name(resp: requests.Response) -> str | None:
     disposition = resp.headers.get("Content-Disposition", "")
     for part in disposition.split(";"):
         key, _, value = part.strip().partition("=")
@@ -498,7 +611,8 @@ def _sse_events(resp: requests.Response) -> Iterator[tuple[str, Any]]:
     """Parse text/event-stream: yields ("event", (type, json data)), ("retry", ms) and
     ("comment", text) for keep-alives."""
     buffer = b""
-    event_type, data_lines = "message", []
+    event_type = "message"
+    data_lines: list[str] = []
     for chunk in _raw_chunks(resp):
         buffer += chunk
         while b"\n" in buffer:

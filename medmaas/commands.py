@@ -11,14 +11,16 @@ Errors from the server (bad key, unknown job, invalid spec) print one clear line
 with code 3; nothing here prints a traceback for them. This module imports only click,
 rich and the light medmaas client (requests), never Flask, the workers or torch.
 """
+
 from __future__ import annotations
 
 import functools
 import json
 import sys
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import click
 
@@ -42,11 +44,13 @@ class ClientError(click.ClickException):
         return self.message
 
 
-def _explain(exc: MedmaasError, client: Optional[Client] = None) -> str:
+def _explain(exc: MedmaasError, client: Client | None = None) -> str:
     if exc.status == 401:
         where = f" by {client.url}" if client else ""
-        return (f"The API key was rejected{where} ({exc.message}). "
-                "Log in again with `medmaas login URL --key KEY` using a valid key.")
+        return (
+            f"The API key was rejected{where} ({exc.message}). "
+            "Log in again with `medmaas login URL --key KEY` using a valid key."
+        )
     if exc.code in ("connection_error", "timeout"):
         return f"{exc.message}. Is the server running? (`medmaas login URL --key KEY` sets the address.)"
     text = f"{exc.message} ({exc.status} {exc.code})" if exc.status else exc.message
@@ -57,6 +61,7 @@ def _explain(exc: MedmaasError, client: Optional[Client] = None) -> str:
 
 def api_command(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn MedmaasError / TimeoutError into a one-line message and exit code 3."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -68,6 +73,7 @@ def api_command(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(130)
+
     return wrapper
 
 
@@ -78,7 +84,7 @@ def get_client() -> Client:
         raise ClientError(exc.message) from None
 
 
-def _json_option(value: Optional[str], what: str) -> dict[str, Any]:
+def _json_option(value: str | None, what: str) -> dict[str, Any]:
     if not value:
         return {}
     text = value
@@ -106,12 +112,12 @@ def _key_values(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
     return out
 
 
-def _age(ts: Optional[str]) -> str:
+def _age(ts: str | None) -> str:
     if not ts:
         return "—"
     dt = datetime.fromisoformat(ts)
-    dt = dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
-    return human_duration((datetime.now(timezone.utc) - dt).total_seconds()) + " ago"
+    dt = dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    return human_duration((datetime.now(UTC) - dt).total_seconds()) + " ago"
 
 
 def _model_label(job: dict) -> str:
@@ -131,8 +137,11 @@ def _fmt(value: Any) -> str:
 def _metrics_line(data: dict) -> str:
     skip = {"epoch", "step", "lr", "attempt"}
     parts = [f"epoch {data['epoch']}"] if "epoch" in data else []
-    parts += [f"{k} {_fmt(v)}" for k, v in sorted(data.items(), key=lambda kv: _metric_rank(kv[0]))
-              if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    parts += [
+        f"{k} {_fmt(v)}"
+        for k, v in sorted(data.items(), key=lambda kv: _metric_rank(kv[0]))
+        if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     return " · ".join(parts)
 
 
@@ -143,10 +152,16 @@ def _metric_rank(key: str) -> tuple[int, str]:
 
 # -- login -----------------------------------------------------------------------------------
 
+
 @client.command("login")
 @click.argument("url")
-@click.option("--key", envvar="MEDMAAS_API_KEY", prompt="API key", hide_input=True,
-              help="an API key (mm_...); prompted for if not given")
+@click.option(
+    "--key",
+    envvar="MEDMAAS_API_KEY",
+    prompt="API key",
+    hide_input=True,
+    help="an API key (mm_...); prompted for if not given",
+)
 @api_command
 def login(url: str, key: str) -> None:
     """Check an API key against the server at URL and save both (config file mode 0600)."""
@@ -174,6 +189,7 @@ def logout() -> None:
 
 # -- jobs ------------------------------------------------------------------------------------
 
+
 @client.group("jobs")
 def jobs() -> None:
     """List, inspect, follow and cancel jobs on the server."""
@@ -185,7 +201,7 @@ def jobs() -> None:
 @click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the API's JSON")
 @api_command
-def jobs_list(state: Optional[str], kind: Optional[str], limit: int, as_json: bool) -> None:
+def jobs_list(state: str | None, kind: str | None, limit: int, as_json: bool) -> None:
     """Your jobs, newest first."""
     page = get_client().list_jobs(state=state, kind=kind, limit=limit)
     if as_json:
@@ -198,8 +214,15 @@ def jobs_list(state: Optional[str], kind: Optional[str], limit: int, as_json: bo
     for col in ("ID", "KIND", "MODEL", "STATE", "PROGRESS", "AGE", "DURATION"):
         table.add_column(col, justify="right" if col in ("ID", "PROGRESS") else "left")
     for job in page["items"]:
-        table.add_row(str(job["id"]), job["kind"], _model_label(job), _styled_state(job["state"]),
-                      f"{100 * (job['progress'] or 0):.0f}%", _age(job["created_at"]), human_duration(job.get("duration_s")))
+        table.add_row(
+            str(job["id"]),
+            job["kind"],
+            _model_label(job),
+            _styled_state(job["state"]),
+            f"{100 * (job['progress'] or 0):.0f}%",
+            _age(job["created_at"]),
+            human_duration(job.get("duration_s")),
+        )
     console = Console()
     if page["items"]:
         console.print(table)
@@ -231,14 +254,21 @@ def jobs_show(job_id: int, show_events: bool, as_json: bool) -> None:
     from rich.console import Console
 
     console = Console()
-    console.print(f"[bold]Job {job['id']}[/] · {job['kind']} · {_styled_state(job['state'])}"
-                  + (" (cancel requested)" if job["cancel_requested"] and job["state"] not in TERMINAL_STATES else ""))
-    rows = [("progress", f"{100 * job['progress']:.0f}%  {job['message']}"),
-            ("attempts", f"{job['attempts']} of {job['max_attempts']}"),
-            ("model", _model_label(job) or "—"), ("queue", job["queue"]), ("worker", job.get("worker") or "—"),
-            ("created", f"{job['created_at']} ({_age(job['created_at'])})"),
-            ("started", job.get("started_at") or "—"), ("finished", job.get("finished_at") or "—"),
-            ("duration", human_duration(job.get("duration_s")))]
+    console.print(
+        f"[bold]Job {job['id']}[/] · {job['kind']} · {_styled_state(job['state'])}"
+        + (" (cancel requested)" if job["cancel_requested"] and job["state"] not in TERMINAL_STATES else "")
+    )
+    rows = [
+        ("progress", f"{100 * job['progress']:.0f}%  {job['message']}"),
+        ("attempts", f"{job['attempts']} of {job['max_attempts']}"),
+        ("model", _model_label(job) or "—"),
+        ("queue", job["queue"]),
+        ("worker", job.get("worker") or "—"),
+        ("created", f"{job['created_at']} ({_age(job['created_at'])})"),
+        ("started", job.get("started_at") or "—"),
+        ("finished", job.get("finished_at") or "—"),
+        ("duration", human_duration(job.get("duration_s"))),
+    ]
     for name, value in rows:
         console.print(f"  [dim]{name:<9}[/] {value}", highlight=False)
     console.print("  [dim]spec[/]", json.dumps(job["spec"], sort_keys=True), highlight=False)
@@ -248,58 +278,81 @@ def jobs_show(job_id: int, show_events: bool, as_json: bool) -> None:
         console.print("  [dim]result[/]", json.dumps(job["result"], sort_keys=True)[:2000], highlight=False)
     if show_events:
         for ev in client.events(job_id, limit=10_000)["items"]:
-            console.print(f"  {ev['seq']:>4} {ev['ts'][11:19]} {ev['type']:<16} {json.dumps(ev['data'], sort_keys=True)}",
-                          highlight=False)
+            console.print(
+                f"  {ev['seq']:>4} {ev['ts'][11:19]} {ev['type']:<16} {json.dumps(ev['data'], sort_keys=True)}",
+                highlight=False,
+            )
 
 
 @jobs.command("watch")
 @click.argument("job_id", type=int)
 @click.option("--timeout", type=float, default=None, help="give up after this many seconds (exit 3)")
 @api_command
-def jobs_watch(job_id: int, timeout: Optional[float]) -> None:
+def jobs_watch(job_id: int, timeout: float | None) -> None:
     """Follow a job live (progress bar, ETA, metrics) until it ends.
 
     Exit code: 0 succeeded, 1 failed, 2 cancelled, 3 could not follow it."""
     sys.exit(watch_job(get_client(), job_id, timeout))
 
 
-def watch_job(client: Client, job_id: int, timeout: Optional[float] = None) -> int:
+def watch_job(client: Client, job_id: int, timeout: float | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
     console = Console()
     job = client.get_job(job_id)
-    console.print(f"[bold]Job {job_id}[/] · {job['kind']}" + (f" · {_model_label(job)}" if _model_label(job) else ""),
-                  highlight=False)
-    columns = [TextColumn("{task.fields[state]:<9}"), BarColumn(bar_width=None), TaskProgressColumn(),
-               TextColumn("{task.fields[eta]}"), TextColumn("[dim]{task.fields[message]}", markup=True)]
+    console.print(
+        f"[bold]Job {job_id}[/] · {job['kind']}" + (f" · {_model_label(job)}" if _model_label(job) else ""),
+        highlight=False,
+    )
+    columns = [
+        TextColumn("{task.fields[state]:<9}"),
+        BarColumn(bar_width=None),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[eta]}"),
+        TextColumn("[dim]{task.fields[message]}", markup=True),
+    ]
     with Progress(*columns, console=console, transient=False, expand=True) as progress:
-        task = progress.add_task("job", total=1.0, completed=job["progress"] or 0.0, state=job["state"],
-                                 eta="", message=job.get("message") or "")
+        task = progress.add_task(
+            "job",
+            total=1.0,
+            # rich annotates add_task's `completed` as int, but it is a float like Task.completed
+            completed=job["progress"] or 0.0,  # type: ignore[arg-type]
+            state=job["state"],
+            eta="",
+            message=job.get("message") or "",
+        )
 
         def on_event(ev: dict) -> None:
             data = ev.get("data") or {}
             if ev["type"] == "progress":
                 eta = data.get("eta_s")
-                progress.update(task, completed=float(data.get("progress") or 0.0),
-                                eta=f"ETA {human_duration(eta)}" if isinstance(eta, (int, float)) else "",
-                                message=str(data.get("message") or "")[:60])
+                progress.update(
+                    task,
+                    completed=float(data.get("progress") or 0.0),
+                    eta=f"ETA {human_duration(eta)}" if isinstance(eta, (int, float)) else "",
+                    message=str(data.get("message") or "")[:60],
+                )
             elif ev["type"] == "metric":
                 progress.console.print(f"  {_metrics_line(data)}", highlight=False)
             elif ev["type"] == "state":
                 progress.update(task, state=data.get("to", ""))
                 extra = f" · {data['reason']}" if data.get("reason") else ""
                 extra += f" on {data['worker']}" if data.get("worker") else ""
-                progress.console.print(f"  [dim]{ev['ts'][11:19]}[/] → {_styled_state(data.get('to', '?'))} "
-                                       f"(attempt {data.get('attempt')}){extra}", highlight=False)
+                progress.console.print(
+                    f"  [dim]{ev['ts'][11:19]}[/] → {_styled_state(data.get('to', '?'))} "
+                    f"(attempt {data.get('attempt')}){extra}",
+                    highlight=False,
+                )
             elif ev["type"] == "log" and data.get("message"):
                 progress.console.print(f"  [dim]{data['message']}[/]", highlight=False)
             elif ev["type"] == "cancel_requested":
                 progress.update(task, message="cancel requested")
 
         final = client.wait_for(job_id, timeout=timeout, on_event=on_event)
-        progress.update(task, completed=final["progress"] or 0.0, state=final["state"], eta="",
-                        message=final.get("message") or "")
+        progress.update(
+            task, completed=final["progress"] or 0.0, state=final["state"], eta="", message=final.get("message") or ""
+        )
     state = final["state"]
     summary = f"Job {job_id} {_styled_state(state)} after {human_duration(final.get('duration_s'))}"
     if state == "failed" and final.get("error"):
@@ -326,8 +379,8 @@ def jobs_cancel(job_id: int) -> None:
 
 # -- submit, train, score, download ----------------------------------------------------------
 
-def _after_submit(client: Client, job: dict, watch: bool, output: Optional[str] = None,
-                  fmt: Optional[str] = None) -> None:
+
+def _after_submit(client: Client, job: dict, watch: bool, output: str | None = None, fmt: str | None = None) -> None:
     click.echo(f"Submitted job {job['id']} ({job['kind']}, {job['state']})")
     if not watch:
         click.echo(f"Follow it with: medmaas jobs watch {job['id']}")
@@ -346,7 +399,7 @@ def _after_submit(client: Client, job: dict, watch: bool, output: Optional[str] 
 @click.option("--idempotency-key", default=None, help="resubmitting with the same key returns the same job")
 @click.option("--watch", is_flag=True, help="follow the job until it ends (exit code as `jobs watch`)")
 @api_command
-def submit(kind: str, spec: str, priority: int, idempotency_key: Optional[str], watch: bool) -> None:
+def submit(kind: str, spec: str, priority: int, idempotency_key: str | None, watch: bool) -> None:
     """Submit a job of any KIND (train, score, sleep, ...) with a JSON spec."""
     client = get_client()
     job = client.submit_job(kind, _json_option(spec, "--spec"), priority=priority, idempotency_key=idempotency_key)
@@ -357,8 +410,12 @@ def submit(kind: str, spec: str, priority: int, idempotency_key: Optional[str], 
 @click.option("--dataset", "dataset_id", type=int, required=True, help="dataset id (sequences or images)")
 @click.option("--model-name", required=True, help="registry name; each run adds a version")
 @click.option("--arch", type=click.Choice(["rnn", "cnn"]), required=True)
-@click.option("--task", type=click.Choice(["classification", "multilabel", "regression"]), default="classification",
-              show_default=True)
+@click.option(
+    "--task",
+    type=click.Choice(["classification", "multilabel", "regression"]),
+    default="classification",
+    show_default=True,
+)
 @click.option("--target", multiple=True, help="label column (repeat for several)")
 @click.option("--epochs", type=click.IntRange(1, 10_000), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 65_536), default=None)
@@ -369,16 +426,38 @@ def submit(kind: str, spec: str, priority: int, idempotency_key: Optional[str], 
 @click.option("--spec", "extra_spec", default=None, help="more spec fields as JSON (split, scheduler, ...)")
 @click.option("--watch", is_flag=True, help="follow the job until it ends (exit code as `jobs watch`)")
 @api_command
-def train(dataset_id: int, model_name: str, arch: str, task: str, target: tuple[str, ...], epochs: int,
-          batch_size: Optional[int], lr: Optional[float], seed: Optional[int], device: Optional[str],
-          params: tuple[str, ...], extra_spec: Optional[str], watch: bool) -> None:
+def train(
+    dataset_id: int,
+    model_name: str,
+    arch: str,
+    task: str,
+    target: tuple[str, ...],
+    epochs: int,
+    batch_size: int | None,
+    lr: float | None,
+    seed: int | None,
+    device: str | None,
+    params: tuple[str, ...],
+    extra_spec: str | None,
+    watch: bool,
+) -> None:
     """Train a model on an uploaded dataset and register it as a new version."""
     client = get_client()
     targets = list(target)
-    job = client.train(dataset_id=dataset_id, model_name=model_name, arch=arch, task=task,
-                       target=(targets[0] if len(targets) == 1 else targets) or None, epochs=epochs,
-                       batch_size=batch_size, lr=lr, seed=seed, device=device,
-                       model=_key_values(params, "--param") or None, **_json_option(extra_spec, "--spec"))
+    job = client.train(
+        dataset_id=dataset_id,
+        model_name=model_name,
+        arch=arch,
+        task=task,
+        target=(targets[0] if len(targets) == 1 else targets) or None,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        model=_key_values(params, "--param") or None,
+        **_json_option(extra_spec, "--spec"),
+    )
     _after_submit(client, job, watch)
 
 
@@ -388,11 +467,16 @@ def train(dataset_id: int, model_name: str, arch: str, task: str, target: tuple[
 @click.option("--top-k", type=click.IntRange(0, 10_000), default=None, help="best rows kept in the job result")
 @click.option("--output", "output_format", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True)
 @click.option("--watch", is_flag=True, help="follow the job until it ends (exit code as `jobs watch`)")
-@click.option("-o", "--save", "save_to", type=click.Path(dir_okay=True, writable=True), default=None,
-              help="with --watch: save the score file here when done")
+@click.option(
+    "-o",
+    "--save",
+    "save_to",
+    type=click.Path(dir_okay=True, writable=True),
+    default=None,
+    help="with --watch: save the score file here when done",
+)
 @api_command
-def score(model: str, library_id: int, top_k: Optional[int], output_format: str, watch: bool,
-          save_to: Optional[str]) -> None:
+def score(model: str, library_id: int, top_k: int | None, output_format: str, watch: bool, save_to: str | None) -> None:
     """Score library LIBRARY_ID with MODEL (name, name@version or name@alias)."""
     client = get_client()
     job = client.score(model, library_id, top_k=top_k, output=output_format)
@@ -401,18 +485,23 @@ def score(model: str, library_id: int, top_k: Optional[int], output_format: str,
 
 @client.command("download")
 @click.argument("job_id", type=int)
-@click.option("-o", "--output", required=True, type=click.Path(writable=True),
-              help="file (or directory) to write")
-@click.option("--format", "fmt", type=click.Choice(["csv", "parquet", "json"]), default=None,
-              help="for scoring jobs: the file format (default: the job's output)")
+@click.option("-o", "--output", required=True, type=click.Path(writable=True), help="file (or directory) to write")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "parquet", "json"]),
+    default=None,
+    help="for scoring jobs: the file format (default: the job's output)",
+)
 @api_command
-def download(job_id: int, output: str, fmt: Optional[str]) -> None:
+def download(job_id: int, output: str, fmt: str | None) -> None:
     """Save a finished job's result (a score file, or the JSON result)."""
     path = get_client().download_result(job_id, output, format=fmt)
     click.echo(f"Saved job {job_id}'s result to {path} ({path.stat().st_size} bytes)")
 
 
 # -- datasets --------------------------------------------------------------------------------
+
 
 @client.group("datasets")
 def datasets() -> None:
@@ -426,7 +515,7 @@ def datasets() -> None:
 @click.option("--option", "options", multiple=True, help="ingest option key=value, e.g. text_column=smiles")
 @click.option("--json", "as_json", is_flag=True, help="print the API's JSON")
 @api_command
-def datasets_upload(file: str, kind: str, name: Optional[str], options: tuple[str, ...], as_json: bool) -> None:
+def datasets_upload(file: str, kind: str, name: str | None, options: tuple[str, ...], as_json: bool) -> None:
     """Upload FILE (streamed) and print its validation report."""
     client = get_client()
     opts = {}
@@ -441,11 +530,15 @@ def datasets_upload(file: str, kind: str, name: Optional[str], options: tuple[st
     else:
         from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
-        with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(),
-                      transient=True) as bar:
+        with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(), transient=True) as bar:
             task = bar.add_task(f"uploading {Path(file).name}", total=size)
-            ds = client.upload_dataset(file, kind, name=name, options=opts,
-                                       progress=lambda sent, total: bar.update(task, completed=sent, total=total))
+            ds = client.upload_dataset(
+                file,
+                kind,
+                name=name,
+                options=opts,
+                progress=lambda sent, total: bar.update(task, completed=sent, total=total),
+            )
             bar.update(task, description="validating on the server")
     if as_json:
         click.echo(json.dumps(ds, indent=2))
@@ -469,13 +562,15 @@ def _print_dataset(ds: dict) -> None:
 @datasets.command("list")
 @click.option("--kind", type=click.Choice(["images", "sequences", "library"]), default=None)
 @api_command
-def datasets_list(kind: Optional[str]) -> None:
+def datasets_list(kind: str | None) -> None:
     """Your datasets, newest first."""
     items = get_client().list_datasets(kind=kind)["items"]
     if not items:
         click.echo("no datasets")
     for ds in items:
-        click.echo(f"{ds['id']:>5}  {ds['kind']:<9}  {ds['rows']:>9} rows  {ds['invalid_rows']:>6} invalid  {ds['name']}")
+        click.echo(
+            f"{ds['id']:>5}  {ds['kind']:<9}  {ds['rows']:>9} rows  {ds['invalid_rows']:>6} invalid  {ds['name']}"
+        )
 
 
 @datasets.command("show")
@@ -487,6 +582,7 @@ def datasets_show(dataset_id: int) -> None:
 
 
 # -- models and predict ----------------------------------------------------------------------
+
 
 @client.group("models")
 def models() -> None:
@@ -516,8 +612,10 @@ def models_show(name: str) -> None:
         metrics = v.get("metrics") or {}
         test = metrics.get("test") or {}
         summary = " · ".join(f"{k} {_fmt(val)}" for k, val in sorted(test.items()) if isinstance(val, (int, float)))
-        click.echo(f"  v{v['version']}  {v['arch']} {v['task']}  job {v.get('job_id')}  {v['created_at'][:19]}  "
-                   f"{('test: ' + summary) if summary else ''}")
+        click.echo(
+            f"  v{v['version']}  {v['arch']} {v['task']}  job {v.get('job_id')}  {v['created_at'][:19]}  "
+            f"{('test: ' + summary) if summary else ''}"
+        )
 
 
 @models.command("alias")
@@ -548,7 +646,7 @@ def models_download(name: str, version: int, output: str, which: str) -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--timeout", type=float, default=None, help="seconds to wait before answering with a job")
 @api_command
-def predict(model: str, inputs: tuple[str, ...], timeout: Optional[float]) -> None:
+def predict(model: str, inputs: tuple[str, ...], timeout: float | None) -> None:
     """Predict with MODEL (name, name@version, name@alias) for SMILES / token INPUTS."""
     answer = get_client().predict(model, list(inputs), timeout=timeout)
     click.echo(json.dumps(answer, indent=2))

@@ -5,9 +5,12 @@ package) as the broker unless MEDMAAS_BROKER_URL is set, a training/scoring work
 inference worker, the web server, and the maintenance loop in this process. Ctrl-C (or
 SIGTERM) stops every child; children also die if this process is killed (PDEATHSIG).
 """
+
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import os
 import signal
 import socket
@@ -16,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from types import FrameType
 
 import click
 
@@ -26,10 +29,8 @@ PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 def free_port() -> int:
@@ -38,7 +39,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 30.0, proc: Optional[subprocess.Popen] = None) -> None:
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -63,21 +64,34 @@ def valkey_binary() -> str:
     return str(candidates[0])
 
 
-def start_valkey(home: Path) -> tuple[subprocess.Popen, str]:
+def start_valkey(home: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     data = home / "valkey"
     data.mkdir(parents=True, exist_ok=True)
     # No persistence: the SQL database is the record; the reconciler refills the queues.
     proc = subprocess.Popen(
-        [valkey_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(data), "--loglevel", "warning"],
+        [
+            valkey_binary(),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(data),
+            "--loglevel",
+            "warning",
+        ],
         preexec_fn=_die_with_parent,
     )
     wait_for_port(port, 15, proc)
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-def bootstrap(settings: Settings) -> Optional[str]:
+def bootstrap(settings: Settings) -> str | None:
     """Migrate, and on first start create the default tenant and an API key (returned)."""
     from app import auth
     from app.db import Database
@@ -103,11 +117,11 @@ def _child_env(settings: Settings) -> dict[str, str]:
     return {**os.environ, **to_env(settings)}
 
 
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "medmaas.cli", *args], env=env, preexec_fn=_die_with_parent)
 
 
-def stop_all(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
+def stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -121,13 +135,14 @@ def stop_all(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
 
 
 def run_standalone(settings: Settings, demo: bool = False) -> int:
-    sys.stdout.reconfigure(line_buffering=True)  # the API key must show at once, even when piped
+    if isinstance(sys.stdout, io.TextIOWrapper):  # not when a caller has replaced stdout
+        sys.stdout.reconfigure(line_buffering=True)  # the API key must show at once, even when piped
     settings.home.mkdir(parents=True, exist_ok=True)
     settings = settings.replace(home=settings.home.resolve())
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
 
-    def _on_signal(signum, _frame):  # noqa: ANN001
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
         stop.set()
 
     signal.signal(signal.SIGINT, _on_signal)
@@ -141,7 +156,10 @@ def run_standalone(settings: Settings, demo: bool = False) -> int:
         env = _child_env(settings)
         procs.append(_spawn(["worker", "--queues", f"{settings.gpu_queue},{settings.default_queue}"], env))
         procs.append(_spawn(["worker", "--queues", settings.inference_queue], env))
-        web = _spawn(["web", "--host", settings.web_host, "--port", str(settings.web_port), "--workers", "1", "--no-access-log"], env)
+        web = _spawn(
+            ["web", "--host", settings.web_host, "--port", str(settings.web_port), "--workers", "1", "--no-access-log"],
+            env,
+        )
         procs.append(web)
 
         from workers.tasks import run_maintenance_forever
@@ -151,7 +169,9 @@ def run_standalone(settings: Settings, demo: bool = False) -> int:
         url = f"http://{settings.web_host}:{settings.web_port}"
         click.echo(f"\nMedMaaS is running at {url}  (database {settings.sqlalchemy_url}, broker {settings.broker_url})")
         if key:
-            click.echo(f"API key for tenant 'default' (shown once; also saved to {settings.home / 'api_key'}):\n  {key}")
+            click.echo(
+                f"API key for tenant 'default' (shown once; also saved to {settings.home / 'api_key'}):\n  {key}"
+            )
         else:
             click.echo(f"API key: see {settings.home / 'api_key'} (created on first start)")
         click.echo("Press Ctrl-C to stop.\n")
@@ -163,7 +183,7 @@ def run_standalone(settings: Settings, demo: bool = False) -> int:
         while not stop.is_set():
             for p in procs:
                 if p.poll() is not None:
-                    click.echo(f"child {p.args} exited with {p.returncode}; shutting down", err=True)
+                    click.echo(f"child {p.args!r} exited with {p.returncode}; shutting down", err=True)
                     stop.set()
             stop.wait(0.5)
         return 0

@@ -75,12 +75,34 @@ def pg_settings(tmp_path_factory, pg_url, redis_url) -> Settings:  # noqa: ANN00
 
 
 @pytest.fixture()
-def sqlite_settings(tmp_path, redis_url) -> Settings:  # noqa: ANN001
+def broker_url(redis_url) -> str:  # noqa: ANN001
+    """The broker for SQLite-backed settings: the real redis-server here; tests/unit/conftest.py
+    overrides it with an in-memory fakeredis server."""
+    return redis_url
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory) -> Path:  # noqa: ANN001
+    """A SQLite database migrated to head once per session; each test gets a copy (a file copy
+    is far cheaper than running every migration again)."""
     from app.migrate import upgrade
 
-    settings = from_env({}, home=tmp_path / "home", broker_url=redis_url, testing=True, secret_key="test-secret",
-                        **FAST_TIMINGS)
+    settings = from_env({}, home=tmp_path_factory.mktemp("sqlite-template"))
     upgrade(settings)
+    path = settings.home / "medmaas.db"
+    assert settings.sqlalchemy_url == f"sqlite:///{path.resolve()}"
+    assert path.exists()
+    return path
+
+
+@pytest.fixture()
+def sqlite_settings(tmp_path, broker_url, sqlite_template) -> Settings:  # noqa: ANN001
+    """Settings for a fresh, migrated SQLite database of this test's own."""
+    settings = from_env({}, home=tmp_path / "home", broker_url=broker_url, testing=True, secret_key="test-secret",
+                        **FAST_TIMINGS)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(sqlite_template, settings.home / "medmaas.db")
+    assert settings.sqlalchemy_url == f"sqlite:///{(settings.home / 'medmaas.db').resolve()}"
     return settings
 
 
@@ -90,19 +112,28 @@ def _make_app(settings: Settings):  # noqa: ANN202
     return create_app(settings)
 
 
+def close_app(app) -> None:  # noqa: ANN001
+    """Stop what create_app started: the event hub's listener thread and the database pool."""
+    hub = app.extensions.get("medmaas.hub")
+    if hub is not None:
+        hub.close()
+    app.extensions["medmaas.db"].dispose()
+
+
 @pytest.fixture(scope="session")
 def pg_app(pg_settings):  # noqa: ANN001, ANN201
     app = _make_app(pg_settings)
     yield app
-    app.extensions["medmaas.db"].dispose()
+    close_app(app)
 
 
 @pytest.fixture()
 def app(sqlite_settings):  # noqa: ANN001, ANN201
-    """A SQLite-backed app for fast API tests (real Redis for publishing)."""
+    """A SQLite-backed app for fast API tests (publishing to the `broker_url` fixture's Redis:
+    fakeredis in unit tests)."""
     app = _make_app(sqlite_settings)
     yield app
-    app.extensions["medmaas.db"].dispose()
+    close_app(app)
 
 
 @pytest.fixture()

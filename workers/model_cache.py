@@ -1,4 +1,5 @@
 """Loaded models kept per worker process (bounded LRU), so repeated calls don't reload."""
+
 from __future__ import annotations
 
 import threading
@@ -7,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 _lock = threading.Lock()
-_cache: "OrderedDict[str, Any]" = OrderedDict()
+_cache: OrderedDict[str, Any] = OrderedDict()
 stats = {"hits": 0, "loads": 0}
 
 

@@ -1,17 +1,42 @@
-"""What a running job sees: progress/metric reporting, cancel checks, a heartbeat thread."""
+"""What a running job sees: progress/metric reporting, cancel checks, its lease (a heartbeat
+thread, workers/lease.py), its artifact and scratch directories."""
 from __future__ import annotations
 
+import contextlib
 import logging
-import threading
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from app import jobs
+from app import artifacts, jobs
 from app.config import Settings
 from app.db import Database
+from app.notify import EventHub
+from workers.lease import Lease
 
 log = logging.getLogger(__name__)
+
+SCRATCH = "scratch"
+
+
+def scratch_dir(settings: Settings, tenant_id: int, job_id: int) -> Path:
+    """Files a job needs only while it runs (a scoring job's part files and decompressed
+    library): deleted when the job ends, by the job itself or by the maintenance tick."""
+    return artifacts.job_dir(settings, tenant_id, job_id) / SCRATCH
+
+
+def remove_scratch(settings: Settings, tenant_id: int, job_id: int, *, only_if_empty: bool = False) -> None:
+    """Delete a job's scratch directory (only_if_empty: just the empty directories a late
+    unit of an ended job may have re-created)."""
+    path = scratch_dir(settings, tenant_id, job_id)
+    if not only_if_empty:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    subdirs = sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+    for sub in [*subdirs, path]:  # deepest first; a directory with files in it stays
+        with contextlib.suppress(OSError):
+            sub.rmdir()
 
 
 class JobCancelled(Exception):
@@ -24,15 +49,22 @@ class JobLost(Exception):
 
 class JobContext:
     def __init__(self, db: Database, settings: Settings, job_id: int, attempt: int, tenant_id: int,
-                 spec: dict[str, Any], celery: Any = None, worker: str = ""):
+                 spec: dict[str, Any], celery: Any = None, worker: str = "", hub: Optional[EventHub] = None) -> None:
         self.db, self.settings, self.job_id, self.attempt = db, settings, job_id, attempt
         self.tenant_id, self.spec, self.celery, self.worker = tenant_id, spec, celery, worker
-        self._cancel = threading.Event()
-        self._lost = threading.Event()
-        self._stop_heartbeat = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._last_poll = time.monotonic()  # the claim just read the job: no need to poll at once
+        self.hub = hub  # wakes a job waiting on others' work (a scoring parent on its shards)
+        self.lease = Lease(db, jobs.LEASE, job_id, attempt, settings.heartbeat_interval_s, name=f"heartbeat-{job_id}")
         self._last_progress = 0.0
+
+    @property
+    def lost(self) -> bool:
+        """This attempt no longer owns the job (reaped and re-queued, or ended elsewhere)."""
+        return self.lease.lost
+
+    @property
+    def cancelled(self) -> bool:
+        """A cancel was requested for the job."""
+        return self.lease.cancelled
 
     # -- reporting ---------------------------------------------------------------------
     def progress(self, fraction: float, message: str = "", *, force: bool = False, **data: Any) -> None:
@@ -42,13 +74,15 @@ class JobContext:
             return
         self._last_progress = now
         with self.db.session() as s:
-            if not jobs.report_progress(s, self.job_id, self.attempt, fraction, message, **data):
-                self._on_not_owned(s)
+            ok = jobs.report_progress(s, self.job_id, self.attempt, fraction, message, **data)
+        if not ok:
+            self._on_not_owned()
 
     def event(self, type_: str, data: dict[str, Any]) -> None:
         with self.db.session() as s:
-            if not jobs.report_event(s, self.job_id, self.attempt, type_, data):
-                self._on_not_owned(s)
+            ok = jobs.report_event(s, self.job_id, self.attempt, type_, data)
+        if not ok:
+            self._on_not_owned()
 
     def metric(self, **data: Any) -> None:
         self.event("metric", data)
@@ -56,57 +90,35 @@ class JobContext:
     def log(self, message: str, **data: Any) -> None:
         self.event("log", {"message": message, **data})
 
-    def _on_not_owned(self, session: Any) -> None:
-        state = jobs.heartbeat(session, self.job_id, self.attempt)
-        if state is None:
-            self._lost.set()
+    def _on_not_owned(self) -> None:
+        self.lease.beat()
+        if self.lease.lost:
             raise JobLost(f"job {self.job_id} attempt {self.attempt} is no longer ours")
 
     # -- cancellation ------------------------------------------------------------------
-    def should_stop(self) -> bool:
-        """True once a cancel is requested. Polls the DB at most once a second."""
-        if self._cancel.is_set() or self._lost.is_set():
-            return True
-        now = time.monotonic()
-        if now - self._last_poll >= 1.0:
-            self._last_poll = now
-            self._beat()
-        return self._cancel.is_set() or self._lost.is_set()
+    def should_stop(self, poll_s: float = 1.0) -> bool:
+        """True once a cancel is requested or the job was lost. Asks the DB at most once every
+        poll_s (the heartbeat thread also sets the flags)."""
+        return self.lease.check(poll_s)
 
-    def check_cancel(self) -> None:
-        if self.should_stop():
-            if self._lost.is_set():
+    def check_cancel(self, poll_s: float = 1.0) -> None:
+        if self.should_stop(poll_s):
+            if self.lost:
                 raise JobLost(f"job {self.job_id} attempt {self.attempt} was taken over")
             raise JobCancelled()
 
     # -- heartbeat ---------------------------------------------------------------------
-    def _beat(self) -> None:
-        try:
-            with self.db.session() as s:
-                cancel = jobs.heartbeat(s, self.job_id, self.attempt)
-        except Exception:  # noqa: BLE001  (a DB blip must not kill the job; the next beat retries)
-            log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
-            return
-        if cancel is None:
-            self._lost.set()
-        elif cancel:
-            self._cancel.set()
-
-    def _heartbeat_loop(self) -> None:
-        while not self._stop_heartbeat.wait(self.settings.heartbeat_interval_s):
-            self._beat()
-
     def start_heartbeat(self) -> None:
-        self._thread = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.job_id}", daemon=True)
-        self._thread.start()
+        self.lease.start()
 
     def stop_heartbeat(self) -> None:
-        self._stop_heartbeat.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self.lease.stop()
 
     # -- artifacts ---------------------------------------------------------------------
     def job_dir(self) -> Path:
-        path = self.settings.artifacts / f"tenant-{self.tenant_id}" / "jobs" / str(self.job_id)
+        path = artifacts.job_dir(self.settings, self.tenant_id, self.job_id)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def scratch_dir(self) -> Path:
+        return scratch_dir(self.settings, self.tenant_id, self.job_id)

@@ -1,5 +1,6 @@
-"""Celery entry point (claim a job, run its kind with heartbeats, record the outcome),
-plus the reaper and reconciler that `medmaas beat` runs."""
+"""Celery entry points (claim a job, run its kind under a lease, record the outcome; score
+one shard), plus the maintenance tick that `medmaas beat` runs: reap stale leases of every
+kind, clean up ended jobs' scratch, republish what the broker lost."""
 from __future__ import annotations
 
 import gc
@@ -10,23 +11,23 @@ import sys
 import traceback
 from typing import Any, Optional
 
-import redis
 from celery import Celery
 from sqlalchemy import select
 
-from app import dispatch, jobs
-from app.broker import RUN_JOB, SCORE_SHARD, create_celery, queue_names
+from app import dispatch, jobs, leases
+from app.broker import RUN_JOB, SCORE_SHARD, create_celery
 from app.config import Settings
 from app.db import Database
-from app.notify import Notifier
-from app.models import Job, JobState
+from app.models import TERMINAL_STATES, Job
+from app.notify import EventHub, Notifier
 from workers.kinds import kind_for
-from workers.runtime import JobCancelled, JobContext, JobLost
-from workers.scoring.shards import reap_shards, reconcile_shards
+from workers.runtime import JobCancelled, JobContext, JobLost, remove_scratch
 
 log = logging.getLogger(__name__)
 
 _db: Optional[Database] = None
+_hub: Optional[EventHub] = None
+_hub_url: Optional[str] = None
 
 
 def get_db(settings: Settings) -> Database:
@@ -35,6 +36,17 @@ def get_db(settings: Settings) -> Database:
     if _db is None or _db.url != settings.sqlalchemy_url:
         _db = Database(settings.sqlalchemy_url, notifier=Notifier(settings.broker_url))
     return _db
+
+
+def get_hub(settings: Settings) -> EventHub:
+    """One notification subscriber per process (its listener thread starts with the first
+    watch, so after any fork)."""
+    global _hub, _hub_url
+    if _hub is None or _hub_url != settings.broker_url:
+        if _hub is not None:
+            _hub.close()
+        _hub, _hub_url = EventHub(settings.broker_url), settings.broker_url
+    return _hub
 
 
 def worker_name() -> str:
@@ -61,7 +73,8 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
         log.info("job %s: not claimable (duplicate delivery or cancelled); skipping", job_id)
         return "skipped"
     kind = kind_for(job.kind)
-    ctx = JobContext(db, settings, job_id, attempt, job.tenant_id, job.spec, celery=celery, worker=worker)
+    ctx = JobContext(db, settings, job_id, attempt, job.tenant_id, job.spec, celery=celery, worker=worker,
+                     hub=get_hub(settings))
     if kind is None:
         with db.session() as s:
             jobs.fail(s, job_id, attempt, f"no handler for job kind {job.kind!r} on this worker")
@@ -79,8 +92,9 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
     except Exception as exc:  # noqa: BLE001
         log.exception("job %s failed", job_id)
         message = f"{type(exc).__name__}: {exc}"
+        cancelled = ctx.should_stop(poll_s=0) and not ctx.lost  # cancelled while failing: cancel wins
         with db.session() as s:
-            if ctx.should_stop() and not ctx._lost.is_set():  # cancelled while failing: cancel wins
+            if cancelled:
                 jobs.mark_cancelled(s, job_id, attempt)
                 return "cancelled"
             jobs.fail(s, job_id, attempt, message + "\n" + traceback.format_exc(limit=5))
@@ -94,37 +108,31 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
     return "lost"
 
 
-def reap(db: Database, settings: Settings, celery: Celery) -> list[jobs.Reaped]:
+def reap(db: Database, settings: Settings) -> list[leases.Reaped]:
+    """Stale leases of every kind back to claimable (the next `reconcile` publishes them), or
+    failed / cancelled; units of jobs that have ended are cancelled; ended jobs' scratch
+    directories are deleted."""
+    reaped: list[leases.Reaped] = []
     with db.session() as s:
-        reaped = jobs.reap_stale(s, settings.heartbeat_timeout_s)
+        for kind in leases.kinds():  # jobs first: a shard of a job ended just now is cancelled below
+            reaped += leases.reap(s, kind, settings.heartbeat_timeout_s)
+        ended: set[int] = set()
+        for kind in leases.kinds():
+            if not kind.is_job:
+                ended.update(leases.cancel_units(s, kind))
+        ended |= {r.job_id for r in reaped if r.kind.is_job and r.state in TERMINAL_STATES}
+        owners = s.execute(select(Job.id, Job.tenant_id).where(Job.id.in_(ended))).all() if ended else []
     for r in reaped:
-        log.warning("job %s: worker lost; now %s", r.job_id, r.state.value)
-    dispatch.publish_jobs(celery, db, [(r.job_id, r.queue) for r in reaped if r.state == JobState.queued])
-    reap_shards(db, settings, celery)  # score shards: stale ones back to pending, ended jobs' ones cancelled
+        log.warning("%s %s of job %s: worker lost; now %s", r.kind.name, r.key, r.job_id, r.state.value)
+    for job_id, tenant_id in owners:
+        remove_scratch(settings, tenant_id, job_id)
     return reaped
 
 
 def reconcile(db: Database, settings: Settings, celery: Celery) -> int:
-    """Republish queued jobs whose broker message is gone (Redis flushed or restarted)."""
-    try:  # and pending score shards of running jobs
-        reconcile_shards(db, settings, celery, queue_names(settings))
-    except Exception:  # noqa: BLE001
-        log.warning("reconciling score shards failed", exc_info=True)
-    with db.session() as s:
-        candidates = jobs.unpublished_queued(s, settings.requeue_grace_s)
-    if not candidates:
-        return 0
-    client = redis.Redis.from_url(settings.broker_url)
-    try:
-        present = dispatch.job_ids_in_broker(client, queue_names(settings))
-    finally:
-        client.close()
-    missing = [(jid, q) for jid, q in candidates if jid not in present]
-    with db.session() as s:  # still in the broker: just restart the grace clock
-        jobs.mark_published(s, [jid for jid, _ in candidates if jid in present])
-    if missing:
-        log.warning("republishing %d queued jobs missing from the broker", len(missing))
-    return dispatch.publish_jobs(celery, db, missing)
+    """Publish every unit that went back to claimable, and those the broker lost (Redis flushed
+    or restarted): dispatch.republish, for all kinds at once."""
+    return dispatch.republish(celery, db, settings)
 
 
 def register_tasks(celery: Celery, settings: Settings) -> None:
@@ -149,7 +157,7 @@ def worker_celery(settings: Settings) -> Celery:
 
 
 def run_maintenance_forever(settings: Settings, stop: Any = None) -> None:
-    """The `beat` loop: reap stale jobs and republish lost ones every reaper_interval_s.
+    """The `beat` loop, every reaper_interval_s: reap stale leases, then republish.
     Runs as its own process (or a thread in standalone); both steps are idempotent, so
     running two by mistake is harmless."""
     import threading
@@ -159,7 +167,7 @@ def run_maintenance_forever(settings: Settings, stop: Any = None) -> None:
     celery = create_celery(settings)
     while not stop.is_set():
         try:
-            reap(db, settings, celery)
+            reap(db, settings)
             reconcile(db, settings, celery)
         except Exception:  # noqa: BLE001  (DB or broker down: try again next tick)
             log.warning("maintenance tick failed", exc_info=True)

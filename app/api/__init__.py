@@ -1,4 +1,8 @@
-"""HTTP API v1: one blueprint per resource, all behind Bearer API keys."""
+"""HTTP API v1: one blueprint per resource, all behind Bearer API keys.
+
+Views parse and serialise; the queries are the stores' (app.stores), which take the
+request's session and tenant from the accessors below and raise domain errors that
+app.errors answers with the error body."""
 from __future__ import annotations
 
 from typing import Any
@@ -35,16 +39,6 @@ def db_session() -> Session:
     if "db_session" not in g:
         g.db_session = database().sessionmaker()
     return g.db_session
-
-
-def cursor_page(query, id_column, args: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
-    """Newest first, `limit` rows below `cursor`; next_cursor is None on the last page."""
-    if "cursor" in args:
-        query = query.where(id_column < args["cursor"])
-    items = db_session().scalars(query.order_by(id_column.desc()).limit(args["limit"] + 1)).all()
-    more = len(items) > args["limit"]
-    items = items[: args["limit"]]
-    return {"items": items, "next_cursor": items[-1].id if more and items else None}
 
 
 def tenant_id() -> int:

@@ -1,5 +1,9 @@
 """/healthz, /readyz and /metrics (no API key: for load balancers and Prometheus)."""
+
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import redis
 from flask import Blueprint, Response, current_app, jsonify
@@ -11,13 +15,23 @@ from app.broker import queue_names
 from app.jobs import count_by_state
 from app.models import Job, JobState
 
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from app.config import Settings
+    from app.db import Database
+
 bp = Blueprint("health", __name__)
 
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 
 
-def _settings():  # noqa: ANN202
+def _settings() -> Settings:
     return current_app.extensions["medmaas.settings"]
+
+
+def _db() -> Database:
+    return current_app.extensions["medmaas.db"]
 
 
 def _redis() -> redis.Redis:
@@ -29,23 +43,23 @@ def _redis() -> redis.Redis:
 
 
 @bp.get("/healthz")
-def healthz():  # noqa: ANN201
+def healthz() -> Response:
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
-def readyz():  # noqa: ANN201
+def readyz() -> tuple[Response, int]:
     checks: dict[str, str] = {}
     try:
-        with current_app.extensions["medmaas.db"].engine.connect() as conn:
+        with _db().engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         checks["database"] = "ok"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
     try:
         _redis().ping()
         checks["broker"] = "ok"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         checks["broker"] = f"error: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
     return jsonify({"status": "ok" if ok else "unavailable", "checks": checks}), (200 if ok else 503)
@@ -54,19 +68,18 @@ def readyz():  # noqa: ANN201
 class _JobCollector:
     """Reads the database and broker at scrape time, so every web process reports the truth."""
 
-    def __init__(self, app):  # noqa: ANN001
-        self.app = app
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db, self.settings = db, settings
 
-    def collect(self):  # noqa: ANN201
-        db = self.app.extensions["medmaas.db"]
-        settings = self.app.extensions["medmaas.settings"]
-        with db.sessionmaker() as s:
+    def collect(self) -> Iterator[Metric]:
+        with self.db.sessionmaker() as s:
             counts = count_by_state(s)
             dur = Job.duration_s
             bucket_cols = [func.sum(case((dur <= b, 1), else_=0)) for b in DURATION_BUCKETS]
             row = s.execute(
-                select(func.count(dur), func.coalesce(func.sum(dur), 0.0), *bucket_cols)
-                .where(Job.state == JobState.succeeded, dur.is_not(None))
+                select(func.count(dur), func.coalesce(func.sum(dur), 0.0), *bucket_cols).where(
+                    Job.state == JobState.succeeded, dur.is_not(None)
+                )
             ).one()
         g = GaugeMetricFamily("medmaas_jobs", "Jobs by state", labels=["state"])
         for state, n in counts.items():
@@ -74,20 +87,21 @@ class _JobCollector:
         yield g
         q = GaugeMetricFamily("medmaas_queue_depth", "Messages waiting in each broker queue", labels=["queue"])
         try:
-            client = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
-            for name in queue_names(settings):
+            client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+            for name in queue_names(self.settings):
                 q.add_metric([name], client.llen(name))
         except redis.RedisError:
             pass
         yield q
         total, total_sum = row[0] or 0, float(row[1] or 0.0)
-        buckets = [(str(b), int(c or 0)) for b, c in zip(DURATION_BUCKETS, row[2:])] + [("+Inf", total)]
-        yield HistogramMetricFamily("medmaas_job_duration_seconds", "Run time of succeeded jobs",
-                                    buckets=buckets, sum_value=total_sum)
+        buckets = [(str(b), int(c or 0)) for b, c in zip(DURATION_BUCKETS, row[2:], strict=False)] + [("+Inf", total)]
+        yield HistogramMetricFamily(
+            "medmaas_job_duration_seconds", "Run time of succeeded jobs", buckets=buckets, sum_value=total_sum
+        )
 
 
 @bp.get("/metrics")
-def metrics():  # noqa: ANN201
+def metrics() -> Response:
     registry = CollectorRegistry()
-    registry.register(_JobCollector(current_app._get_current_object()))
+    registry.register(_JobCollector(_db(), _settings()))
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

@@ -7,15 +7,14 @@ from typing import Any, Iterator
 
 from flask import Response, current_app, request, stream_with_context
 from flask_smorest import Blueprint
-from marshmallow import Schema, ValidationError, fields, validate
+from marshmallow import Schema, fields, validate
 from sqlalchemy import select
 
-from app import dispatch, jobs
-from app.broker import queue_names
-from app.api import celery, cursor_page, database, db_session, settings, tenant_id
+from app.api import celery, database, db_session, settings, tenant_id
 from app.errors import ApiError
 from app.models import TERMINAL_STATES, Job, JobEvent, JobState
-from app.kinds import SpecError, all_kinds, get_kind
+from app.kinds import get_kind
+from app.stores import jobs as jobs_store
 
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Submit and follow jobs")
 
@@ -80,50 +79,6 @@ class EventListSchema(Schema):
     state = fields.String()
 
 
-def get_job_or_404(job_id: int) -> Job:
-    job = db_session().scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id()))
-    if job is None:
-        raise ApiError(404, f"Job {job_id} not found")
-    return job
-
-
-def validate_spec(kind_name: str, spec: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
-    """(kind, normalised spec, queue) or a 422 naming the problem."""
-    kinds = all_kinds()
-    kind = kinds.get(kind_name)
-    if kind is None or not kind.submittable:
-        names = sorted(k for k, v in kinds.items() if v.submittable)
-        raise ApiError(422, f"Unknown job kind {kind_name!r}; known kinds: {', '.join(names)}", "unknown_kind")
-    try:
-        normalised = kind.schema().load(spec)
-    except ValidationError as exc:
-        raise ApiError(422, f"Invalid spec for kind {kind_name!r}", "invalid_spec", {"spec": exc.messages})
-    if kind.check is not None:
-        try:
-            normalised = kind.check(normalised, db_session(), tenant_id())
-        except SpecError as exc:
-            raise ApiError(422, exc.message, exc.code, exc.details)
-    queue = kind.route(normalised, settings())
-    if queue not in queue_names(settings()):
-        raise ApiError(422, f"Unknown queue {queue!r}", "invalid_spec", {"spec": {"queue": queue_names(settings())}})
-    return kind, normalised, queue
-
-
-def submit_job(kind_name: str, spec: dict[str, Any], *, priority: int = 0, max_attempts: int | None = None,
-               idempotency_key: str | None = None) -> tuple[Job, bool]:
-    """Validate, commit, then publish. Shared by every endpoint that creates jobs."""
-    _kind, normalised, queue = validate_spec(kind_name, spec)
-    session = db_session()
-    job, created = jobs.submit(
-        session, tenant_id=tenant_id(), kind=kind_name, spec=normalised, queue=queue, priority=priority,
-        max_attempts=max_attempts or settings().default_max_attempts, idempotency_key=idempotency_key,
-    )
-    session.commit()  # durable before the broker hears of it
-    if created:
-        dispatch.publish_jobs(celery(), database(), [(job.id, job.queue)], stamp=False)
-    return job, created
-
-
 @blp.route("", methods=["POST"])
 @blp.arguments(JobSubmitSchema)
 @blp.response(202, JobSchema)
@@ -133,8 +88,9 @@ def submit(body: dict[str, Any]):  # noqa: ANN201
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (1 <= len(key) <= 255):
         raise ApiError(400, "Idempotency-Key must be 1..255 characters")
-    job, created = submit_job(body["kind"], body["spec"], priority=body["priority"],
-                              max_attempts=body["max_attempts"], idempotency_key=key)
+    job, created = jobs_store.submit(db_session(), celery(), database(), settings(), tenant_id(), body["kind"],
+                                     body["spec"], priority=body["priority"], max_attempts=body["max_attempts"],
+                                     idempotency_key=key)
     return job, (202 if created else 200)
 
 
@@ -143,18 +99,14 @@ def submit(body: dict[str, Any]):  # noqa: ANN201
 @blp.response(200, JobListSchema)
 def list_jobs(args: dict[str, Any]):  # noqa: ANN201
     """List the tenant's jobs, newest first; page with next_cursor."""
-    q = select(Job).where(Job.tenant_id == tenant_id())
-    if "state" in args:
-        q = q.where(Job.state == JobState(args["state"]))
-    if "kind" in args:
-        q = q.where(Job.kind == args["kind"])
-    return cursor_page(q, Job.id, args)
+    return jobs_store.list_page(db_session(), tenant_id(), state=args.get("state"), kind=args.get("kind"),
+                                limit=args["limit"], cursor=args.get("cursor"))
 
 
 @blp.route("/<int:job_id>", methods=["GET"])
 @blp.response(200, JobSchema)
 def detail(job_id: int):  # noqa: ANN201
-    return get_job_or_404(job_id)
+    return jobs_store.get(db_session(), tenant_id(), job_id)
 
 
 @blp.route("/<int:job_id>/events", methods=["GET"])
@@ -162,25 +114,14 @@ def detail(job_id: int):  # noqa: ANN201
 @blp.response(200, EventListSchema)
 def events(args: dict[str, Any], job_id: int):  # noqa: ANN201
     """Events with seq > after, in order."""
-    job = get_job_or_404(job_id)
-    rows = db_session().scalars(
-        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq > args["after"])
-        .order_by(JobEvent.seq).limit(args["limit"])
-    ).all()
-    return {"items": rows, "last_seq": rows[-1].seq if rows else args["after"], "state": job.state.value}
+    return jobs_store.events_after(db_session(), tenant_id(), job_id, args["after"], args["limit"])
 
 
 @blp.route("/<int:job_id>/cancel", methods=["POST"])
 @blp.response(202, JobSchema)
 def cancel(job_id: int):  # noqa: ANN201
     """Cancel: queued jobs at once, running jobs between batches."""
-    job = get_job_or_404(job_id)
-    session = db_session()
-    if job.state in TERMINAL_STATES:
-        raise ApiError(409, f"Job {job_id} already {job.state.value}", "conflict")
-    jobs.request_cancel(session, job.id)
-    session.commit()
-    session.refresh(job)
+    job, _state = jobs_store.request_cancel(db_session(), tenant_id(), job_id)
     return job
 
 
@@ -222,7 +163,7 @@ def stream_position() -> int:
     try:
         after = int(raw)
     except ValueError:
-        raise ApiError(400, "after / Last-Event-ID must be an integer")
+        raise ApiError(400, "after / Last-Event-ID must be an integer") from None
     if after < 0:
         raise ApiError(400, "after / Last-Event-ID must be >= 0")
     return after
@@ -233,9 +174,10 @@ class EventFeed:
     what to send and how long to wait for a notification before the next step."""
 
     def __init__(self, db: Any, job_id: int, after: int, *, max_s: float = STREAM_MAX_S,
-                 safety_net_s: float = STREAM_SAFETY_NET_S, keepalive_s: float = STREAM_KEEPALIVE_S):
+                 safety_net_s: float | None = None, keepalive_s: float | None = None) -> None:
         self.db, self.job_id, self.after = db, job_id, after
-        self.safety_net_s, self.keepalive_s = safety_net_s, keepalive_s
+        self.safety_net_s = STREAM_SAFETY_NET_S if safety_net_s is None else safety_net_s
+        self.keepalive_s = STREAM_KEEPALIVE_S if keepalive_s is None else keepalive_s
         self.started = self.last_send = time.monotonic()
         self.deadline = self.started + max_s
         self.opened = False
@@ -271,7 +213,7 @@ class EventFeed:
 @blp.doc(responses={200: {"description": "text/event-stream of job events"}})
 def stream(job_id: int):  # noqa: ANN201
     """Server-sent events; resumes after ?after=N or the Last-Event-ID header."""
-    job = get_job_or_404(job_id)
+    job = jobs_store.get(db_session(), tenant_id(), job_id)
     return event_stream_response(job.id)
 
 
@@ -308,9 +250,7 @@ def result(job_id: int):  # noqa: ANN201
     """The job's output once it has succeeded."""
     from flask import jsonify
 
-    job = get_job_or_404(job_id)
-    if job.state != JobState.succeeded:
-        raise ApiError(409, f"Job {job_id} is {job.state.value}; its result is not available", "not_ready")
+    job = jobs_store.succeeded(db_session(), tenant_id(), job_id)
     kind = get_kind(job.kind)
     if kind is not None and kind.render_result is not None:
         return kind.render_result(job, request.args, settings())

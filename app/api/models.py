@@ -9,17 +9,17 @@ from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 from sqlalchemy import select
 
-from app import registry
-from app.api import database, db_session, settings, tenant_id
-from app.api.jobs import JobSchema, submit_job
-from app.artifacts import ArtifactStore
+from app.api import celery, database, db_session, settings, tenant_id
+from app.api.jobs import JobSchema
 from app.errors import ApiError
-from app.models import TERMINAL_STATES, Job, JobState, ModelAlias, ModelVersion, utcnow
+from app.models import TERMINAL_STATES, Job, JobState
+from app.stores import jobs as jobs_store
+from app.stores import models as models_store
+from app.stores.models import BUNDLE_FILES
 
 blp = Blueprint("models", __name__, url_prefix="/api/v1/models", description="Model registry and predictions")
 
-ALIAS = validate.Regexp(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$", error="letters, digits, '_' and '-', starting with a letter")
-BUNDLE_FILES = {"weights": "model.safetensors", "config": "config.json"}
+ALIAS = validate.Regexp(models_store.ALIAS_PATTERN, error=models_store.ALIAS_RULE)
 
 
 class ModelVersionSchema(Schema):
@@ -74,50 +74,30 @@ class PredictResponse(Schema):
     job_id = fields.Integer()
 
 
-def _version_or_404(name: str, version: int | None = None, alias: str | None = None) -> ModelVersion:
-    try:
-        return registry.resolve(db_session(), tenant_id(), name, version=version, alias=alias)
-    except registry.ModelNotFound as exc:
-        raise ApiError(404, str(exc))
-
-
 @blp.route("", methods=["GET"])
 @blp.response(200, ModelListSchema)
 def list_models():  # noqa: ANN201
-    session = db_session()
-    return {"items": [
-        {"name": name, "latest_version": latest, "versions": count,
-         "aliases": registry.aliases_for(session, tenant_id(), name)}
-        for name, latest, count in registry.model_names(session, tenant_id())
-    ]}
+    return {"items": models_store.summaries(db_session(), tenant_id())}
 
 
 @blp.route("/<string:name>", methods=["GET"])
 @blp.response(200, ModelDetailSchema)
 def model_detail(name: str):  # noqa: ANN201
-    detail = _detail(name)
-    if not detail["versions"]:
-        raise ApiError(404, f"Model {name!r} not found")
-    return detail
+    return models_store.detail(db_session(), tenant_id(), name)
 
 
 @blp.route("/<string:name>/versions/<int:version>", methods=["GET"])
 @blp.response(200, ModelVersionSchema)
 def version_detail(name: str, version: int):  # noqa: ANN201
-    return _version_or_404(name, version)
+    return models_store.version(db_session(), tenant_id(), name, version)
 
 
 @blp.route("/<string:name>/versions/<int:version>/files/<string:which>", methods=["GET"])
 @blp.doc(responses={200: {"description": "model.safetensors (which=weights) or config.json (which=config)"}})
 def version_file(name: str, version: int, which: str):  # noqa: ANN201
     """Download the weights (safetensors) or the config (JSON) of a version."""
-    if which not in BUNDLE_FILES:
-        raise ApiError(404, f"No file {which!r}; choose from {sorted(BUNDLE_FILES)}")
-    mv = _version_or_404(name, version)
-    path = ArtifactStore(settings().artifacts).path(mv.artifact_uri) / BUNDLE_FILES[which]
-    if not path.is_file():
-        raise ApiError(404, f"{BUNDLE_FILES[which]} is missing from the artifact store")
-    return send_file(path, as_attachment=True, download_name=f"{name}-v{version}-{BUNDLE_FILES[which]}")
+    bundle = models_store.bundle_file(db_session(), settings(), tenant_id(), name, version, which)
+    return send_file(bundle.path, as_attachment=True, download_name=bundle.download_name)
 
 
 @blp.route("/<string:name>/aliases/<string:alias>", methods=["PUT"])
@@ -125,29 +105,7 @@ def version_file(name: str, version: int, which: str):  # noqa: ANN201
 @blp.response(200, ModelDetailSchema)
 def set_alias(body: dict[str, Any], name: str, alias: str):  # noqa: ANN201
     """Point `alias` at a version; `name@alias` then resolves to it."""
-    try:
-        ALIAS(alias)
-    except Exception:  # noqa: BLE001
-        raise ApiError(422, f"Invalid alias {alias!r}: letters, digits, '_' and '-', starting with a letter")
-    if alias.isdigit():
-        raise ApiError(422, "An alias cannot be a number (it would shadow a version)")
-    _version_or_404(name, body["version"])
-    session = db_session()
-    row = session.scalar(select(ModelAlias).where(
-        ModelAlias.tenant_id == tenant_id(), ModelAlias.name == name, ModelAlias.alias == alias))
-    if row is None:
-        session.add(ModelAlias(tenant_id=tenant_id(), name=name, alias=alias, version=body["version"]))
-    else:
-        row.version, row.updated_at = body["version"], utcnow()
-    session.commit()
-    return _detail(name)
-
-
-def _detail(name: str) -> dict[str, Any]:
-    session = db_session()
-    versions = session.scalars(select(ModelVersion).where(
-        ModelVersion.tenant_id == tenant_id(), ModelVersion.name == name).order_by(ModelVersion.version.desc())).all()
-    return {"name": name, "aliases": registry.aliases_for(session, tenant_id(), name), "versions": versions}
+    return models_store.set_alias(db_session(), tenant_id(), name, alias, body["version"])
 
 
 PREDICT_SAFETY_NET_S = 2.0  # re-read at least this often while waiting, notified or not
@@ -160,8 +118,9 @@ PREDICT_SAFETY_NET_S = 2.0  # re-read at least this often while waiting, notifie
 def predict(body: dict[str, Any], name: str):  # noqa: ANN201
     """Predict with a registered model. Answers 200 with predictions when the inference
     worker finishes within `timeout` seconds, else 202 with the job to poll."""
-    mv = _version_or_404(name, body.get("version"), body.get("alias"))
-    job, _ = submit_job("predict", {"model": f"{mv.name}@{mv.version}", "inputs": body["inputs"]})
+    mv = models_store.version(db_session(), tenant_id(), name, body.get("version"), body.get("alias"))
+    job, _ = jobs_store.submit(db_session(), celery(), database(), settings(), tenant_id(), "predict",
+                               {"model": f"{mv.name}@{mv.version}", "inputs": body["inputs"]})
     timeout = body.get("timeout", settings().predict_default_timeout_s)
     deadline = time.monotonic() + timeout
     db = database()

@@ -7,25 +7,42 @@ raises IngestError (``code``, ``message``, ``details``, ``http_status`` 422 or 4
 upload that cannot be accepted; invalid rows inside an acceptable upload are counted and
 sampled in the report instead.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .common import IngestLimits, IngestReport
 from .errors import IngestError
 from .images import ingest_images
-from .library import iter_library_rows, ingest_library, library_row_offsets
+from .library import ingest_library, iter_library_rows, library_row_offsets
 from .sequences import ingest_sequences
 
 KINDS = ("images", "sequences", "library")
 
-__all__ = ["IngestError", "IngestLimits", "IngestReport", "KINDS", "ingest", "ingest_images",
-           "ingest_library", "ingest_sequences", "iter_library_rows", "library_row_offsets"]
+__all__ = [
+    "KINDS",
+    "IngestError",
+    "IngestLimits",
+    "IngestReport",
+    "ingest",
+    "ingest_images",
+    "ingest_library",
+    "ingest_sequences",
+    "iter_library_rows",
+    "library_row_offsets",
+]
 
 
-def ingest(kind: str, path: str, original_filename: str, work_dir: str,
-           options: Mapping[str, Any] | None = None,
-           limits: IngestLimits | Mapping[str, Any] | None = None) -> IngestReport:
+def ingest(
+    kind: str,
+    path: str,
+    original_filename: str,
+    work_dir: str,
+    options: Mapping[str, Any] | None = None,
+    limits: IngestLimits | Mapping[str, Any] | None = None,
+) -> IngestReport:
     """Validate the uploaded file at ``path`` and, for images and sequences, write the
     normalised dataset under ``work_dir`` (``data.npz`` or ``data.parquet``)."""
     if kind == "images":

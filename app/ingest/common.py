@@ -1,10 +1,12 @@
 """Shared types of the ingestion package: the report, the limits, option parsing."""
+
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, overload
 
 from .errors import IngestError
 
@@ -14,34 +16,34 @@ MiB = 1 << 20
 
 @dataclass
 class IngestReport:
-    rows: int                      # valid rows (images: all splits together)
+    rows: int  # valid rows (images: all splits together)
     invalid_rows: int
-    invalid_samples: list[dict]    # at most IngestLimits.max_invalid_samples
-    schema: dict
-    stats: dict
-    data_path: str | None          # normalised file written under work_dir, None for libraries
+    invalid_samples: list[dict[str, Any]]  # at most IngestLimits.max_invalid_samples
+    schema: dict[str, Any]
+    stats: dict[str, Any]
+    data_path: str | None  # normalised file written under work_dir, None for libraries
     warnings: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
 class IngestLimits:
-    max_members: int = 200_000           # entries in a zip
-    max_bytes: int = 20 * GiB            # uncompressed bytes of a zip, npz or gzip stream
-    max_ratio: float = 200.0             # per-member compression ratio of a zip
-    ratio_min_bytes: int = 1 * MiB       # members smaller than this skip the ratio check
-    max_image_pixels: int = 64_000_000   # width*height of one source image
-    max_output_bytes: int = 8 * GiB      # the normalised uint8 image tensor
-    max_line_bytes: int = 1 * MiB        # one line of a text file
+    max_members: int = 200_000  # entries in a zip
+    max_bytes: int = 20 * GiB  # uncompressed bytes of a zip, npz or gzip stream
+    max_ratio: float = 200.0  # per-member compression ratio of a zip
+    ratio_min_bytes: int = 1 * MiB  # members smaller than this skip the ratio check
+    max_image_pixels: int = 64_000_000  # width*height of one source image
+    max_output_bytes: int = 8 * GiB  # the normalised uint8 image tensor
+    max_line_bytes: int = 1 * MiB  # one line of a text file
     max_invalid_samples: int = 20
 
     @classmethod
-    def of(cls, limits: "IngestLimits | Mapping[str, Any] | None") -> "IngestLimits":
+    def of(cls, limits: IngestLimits | Mapping[str, Any] | None) -> IngestLimits:
         if limits is None:
             return cls()
-        if isinstance(limits, cls):
+        if isinstance(limits, IngestLimits):
             return limits
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(limits) - names
@@ -53,9 +55,9 @@ class IngestLimits:
 class InvalidRows:
     """Counts invalid rows, keeps the first few as samples and a histogram of reasons."""
 
-    def __init__(self, max_samples: int = 20):
+    def __init__(self, max_samples: int = 20) -> None:
         self.count = 0
-        self.samples: list[dict] = []
+        self.samples: list[dict[str, Any]] = []
         self.reasons: Counter[str] = Counter()
         self._max = max_samples
 
@@ -70,6 +72,7 @@ class InvalidRows:
 # -- options -----------------------------------------------------------------
 # Options arrive from multipart form fields (strings) or JSON (typed); accept both.
 
+
 def check_option_names(options: Mapping[str, Any], allowed: Iterable[str], kind: str) -> None:
     allowed = sorted(allowed)
     unknown = sorted(set(options) - set(allowed))
@@ -82,8 +85,19 @@ def check_option_names(options: Mapping[str, Any], allowed: Iterable[str], kind:
         )
 
 
-def opt_str(options: Mapping[str, Any], name: str, default: str | None,
-            choices: Iterable[str] | None = None) -> str | None:
+@overload
+def opt_str(options: Mapping[str, Any], name: str, default: str, choices: Iterable[str] | None = None) -> str: ...
+
+
+@overload
+def opt_str(
+    options: Mapping[str, Any], name: str, default: str | None, choices: Iterable[str] | None = None
+) -> str | None: ...
+
+
+def opt_str(
+    options: Mapping[str, Any], name: str, default: str | None, choices: Iterable[str] | None = None
+) -> str | None:
     value = options.get(name)
     if value is None or (isinstance(value, str) and value.strip() == ""):
         return default
@@ -91,13 +105,11 @@ def opt_str(options: Mapping[str, Any], name: str, default: str | None,
         raise IngestError("invalid_option", f"option {name} must be a string, got {value!r}")
     value = value.strip()
     if choices is not None and value not in choices:
-        raise IngestError("invalid_option",
-                          f"option {name} must be one of {', '.join(choices)}; got {value!r}")
+        raise IngestError("invalid_option", f"option {name} must be one of {', '.join(choices)}; got {value!r}")
     return value
 
 
-def opt_int(options: Mapping[str, Any], name: str, default: int, minimum: int = 1,
-            maximum: int | None = None) -> int:
+def opt_int(options: Mapping[str, Any], name: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
     value = options.get(name)
     if value is None or value == "":
         return default
@@ -106,7 +118,7 @@ def opt_int(options: Mapping[str, Any], name: str, default: int, minimum: int = 
             raise ValueError
         number = int(value)
     except (TypeError, ValueError):
-        raise IngestError("invalid_option", f"option {name} must be an integer, got {value!r}")
+        raise IngestError("invalid_option", f"option {name} must be an integer, got {value!r}") from None
     if number < minimum or (maximum is not None and number > maximum):
         bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
         raise IngestError("invalid_option", f"option {name} must be {bounds}, got {number}")
@@ -123,8 +135,7 @@ def opt_list(options: Mapping[str, Any], name: str) -> list[str] | None:
     elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         items = [v.strip() for v in value]
     else:
-        raise IngestError("invalid_option",
-                          f"option {name} must be a list of names or a comma-separated string")
+        raise IngestError("invalid_option", f"option {name} must be a list of names or a comma-separated string")
     if any(not v for v in items):
         raise IngestError("invalid_option", f"option {name} contains an empty name: {value!r}")
     if len(set(items)) != len(items):

@@ -1,4 +1,5 @@
 """The one exception type ingestion raises for a bad upload."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,14 +13,14 @@ class IngestError(Exception):
     The API answers ``http_status`` (422, or 413 when a size cap was hit).
     """
 
-    def __init__(self, code: str, message: str, details: Any = None, http_status: int = 422):
+    def __init__(self, code: str, message: str, details: Any = None, http_status: int = 422) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.details = details
         self.http_status = http_status
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "details": self.details}
 
     def __repr__(self) -> str:

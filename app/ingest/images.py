@@ -9,6 +9,7 @@ Arrays are streamed in chunks (never a whole split in memory): npz members are r
 piecewise, decoded zip images go to a disk-backed memmap, the output is written member
 by member.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,20 +18,32 @@ import shutil
 import tempfile
 import zipfile
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import IO, TYPE_CHECKING, Any, Self
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, ImageOps
 
 from .archive import check_zip, extract_zip, open_zip
-from .common import (IngestLimits, IngestReport, InvalidRows, check_option_names, opt_list)
+from .common import IngestLimits, IngestReport, InvalidRows, check_option_names, opt_list
 from .errors import IngestError, too_large
+
+if TYPE_CHECKING:  # pydicom is imported lazily, only when a zip holds DICOM files
+    from pydicom import Dataset
 
 OPTIONS = ("image_size", "classes")
 SPLITS = ("train", "val", "test")
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                  "validation": "val", "test": "test", "testing": "test"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 _PIL_EXT = {".png", ".jpg", ".jpeg"}
 _PIL_FORMATS = ["PNG", "JPEG", "MPO"]  # MPO: the multi-picture JPEG many cameras write
 _DICOM_EXT = {".dcm", ".dicom"}
@@ -41,9 +54,13 @@ _MIN_SIDE, _MAX_SIDE = 8, 4096
 _MAX_LABELS = 10_000
 
 
-def ingest_images(path: str, original_filename: str, work_dir: str,
-                  limits: IngestLimits | Mapping | None = None,
-                  options: Mapping[str, Any] | None = None) -> IngestReport:
+def ingest_images(
+    path: str,
+    original_filename: str,
+    work_dir: str,
+    limits: IngestLimits | Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> IngestReport:
     limits = IngestLimits.of(limits)
     options = dict(options or {})
     check_option_names(options, OPTIONS, "images")
@@ -52,11 +69,14 @@ def ingest_images(path: str, original_filename: str, work_dir: str,
     os.makedirs(work_dir, exist_ok=True)
     with open_zip(path, f"npz or zip file ({original_filename!r} is neither)") as zf:
         members = zf.namelist()
-    if any(m.endswith(".npy") for m in members) and all(m.endswith(".npy") or m.endswith("/") for m in members):
+    if any(m.endswith(".npy") for m in members) and all(m.endswith((".npy", "/")) for m in members):
         return _ingest_npz(path, work_dir, limits, size, class_names)
     if original_filename.lower().endswith(".npz"):
-        raise IngestError("invalid_npz", "the .npz file contains non-array entries; expected only "
-                          "train_images, train_labels and optional val_*/test_* arrays")
+        raise IngestError(
+            "invalid_npz",
+            "the .npz file contains non-array entries; expected only "
+            "train_images, train_labels and optional val_*/test_* arrays",
+        )
     return _ingest_folders(path, work_dir, limits, size, class_names)
 
 
@@ -77,13 +97,16 @@ def _opt_image_size(value: Any) -> tuple[int, int] | None:
         if len(parts) != 2:
             raise ValueError
     except (TypeError, ValueError):
-        raise IngestError("invalid_option", f"option image_size must be an integer or [height, width], got {value!r}")
+        raise IngestError(
+            "invalid_option", f"option image_size must be an integer or [height, width], got {value!r}"
+        ) from None
     if not all(_MIN_SIDE <= p <= _MAX_SIDE for p in parts):
         raise IngestError("invalid_option", f"option image_size must be between {_MIN_SIDE} and {_MAX_SIDE} pixels")
     return parts[0], parts[1]
 
 
 # -- npz input -------------------------------------------------------------------
+
 
 @dataclass
 class _NpyHeader:
@@ -92,11 +115,10 @@ class _NpyHeader:
     dtype: np.dtype
 
 
-def _read_npy_header(fp, key: str) -> _NpyHeader:
+def _read_npy_header(fp: IO[bytes], key: str) -> _NpyHeader:
     try:
         version = np.lib.format.read_magic(fp)
-        reader = {(1, 0): np.lib.format.read_array_header_1_0,
-                  (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
         if reader is None:
             raise ValueError(f"unsupported .npy format version {version}")
         shape, fortran, dtype = reader(fp)
@@ -105,8 +127,9 @@ def _read_npy_header(fp, key: str) -> _NpyHeader:
     return _NpyHeader(tuple(shape), bool(fortran), dtype)
 
 
-def _ingest_npz(path: str, work_dir: str, limits: IngestLimits, size: tuple[int, int] | None,
-                class_names: list[str] | None) -> IngestReport:
+def _ingest_npz(
+    path: str, work_dir: str, limits: IngestLimits, size: tuple[int, int] | None, class_names: list[str] | None
+) -> IngestReport:
     with open_zip(path, "npz file") as zf:
         # No ratio check: sorted labels compress extremely well, and reads below are
         # bounded by the declared sizes, which check_zip caps.
@@ -120,9 +143,11 @@ def _ingest_npz(path: str, work_dir: str, limits: IngestLimits, size: tuple[int,
             warn = []
             missing = [k for k in ("train_images", "train_labels") if k not in keys]
             if missing:
-                raise IngestError("invalid_npz", f"the npz has no {' or '.join(missing)}; arrays are: "
-                                  f"{', '.join(sorted(keys)) or '(none)'}",
-                                  {"arrays": sorted(keys)})
+                raise IngestError(
+                    "invalid_npz",
+                    f"the npz has no {' or '.join(missing)}; arrays are: {', '.join(sorted(keys)) or '(none)'}",
+                    {"arrays": sorted(keys)},
+                )
             splits = []
             for split in SPLITS:
                 pair = (f"{split}_images", f"{split}_labels")
@@ -139,8 +164,10 @@ def _ingest_npz(path: str, work_dir: str, limits: IngestLimits, size: tuple[int,
             headers = {s: _image_header(zf, f"{s}_images") for s in splits}
             hwc = {s: _hwc(h) for s, h in headers.items()}
             if len(set(hwc.values())) > 1:
-                raise IngestError("invalid_npz", "image shapes differ between splits: " +
-                                  ", ".join(f"{s} {list(v)}" for s, v in hwc.items()))
+                raise IngestError(
+                    "invalid_npz",
+                    "image shapes differ between splits: " + ", ".join(f"{s} {list(v)}" for s, v in hwc.items()),
+                )
             h, w, c = hwc["train"]
             labels = {s: _load_labels(npz, zf, s, headers[s].shape[0]) for s in splits}
 
@@ -164,32 +191,46 @@ def _ingest_npz(path: str, work_dir: str, limits: IngestLimits, size: tuple[int,
             out.write(f"{s}_images", (n, out_h, out_w, c), np.uint8, chunks)
             out.write_array(f"{s}_labels", arrays[s])
     rows = {s: int(headers[s].shape[0]) for s in splits}
-    return _report(rows, InvalidRows(limits.max_invalid_samples), (out_h, out_w, c), classes,
-                   label_kind, arrays, out_path, warn,
-                   {"source_format": "npz", "source_shape": [h, w, c]})
+    return _report(
+        rows,
+        InvalidRows(limits.max_invalid_samples),
+        (out_h, out_w, c),
+        classes,
+        label_kind,
+        arrays,
+        out_path,
+        warn,
+        {"source_format": "npz", "source_shape": [h, w, c]},
+    )
 
 
 def _image_header(zf: zipfile.ZipFile, key: str) -> _NpyHeader:
     with zf.open(key + ".npy") as fp:
         hdr = _read_npy_header(fp, key)
     if hdr.dtype.hasobject:
-        raise IngestError("pickled_data", f"{key} holds Python objects (pickled data), which are never "
-                          "loaded; store images as a uint8 array")
+        raise IngestError(
+            "pickled_data",
+            f"{key} holds Python objects (pickled data), which are never loaded; store images as a uint8 array",
+        )
     if hdr.dtype != np.uint8:
-        raise IngestError("invalid_npz", f"{key} has dtype {hdr.dtype}; expected uint8 (0-255). "
-                          "Convert with np.clip(x * 255, 0, 255).astype(np.uint8) if values are 0-1.")
+        raise IngestError(
+            "invalid_npz",
+            f"{key} has dtype {hdr.dtype}; expected uint8 (0-255). "
+            "Convert with np.clip(x * 255, 0, 255).astype(np.uint8) if values are 0-1.",
+        )
     shape = hdr.shape
     if not (len(shape) == 3 or (len(shape) == 4 and shape[3] in (1, 3))):
-        raise IngestError("invalid_npz", f"{key} has shape {shape}; expected (N, H, W) or (N, H, W, C) "
-                          "with C 1 or 3")
+        raise IngestError("invalid_npz", f"{key} has shape {shape}; expected (N, H, W) or (N, H, W, C) with C 1 or 3")
     if shape[0] == 0:
         raise IngestError("invalid_npz", f"{key} has no images")
     if not all(_MIN_SIDE // 2 <= s <= _MAX_SIDE for s in shape[1:3]):
-        raise IngestError("invalid_npz", f"{key} has images of {shape[1]}x{shape[2]} pixels; each side "
-                          f"must be between {_MIN_SIDE // 2} and {_MAX_SIDE}")
+        raise IngestError(
+            "invalid_npz",
+            f"{key} has images of {shape[1]}x{shape[2]} pixels; each side "
+            f"must be between {_MIN_SIDE // 2} and {_MAX_SIDE}",
+        )
     if hdr.fortran:
-        raise IngestError("invalid_npz", f"{key} is stored in Fortran order; save it with "
-                          "np.ascontiguousarray(...)")
+        raise IngestError("invalid_npz", f"{key} is stored in Fortran order; save it with np.ascontiguousarray(...)")
     return hdr
 
 
@@ -198,27 +239,33 @@ def _hwc(hdr: _NpyHeader) -> tuple[int, int, int]:
     return s[1], s[2], (s[3] if len(s) == 4 else 1)
 
 
-def _load_labels(npz, zf: zipfile.ZipFile, split: str, n: int) -> tuple[np.ndarray, str]:
+def _load_labels(npz: np.lib.npyio.NpzFile, zf: zipfile.ZipFile, split: str, n: int) -> tuple[np.ndarray, str]:
     key = f"{split}_labels"
     with zf.open(key + ".npy") as fp:
         shape = _read_npy_header(fp, key).shape
     # check the shape before loading, so a huge labels array is never read into memory
     if len(shape) not in (1, 2) or shape[0] != n or (len(shape) == 2 and not 1 <= shape[1] <= _MAX_LABELS):
-        raise IngestError("invalid_npz", f"{key} has shape {shape}; expected ({n},), ({n}, 1) or "
-                          f"({n}, K) with K <= {_MAX_LABELS} to match {n} {split} images")
+        raise IngestError(
+            "invalid_npz",
+            f"{key} has shape {shape}; expected ({n},), ({n}, 1) or "
+            f"({n}, K) with K <= {_MAX_LABELS} to match {n} {split} images",
+        )
     try:
         y = npz[key]
     except ValueError as exc:
         if "allow_pickle" in str(exc):
-            raise IngestError("pickled_data", f"{key} holds Python objects (pickled data), which are "
-                              "never loaded; store labels as an integer array") from None
+            raise IngestError(
+                "pickled_data",
+                f"{key} holds Python objects (pickled data), which are never loaded; store labels as an integer array",
+            ) from None
         raise IngestError("invalid_npz", f"{key} is not a valid array: {exc}") from None
     except Exception as exc:
         raise IngestError("invalid_npz", f"{key} could not be read: {exc}") from None
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise IngestError("invalid_npz", f"{key} has non-integer values; labels must be class ids "
-                              "or 0/1 indicators")
+            raise IngestError(
+                "invalid_npz", f"{key} has non-integer values; labels must be class ids or 0/1 indicators"
+            )
     elif y.dtype.kind not in "iub":
         raise IngestError("invalid_npz", f"{key} has dtype {y.dtype}; expected integers")
     if y.size and y.min() < 0:
@@ -226,26 +273,27 @@ def _load_labels(npz, zf: zipfile.ZipFile, split: str, n: int) -> tuple[np.ndarr
     if y.ndim == 1 or y.shape[1] == 1:
         return y.reshape(-1, 1).astype(np.int64), "multiclass"
     if y.size and y.max() > 1:
-        raise IngestError("invalid_npz", f"{key} has shape {y.shape} (multi-label) but values other than "
-                          "0 and 1")
+        raise IngestError("invalid_npz", f"{key} has shape {y.shape} (multi-label) but values other than 0 and 1")
     return y.astype(np.uint8), "multilabel"
 
 
-def _npz_classes(arrays: dict[str, np.ndarray], label_kind: str, names: list[str] | None):
+def _npz_classes(arrays: dict[str, np.ndarray], label_kind: str, names: list[str] | None) -> list[str] | int:
     if label_kind == "multilabel":
         k = {a.shape[1] for a in arrays.values()}
         if len(k) > 1:
             raise IngestError("invalid_npz", f"multi-label widths differ between splits: {sorted(k)}")
         k = k.pop()
         if names is not None and len(names) != k:
-            raise IngestError("invalid_option", f"option classes names {len(names)} classes but the "
-                              f"labels have {k} columns")
+            raise IngestError(
+                "invalid_option", f"option classes names {len(names)} classes but the labels have {k} columns"
+            )
         return names or k
     n = int(max(int(a.max()) for a in arrays.values())) + 1
     if names is not None:
         if len(names) < n:
-            raise IngestError("invalid_option", f"option classes names {len(names)} classes but labels "
-                              f"go up to {n - 1}")
+            raise IngestError(
+                "invalid_option", f"option classes names {len(names)} classes but labels go up to {n - 1}"
+            )
         return names
     if n < 2:
         raise IngestError("invalid_npz", "all labels are 0; a classifier needs at least two classes")
@@ -264,8 +312,7 @@ def _npy_image_chunks(zf: zipfile.ZipFile, key: str, hdr: _NpyHeader) -> Iterato
                 n = min(per, left)
                 buf = fp.read(n * row_bytes)
                 if len(buf) != n * row_bytes:
-                    raise IngestError("invalid_npz", f"{key} is truncated: the header promises "
-                                      f"{hdr.shape[0]} images")
+                    raise IngestError("invalid_npz", f"{key} is truncated: the header promises {hdr.shape[0]} images")
                 left -= n
                 yield np.frombuffer(buf, np.uint8).reshape((n, *row_shape[:2], -1))
             fp.read(1)  # reach end of member so zipfile verifies the CRC
@@ -275,13 +322,14 @@ def _npy_image_chunks(zf: zipfile.ZipFile, key: str, hdr: _NpyHeader) -> Iterato
 
 # -- zip of class folders ----------------------------------------------------------
 
+
 @dataclass
 class _Item:
     split: str
     cls: str
     name: str
     path: str
-    fmt: str = ""          # PNG, JPEG or DICOM
+    fmt: str = ""  # PNG, JPEG or DICOM
     color: bool = False
 
 
@@ -289,8 +337,9 @@ def _is_junk(name: str) -> bool:
     return any(p in _JUNK_NAMES or p.startswith(".") for p in name.split("/"))
 
 
-def _ingest_folders(path: str, work_dir: str, limits: IngestLimits, size: tuple[int, int] | None,
-                    class_names: list[str] | None) -> IngestReport:
+def _ingest_folders(
+    path: str, work_dir: str, limits: IngestLimits, size: tuple[int, int] | None, class_names: list[str] | None
+) -> IngestReport:
     invalid = InvalidRows(limits.max_invalid_samples)
     extract_dir = tempfile.mkdtemp(prefix="_extract-", dir=work_dir)
     memmap_path = os.path.join(work_dir, "_images.u8")
@@ -298,12 +347,15 @@ def _ingest_folders(path: str, work_dir: str, limits: IngestLimits, size: tuple[
         files = extract_zip(path, extract_dir, limits, skip=_is_junk)
         items = _layout([(f.name, f.path) for f in files], invalid)
         if not items:
-            raise IngestError("no_images", "the zip has no files inside class folders; expected "
-                              "<class>/<image> or train|val|test/<class>/<image>",
-                              {"invalid_samples": invalid.samples})
+            raise IngestError(
+                "no_images",
+                "the zip has no files inside class folders; expected <class>/<image> or train|val|test/<class>/<image>",
+                {"invalid_samples": invalid.samples},
+            )
         classes = _folder_classes(items, class_names)
 
-        probed, sizes = [], Counter()
+        probed: list[_Item] = []
+        sizes: Counter[tuple[int, int]] = Counter()
         for it in items:
             try:
                 h, w = _probe(it, limits)
@@ -313,15 +365,17 @@ def _ingest_folders(path: str, work_dir: str, limits: IngestLimits, size: tuple[
             sizes[(h, w)] += 1
             probed.append(it)
         if not any(it.split == "train" for it in probed):
-            raise IngestError("no_valid_images", "no readable training images in the zip",
-                              {"invalid_rows": invalid.count, "invalid_samples": invalid.samples})
+            raise IngestError(
+                "no_valid_images",
+                "no readable training images in the zip",
+                {"invalid_rows": invalid.count, "invalid_samples": invalid.samples},
+            )
         out_h, out_w = size or sizes.most_common(1)[0][0]
         c = 3 if any(it.color for it in probed) else 1
         _check_output_size(len(probed) * out_h * out_w * c, limits)
 
         index = {name: i for i, name in enumerate(classes)}
-        mm = np.lib.format.open_memmap(memmap_path, mode="w+", dtype=np.uint8,
-                                       shape=(len(probed), out_h, out_w, c))
+        mm = np.lib.format.open_memmap(memmap_path, mode="w+", dtype=np.uint8, shape=(len(probed), out_h, out_w, c))
         labels = np.empty((len(probed), 1), np.int64)
         bounds: dict[str, list[int]] = {}
         formats: Counter[str] = Counter()
@@ -338,8 +392,11 @@ def _ingest_folders(path: str, work_dir: str, limits: IngestLimits, size: tuple[
             formats[it.fmt] += 1
             pos += 1
         if "train" not in bounds:
-            raise IngestError("no_valid_images", "no readable training images in the zip",
-                              {"invalid_rows": invalid.count, "invalid_samples": invalid.samples})
+            raise IngestError(
+                "no_valid_images",
+                "no readable training images in the zip",
+                {"invalid_rows": invalid.count, "invalid_samples": invalid.samples},
+            )
         mm.flush()
         out_path = os.path.join(work_dir, "data.npz")
         arrays = {}
@@ -347,19 +404,38 @@ def _ingest_folders(path: str, work_dir: str, limits: IngestLimits, size: tuple[
             for s in SPLITS:
                 if s in bounds:
                     a, b = bounds[s]
-                    out.write(f"{s}_images", (b - a, out_h, out_w, c), np.uint8,
-                              (mm[i:min(i + 256, b)] for i in range(a, b, 256)))
+                    out.write(
+                        f"{s}_images",
+                        (b - a, out_h, out_w, c),
+                        np.uint8,
+                        (mm[i : min(i + 256, b)] for i in range(a, b, 256)),
+                    )
                     arrays[s] = labels[a:b]
                     out.write_array(f"{s}_labels", arrays[s])
         del mm
         rows = {s: b - a for s, (a, b) in bounds.items()}
-        warn = [f"class {name!r} has no training images" for name, n in
-                zip(classes, np.bincount(arrays["train"][:, 0], minlength=len(classes))) if n == 0]
+        warn = [
+            f"class {name!r} has no training images"
+            for name, n in zip(classes, np.bincount(arrays["train"][:, 0], minlength=len(classes)), strict=False)
+            if n == 0
+        ]
         resized = sum(n for hw, n in sizes.items() if hw != (out_h, out_w))
-        return _report(rows, invalid, (out_h, out_w, c), classes, "multiclass", arrays, out_path, warn,
-                       {"source_format": "zip", "file_formats": dict(formats), "resized": resized,
-                        "source_sizes": [{"height": h, "width": w, "count": n}
-                                         for (h, w), n in sizes.most_common(5)]})
+        return _report(
+            rows,
+            invalid,
+            (out_h, out_w, c),
+            classes,
+            "multiclass",
+            arrays,
+            out_path,
+            warn,
+            {
+                "source_format": "zip",
+                "file_formats": dict(formats),
+                "resized": resized,
+                "source_sizes": [{"height": h, "width": w, "count": n} for (h, w), n in sizes.most_common(5)],
+            },
+        )
     finally:
         shutil.rmtree(extract_dir, ignore_errors=True)
         if os.path.exists(memmap_path):
@@ -370,18 +446,26 @@ def _layout(files: list[tuple[str, str]], invalid: InvalidRows) -> list[_Item]:
     parts = [name.split("/") for name, _ in files]
     # A zip of one wrapping folder ("mydata/cls_a/x.png") is common; look inside it.
     depth = 0
-    while parts and all(len(p) > depth + 1 for p in parts) and any(len(p) > depth + 2 for p in parts) \
-            and len({p[depth] for p in parts}) == 1 and parts[0][depth].lower() not in _SPLIT_ALIASES:
+    while (
+        parts
+        and all(len(p) > depth + 1 for p in parts)
+        and any(len(p) > depth + 2 for p in parts)
+        and len({p[depth] for p in parts}) == 1
+        and parts[0][depth].lower() not in _SPLIT_ALIASES
+    ):
         depth += 1
     tops = {p[depth] for p in parts if len(p) > depth + 1}
     split_tops = {t for t in tops if t.lower() in _SPLIT_ALIASES}
     if split_tops and split_tops != tops:
-        raise IngestError("invalid_layout", "the zip mixes split folders ("
-                          f"{', '.join(sorted(split_tops))}) with other folders ({', '.join(sorted(tops - split_tops))}); "
-                          "use either <class>/<image> or train|val|test/<class>/<image>")
+        raise IngestError(
+            "invalid_layout",
+            "the zip mixes split folders ("
+            f"{', '.join(sorted(split_tops))}) with other folders ({', '.join(sorted(tops - split_tops))}); "
+            "use either <class>/<image> or train|val|test/<class>/<image>",
+        )
     need = depth + (3 if split_tops else 2)
     items = []
-    for (name, fpath), p in zip(files, parts):
+    for (name, fpath), p in zip(files, parts, strict=False):
         if len(p) < need:
             invalid.add("file is not inside a class folder", file=name)
             continue
@@ -399,12 +483,16 @@ def _folder_classes(items: list[_Item], names: list[str] | None) -> list[str]:
     if names is not None:
         unknown = [c for c in found if c not in names]
         if unknown:
-            raise IngestError("invalid_option", f"option classes does not list the folder(s) "
-                              f"{', '.join(unknown)}; folders are: {', '.join(found)}")
+            raise IngestError(
+                "invalid_option",
+                f"option classes does not list the folder(s) {', '.join(unknown)}; folders are: {', '.join(found)}",
+            )
         return names
     if len(found) < 2:
-        raise IngestError("invalid_layout", f"found one class folder ({found[0]!r}); a classifier needs "
-                          "at least two, e.g. normal/ and abnormal/")
+        raise IngestError(
+            "invalid_layout",
+            f"found one class folder ({found[0]!r}); a classifier needs at least two, e.g. normal/ and abnormal/",
+        )
     return found
 
 
@@ -443,7 +531,7 @@ def _probe(it: _Item, limits: IngestLimits) -> tuple[int, int]:
         try:
             with Image.open(it.path, formats=_PIL_FORMATS) as im:
                 w, h = im.size
-                it.fmt = "JPEG" if im.format == "MPO" else im.format  # trust content over extension
+                it.fmt = "JPEG" if im.format == "MPO" else (im.format or it.fmt)  # trust content over extension
                 it.color = im.mode not in _GREY_MODES
                 if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation swaps axes
                     h, w = w, h
@@ -457,9 +545,10 @@ def _probe(it: _Item, limits: IngestLimits) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _read_dicom(it: _Item, stop_before_pixels: bool):
+def _read_dicom(it: _Item, stop_before_pixels: bool) -> Dataset:
     import pydicom
     from pydicom.errors import InvalidDicomError
+
     try:
         try:
             return pydicom.dcmread(it.path, stop_before_pixels=stop_before_pixels)
@@ -485,8 +574,8 @@ def _decode(it: _Item, h: int, w: int, c: int) -> np.ndarray:
 
 def _decode_pil(it: _Item) -> np.ndarray:
     try:
-        with Image.open(it.path, formats=_PIL_FORMATS) as im:
-            im = ImageOps.exif_transpose(im)
+        with Image.open(it.path, formats=_PIL_FORMATS) as src:
+            im = ImageOps.exif_transpose(src)
             im.load()
     except Exception as exc:
         raise _Invalid(f"not a readable {it.fmt} image: {_msg(exc, it)}") from None
@@ -513,10 +602,10 @@ def _decode_dicom(it: _Item) -> np.ndarray:
     return px if px.dtype == np.uint8 else _minmax_u8(px.astype(np.float32))
 
 
-def _dicom_grey(px: np.ndarray, ds) -> np.ndarray:
+def _dicom_grey(px: np.ndarray, ds: Dataset) -> np.ndarray:
     if px.ndim != 2:
         raise _Invalid(f"DICOM image has unexpected shape {px.shape}")
-    a = px.astype(np.float32)
+    a: np.ndarray = px.astype(np.float32)
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     a = a * float(slope if slope not in (None, "") else 1) + float(intercept if intercept not in (None, "") else 0)
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
@@ -531,11 +620,13 @@ def _dicom_grey(px: np.ndarray, ds) -> np.ndarray:
     return np.rint(a * 255).astype(np.uint8)
 
 
-def _apply_palette(px: np.ndarray, ds) -> np.ndarray:
+def _apply_palette(px: np.ndarray, ds: Dataset) -> np.ndarray:
     try:
         from pydicom.pixels import apply_color_lut  # pydicom >= 3
     except ImportError:
-        from pydicom.pixel_data_handlers.util import apply_color_lut
+        from pydicom.pixel_data_handlers import util as pydicom2_util
+
+        apply_color_lut = pydicom2_util.apply_color_lut
     try:
         rgb = apply_color_lut(px, ds)
     except Exception as exc:
@@ -543,12 +634,13 @@ def _apply_palette(px: np.ndarray, ds) -> np.ndarray:
     return (rgb >> 8).astype(np.uint8) if rgb.dtype == np.uint16 else rgb.astype(np.uint8)
 
 
-def _first(value) -> float | None:
+def _first(value: Any) -> float | None:
+    """The first number of a DICOM value (a number, a string or a multi-value), or None."""
     if value is None or value == "":
         return None
     try:
         if not isinstance(value, (int, float, str)):
-            value = list(value)[0]
+            value = next(iter(value))
         return float(value)
     except (TypeError, ValueError, IndexError):
         return None
@@ -574,27 +666,32 @@ def _resize_batch(batch: np.ndarray, h: int, w: int) -> np.ndarray:
 
 # -- output ------------------------------------------------------------------------
 
+
 def _check_output_size(nbytes: int, limits: IngestLimits) -> None:
     if nbytes > limits.max_output_bytes:
-        raise too_large("images_too_large", f"the normalised images would take {nbytes} bytes; the limit "
-                        f"is {limits.max_output_bytes}. Pass a smaller image_size to downscale.",
-                        {"bytes": nbytes, "max_output_bytes": limits.max_output_bytes})
+        raise too_large(
+            "images_too_large",
+            f"the normalised images would take {nbytes} bytes; the limit "
+            f"is {limits.max_output_bytes}. Pass a smaller image_size to downscale.",
+            {"bytes": nbytes, "max_output_bytes": limits.max_output_bytes},
+        )
 
 
 class _NpzWriter:
     """Writes an uncompressed .npz one array at a time, from chunks, then renames it into place."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str) -> None:
         self.path = path
         self.tmp = path + ".tmp"
         self.zf = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
 
-    def write(self, key: str, shape: tuple, dtype, chunks) -> None:
+    def write(self, key: str, shape: tuple[int, ...], dtype: npt.DTypeLike, chunks: Iterable[np.ndarray]) -> None:
         dtype = np.dtype(dtype)
         n = 0
         with self.zf.open(key + ".npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_2_0(
-                f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+                f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+            )
             for chunk in chunks:
                 f.write(np.ascontiguousarray(chunk, dtype).tobytes())
                 n += len(chunk)
@@ -604,10 +701,10 @@ class _NpzWriter:
     def write_array(self, key: str, array: np.ndarray) -> None:
         self.write(key, array.shape, array.dtype, [array])
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type, *_):
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         self.zf.close()
         if exc_type is None:
             os.replace(self.tmp, self.path)
@@ -615,20 +712,34 @@ class _NpzWriter:
             os.unlink(self.tmp)
 
 
-def _report(rows: dict[str, int], invalid: InvalidRows, shape: tuple[int, int, int], classes,
-            label_kind: str, labels: dict[str, np.ndarray], out_path: str, warn: list[str],
-            extra_stats: dict) -> IngestReport:
+def _report(
+    rows: dict[str, int],
+    invalid: InvalidRows,
+    shape: tuple[int, int, int],
+    classes: list[str] | int,
+    label_kind: str,
+    labels: dict[str, np.ndarray],
+    out_path: str,
+    warn: list[str],
+    extra_stats: dict[str, Any],
+) -> IngestReport:
     names = classes if isinstance(classes, list) else [str(i) for i in range(classes)]
-    counts = {}
+    counts: dict[str, dict[str, int]] = {}
     for s, y in labels.items():
         per = y.sum(axis=0) if label_kind == "multilabel" else np.bincount(y[:, 0], minlength=len(names))
-        counts[s] = {name: int(v) for name, v in zip(names, per)}
+        counts[s] = {name: int(v) for name, v in zip(names, per, strict=False)}
     return IngestReport(
         rows=sum(rows.values()),
         invalid_rows=invalid.count,
         invalid_samples=invalid.samples,
-        schema={"kind": "images", "shape": list(shape), "classes": classes, "label_kind": label_kind,
-                "splits": rows, "layout": "NHWC"},
+        schema={
+            "kind": "images",
+            "shape": list(shape),
+            "classes": classes,
+            "label_kind": label_kind,
+            "splits": rows,
+            "layout": "NHWC",
+        },
         stats={"label_counts": counts, "invalid_reasons": dict(invalid.reasons), **extra_stats},
         data_path=out_path,
         warnings=warn,

@@ -6,16 +6,17 @@ non-blank data record of a CSV/TSV; rows are numbered from 0 in file order, and 
 numbering is the same for ``ingest_library``, ``iter_library_rows`` and
 ``library_row_offsets``.
 """
+
 from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Iterator, Mapping, Optional
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from .common import IngestLimits, IngestReport, check_option_names, opt_str, resolve_column
 from .errors import IngestError
-from .textio import (base_name, detect_delimiter, first_line, is_gzip, iter_lines, iter_records, open_binary,
-                     open_text)
+from .textio import base_name, detect_delimiter, first_line, is_gzip, iter_lines, iter_records, open_binary, open_text
 
 OPTIONS = ("text_column", "id_column", "format", "delimiter")
 FORMATS = ("smi", "csv", "tsv")
@@ -24,8 +25,12 @@ _SMI_HEADER = {"smiles", "smile", "canonical_smiles", "isomeric_smiles"}
 _ID_NAMES = ("id", "name", "compound_id", "mol_id", "molecule_id", "cid", "chembl_id", "zinc_id", "title")
 
 
-def ingest_library(path: str, original_filename: str, options: Mapping[str, Any] | None = None,
-                   limits: IngestLimits | Mapping | None = None) -> IngestReport:
+def ingest_library(
+    path: str,
+    original_filename: str,
+    options: Mapping[str, Any] | None = None,
+    limits: IngestLimits | Mapping[str, Any] | None = None,
+) -> IngestReport:
     limits = IngestLimits.of(limits)
     options = dict(options or {})
     check_option_names(options, OPTIONS, "library")
@@ -40,22 +45,42 @@ def ingest_library(path: str, original_filename: str, options: Mapping[str, Any]
     if fmt == "smi":
         schema = _smi_schema(path, compressed, limits)
     else:
-        schema = _csv_schema(path, compressed, limits, fmt, head, original_filename, text_column,
-                             explicit_text, id_column, opt_str(options, "delimiter", None))
+        schema = _csv_schema(
+            path,
+            compressed,
+            limits,
+            fmt,
+            head,
+            original_filename,
+            text_column,
+            explicit_text,
+            id_column,
+            opt_str(options, "delimiter", None),
+        )
     rows = empty = 0
     for _, text in _iter_rows(path, schema, limits, schema["data_offset"]):
         rows += 1
         empty += not text
     if rows == 0:
         raise IngestError("no_rows", "the library has no rows" + (" after its header" if schema["header"] else ""))
-    return IngestReport(rows=rows, invalid_rows=0, invalid_samples=[], schema=schema,
-                        stats={"bytes": os.path.getsize(path), "empty_text_rows": empty},
-                        data_path=None)
+    return IngestReport(
+        rows=rows,
+        invalid_rows=0,
+        invalid_samples=[],
+        schema=schema,
+        stats={"bytes": os.path.getsize(path), "empty_text_rows": empty},
+        data_path=None,
+    )
 
 
-def iter_library_rows(path: str, schema: Mapping[str, Any], start: int = 0, stop: int | None = None,
-                      offset: int | None = None, limits: IngestLimits | Mapping | None = None
-                      ) -> Iterator[tuple[int, str | None, str]]:
+def iter_library_rows(
+    path: str,
+    schema: Mapping[str, Any],
+    start: int = 0,
+    stop: int | None = None,
+    offset: int | None = None,
+    limits: IngestLimits | Mapping[str, Any] | None = None,
+) -> Iterator[tuple[int, str | None, str]]:
     """Yield (row_number, id or None, text) for rows start <= row_number < stop, streaming.
 
     ``offset`` is the byte offset of row ``start`` from library_row_offsets(); with it the
@@ -75,8 +100,9 @@ def iter_library_rows(path: str, schema: Mapping[str, Any], start: int = 0, stop
         row += 1
 
 
-def library_row_offsets(path: str, schema: Mapping[str, Any], every_n: int,
-                        limits: IngestLimits | Mapping | None = None) -> list[int]:
+def library_row_offsets(
+    path: str, schema: Mapping[str, Any], every_n: int, limits: IngestLimits | Mapping[str, Any] | None = None
+) -> list[int]:
     """Byte offsets (in the uncompressed stream) of rows 0, every_n, 2*every_n, ... for sharding:
     shard k is ``iter_library_rows(path, schema, k*every_n, (k+1)*every_n, offset=offsets[k])``."""
     if every_n < 1:
@@ -89,8 +115,7 @@ def library_row_offsets(path: str, schema: Mapping[str, Any], every_n: int,
         if schema["format"] == "smi":
             starts = (pos for pos, raw in iter_lines(fp, limits, schema["data_offset"]) if _smi_row(raw))
         else:
-            starts = (pos for pos, _, _ in iter_records(fp, schema["delimiter"], limits,
-                                                        offset=schema["data_offset"]))
+            starts = (pos for pos, _, _ in iter_records(fp, schema["delimiter"], limits, offset=schema["data_offset"]))
         for pos in starts:
             if row % every_n == 0:
                 offsets.append(pos)
@@ -99,6 +124,7 @@ def library_row_offsets(path: str, schema: Mapping[str, Any], every_n: int,
 
 
 # -- internals ----------------------------------------------------------------------
+
 
 def _detect_format(head: str, filename: str, text_column: str) -> str:
     ext = os.path.splitext(base_name(filename))[1]
@@ -115,7 +141,7 @@ def _detect_format(head: str, filename: str, text_column: str) -> str:
     return "smi"
 
 
-def _smi_schema(path: str, compressed: bool, limits: IngestLimits) -> dict:
+def _smi_schema(path: str, compressed: bool, limits: IngestLimits) -> dict[str, Any]:
     header: list[str] = []
     data_offset = 0
     with open_binary(path, compressed) as fp:
@@ -128,13 +154,32 @@ def _smi_schema(path: str, compressed: bool, limits: IngestLimits) -> dict:
                 header = line.split()
                 data_offset = offset + len(raw)
             break
-    return {"kind": "library", "format": "smi", "compressed": compressed, "delimiter": None,
-            "text_column": None, "id_column": None, "header": header, "data_offset": data_offset,
-            "text_index": 0, "id_index": 1}
+    return {
+        "kind": "library",
+        "format": "smi",
+        "compressed": compressed,
+        "delimiter": None,
+        "text_column": None,
+        "id_column": None,
+        "header": header,
+        "data_offset": data_offset,
+        "text_index": 0,
+        "id_index": 1,
+    }
 
 
-def _csv_schema(path, compressed, limits, fmt, head, filename, text_column, explicit_text, id_column,
-                delimiter) -> dict:
+def _csv_schema(
+    path: str,
+    compressed: bool,
+    limits: IngestLimits,
+    fmt: str,
+    head: str,
+    filename: str,
+    text_column: str,
+    explicit_text: bool,
+    id_column: str | None,
+    delimiter: str | None,
+) -> dict[str, Any]:
     delim = detect_delimiter(head, filename, delimiter or ("\t" if fmt == "tsv" else ","))
     with open_binary(path, compressed) as fp:
         records = iter_records(fp, delim, limits)
@@ -147,23 +192,36 @@ def _csv_schema(path, compressed, limits, fmt, head, filename, text_column, expl
     kind = "TSV" if delim == "\t" else "CSV"
     found = resolve_column(header, text_column, explicit_text)
     if found is None:
-        raise IngestError("missing_column", f"{kind} has no column {text_column!r}; columns are: "
-                          f"{', '.join(header)}. Set text_column to the column holding the SMILES.",
-                          {"columns": header})
+        raise IngestError(
+            "missing_column",
+            f"{kind} has no column {text_column!r}; columns are: "
+            f"{', '.join(header)}. Set text_column to the column holding the SMILES.",
+            {"columns": header},
+        )
     text_column = found
     if id_column is not None and id_column not in header:
-        raise IngestError("missing_column", f"{kind} has no id column {id_column!r}; columns are: "
-                          f"{', '.join(header)}", {"columns": header})
+        raise IngestError(
+            "missing_column",
+            f"{kind} has no id column {id_column!r}; columns are: {', '.join(header)}",
+            {"columns": header},
+        )
     if id_column is None:
         lower = {h.lower(): h for h in header if h != text_column}
         id_column = next((lower[n] for n in _ID_NAMES if n in lower), None)
     if second is None:
         raise IngestError("no_rows", "the library has a header but no rows")
-    return {"kind": "library", "format": fmt, "compressed": compressed, "delimiter": delim,
-            "text_column": text_column, "id_column": id_column, "header": header,
-            "data_offset": second[0],
-            "text_index": header.index(text_column),
-            "id_index": header.index(id_column) if id_column is not None else None}
+    return {
+        "kind": "library",
+        "format": fmt,
+        "compressed": compressed,
+        "delimiter": delim,
+        "text_column": text_column,
+        "id_column": id_column,
+        "header": header,
+        "data_offset": second[0],
+        "text_index": header.index(text_column),
+        "id_index": header.index(id_column) if id_column is not None else None,
+    }
 
 
 def _smi_row(raw: bytes) -> bool:
@@ -171,8 +229,9 @@ def _smi_row(raw: bytes) -> bool:
     return bool(line) and line[0] != "#"
 
 
-def _iter_rows(path: str, schema: Mapping[str, Any], limits: IngestLimits, offset: int
-               ) -> Iterator[tuple[str | None, str]]:
+def _iter_rows(
+    path: str, schema: Mapping[str, Any], limits: IngestLimits, offset: int
+) -> Iterator[tuple[str | None, str]]:
     """(id, text) of each row from byte ``offset``, read at C speed (csv.reader over a text stream)."""
     if schema["format"] == "smi":
         with open_text(path, schema["compressed"], limits, offset, newline="\n") as f:
@@ -199,15 +258,18 @@ class SchemaError(ValueError):
     pass
 
 
-def library_schema(schema: Mapping[str, Any], text_column: Optional[str] = None,
-                   id_column: Optional[str] = None) -> dict[str, Any]:
+def library_schema(
+    schema: Mapping[str, Any], text_column: str | None = None, id_column: str | None = None
+) -> dict[str, Any]:
     """The dataset's stored schema with text/id columns overridden by the score spec."""
     out = dict(schema)
     if text_column is None and id_column is None:
         return out
     if out.get("format") == "smi":
-        raise SchemaError("text_column and id_column apply to CSV/TSV libraries; a .smi library holds "
-                          "the SMILES then an optional id on each line")
+        raise SchemaError(
+            "text_column and id_column apply to CSV/TSV libraries; a .smi library holds "
+            "the SMILES then an optional id on each line"
+        )
     header = list(out.get("header") or [])
     for name, value in (("text_column", text_column), ("id_column", id_column)):
         if value is not None and value not in header:

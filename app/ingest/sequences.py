@@ -8,13 +8,15 @@ pass over that parquet casts label columns to their inferred types and writes
 ``source_row`` is the 0-based index of the record among the file's non-blank data rows,
 i.e. the row ``pandas.read_csv(file).iloc[source_row]`` returns.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import re
 from collections import Counter
-from typing import Any, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,8 +24,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from app.chem import canonical_smiles, quiet_rdkit
-from .common import (IngestLimits, IngestReport, InvalidRows, check_option_names, opt_int, opt_list,
-                     opt_str, resolve_column)
+
+from .common import (
+    IngestLimits,
+    IngestReport,
+    InvalidRows,
+    check_option_names,
+    opt_int,
+    opt_list,
+    opt_str,
+    resolve_column,
+)
 from .errors import IngestError
 from .textio import detect_delimiter, first_line, is_gzip, iter_records, open_binary
 
@@ -35,13 +46,17 @@ _UNNAMED = "unnamed_"
 _MISSING = {"", "na", "n/a", "nan", "null", "none", "#n/a"}
 _INT_RE = r"[+-]?\d+"
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of non-UTF-8 bytes
-_MAX_INT_CLASSES = 50      # integer labels with more distinct values are regression targets
-_MAX_CLASSES = 10_000      # above this a string column is not a usable class label
+_MAX_INT_CLASSES = 50  # integer labels with more distinct values are regression targets
+_MAX_CLASSES = 10_000  # above this a string column is not a usable class label
 
 
-def ingest_sequences(path: str, original_filename: str, work_dir: str,
-                     options: Mapping[str, Any] | None = None,
-                     limits: IngestLimits | Mapping | None = None) -> IngestReport:
+def ingest_sequences(
+    path: str,
+    original_filename: str,
+    work_dir: str,
+    options: Mapping[str, Any] | None = None,
+    limits: IngestLimits | Mapping[str, Any] | None = None,
+) -> IngestReport:
     limits = IngestLimits.of(limits)
     options = dict(options or {})
     check_option_names(options, OPTIONS, "sequences")
@@ -54,8 +69,9 @@ def ingest_sequences(path: str, original_filename: str, work_dir: str,
     os.makedirs(work_dir, exist_ok=True)
 
     compressed = is_gzip(path)
-    delimiter = detect_delimiter(first_line(path, compressed, limits), original_filename,
-                                 opt_str(options, "delimiter", None))
+    delimiter = detect_delimiter(
+        first_line(path, compressed, limits), original_filename, opt_str(options, "delimiter", None)
+    )
     invalid = InvalidRows(limits.max_invalid_samples)
     warn: list[str] = []
     raw_path = os.path.join(work_dir, "_rows.parquet")
@@ -66,15 +82,24 @@ def ingest_sequences(path: str, original_filename: str, work_dir: str,
             header, text_column = _header(next(records, None), text_column, explicit_text, delimiter)
             labels = _label_columns(header, text_column, wanted, warn)
             col_stats = {c: _ColumnStats() for c in labels}
-            rows, text_len = _first_pass(records, header, text_column, tokenizer, max_length, labels,
-                                         col_stats, invalid, raw_path)
+            rows, text_len = _first_pass(
+                records, header, text_column, tokenizer, max_length, labels, col_stats, invalid, raw_path
+            )
         if rows == 0:
-            raise IngestError("no_valid_rows", f"no valid rows: all {invalid.count} rows were invalid"
-                              if invalid.count else "the file has a header but no rows",
-                              {"invalid_rows": invalid.count, "invalid_samples": invalid.samples,
-                               "invalid_reasons": dict(invalid.reasons)})
-        types = {c: s.infer(c, explicit=wanted is not None, warn=warn) for c, s in col_stats.items()}
-        kept = [c for c in labels if types[c] is not None]
+            raise IngestError(
+                "no_valid_rows",
+                f"no valid rows: all {invalid.count} rows were invalid"
+                if invalid.count
+                else "the file has a header but no rows",
+                {
+                    "invalid_rows": invalid.count,
+                    "invalid_samples": invalid.samples,
+                    "invalid_reasons": dict(invalid.reasons),
+                },
+            )
+        inferred = {c: s.infer(c, explicit=wanted is not None, warn=warn) for c, s in col_stats.items()}
+        types = {c: t for c in labels if (t := inferred[c]) is not None}
+        kept = list(types)
         _second_pass(raw_path, out_path, kept, types, col_stats)
     finally:
         for leftover in (raw_path, out_path + ".tmp"):
@@ -86,18 +111,30 @@ def ingest_sequences(path: str, original_filename: str, work_dir: str,
         rows=rows,
         invalid_rows=invalid.count,
         invalid_samples=invalid.samples,
-        schema={"kind": "sequences", "text_column": text_column, "tokenizer": tokenizer,
-                "label_columns": kept, "label_types": {c: "float" if types[c] == "float" else "category"
-                                                       for c in kept},
-                "classes": classes, "delimiter": delimiter, "compressed": compressed, "header": header},
-        stats={"labels": {c: col_stats[c].summary(types[c]) for c in kept},
-               "text_length": text_len, "invalid_reasons": dict(invalid.reasons)},
+        schema={
+            "kind": "sequences",
+            "text_column": text_column,
+            "tokenizer": tokenizer,
+            "label_columns": kept,
+            "label_types": {c: "float" if types[c] == "float" else "category" for c in kept},
+            "classes": classes,
+            "delimiter": delimiter,
+            "compressed": compressed,
+            "header": header,
+        },
+        stats={
+            "labels": {c: col_stats[c].summary(types[c]) for c in kept},
+            "text_length": text_len,
+            "invalid_reasons": dict(invalid.reasons),
+        },
         data_path=out_path,
         warnings=warn,
     )
 
 
-def _header(first, text_column: str, explicit: bool, delimiter: str) -> tuple[list[str], str]:
+def _header(
+    first: tuple[int, int, list[str]] | None, text_column: str, explicit: bool, delimiter: str
+) -> tuple[list[str], str]:
     if first is None:
         raise IngestError("empty_file", "the file is empty")
     _, _, header = first
@@ -112,15 +149,17 @@ def _header(first, text_column: str, explicit: bool, delimiter: str) -> tuple[li
     found = resolve_column(header, text_column, explicit)
     if found is None:
         sep = {"\t": "tab", ",": "comma"}.get(delimiter, repr(delimiter))
-        raise IngestError("missing_column", f"{'TSV' if delimiter == chr(9) else 'CSV'} has no column "
-                          f"{text_column!r}; columns are: {', '.join(header)} (read with {sep} as the "
-                          "delimiter). Set text_column to the column holding the sequences.",
-                          {"columns": header, "text_column": text_column})
+        raise IngestError(
+            "missing_column",
+            f"{'TSV' if delimiter == chr(9) else 'CSV'} has no column "
+            f"{text_column!r}; columns are: {', '.join(header)} (read with {sep} as the "
+            "delimiter). Set text_column to the column holding the sequences.",
+            {"columns": header, "text_column": text_column},
+        )
     return header, found
 
 
-def _label_columns(header: list[str], text_column: str, wanted: list[str] | None, warn: list[str]
-                   ) -> list[str]:
+def _label_columns(header: list[str], text_column: str, wanted: list[str] | None, warn: list[str]) -> list[str]:
     if wanted is None:
         labels = [h for h in header if h != text_column and not h.startswith(_UNNAMED)]
         unnamed = [h for h in header if h.startswith(_UNNAMED)]
@@ -129,33 +168,48 @@ def _label_columns(header: list[str], text_column: str, wanted: list[str] | None
     else:
         missing = [c for c in wanted if c not in header]
         if missing:
-            raise IngestError("missing_column", f"label column(s) {', '.join(map(repr, missing))} not in "
-                              f"the file; columns are: {', '.join(header)}",
-                              {"columns": header, "missing": missing})
+            raise IngestError(
+                "missing_column",
+                f"label column(s) {', '.join(map(repr, missing))} not in the file; columns are: {', '.join(header)}",
+                {"columns": header, "missing": missing},
+            )
         if text_column in wanted:
             raise IngestError("invalid_option", f"{text_column!r} is the text column; it cannot also be a label")
         labels = wanted
     clash = [c for c in labels if c in RESERVED]
     if clash:
-        raise IngestError("invalid_header", f"column name(s) {', '.join(clash)} are reserved for the output "
-                          "(text, source_row); rename them or leave them out of label_columns")
+        raise IngestError(
+            "invalid_header",
+            f"column name(s) {', '.join(clash)} are reserved for the output "
+            "(text, source_row); rename them or leave them out of label_columns",
+        )
     return labels
 
 
-def _first_pass(records, header, text_column, tokenizer, max_length, labels, col_stats, invalid,
-                raw_path) -> tuple[int, dict]:
+def _first_pass(
+    records: Iterator[tuple[int, int, list[str]]],
+    header: list[str],
+    text_column: str,
+    tokenizer: str,
+    max_length: int,
+    labels: list[str],
+    col_stats: dict[str, _ColumnStats],
+    invalid: InvalidRows,
+    raw_path: str,
+) -> tuple[int, dict[str, float]]:
     ncols = len(header)
     ti = header.index(text_column)
     li = [header.index(c) for c in labels]
-    schema = pa.schema([("text", pa.string()), ("source_row", pa.int64())] +
-                       [(f"l{i}", pa.string()) for i in range(len(labels))])
+    schema = pa.schema(
+        [("text", pa.string()), ("source_row", pa.int64())] + [(f"l{i}", pa.string()) for i in range(len(labels))]
+    )
     rows = 0
-    lengths = [0, 0, math.inf, 0]  # count, sum, min, max
+    lengths: list[float] = [0, 0, math.inf, 0]  # count, sum, min, max
     buf_text: list[str] = []
     buf_row: list[int] = []
-    buf_labels: list[list] = [[] for _ in labels]
+    buf_labels: list[list[str | None]] = [[] for _ in labels]
 
-    def flush():
+    def flush() -> None:
         if not buf_text:
             return
         cols = [pa.array(buf_text, pa.string()), pa.array(buf_row, pa.int64())]
@@ -188,10 +242,11 @@ def _first_pass(records, header, text_column, tokenizer, max_length, labels, col
                 if any(ch.isspace() for ch in raw):
                     invalid.add("SMILES parse error: SMILES contains whitespace", **where)
                     continue
-                text, reason = canonical_smiles(raw)
-                if reason:
-                    invalid.add(reason, **where)
+                canon, reason = canonical_smiles(raw)
+                if canon is None:
+                    invalid.add(reason or "SMILES parse error", **where)
                     continue
+                text = canon
             else:
                 text = " ".join(raw.split())
             buf_text.append(text)
@@ -208,8 +263,7 @@ def _first_pass(records, header, text_column, tokenizer, max_length, labels, col
             if len(buf_text) >= _CHUNK_ROWS:
                 flush()
         flush()
-    text_len = ({"min": lengths[2], "max": lengths[3], "mean": lengths[1] / lengths[0]}
-                if lengths[0] else {})
+    text_len = {"min": lengths[2], "max": lengths[3], "mean": lengths[1] / lengths[0]} if lengths[0] else {}
     return rows, text_len
 
 
@@ -217,7 +271,7 @@ class _ColumnStats:
     """Running statistics of one label column, valid under both numeric and categorical readings
     until the whole file has been seen."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.count = self.missing = 0
         self.numeric = self.integer = True
         self.non_finite = 0
@@ -265,25 +319,33 @@ class _ColumnStats:
             return "int"
         if self.numeric:
             if self.integer:
-                warn.append(f"integer column {name!r} has {distinct} distinct values; treated as a "
-                            "regression target (float)")
+                warn.append(
+                    f"integer column {name!r} has {distinct} distinct values; treated as a regression target (float)"
+                )
             if self.non_finite:
                 warn.append(f"column {name!r} has {self.non_finite} infinite values; stored as missing")
             return "float"
         if distinct > _MAX_CLASSES:
             if explicit:
-                raise IngestError("too_many_classes", f"label column {name!r} has more than {_MAX_CLASSES} "
-                                  "distinct text values; it cannot be a class label")
+                raise IngestError(
+                    "too_many_classes",
+                    f"label column {name!r} has more than {_MAX_CLASSES} "
+                    "distinct text values; it cannot be a class label",
+                )
             warn.append(f"column {name!r} has more than {_MAX_CLASSES} distinct values; not used as a label")
             return None
         if not explicit and distinct > 20 and distinct > self.count // 2:
-            warn.append(f"column {name!r} looks like an identifier ({distinct} distinct values in "
-                        f"{self.count} rows); not used as a label. List it in label_columns to use it.")
+            warn.append(
+                f"column {name!r} looks like an identifier ({distinct} distinct values in "
+                f"{self.count} rows); not used as a label. List it in label_columns to use it."
+            )
             return None
         return "str"
 
-    def class_counts(self) -> dict:
+    def class_counts(self) -> dict[int, int] | dict[str, int]:
         """Counts per class in class order; integer labels are merged by value ("01" is 1)."""
+        if self.counts is None:  # only label columns with few enough classes get here
+            raise RuntimeError("class counts were dropped for a column with too many classes")
         if self.numeric and self.integer:
             merged: Counter[int] = Counter()
             for k, v in self.counts.items():
@@ -291,26 +353,38 @@ class _ColumnStats:
             return dict(sorted(merged.items()))
         return dict(sorted(self.counts.items()))
 
-    def classes(self) -> list:
+    def classes(self) -> list[int | str]:
         return list(self.class_counts())
 
-    def summary(self, kind: str) -> dict:
+    def summary(self, kind: str) -> dict[str, Any]:
         if kind == "float":
-            return {"type": "float", "count": self.n, "missing": self.missing + self.non_finite,
-                    "mean": self.mean if self.n else None,
-                    "std": math.sqrt(self.m2 / self.n) if self.n else None,
-                    "min": self.min if self.n else None, "max": self.max if self.n else None}
-        return {"type": "category", "count": self.count, "missing": self.missing,
-                "class_counts": {str(k): v for k, v in self.class_counts().items()}}
+            return {
+                "type": "float",
+                "count": self.n,
+                "missing": self.missing + self.non_finite,
+                "mean": self.mean if self.n else None,
+                "std": math.sqrt(self.m2 / self.n) if self.n else None,
+                "min": self.min if self.n else None,
+                "max": self.max if self.n else None,
+            }
+        return {
+            "type": "category",
+            "count": self.count,
+            "missing": self.missing,
+            "class_counts": {str(k): v for k, v in self.class_counts().items()},
+        }
 
 
-def _second_pass(raw_path: str, out_path: str, labels: list[str], types: dict, stats) -> None:
+def _second_pass(
+    raw_path: str, out_path: str, labels: list[str], types: dict[str, str], stats: dict[str, _ColumnStats]
+) -> None:
     src = pq.ParquetFile(raw_path)
     names = src.schema_arrow.names  # text, source_row, l0, l1, ... in the order of col_stats
     index = {c: names[2 + i] for i, c in enumerate(stats)}
     arrow_type = {"float": pa.float64(), "int": pa.int64(), "str": pa.string()}
-    schema = pa.schema([("text", pa.string()), ("source_row", pa.int64())] +
-                       [(c, arrow_type[types[c]]) for c in labels])
+    schema = pa.schema(
+        [("text", pa.string()), ("source_row", pa.int64())] + [(c, arrow_type[types[c]]) for c in labels]
+    )
     tmp = out_path + ".tmp"
     with pq.ParquetWriter(tmp, schema) as writer:
         for batch in src.iter_batches(batch_size=_CHUNK_ROWS * 5):

@@ -3,6 +3,7 @@
 Every reader here works line by line with a cap on line length and on the total number
 of uncompressed bytes, so a gzip bomb or a file without newlines cannot exhaust memory.
 """
+
 from __future__ import annotations
 
 import csv
@@ -10,14 +11,22 @@ import gzip
 import io
 import os
 import zlib
-from typing import BinaryIO, Iterator, TextIO
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Never, Self, TextIO
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 from .common import IngestLimits
 from .errors import IngestError, too_large
 
 GZIP_MAGIC = b"\x1f\x8b"
-_OTHER_MAGIC = {b"PK\x03\x04": "a zip archive", b"BZh": "bzip2-compressed", b"\xfd7zXZ\x00": "xz-compressed",
-                b"\x28\xb5\x2f\xfd": "zstd-compressed"}
+_OTHER_MAGIC = {
+    b"PK\x03\x04": "a zip archive",
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed",
+}
 _EXT_DELIMITER = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 
 
@@ -33,7 +42,7 @@ def is_gzip(path: str) -> bool:
     return False
 
 
-def open_binary(path: str, compressed: bool) -> BinaryIO:
+def open_binary(path: str, compressed: bool) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if compressed else open(path, "rb")
 
 
@@ -43,21 +52,27 @@ def base_name(filename: str) -> str:
     return name[:-3] if name.endswith(".gz") else name
 
 
-def iter_lines(fp: BinaryIO, limits: IngestLimits, offset: int = 0, lineno: int = 0
-               ) -> Iterator[tuple[int, bytes]]:
+def iter_lines(
+    fp: io.BufferedIOBase, limits: IngestLimits, offset: int = 0, lineno: int = 0
+) -> Iterator[tuple[int, bytes]]:
     """Yield (byte offset in the uncompressed stream, raw line including its newline)."""
     cap = limits.max_line_bytes
     while True:
         try:
             line = fp.readline(cap + 1)
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-            raise IngestError("corrupt_gzip", f"the gzip stream is corrupt or truncated after line {lineno}: {exc}") from None
+            raise IngestError(
+                "corrupt_gzip", f"the gzip stream is corrupt or truncated after line {lineno}: {exc}"
+            ) from None
         if not line:
             return
         lineno += 1
         if len(line) > cap:
-            raise IngestError("line_too_long", f"line {lineno} is longer than {cap} bytes; is this a text "
-                              "file with one record per line?", {"line": lineno, "max_line_bytes": cap})
+            raise IngestError(
+                "line_too_long",
+                f"line {lineno} is longer than {cap} bytes; is this a text file with one record per line?",
+                {"line": lineno, "max_line_bytes": cap},
+            )
         if offset + len(line) > limits.max_bytes:
             raise too_large("file_too_large", f"the file expands to more than {limits.max_bytes} bytes")
         yield offset, line
@@ -68,7 +83,7 @@ class _Guarded(io.RawIOBase):
     """A raw stream that enforces the line-length and total-size caps chunk by chunk, so that
     C-speed readers (TextIOWrapper, csv.reader) can consume untrusted files safely."""
 
-    def __init__(self, fp: BinaryIO, limits: IngestLimits, offset: int):
+    def __init__(self, fp: io.BufferedIOBase, limits: IngestLimits, offset: int) -> None:
         self._fp, self._cap, self._max = fp, limits.max_line_bytes, limits.max_bytes
         self._pos, self._run = offset, 0  # _run: bytes since the last newline
 
@@ -80,9 +95,10 @@ class _Guarded(io.RawIOBase):
             self._fp.close()
         super().close()
 
-    def readinto(self, buf) -> int:
+    def readinto(self, buf: WriteableBuffer) -> int:
+        view = memoryview(buf).cast("B")
         try:
-            data = self._fp.read(len(buf))
+            data = self._fp.read(len(view))
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise IngestError("corrupt_gzip", f"the gzip stream is corrupt or truncated: {exc}") from None
         n = len(data)
@@ -101,16 +117,21 @@ class _Guarded(io.RawIOBase):
         self._pos += n
         if self._pos > self._max:
             raise too_large("file_too_large", f"the file expands to more than {self._max} bytes")
-        buf[:n] = data
+        view[:n] = data
         return n
 
-    def _line_too_long(self):
-        raise IngestError("line_too_long", f"a line near byte {self._pos} is longer than {self._cap} bytes; "
-                          "is this a text file with one record per line?", {"max_line_bytes": self._cap})
+    def _line_too_long(self) -> Never:
+        raise IngestError(
+            "line_too_long",
+            f"a line near byte {self._pos} is longer than {self._cap} bytes; "
+            "is this a text file with one record per line?",
+            {"max_line_bytes": self._cap},
+        )
 
 
-def open_text(path: str, compressed: bool, limits: IngestLimits, offset: int = 0,
-              errors: str = "replace", newline: str = "") -> TextIO:
+def open_text(
+    path: str, compressed: bool, limits: IngestLimits, offset: int = 0, errors: str = "replace", newline: str = ""
+) -> TextIO:
     """A UTF-8 text stream starting at byte ``offset``, with the caps enforced. newline=''
     suits csv.reader; newline='\\n' splits lines exactly as iter_lines does."""
     fp = open_binary(path, compressed)
@@ -126,12 +147,12 @@ def open_text(path: str, compressed: bool, limits: IngestLimits, offset: int = 0
 class _LineFeed:
     """Decoded lines for csv.reader that remember where the next unread line starts."""
 
-    __slots__ = ("_lines", "next_offset", "lineno", "_errors")
+    __slots__ = ("_errors", "_lines", "lineno", "next_offset")
 
-    def __init__(self, lines: Iterator[tuple[int, bytes]], offset: int, lineno: int, errors: str):
+    def __init__(self, lines: Iterator[tuple[int, bytes]], offset: int, lineno: int, errors: str) -> None:
         self._lines, self.next_offset, self.lineno, self._errors = lines, offset, lineno, errors
 
-    def __iter__(self):
+    def __iter__(self) -> Self:
         return self
 
     def __next__(self) -> str:
@@ -141,8 +162,15 @@ class _LineFeed:
         return raw.decode("utf-8", self._errors)
 
 
-def iter_records(fp: BinaryIO, delimiter: str, limits: IngestLimits, *, errors: str = "replace",
-                 offset: int = 0, lineno: int = 0) -> Iterator[tuple[int, int, list[str]]]:
+def iter_records(
+    fp: io.BufferedIOBase,
+    delimiter: str,
+    limits: IngestLimits,
+    *,
+    errors: str = "replace",
+    offset: int = 0,
+    lineno: int = 0,
+) -> Iterator[tuple[int, int, list[str]]]:
     """Yield (byte offset, 1-based line number, fields) of each non-blank CSV record.
 
     A quoted field may span lines; the offset is where the record starts. ``errors`` is the
@@ -157,8 +185,7 @@ def iter_records(fp: BinaryIO, delimiter: str, limits: IngestLimits, *, errors: 
         except StopIteration:
             return
         except csv.Error as exc:
-            raise IngestError("invalid_csv", f"CSV syntax error at line {line}: {exc}",
-                              {"line": line}) from None
+            raise IngestError("invalid_csv", f"CSV syntax error at line {line}: {exc}", {"line": line}) from None
         if fields:
             if start == 0 and fields[0].startswith("\ufeff"):
                 fields[0] = fields[0][1:]
@@ -183,5 +210,5 @@ def detect_delimiter(header: str, filename: str, override: str | None = None) ->
     counts = {d: header.count(d) for d in (",", "\t", ";", "|")}
     if by_ext and counts[by_ext]:
         return by_ext
-    best = max(counts, key=counts.get)
+    best = max(counts, key=counts.__getitem__)
     return best if counts[best] else (by_ext or ",")

@@ -6,10 +6,12 @@ a `route` to a queue, and optionally a `render_result` for GET /jobs/{id}/result
 code that *runs* a kind lives in workers/kinds (a runner per kind name); the web process
 imports only this package, so spec modules stay light (marshmallow and SQLAlchemy).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Protocol
+from typing import Any, Protocol
 
 from marshmallow import Schema
 from sqlalchemy.orm import Session
@@ -24,7 +26,7 @@ class SpecError(Exception):
     """A spec that is well-formed but refers to something that does not fit (a missing
     dataset, a label column of the wrong type). The API answers 422 and stores nothing."""
 
-    def __init__(self, message: str, code: str = "invalid_spec", details: Any = None):
+    def __init__(self, message: str, code: str = "invalid_spec", details: Any = None) -> None:
         super().__init__(message)
         self.message, self.code, self.details = message, code, details
 
@@ -52,8 +54,8 @@ class KindSpec:
     schema: type[Schema]
     route: Route
     description: str = ""
-    check: Optional[Check] = None
-    render_result: Optional[RenderResult] = None
+    check: Check | None = None
+    render_result: RenderResult | None = None
     submittable: bool = True  # False for kinds only the platform itself enqueues
 
 
@@ -65,7 +67,7 @@ def register(kind: KindSpec) -> KindSpec:
     return kind
 
 
-def get_kind(name: str) -> Optional[KindSpec]:
+def get_kind(name: str) -> KindSpec | None:
     return KINDS.get(name)
 
 

@@ -3,6 +3,7 @@
 Inputs are SMILES / token strings, or images as {"image_base64": "..."} (PNG, JPEG or
 DICOM). The run is workers/kinds/predict.py; each invalid input gets its own error there.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,17 +30,18 @@ class PredictSpec(Schema):
                 continue
             if isinstance(item, dict) and isinstance(item.get("image_base64"), str):
                 continue
-            raise ValidationError(f"input {i} must be a string or {{\"image_base64\": ...}}")
+            raise ValidationError(f'input {i} must be a string or {{"image_base64": ...}}')
 
 
 def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
     try:
         mv = resolve_ref(session, tenant_id, spec["model"])
     except ModelNotFound as exc:
-        raise SpecError(str(exc), "unknown_model")
+        raise SpecError(str(exc), "unknown_model") from exc
     wants_images = mv.input_kind == "image"
-    if any(isinstance(x, dict) for x in spec["inputs"]) != wants_images or \
-            (wants_images and not all(isinstance(x, dict) for x in spec["inputs"])):
+    if any(isinstance(x, dict) for x in spec["inputs"]) != wants_images or (
+        wants_images and not all(isinstance(x, dict) for x in spec["inputs"])
+    ):
         takes = 'images as {"image_base64": ...}' if wants_images else "strings (SMILES or token sequences)"
         raise SpecError(f"model {mv.name} v{mv.version} takes {takes}", "invalid_inputs")
     return {**spec, "model_version_id": mv.id, "model_name": mv.name, "version": mv.version}

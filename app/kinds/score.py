@@ -2,11 +2,13 @@
 and the score file download). The run is workers/scoring/runner.py: the library is cut
 into shards that any worker on the job's queue scores; the parent merges them in input
 order into one CSV or Parquet file with one row per library row."""
+
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from flask import Response, jsonify, send_file
 from marshmallow import Schema, fields, validate
@@ -31,27 +33,50 @@ def score_files(directory: Path) -> dict[str, Path]:
 
 
 class ScoreSpec(Schema):
-    model = fields.String(required=True, validate=validate.Length(min=1, max=200),
-                          metadata={"description": "name (latest version), name@version or name@alias"})
+    model = fields.String(
+        required=True,
+        validate=validate.Length(min=1, max=200),
+        metadata={"description": "name (latest version), name@version or name@alias"},
+    )
     library_id = fields.Integer(required=True, strict=True, metadata={"description": "a dataset of kind library"})
-    top_k = fields.Integer(load_default=100, validate=validate.Range(min=0, max=10_000),
-                           metadata={"description": "rows with the highest scores kept in the job result"})
+    top_k = fields.Integer(
+        load_default=100,
+        validate=validate.Range(min=0, max=10_000),
+        metadata={"description": "rows with the highest scores kept in the job result"},
+    )
     output = fields.String(load_default="csv", validate=validate.OneOf(FORMATS))
-    text_column = fields.String(load_default=None, allow_none=True,
-                                metadata={"description": "CSV/TSV column holding the SMILES "
-                                                         "(default: the one found at upload)"})
-    id_column = fields.String(load_default=None, allow_none=True,
-                              metadata={"description": "CSV/TSV column holding the molecule id"})
-    validate_ = fields.String(data_key="validate", attribute="validate", load_default="rdkit",
-                              validate=validate.OneOf(["rdkit", "none"]),
-                              metadata={"description": "rdkit: parse and canonicalise each SMILES (invalid rows "
-                                                       "get RDKit's reason); none: score the text as is"})
-    dedupe = fields.Boolean(load_default=False, metadata={
-        "description": "score identical canonical SMILES once per shard (every row is still reported)"})
-    max_length = fields.Integer(load_default=2000, validate=validate.Range(min=1, max=1_000_000),
-                                metadata={"description": "longer SMILES are reported as errors, not parsed"})
-    rank_by = fields.String(load_default=None, allow_none=True,
-                            metadata={"description": "output column for top-K (default: the model's first output)"})
+    text_column = fields.String(
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "CSV/TSV column holding the SMILES (default: the one found at upload)"},
+    )
+    id_column = fields.String(
+        load_default=None, allow_none=True, metadata={"description": "CSV/TSV column holding the molecule id"}
+    )
+    validate_ = fields.String(
+        data_key="validate",
+        attribute="validate",
+        load_default="rdkit",
+        validate=validate.OneOf(["rdkit", "none"]),
+        metadata={
+            "description": "rdkit: parse and canonicalise each SMILES (invalid rows "
+            "get RDKit's reason); none: score the text as is"
+        },
+    )
+    dedupe = fields.Boolean(
+        load_default=False,
+        metadata={"description": "score identical canonical SMILES once per shard (every row is still reported)"},
+    )
+    max_length = fields.Integer(
+        load_default=2000,
+        validate=validate.Range(min=1, max=1_000_000),
+        metadata={"description": "longer SMILES are reported as errors, not parsed"},
+    )
+    rank_by = fields.String(
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "output column for top-K (default: the model's first output)"},
+    )
     device = fields.String(load_default="auto", validate=validate.Regexp(r"^(auto|cpu|cuda(:\d+)?)$"))
     queue = fields.String(load_default=None, allow_none=True)
 
@@ -62,23 +87,36 @@ def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
     try:
         mv = resolve_ref(session, tenant_id, spec["model"])
     except ModelNotFound as exc:
-        raise SpecError(str(exc), "unknown_model", {"spec": {"model": spec["model"]}})
+        raise SpecError(str(exc), "unknown_model", {"spec": {"model": spec["model"]}}) from exc
     if mv.input_kind != "smiles":
-        raise SpecError(f"model {mv.name} v{mv.version} takes {mv.input_kind} input; scoring needs a SMILES model",
-                        "invalid_model", {"spec": {"model": spec["model"]}})
+        raise SpecError(
+            f"model {mv.name} v{mv.version} takes {mv.input_kind} input; scoring needs a SMILES model",
+            "invalid_model",
+            {"spec": {"model": spec["model"]}},
+        )
     ds = session.scalar(select(Dataset).where(Dataset.id == spec["library_id"], Dataset.tenant_id == tenant_id))
     if ds is None:
-        raise SpecError(f"Dataset {spec['library_id']} not found", "unknown_dataset",
-                        {"spec": {"library_id": spec["library_id"]}})
+        raise SpecError(
+            f"Dataset {spec['library_id']} not found", "unknown_dataset", {"spec": {"library_id": spec["library_id"]}}
+        )
     if ds.kind != "library":
-        raise SpecError(f"dataset {ds.id} is a {ds.kind} dataset; scoring reads a dataset of kind library",
-                        "invalid_dataset", {"spec": {"library_id": spec["library_id"]}})
+        raise SpecError(
+            f"dataset {ds.id} is a {ds.kind} dataset; scoring reads a dataset of kind library",
+            "invalid_dataset",
+            {"spec": {"library_id": spec["library_id"]}},
+        )
     try:
         library_schema(ds.schema, spec.get("text_column"), spec.get("id_column"))
     except SchemaError as exc:
-        raise SpecError(str(exc), "invalid_spec", {"spec": {"text_column": ds.schema.get("header")}})
-    return {**spec, "model_version_id": mv.id, "model_name": mv.name, "version": mv.version,
-            "library_rows": ds.rows, "library_sha256": ds.sha256}
+        raise SpecError(str(exc), "invalid_spec", {"spec": {"text_column": ds.schema.get("header")}}) from exc
+    return {
+        **spec,
+        "model_version_id": mv.id,
+        "model_name": mv.name,
+        "version": mv.version,
+        "library_rows": ds.rows,
+        "library_sha256": ds.sha256,
+    }
 
 
 def route(spec: Spec, settings: Settings) -> str:
@@ -115,13 +153,25 @@ def render_result(job: Job, args: Mapping[str, str], settings: Settings) -> Any:
     paths = score_files(job_dir(settings, job.tenant_id, job.id))
     name = f"job-{job.id}-scores.{fmt}"
     if paths[fmt].exists():
-        return send_file(paths[fmt], mimetype=MEDIA_TYPES[fmt], as_attachment=True, download_name=name,
-                         max_age=0, conditional=True)
+        return send_file(
+            paths[fmt], mimetype=MEDIA_TYPES[fmt], as_attachment=True, download_name=name, max_age=0, conditional=True
+        )
     if fmt == "csv" and paths["parquet"].exists():  # output=parquet, CSV asked for: convert while streaming
-        return Response(csv_from_parquet(paths["parquet"]), mimetype=MEDIA_TYPES["csv"],
-                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+        return Response(
+            csv_from_parquet(paths["parquet"]),
+            mimetype=MEDIA_TYPES["csv"],
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
     raise ApiError(410, f"the score file of job {job.id} is no longer available", "gone")
 
 
-register(KindSpec("score", ScoreSpec, route, "score a drug library with a SMILES model (sharded, resumable)",
-                  check=check, render_result=render_result))
+register(
+    KindSpec(
+        "score",
+        ScoreSpec,
+        route,
+        "score a drug library with a SMILES model (sharded, resumable)",
+        check=check,
+        render_result=render_result,
+    )
+)

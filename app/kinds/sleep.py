@@ -1,4 +1,5 @@
 """`sleep`: a diagnostic job that exercises the engine (progress, cancel, heartbeats)."""
+
 from __future__ import annotations
 
 from marshmallow import Schema, fields, validate
@@ -11,9 +12,13 @@ class SleepSpec(Schema):
     seconds = fields.Float(load_default=1.0, validate=validate.Range(min=0, max=7 * 24 * 3600))
     steps = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100_000))
     fail = fields.Boolean(load_default=False, metadata={"description": "raise an error at the end"})
-    metrics = fields.Boolean(load_default=False, metadata={
-        "description": "also emit a deterministic `metric` event per step (epoch=step, losses 1/step) to "
-                       "exercise metric curves without training a model"})
+    metrics = fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "also emit a deterministic `metric` event per step (epoch=step, losses 1/step) to "
+            "exercise metric curves without training a model"
+        },
+    )
     queue = fields.String(load_default=None, allow_none=True)
 
 

@@ -1,6 +1,7 @@
 """`train`: fit a CNN (images) or RNN (SMILES / token sequences) on an uploaded dataset
 (spec, submit-time check, route). The run is workers/kinds/train.py: it checkpoints every
 epoch and registers the result as a new model version."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,8 +36,9 @@ class TrainSpec(Schema):
     model_name = fields.String(required=True, validate=MODEL_NAME)
     dataset_id = fields.Integer(required=True, strict=True)
     arch = fields.String(required=True, validate=validate.OneOf(["cnn", "rnn"]))
-    task = fields.String(load_default="classification",
-                         validate=validate.OneOf(["classification", "multilabel", "regression"]))
+    task = fields.String(
+        load_default="classification", validate=validate.OneOf(["classification", "multilabel", "regression"])
+    )
     target = fields.Raw(load_default=None, metadata={"description": "label column, or a list of columns"})
     model = fields.Dict(load_default=dict, metadata={"description": "architecture hyper-parameters"})
     epochs = fields.Integer(load_default=10, validate=validate.Range(min=1, max=10_000))
@@ -60,10 +62,13 @@ class TrainSpec(Schema):
         allowed = RNN_PARAMS if data.get("arch") == "rnn" else CNN_PARAMS
         unknown = sorted(set(data.get("model") or {}) - allowed)
         if unknown:
-            raise ValidationError(f"unknown {data.get('arch')} parameters {unknown}; allowed: {sorted(allowed)}", "model")
+            raise ValidationError(
+                f"unknown {data.get('arch')} parameters {unknown}; allowed: {sorted(allowed)}", "model"
+            )
         target = data.get("target")
-        if target is not None and not (isinstance(target, str) or
-                                       (isinstance(target, list) and target and all(isinstance(t, str) for t in target))):
+        if target is not None and not (
+            isinstance(target, str) or (isinstance(target, list) and target and all(isinstance(t, str) for t in target))
+        ):
             raise ValidationError("target must be a column name or a list of column names", "target")
 
 
@@ -71,7 +76,9 @@ def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
     """The dataset must exist for this tenant and fit the architecture, task and target."""
     ds = session.scalar(select(Dataset).where(Dataset.id == spec["dataset_id"], Dataset.tenant_id == tenant_id))
     if ds is None:
-        raise SpecError(f"Dataset {spec['dataset_id']} not found", "unknown_dataset", {"spec": {"dataset_id": spec["dataset_id"]}})
+        raise SpecError(
+            f"Dataset {spec['dataset_id']} not found", "unknown_dataset", {"spec": {"dataset_id": spec["dataset_id"]}}
+        )
     wanted = {"cnn": "images", "rnn": "sequences"}[spec["arch"]]
     if ds.kind != wanted:
         raise SpecError(f"arch {spec['arch']} trains on {wanted} datasets; dataset {ds.id} holds {ds.kind}")
@@ -83,8 +90,10 @@ def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
             raise SpecError("the dataset has no label columns to train on")
         missing = [t for t in targets if t not in label_types]
         if missing:
-            raise SpecError(f"unknown target column(s) {missing}; the dataset's label columns are {sorted(label_types)}",
-                            details={"spec": {"target": sorted(label_types)}})
+            raise SpecError(
+                f"unknown target column(s) {missing}; the dataset's label columns are {sorted(label_types)}",
+                details={"spec": {"target": sorted(label_types)}},
+            )
         if spec["task"] == "regression":
             wrong = [t for t in targets if label_types[t] != "float"]
             if wrong:

@@ -10,6 +10,7 @@ carries a per-session CSRF token. The /api/v1 routes stay Bearer-only: the pages
 from session-authenticated GET twins under /ui/api/ that reuse the API's queries,
 serialisers and SSE generator.
 """
+
 from __future__ import annotations
 
 from flask import Flask

@@ -1,4 +1,5 @@
 """The one blueprint every page module adds its routes to."""
+
 from __future__ import annotations
 
 from flask import Blueprint

@@ -1,30 +1,28 @@
 """Jinja filters for the pages (the scripts format the same way in static/js/common.js)."""
+
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
-from typing import Any, Optional
+from datetime import UTC, datetime
+from typing import Any
 
 from flask import Flask
 
 from medmaas.formatting import human_duration
 
 
-def _parse(value: Any) -> Optional[datetime]:
+def _parse(value: Any) -> datetime | None:
     if value is None or value == "":
         return None
-    if isinstance(value, datetime):
-        dt = value
-    else:
-        dt = datetime.fromisoformat(str(value))
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    dt = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def age(value: Any) -> str:
     dt = _parse(value)
     if dt is None:
         return "—"
-    return human_duration((datetime.now(timezone.utc) - dt).total_seconds()) + " ago"
+    return human_duration((datetime.now(UTC) - dt).total_seconds()) + " ago"
 
 
 def iso(value: Any) -> str:
@@ -43,11 +41,11 @@ def job_duration(job: dict[str, Any]) -> str:
     started = _parse(job.get("started_at"))
     if started is None:
         return "—"
-    end = _parse(job.get("finished_at")) or datetime.now(timezone.utc)
+    end = _parse(job.get("finished_at")) or datetime.now(UTC)
     return human_duration((end - started).total_seconds())
 
 
-def human_bytes(n: Optional[int]) -> str:
+def human_bytes(n: int | None) -> str:
     if n is None:
         return "—"
     size = float(n)
@@ -62,7 +60,7 @@ def pretty_json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, default=str)
 
 
-def percent(value: Optional[float]) -> str:
+def percent(value: float | None) -> str:
     return f"{100 * float(value or 0):.0f}%"
 
 
@@ -94,7 +92,15 @@ def flat_metrics(metrics: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 def register(app: Flask) -> None:
     app.jinja_env.filters.update(
-        duration=human_duration, age=age, iso=iso, clock=clock, job_duration=job_duration,
-        bytes=human_bytes, pretty_json=pretty_json, percent=percent, metric=metric_value, errtext=error_text,
+        duration=human_duration,
+        age=age,
+        iso=iso,
+        clock=clock,
+        job_duration=job_duration,
+        bytes=human_bytes,
+        pretty_json=pretty_json,
+        percent=percent,
+        metric=metric_value,
+        errtext=error_text,
         flat_metrics=flat_metrics,
     )

@@ -1,8 +1,9 @@
 """Job pages: list (live), detail (live progress, ETA, metric curves, events), cancel, result
 download, and submit forms (any kind, train, score).
 
-Queries, serialisers, spec validation and the SSE generator are the API's own
-(app.api.jobs); only authentication differs (session cookie instead of Bearer).
+Queries, spec validation and submission are the jobs store's (app.stores.jobs), the
+serialisers and the SSE generator the API's (app.api.jobs); only authentication differs
+(session cookie instead of Bearer).
 """
 from __future__ import annotations
 
@@ -10,20 +11,22 @@ import json
 import uuid
 from typing import Any, Optional
 
-from flask import Response, abort, flash, jsonify, redirect, render_template, request, url_for
+from flask import Response, flash, jsonify, redirect, render_template, request, url_for
 from marshmallow import missing
-from sqlalchemy import func, select
 
-from app import jobs as state_machine
-from app.api import db_session, settings, tenant_id
-from app.api.jobs import EventSchema, JobSchema, event_stream_response, submit_job
-from app.errors import ApiError
-from app.models import TERMINAL_STATES, Job, JobEvent, JobState
+from app.api import celery, database, db_session, settings, tenant_id
+from app.api.jobs import EventListSchema, JobSchema, event_stream_response
+from app.errors import ApiError, as_api_error
+from app.models import TERMINAL_STATES, Job, JobState
+from app.stores import Conflict
+from app.stores import datasets as datasets_store
+from app.stores import jobs as jobs_store
+from app.stores import models as models_store
 from app.web.blueprint import bp
-from app.kinds import all_kinds, get_kind, submittable_kinds
+from app.kinds import SpecError, all_kinds, get_kind, submittable_kinds
 
 PAGE_SIZE = 50
-STATES = [s.value for s in JobState]
+STATES = jobs_store.STATES
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -57,14 +60,6 @@ def dump_job(job: Job) -> dict[str, Any]:
     return data
 
 
-def job_or_404(job_id: int) -> Job:
-    """The signed-in tenant's job; another tenant's id is indistinguishable from a missing one."""
-    job = db_session().scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id()))
-    if job is None:
-        abort(404, f"Job {job_id} not found.")
-    return job
-
-
 def _list_args() -> tuple[dict[str, Any], Optional[str]]:
     args: dict[str, Any] = {}
     problem = None
@@ -87,33 +82,14 @@ def _list_args() -> tuple[dict[str, Any], Optional[str]]:
 
 
 def query_jobs(args: dict[str, Any], limit: int = PAGE_SIZE) -> tuple[list[Job], Optional[int]]:
-    """The same query as GET /api/v1/jobs: newest first, filtered, keyset-paged by id."""
-    q = select(Job).where(Job.tenant_id == tenant_id())
-    if "state" in args:
-        q = q.where(Job.state == JobState(args["state"]))
-    if "kind" in args:
-        q = q.where(Job.kind == args["kind"])
-    if "cursor" in args:
-        q = q.where(Job.id < args["cursor"])
-    items = db_session().scalars(q.order_by(Job.id.desc()).limit(limit + 1)).all()
-    more = len(items) > limit
-    items = items[:limit]
-    return list(items), (items[-1].id if more and items else None)
-
-
-def state_counts() -> dict[str, int]:
-    rows = db_session().execute(
-        select(Job.state, func.count()).where(Job.tenant_id == tenant_id()).group_by(Job.state)
-    ).all()
-    counts = {s: 0 for s in STATES}
-    counts.update({state.value: n for state, n in rows})
-    return counts
+    """GET /api/v1/jobs's page (the jobs store's): newest first, filtered, keyset-paged by id."""
+    page = jobs_store.list_page(db_session(), tenant_id(), state=args.get("state"), kind=args.get("kind"),
+                                limit=limit, cursor=args.get("cursor"))
+    return page["items"], page["next_cursor"]
 
 
 def kind_names() -> list[str]:
-    known = set(all_kinds())
-    used = db_session().scalars(select(Job.kind).where(Job.tenant_id == tenant_id()).distinct()).all()
-    return sorted(known | set(used))
+    return sorted(set(all_kinds()) | set(jobs_store.kinds_used(db_session(), tenant_id())))
 
 
 def spec_fields(kind: Any) -> list[dict[str, Any]]:
@@ -152,7 +128,8 @@ def _submit_from_form(kind: str, spec: dict[str, Any], priority: int = 0) -> Job
     # One idempotency key per rendered form: a double click or a resubmitted POST gives one job.
     token = (request.form.get("form_id") or "")[:64]
     key = f"web-form-{token}" if token else None
-    job, created = submit_job(kind, spec, priority=priority, idempotency_key=key)
+    job, created = jobs_store.submit(db_session(), celery(), database(), settings(), tenant_id(), kind, spec,
+                                     priority=priority, idempotency_key=key)
     flash(f"Job #{job.id} submitted." if created else f"Job #{job.id} was already submitted from this form.", "info")
     return job
 
@@ -172,35 +149,33 @@ def jobs():  # noqa: ANN201
     items, next_cursor = query_jobs(args)
     return render_template(
         "jobs.html", jobs=[dump_job(j) for j in items], next_cursor=next_cursor, filters=args,
-        states=STATES, kinds=kind_names(), counts=state_counts(),
+        states=STATES, kinds=kind_names(), counts=jobs_store.state_counts(db_session(), tenant_id()),
     )
 
 
 @bp.get("/jobs/<int:job_id>")
 def job_detail(job_id: int):  # noqa: ANN201
-    job = job_or_404(job_id)
+    job = jobs_store.get(db_session(), tenant_id(), job_id)
     return render_template("job.html", job=dump_job(job))
 
 
 @bp.post("/jobs/<int:job_id>/cancel")
 def job_cancel(job_id: int):  # noqa: ANN201
-    job = job_or_404(job_id)
-    if job.state in TERMINAL_STATES:
+    try:
+        job, state = jobs_store.request_cancel(db_session(), tenant_id(), job_id)
+    except Conflict:
+        job = jobs_store.get(db_session(), tenant_id(), job_id)
         flash(f"Job #{job.id} already {job.state.value}.", "error")
     else:
-        state = state_machine.request_cancel(db_session(), job.id)
-        db_session().commit()
         flash(f"Job #{job.id} cancelled." if state == JobState.cancelled
               else f"Cancel requested: job #{job.id} stops at its next checkpoint.", "info")
-    return redirect(url_for("web.job_detail", job_id=job.id))
+    return redirect(url_for("web.job_detail", job_id=job_id))
 
 
 @bp.get("/jobs/<int:job_id>/result")
 def job_result(job_id: int):  # noqa: ANN201
     """The result download (what GET /api/v1/jobs/<id>/result serves, as an attachment)."""
-    job = job_or_404(job_id)
-    if job.state != JobState.succeeded:
-        abort(409, f"Job {job.id} is {job.state.value}; its result is not available.")
+    job = jobs_store.succeeded(db_session(), tenant_id(), job_id)
     kind = get_kind(job.kind)
     if kind is not None and kind.render_result is not None:
         return kind.render_result(job, request.args, settings())
@@ -231,8 +206,9 @@ def job_new():  # noqa: ANN201
             try:
                 job = _submit_from_form(kind_name, spec, priority)
                 return redirect(url_for("web.job_detail", job_id=job.id))
-            except ApiError as exc:
-                error, errors, status = exc.message, field_errors(exc) or (exc.details or {}), exc.status
+            except SpecError as exc:
+                err = as_api_error(exc)
+                error, errors, status = err.message, field_errors(err) or (err.details or {}), err.status
     return render_template(
         "job_new.html", kinds=kinds, kind=kind, form=form, defaults=defaults, error=error, errors=errors,
         fields=spec_fields(kind) if kind else [],
@@ -241,8 +217,6 @@ def job_new():  # noqa: ANN201
 
 @bp.route("/train/new", methods=["GET", "POST"])
 def train_new():  # noqa: ANN201
-    from app.web.library import tenant_datasets
-
     defaults = {"model_name": "", "dataset_id": request.args.get("dataset_id", ""), "arch": "rnn",
                 "task": "regression", "target": "", "epochs": "10", "batch_size": "64", "lr": "0.001",
                 "seed": "0", "device": "auto", "model": "{}", "early_stopping_patience": "",
@@ -258,9 +232,10 @@ def train_new():  # noqa: ANN201
             try:
                 job = _submit_from_form("train", spec)
                 return redirect(url_for("web.job_detail", job_id=job.id))
-            except ApiError as exc:
-                error, errors, status = exc.message, field_errors(exc), exc.status
-    datasets = tenant_datasets(kinds=("sequences", "images"))
+            except SpecError as exc:
+                err = as_api_error(exc)
+                error, errors, status = err.message, field_errors(err), err.status
+    datasets = datasets_store.of_kinds(db_session(), tenant_id(), kinds=("sequences", "images"))
     return render_template("train_new.html", form=form, error=error, errors=errors, datasets=datasets,
                            available="train" in submittable_kinds()), status
 
@@ -303,8 +278,6 @@ def _train_spec(form: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 @bp.route("/score/new", methods=["GET", "POST"])
 def score_new():  # noqa: ANN201
-    from app.web.library import model_choices, tenant_datasets
-
     defaults = {"model": request.args.get("model", ""), "library_id": request.args.get("library_id", ""),
                 "top_k": "100", "output": "csv", "form_id": uuid.uuid4().hex}
     form = dict(defaults)
@@ -322,10 +295,12 @@ def score_new():  # noqa: ANN201
             try:
                 job = _submit_from_form("score", spec)
                 return redirect(url_for("web.job_detail", job_id=job.id))
-            except ApiError as exc:
-                error, errors, status = exc.message, field_errors(exc), exc.status
+            except SpecError as exc:
+                err = as_api_error(exc)
+                error, errors, status = err.message, field_errors(err), err.status
     return render_template("score_new.html", form=form, error=error, errors=errors,
-                           libraries=tenant_datasets(kinds=("library",)), models=model_choices(),
+                           libraries=datasets_store.of_kinds(db_session(), tenant_id(), kinds=("library",)),
+                           models=models_store.references(db_session(), tenant_id()),
                            available="score" in submittable_kinds()), status
 
 
@@ -341,30 +316,27 @@ def ui_jobs():  # noqa: ANN201
     except ValueError:
         raise ApiError(422, "limit must be an integer", "validation_error")
     items, next_cursor = query_jobs(args, limit)
-    return jsonify(items=[dump_job(j) for j in items], next_cursor=next_cursor, counts=state_counts())
+    return jsonify(items=[dump_job(j) for j in items], next_cursor=next_cursor,
+                   counts=jobs_store.state_counts(db_session(), tenant_id()))
 
 
 @bp.get("/ui/api/jobs/<int:job_id>")
 def ui_job(job_id: int):  # noqa: ANN201
-    return jsonify(dump_job(job_or_404(job_id)))
+    return jsonify(dump_job(jobs_store.get(db_session(), tenant_id(), job_id)))
 
 
 @bp.get("/ui/api/jobs/<int:job_id>/events")
 def ui_job_events(job_id: int):  # noqa: ANN201
-    job = job_or_404(job_id)
     try:
         after = max(int(request.args.get("after", 0)), 0)
         limit = min(max(int(request.args.get("limit", 1000)), 1), 10_000)
     except ValueError:
+        jobs_store.get(db_session(), tenant_id(), job_id)  # another tenant's job: 404 before 422
         raise ApiError(422, "after and limit must be integers", "validation_error")
-    rows = db_session().scalars(
-        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq > after).order_by(JobEvent.seq).limit(limit)
-    ).all()
-    return jsonify(items=EventSchema(many=True).dump(rows), last_seq=rows[-1].seq if rows else after,
-                   state=job.state.value)
+    return jsonify(EventListSchema().dump(jobs_store.events_after(db_session(), tenant_id(), job_id, after, limit)))
 
 
 @bp.get("/ui/api/jobs/<int:job_id>/stream")
 def ui_job_stream(job_id: int):  # noqa: ANN201
-    job = job_or_404(job_id)
+    job = jobs_store.get(db_session(), tenant_id(), job_id)
     return event_stream_response(job.id)

@@ -1,49 +1,27 @@
 """Dataset and model-registry pages: upload with validation report, versions with metrics,
 aliases, weights download.
 
-The upload and alias views call the API's own view functions (app.api.datasets.upload,
-app.api.models.set_alias) undecorated, so validation, storage and the registry rules are
-the API's; only authentication (session cookie + CSRF) and rendering differ.
+Uploads, look-ups and the registry rules (aliases, bundle files) are the stores'
+(app.stores.datasets, app.stores.models), as for the API; only authentication (session
+cookie + CSRF) and rendering differ. The stores' errors render as this page's form errors
+(with the status and message app.errors gives the API), or as error pages.
 """
 from __future__ import annotations
 
-import inspect
 import uuid
-from typing import Any, Iterable
 
-from flask import abort, flash, redirect, render_template, request, url_for
+from flask import abort, flash, redirect, render_template, request, send_file, url_for
 from marshmallow import ValidationError
-from sqlalchemy import select
 
-from app import registry
-from app.api import db_session, tenant_id
-from app.errors import ApiError
-from app.models import Dataset, ModelVersion
+from app.api import db_session, settings, tenant_id
+from app.api.datasets import DatasetUploadForm
+from app.errors import as_api_error, domain_errors
+from app.stores import NotFound
+from app.stores import datasets as datasets_store
+from app.stores import models as models_store
 from app.web.blueprint import bp
 
 DATASET_KINDS = ("sequences", "images", "library")
-
-
-def _undecorated(view: Any) -> Any:
-    """The function under flask-smorest's argument/response decorators."""
-    return inspect.unwrap(view)
-
-
-def tenant_datasets(kinds: Iterable[str] = DATASET_KINDS, limit: int = 500) -> list[Dataset]:
-    return list(db_session().scalars(
-        select(Dataset).where(Dataset.tenant_id == tenant_id(), Dataset.kind.in_(list(kinds)))
-        .order_by(Dataset.id.desc()).limit(limit)
-    ).all())
-
-
-def model_choices() -> list[str]:
-    """`name`, `name@alias` and `name@version` references for the score form's suggestions."""
-    session, out = db_session(), []
-    for name, latest, _count in registry.model_names(session, tenant_id()):
-        out.append(name)
-        out.extend(f"{name}@{alias}" for alias in sorted(registry.aliases_for(session, tenant_id(), name)))
-        out.append(f"{name}@{latest}")
-    return out
 
 
 def _parse_options(text: str) -> tuple[dict[str, str], list[str]]:
@@ -64,8 +42,6 @@ def _parse_options(text: str) -> tuple[dict[str, str], list[str]]:
 
 @bp.route("/datasets", methods=["GET", "POST"])
 def datasets():  # noqa: ANN201
-    from app.api import datasets as datasets_api
-
     form = {"kind": request.args.get("kind") or "sequences", "name": "", "options": "text_column=smiles"}
     error, errors, rejected, status = None, {}, {}, 200
     if request.method == "POST":
@@ -78,35 +54,36 @@ def datasets():  # noqa: ANN201
             errors["file"] = ["Choose a file to upload."]
         fields = {"kind": form["kind"], **({"name": form["name"]} if form["name"] else {}), **options}
         try:
-            loaded = datasets_api.DatasetUploadForm().load(fields)
+            loaded = DatasetUploadForm().load(fields)
         except ValidationError as exc:
             errors.update(exc.messages if isinstance(exc.messages, dict) else {"form": exc.messages})
         if errors:
             error, status = "Please fix the marked fields.", 400
         else:
             try:
-                ds = _undecorated(datasets_api.upload)(loaded, {"file": upload})
-            except ApiError as exc:
+                ds = datasets_store.create_from_upload(
+                    db_session(), settings(), tenant_id(), kind=loaded["kind"], name=loaded.get("name"),
+                    stream=upload.stream, filename=upload.filename, options=datasets_store.upload_options(loaded))
+            except domain_errors() as exc:
                 # The API's rejection report: a message, and for row-level failures the
                 # invalid-row count and samples (shown as a table).
-                error, status = exc.message, exc.status
-                rejected = exc.details if isinstance(exc.details, dict) else {"details": exc.details} if exc.details else {}
+                err = as_api_error(exc)
+                error, status = err.message, err.status
+                rejected = err.details if isinstance(err.details, dict) else {"details": err.details} if err.details else {}
             else:
                 flash(f"Dataset #{ds.id} uploaded: {ds.rows} rows, {ds.invalid_rows} invalid.", "info")
                 return redirect(url_for("web.dataset_detail", dataset_id=ds.id))
     kind_filter = request.args.get("show") or ""
-    items = tenant_datasets(kinds=(kind_filter,) if kind_filter in DATASET_KINDS else DATASET_KINDS)
+    items = datasets_store.of_kinds(db_session(), tenant_id(),
+                                    kinds=(kind_filter,) if kind_filter in DATASET_KINDS else DATASET_KINDS)
     return render_template("datasets.html", datasets=items, form=form, error=error, errors=errors,
                            rejected=rejected, kinds=DATASET_KINDS, show=kind_filter), status
 
 
 @bp.get("/datasets/<int:dataset_id>")
 def dataset_detail(dataset_id: int):  # noqa: ANN201
-    ds = db_session().scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id()))
-    if ds is None:
-        abort(404, f"Dataset {dataset_id} not found.")
-    models = db_session().scalars(select(ModelVersion).where(
-        ModelVersion.tenant_id == tenant_id(), ModelVersion.dataset_id == ds.id).order_by(ModelVersion.id.desc())).all()
+    ds = datasets_store.get(db_session(), tenant_id(), dataset_id)
+    models = models_store.trained_on(db_session(), tenant_id(), ds.id)
     return render_template("dataset.html", ds=ds, models=models)
 
 
@@ -114,24 +91,17 @@ def dataset_detail(dataset_id: int):  # noqa: ANN201
 
 @bp.get("/models")
 def models():  # noqa: ANN201
-    session = db_session()
-    items = []
-    for name, latest, count in registry.model_names(session, tenant_id()):
-        mv = registry.resolve(session, tenant_id(), name, version=latest)
-        items.append({"name": name, "latest": mv, "versions": count,
-                      "aliases": registry.aliases_for(session, tenant_id(), name)})
-    return render_template("models.html", models=items)
+    return render_template("models.html", models=models_store.summaries(db_session(), tenant_id(), with_latest=True))
 
 
 @bp.get("/models/<string:name>")
 def model_detail(name: str):  # noqa: ANN201
-    session = db_session()
-    versions = session.scalars(select(ModelVersion).where(
-        ModelVersion.tenant_id == tenant_id(), ModelVersion.name == name).order_by(ModelVersion.version.desc())).all()
-    if not versions:
+    try:
+        detail = models_store.detail(db_session(), tenant_id(), name)
+    except NotFound:
         # A training job names its model before the first version is registered.
         abort(404, f"Model {name!r} has no versions yet (a training job registers one when it succeeds).")
-    aliases = registry.aliases_for(session, tenant_id(), name)
+    versions, aliases = detail["versions"], detail["aliases"]
     by_version: dict[int, list[str]] = {}
     for alias, version in sorted(aliases.items()):
         by_version.setdefault(version, []).append(alias)
@@ -141,24 +111,23 @@ def model_detail(name: str):  # noqa: ANN201
 
 @bp.post("/models/<string:name>/aliases")
 def model_set_alias(name: str):  # noqa: ANN201
-    from app.api import models as models_api
-
     alias = (request.form.get("alias") or "").strip()
     try:
-        body = models_api.AliasSchema().load({"version": int(request.form.get("version") or 0)})
-        _undecorated(models_api.set_alias)(body, name, alias)
-    except (ValueError, ValidationError):
+        version = int(request.form.get("version") or 0)
+        if version < 1:
+            raise ValueError(version)
+        models_store.set_alias(db_session(), tenant_id(), name, alias, version)
+    except ValueError:
         flash("Choose a version for the alias.", "error")
-    except ApiError as exc:
-        flash(exc.message, "error")
+    except domain_errors() as exc:
+        flash(as_api_error(exc).message, "error")
     else:
-        flash(f"{name}@{alias} now points to version {body['version']}.", "info")
+        flash(f"{name}@{alias} now points to version {version}.", "info")
     return redirect(url_for("web.model_detail", name=name))
 
 
 @bp.get("/models/<string:name>/versions/<int:version>/files/<string:which>")
 def model_file(name: str, version: int, which: str):  # noqa: ANN201
-    """Weights (safetensors) or config (JSON) download, served by the API's own view."""
-    from app.api import models as models_api
-
-    return _undecorated(models_api.version_file)(name, version, which)
+    """Weights (safetensors) or config (JSON) download: the same file and name as the API's."""
+    bundle = models_store.bundle_file(db_session(), settings(), tenant_id(), name, version, which)
+    return send_file(bundle.path, as_attachment=True, download_name=bundle.download_name)

@@ -11,7 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -148,11 +148,23 @@ def test_cancel_from_the_cli_ends_a_watch_with_exit_code_2(cli, server, key, cli
     job = client.submit_job("sleep", {"seconds": 120, "steps": 120})
     wait_until(lambda: client.get_job(job["id"])["state"] == "running", 60, what="job to start")
     watcher = cli.popen("jobs", "watch", str(job["id"]))
+    lines: list[str] = []
+
+    def read_output() -> None:
+        for line in watcher.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
     try:
-        time.sleep(1.0)
+        # Cancel once the watch is following the job (it has printed the replayed "running"
+        # transition), not after a fixed pause that a slow start could outlast.
+        wait_until(lambda: any("running" in line for line in lines), 60, 0.05, what="the watch to follow the job")
         cancel = cli("jobs", "cancel", str(job["id"]))
         assert cancel.returncode == 0 and "Cancel requested" in cancel.stdout
-        out, err = watcher.communicate(timeout=30)
+        watcher.wait(30)
+        reader.join(10)
+        out, err = "".join(lines), watcher.stderr.read()
     finally:
         if watcher.poll() is None:
             watcher.kill()

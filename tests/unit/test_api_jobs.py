@@ -146,3 +146,43 @@ def test_health_ready_and_metrics(client, api: ApiClient) -> None:  # noqa: ANN0
     text = client.get("/metrics").get_data(as_text=True)
     assert 'medmaas_jobs{state="queued"}' in text and "medmaas_queue_depth" in text
     assert "medmaas_job_duration_seconds_bucket" in text
+
+
+def test_submit_publishes_the_job_id_to_its_queue_once(api: ApiClient, fake_redis) -> None:  # noqa: ANN001
+    from app.broker import RUN_JOB
+    from app.dispatch import job_id_from_task_id
+
+    headers = {"Idempotency-Key": "once"}
+    job = api.submit("sleep", {"seconds": 0}, headers=headers)
+    api.submit("sleep", {"seconds": 0}, headers=headers)  # the same job: not published again
+    messages = fake_redis.messages("cpu")
+    assert [(m["task"], m["args"], job_id_from_task_id(m["id"])) for m in messages] == [
+        (RUN_JOB, [job["id"]], job["id"])]
+    assert messages[0]["envelope"]["properties"]["delivery_info"]["routing_key"] == "cpu"
+    assert fake_redis.messages("gpu") == []
+
+
+def test_submit_with_the_broker_down_is_durable_and_republished(api: ApiClient, app, fake_redis) -> None:  # noqa: ANN001
+    import time
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app import dispatch
+    from app.models import utcnow
+
+    fake_redis.down()
+    started = time.monotonic()
+    job = api.submit("sleep", {"seconds": 0})  # 202: the row is committed before publishing
+    assert time.monotonic() - started < 5
+    assert api.job(job["id"])["state"] == "queued"
+    fake_redis.up()
+    assert fake_redis.messages("cpu") == []
+    db, settings = app.extensions["medmaas.db"], app.extensions["medmaas.settings"]
+    celery = app.extensions["medmaas.celery"]
+    assert dispatch.republish(celery, db, settings) == 0  # still inside its grace period
+    with db.session() as s:  # the grace period passes (no sleeping: backdate the stamp)
+        s.execute(update(Job).where(Job.id == job["id"]).values(published_at=utcnow() - timedelta(hours=1)))
+    assert dispatch.republish(celery, db, settings) == 1
+    assert [m["args"] for m in fake_redis.messages("cpu")] == [[job["id"]]]
+    assert dispatch.republish(celery, db, settings) == 0  # the broker holds it now

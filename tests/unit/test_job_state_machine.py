@@ -1,18 +1,25 @@
-"""The state machine in app/jobs.py, against SQLite and PostgreSQL."""
+"""The state machine in app/jobs.py (SQLite; unit tests are service-free, and the same
+transitions run against PostgreSQL in tests/integration)."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
+from sqlalchemy import update
 
-from app import auth, jobs
+from app import auth, jobs, leases
 from app.db import Database
-from app.models import Job, JobState
+from app.models import Job, JobState, utcnow
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request, sqlite_settings):  # noqa: ANN001, ANN201
-    settings = sqlite_settings if request.param == "sqlite" else request.getfixturevalue("pg_settings")
+@pytest.fixture()
+def db(tmp_path, broker_url):  # noqa: ANN001, ANN201
+    from app.config import from_env
+    from app.migrate import upgrade
+
+    settings = from_env({}, home=tmp_path / "home", broker_url=broker_url)
+    upgrade(settings)
     database = Database(settings.sqlalchemy_url)
     yield database
     database.dispose()
@@ -58,30 +65,65 @@ def test_terminal_states_never_change(db: Database) -> None:
     assert state_events(db, job_id) == ["queued", "running", "succeeded"]
 
 
+def backdate(db: Database, job_id: int, seconds: float = 120) -> None:
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=seconds)))
+
+
+def events(db: Database, job_id: int) -> list[dict]:
+    from sqlalchemy import select
+
+    from app.models import JobEvent
+
+    with db.session() as s:
+        return [e.data for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id,
+                                                                 JobEvent.type == "state").order_by(JobEvent.seq))]
+
+
 def test_reaper_requeues_then_fails_after_max_attempts(db: Database) -> None:
     job_id = new_job(db, max_attempts=2)
     for expected in ("queued", "failed"):
         with db.session() as s:
             attempt = jobs.claim(s, job_id, "w")
-        time.sleep(0.05)
         with db.session() as s:
-            reaped = jobs.reap_stale(s, timeout_s=0.01)
+            assert jobs.reap_stale(s, timeout_s=60) == []  # a fresh heartbeat is left alone
+        backdate(db, job_id)
+        with db.session() as s:
+            reaped = jobs.reap_stale(s, timeout_s=60)
         assert [r.state.value for r in reaped if r.job_id == job_id] == [expected]
         with db.session() as s:  # the lost attempt is fenced off
             assert not jobs.succeed(s, job_id, attempt, {})
-            assert jobs.heartbeat(s, job_id, attempt) is None
+            assert leases.heartbeat(s, jobs.LEASE, job_id, attempt) == leases.Beat(owned=False, cancel=False)
     with db.session() as s:
         job = s.get(Job, job_id)
         assert job.state == JobState.failed and job.error == "worker lost" and job.attempts == 2
+    assert events(db, job_id) == [
+        {"to": "queued", "attempt": 0},
+        {"to": "running", "attempt": 1, "from": "queued", "worker": "w"},
+        {"to": "queued", "attempt": 1, "from": "running", "reason": "worker lost"},
+        {"to": "running", "attempt": 2, "from": "queued", "worker": "w"},
+        {"to": "failed", "attempt": 2, "from": "running", "reason": "worker lost"},
+    ]
+
+
+def test_reaper_cancels_a_lost_job_with_a_pending_cancel(db: Database) -> None:
+    job_id = new_job(db)
+    with db.session() as s:
+        jobs.claim(s, job_id, "w")
+        assert jobs.request_cancel(s, job_id) == JobState.running
+    backdate(db, job_id)
+    with db.session() as s:
+        assert [r.state for r in jobs.reap_stale(s, timeout_s=60)] == [JobState.cancelled]
+        assert s.get(Job, job_id).finished_at is not None
 
 
 def test_cancel_running_sets_flag_seen_by_heartbeat(db: Database) -> None:
     job_id = new_job(db)
     with db.session() as s:
         attempt = jobs.claim(s, job_id, "w")
-        assert jobs.heartbeat(s, job_id, attempt) is False
+        assert leases.heartbeat(s, jobs.LEASE, job_id, attempt) == leases.Beat(owned=True, cancel=False)
         assert jobs.request_cancel(s, job_id) == JobState.running
-        assert jobs.heartbeat(s, job_id, attempt) is True
+        assert leases.heartbeat(s, jobs.LEASE, job_id, attempt) == leases.Beat(owned=True, cancel=True)
         assert jobs.mark_cancelled(s, job_id, attempt)
     assert state_events(db, job_id) == ["queued", "running", "cancelled"]
 

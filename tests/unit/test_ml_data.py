@@ -14,7 +14,7 @@ from workers.ml.data import (
     random_split_indices,
     scaffold_split_indices,
 )
-from workers.ml.tasks import ClassificationTask, MultilabelTask, RegressionTask
+from workers.ml.heads import ClassificationHead, MultilabelHead, RegressionHead
 
 RINGS = ["c1ccccc1", "c1ccncc1", "C1CCCCC1", "c1ccc2ccccc2c1", "C1CCNCC1", "c1ccsc1", "C1CCOC1", "c1ccoc1",
          "c1cnccn1", "C1CC1", "c1ccc(-c2ccccc2)cc1", "C1CCC(=O)N1"]
@@ -60,7 +60,7 @@ def test_sequence_frame_canonicalises_reports_invalid_and_fits_vocab_on_train():
                                split={"method": "scaffold", "train": 0.8, "val": 0.1, "test": 0.1})
     assert data.info["invalid_rows"] == 2 and data.info["missing_target_rows"] == 1
     assert "syntax error" in data.info["invalid_examples"][0]["error"]
-    assert isinstance(data.task, ClassificationTask) and data.task.class_names == ["0", "1"]
+    assert isinstance(data.head, ClassificationHead) and data.head.class_names == ["0", "1"]
     assert sum(data.info["rows"].values()) == len(smiles)
     (ids, lengths), y = data.train.__getitems__(list(range(len(data.train))))
     assert ids.shape[1] == int(lengths.max()) and y.dtype == torch.int64
@@ -72,13 +72,13 @@ def test_sequence_frame_regression_and_multilabel():
                        "y1": np.arange(30.0), "y2": [np.nan, 1.0] * 15})
     reg = load_sequence_frame(df, text_column="codes", target_columns=["y1", "y2"], task="regression",
                               tokenizer="whitespace", seed=1)
-    assert isinstance(reg.task, RegressionTask) and reg.input["kind"] == "tokens"
+    assert isinstance(reg.head, RegressionHead) and reg.input["kind"] == "tokens"
     _, y = reg.train.__getitems__(list(range(len(reg.train))))
     assert abs(float(y[:, 0].mean())) < 1e-5  # standardised on train
     df["l1"] = [0, 1] * 15
     df["l2"] = [1, 1, 0] * 10
     ml = load_sequence_frame(df, text_column="codes", target_columns=["l1", "l2"], tokenizer="whitespace")
-    assert isinstance(ml.task, MultilabelTask) and ml.task.label_names == ["l1", "l2"]
+    assert isinstance(ml.head, MultilabelHead) and ml.head.label_names == ["l1", "l2"]
 
 
 def _npz_bytes(**arrays):
@@ -101,14 +101,14 @@ def test_image_npz_given_splits_rgb_and_normalisation():
     assert x.dtype == torch.float32 and x.shape == (20, 3, 8, 6)
     torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(x.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
-    assert data.task.class_names == ["0", "1", "2", "3"] and y.dtype == torch.int64
+    assert data.head.class_names == ["0", "1", "2", "3"] and y.dtype == torch.int64
 
 
 def test_image_npz_random_split_and_multilabel():
     rng = np.random.default_rng(0)
     data = load_image_npz({"train_images": rng.integers(0, 256, (50, 5, 5), dtype=np.uint8),
                            "train_labels": rng.integers(0, 2, (50, 3))}, split={"train": 0.6, "val": 0.2, "test": 0.2})
-    assert isinstance(data.task, MultilabelTask) and data.info["rows"] == {"train": 30, "val": 10, "test": 10}
+    assert isinstance(data.head, MultilabelHead) and data.info["rows"] == {"train": 30, "val": 10, "test": 10}
     assert data.input["channels"] == 1
 
 

@@ -48,8 +48,8 @@ def test_regression_beats_the_mean():
                                 "embedding_dim": 16, "hidden_size": 32, "dropout": 0.0})
     result = fit(model, data, TrainConfig(epochs=8, batch_size=32, lr=1e-2))
     _, y_std = data.test.__getitems__(list(range(len(data.test))))
-    y = y_std.numpy()[:, 0] * data.task.std[0] + data.task.mean[0]
-    baseline_rmse = float(np.sqrt(np.mean((y - data.task.mean[0]) ** 2)))  # predict the train mean
+    y = y_std.numpy()[:, 0] * data.head.std[0] + data.head.mean[0]
+    baseline_rmse = float(np.sqrt(np.mean((y - data.head.mean[0]) ** 2)))  # predict the train mean
     assert result["test"]["rmse"] < 0.5 * baseline_rmse
     assert result["test"]["r2"] > 0.5
     assert result["epochs_trained"] == 8 and len(result["history"]) == 8

@@ -1,5 +1,6 @@
-"""Score shards in SQL: creation once per job, compare-and-set claims fenced by attempt,
-heartbeats, stale-shard release, cancel, summaries."""
+"""Score shards in SQL: creation once per job, and the shard lease (app/leases.py, kind
+SHARDS): compare-and-set claims fenced by attempt, heartbeats, stale-shard reaping, cancel,
+summaries, publishing and reconciling with the broker."""
 from __future__ import annotations
 
 from datetime import timedelta
@@ -7,12 +8,18 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from app import auth, jobs
+from app import auth, jobs, leases
 from app.config import from_env
 from app.db import Database
 from app.migrate import upgrade
 from app.models import JobState, ScoreShard, ShardState, utcnow
 from workers.scoring import shards
+
+SHARDS = leases.SHARDS
+
+
+def beat(s, c, rows_done: int) -> bool:  # noqa: ANN001
+    return leases.heartbeat(s, SHARDS, c.id, c.attempt, {"rows_done": rows_done}).owned
 
 
 @pytest.fixture()
@@ -58,8 +65,8 @@ def test_claim_is_compare_and_set_and_fenced_by_attempt(db) -> None:  # noqa: AN
         assert shards.claim_next(s, job, "w2").index == 0
         assert shards.claim_next(s, job, "w2").index == 2
         assert shards.claim_next(s, job, "w2") is None
-        assert shards.heartbeat(s, c.id, c.attempt, 5)
-        assert not shards.heartbeat(s, c.id, c.attempt + 1, 5)
+        assert beat(s, c, 5)
+        assert not leases.heartbeat(s, SHARDS, c.id, c.attempt + 1, {"rows_done": 5}).owned
         summ = shards.summary(s, job)
     assert (summ["running"], summ["rows_done"], summ["rows_total"], summ["shards"]) == (3, 5, 25, 3)
     with db.session() as s:
@@ -75,13 +82,14 @@ def test_stale_shards_go_back_to_pending_then_fail_when_attempts_are_spent(db) -
         shards.create_shards(s, job, BLOCKS[:1])
         first = shards.claim(s, job, 0, "w1")
         s.execute(update(ScoreShard).values(heartbeat_at=utcnow() - timedelta(seconds=60)))
-        assert shards.release_stale(s, 30) == [(job, 0, "cpu", JobState.running, ShardState.pending)]
-        assert not shards.heartbeat(s, first.id, first.attempt, 1)  # the lost worker learns it lost the shard
+        got = leases.reap(s, SHARDS, 30)
+        assert [(r.job_id, r.key, r.queue, r.state) for r in got] == [(job, (job, 0), "cpu", ShardState.pending)]
+        assert not beat(s, first, 1)  # the lost worker learns it lost the shard
         second = shards.claim(s, job, 0, "w2")
         assert second.attempt == 2
-        assert shards.release_stale(s, 30) == []  # fresh heartbeat
+        assert leases.reap(s, SHARDS, 30) == []  # fresh heartbeat
         s.execute(update(ScoreShard).values(heartbeat_at=utcnow() - timedelta(seconds=60)))
-        assert shards.release_stale(s, 30)[0][4] == ShardState.failed
+        assert [r.state for r in leases.reap(s, SHARDS, 30)] == [ShardState.failed]
         summ = shards.summary(s, job)
     assert summ["failed"] == 1 and summ["error"] == (0, "worker lost")
 
@@ -91,10 +99,23 @@ def test_release_with_error_retries_until_max_attempts(db) -> None:  # noqa: ANN
     with db.session() as s:
         shards.create_shards(s, job, BLOCKS[:1])
         c = shards.claim(s, job, 0, "w")
-        assert shards.release(s, c.id, c.attempt, error="boom", max_attempts=2) == ShardState.pending
+        assert shards.release(s, c.id, c.attempt, error="boom") == ShardState.pending
         c = shards.claim(s, job, 0, "w")
-        assert shards.release(s, c.id, c.attempt, error="boom again", max_attempts=2) == ShardState.failed
+        assert shards.release(s, c.id, c.attempt, error="boom again") == ShardState.failed
         assert shards.release(s, c.id, c.attempt) is None  # no longer owned
+        assert shards.summary(s, job)["error"] == (0, "boom again")
+
+
+def test_a_released_shard_of_a_cancelled_job_is_cancelled_and_a_stop_is_not_a_failure(db) -> None:  # noqa: ANN001
+    job = new_job(db, max_attempts=1)
+    with db.session() as s:
+        shards.create_shards(s, job, BLOCKS[:2])
+        c = shards.claim(s, job, 0, "w")
+        assert shards.release(s, c.id, c.attempt) == ShardState.pending  # stopped: no error, retried
+        c = shards.claim(s, job, 1, "w")
+        jobs.request_cancel(s, job)
+        assert leases.heartbeat(s, SHARDS, c.id, c.attempt) == leases.Beat(owned=True, cancel=True)
+        assert shards.release(s, c.id, c.attempt, error="boom") == ShardState.cancelled
 
 
 def test_cancel_stops_pending_and_running_not_done(db) -> None:  # noqa: ANN001
@@ -105,7 +126,7 @@ def test_cancel_stops_pending_and_running_not_done(db) -> None:  # noqa: ANN001
         shards.finish(s, done.id, done.attempt, rows=10, valid=10, output_uri="file:///x", stats={})
         running = shards.claim(s, job, 1, "w")
         assert shards.cancel_shards(s, job) == 2
-        assert not shards.heartbeat(s, running.id, running.attempt, 3)
+        assert not beat(s, running, 3)
         assert [sh.state for sh in shards.shards_of(s, job)] == [ShardState.done, ShardState.cancelled,
                                                                  ShardState.cancelled]
 
@@ -113,35 +134,40 @@ def test_cancel_stops_pending_and_running_not_done(db) -> None:  # noqa: ANN001
 def test_shard_task_ids_are_not_job_task_ids() -> None:
     from app.dispatch import job_id_from_task_id
 
-    tid = shards.shard_task_id(12, 3)
-    assert shards.parse_shard_task_id(tid) == (12, 3)
+    tid = SHARDS.task_id((12, 3))
+    assert SHARDS.parse_task_id(tid) == (12, 3)
     assert job_id_from_task_id(tid) is None  # the job reconciler must not count it as the job's message
-    assert shards.parse_shard_task_id("job-12-abcdef12") is None
+    assert SHARDS.parse_task_id(jobs.LEASE.task_id((12,))) is None
+    assert jobs.LEASE.parse_task_id(jobs.LEASE.task_id((12,))) == (12,)
 
 
-def test_reconcile_republishes_only_shards_the_broker_lost(tmp_path, redis_url) -> None:  # noqa: ANN001
+def test_reconcile_republishes_only_shards_the_broker_lost(tmp_path, broker_url) -> None:  # noqa: ANN001
     import redis
 
+    from app import dispatch
     from app.broker import create_celery, queue_names
 
-    settings = from_env({}, home=tmp_path / "home", broker_url=redis_url, requeue_grace_s=0.0)
+    from kombu import pools
+
+    pools.reset()  # kombu's producer pools outlive a test; this test's in-memory Redis is new
+    settings = from_env({}, home=tmp_path / "home", broker_url=broker_url, requeue_grace_s=0.0)
     upgrade(settings)
     db = Database(settings.sqlalchemy_url)
     celery = create_celery(settings)
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(broker_url)
     try:
         client.flushall()
         job = new_job(db)
         with db.session() as s:
             shards.create_shards(s, job, BLOCKS)
-        assert shards.publish_shards(celery, db, [(job, i, "cpu") for i in range(3)]) == 3
-        assert shards.shards_in_broker(client, queue_names(settings)) == {(job, 0), (job, 1), (job, 2)}
-        assert shards.reconcile_shards(db, settings, celery, queue_names(settings)) == 0  # all still queued
+        assert dispatch.publish(celery, db, SHARDS, [((job, i), "cpu") for i in range(3)]) == 3
+        assert dispatch.units_in_broker(client, queue_names(settings))["shard"] == {(job, 0), (job, 1), (job, 2)}
+        assert dispatch.republish(celery, db, settings) == 0  # all still queued
         client.flushall()  # Redis lost its queues
         with db.session() as s:
             shards.claim(s, job, 0, "w")  # a running shard is not republished
-        assert shards.reconcile_shards(db, settings, celery, queue_names(settings)) == 2
-        assert shards.shards_in_broker(client, queue_names(settings)) == {(job, 1), (job, 2)}
+        assert dispatch.republish(celery, db, settings) == 2
+        assert dispatch.units_in_broker(client, queue_names(settings)) == {"job": set(), "shard": {(job, 1), (job, 2)}}
     finally:
         client.flushall()
         client.close()

@@ -6,10 +6,11 @@ context (progress, metrics, cancel checks, its artifact directory) and the valid
 and returns the job's result: a JSON object stored on the job row. Runners import their
 ML code inside the call, so a worker starts quickly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from app.kinds import KindSpec, Spec, get_kind
 
@@ -44,7 +45,7 @@ def _runners() -> dict[str, Runner]:
 _KINDS: dict[str, Kind] = {}
 
 
-def kind_for(name: str) -> Optional[Kind]:
+def kind_for(name: str) -> Kind | None:
     """The runnable kind for a job, or None when this worker has no runner for it."""
     if not _KINDS:
         for kind_name, run in _runners().items():

@@ -3,6 +3,7 @@
 Inputs are SMILES / token strings, or images as {"image_base64": "..."} (PNG, JPEG or
 DICOM). Each invalid input gets its own error; the valid ones are still scored.
 """
+
 from __future__ import annotations
 
 import base64
@@ -44,18 +45,18 @@ def decode_image(item: dict[str, Any]) -> np.ndarray:
 def predict_inputs(predictor: Predictor, inputs: list[Any]) -> list[dict[str, Any]]:
     if predictor.input["kind"] != "image":
         return predictor.predict(inputs)
-    results: list[dict[str, Any] | None] = [None] * len(inputs)
+    results: list[dict[str, Any]] = [{} for _ in inputs]  # every slot is filled below
     images, where = [], []
     for i, item in enumerate(inputs):
         try:
             images.append(decode_image(item))
             where.append(i)
-        except Exception as exc:  # noqa: BLE001  (one bad image must not fail the others)
+        except Exception as exc:
             results[i] = {"error": f"unreadable image: {type(exc).__name__}: {exc}"}
     if images:
-        for i, pred in zip(where, predictor.predict_images(images)):
+        for i, pred in zip(where, predictor.predict_images(images), strict=False):
             results[i] = pred
-    return results  # type: ignore[return-value]
+    return results
 
 
 def load_predictor(ctx: JobContext, model_version_id: int) -> Predictor:
@@ -75,5 +76,9 @@ def load_predictor(ctx: JobContext, model_version_id: int) -> Predictor:
 def run(ctx: JobContext, spec: Spec) -> JobResult:
     predictor = load_predictor(ctx, spec["model_version_id"])
     predictions = predict_inputs(predictor, spec["inputs"])
-    return {"model": spec["model_name"], "version": spec["version"], "predictions": predictions,
-            "outputs": predictor.output_names}
+    return {
+        "model": spec["model_name"],
+        "version": spec["version"],
+        "predictions": predictions,
+        "outputs": predictor.output_names,
+    }

@@ -1,4 +1,5 @@
 """Runs `score` (spec: app/kinds/score.py): the parent of a sharded scoring job."""
+
 from __future__ import annotations
 
 from app.kinds import Spec

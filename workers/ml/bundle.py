@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,14 +22,14 @@ CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 
 
-def bundle_config(model: nn.Module, data: PreparedData, **extra) -> dict:
+def bundle_config(model: nn.Module, data: PreparedData, **extra: Any) -> dict[str, Any]:
     """The config.json for a model trained on `data`; `extra` (metrics, train config...) is added as is."""
     return {
         "format_version": FORMAT_VERSION,
         "arch": arch_of(model),
         "model": config_dict(model),
-        "task": data.task.to_dict(),
-        "output_names": data.task.output_names,
+        "task": data.head.to_dict(),
+        "output_names": data.head.output_names,
         "input": dict(data.input),
         "tokenizer": data.tokenizer.to_dict() if data.tokenizer is not None else None,
         "normalization": data.normalization,
@@ -36,7 +38,7 @@ def bundle_config(model: nn.Module, data: PreparedData, **extra) -> dict:
     }
 
 
-def _json_safe(value):
+def _json_safe(value: Any) -> Any:
     """NaN/inf (e.g. a diverged metric) become null so config.json stays strict JSON."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -47,13 +49,13 @@ def _json_safe(value):
     return value
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
     os.replace(tmp, path)
 
 
-def save_bundle(directory: str | os.PathLike, model: nn.Module, config: dict) -> Path:
+def save_bundle(directory: str | os.PathLike[str], model: nn.Module, config: dict[str, Any]) -> Path:
     """Write the weights and config; `arch`/`model` in config are taken from the model itself."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -65,14 +67,16 @@ def save_bundle(directory: str | os.PathLike, model: nn.Module, config: dict) ->
     return directory
 
 
-def read_bundle_config(directory: str | os.PathLike) -> dict:
+def read_bundle_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     config = json.loads((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8"))
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"unsupported bundle format_version {config.get('format_version')!r}")
     return config
 
 
-def load_bundle(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_bundle(
+    directory: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the module from config.json and load safetensors weights; returns (model in eval mode, config)."""
     config = read_bundle_config(directory)
     model = build_model(config["arch"], config["model"])

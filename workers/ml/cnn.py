@@ -23,11 +23,12 @@ class CNNConfig:
     # so the classifier's size does not grow with the image (224x224 inputs stay small).
     pool_to: int = 4
 
-    def __post_init__(self):
-        self.image_size = tuple(int(s) for s in self.image_size)
+    def __post_init__(self) -> None:
+        size = tuple(int(s) for s in self.image_size)
         self.channels = tuple(int(c) for c in self.channels)
-        if len(self.image_size) != 2 or min(self.image_size) < 1:
-            raise ValueError(f"image_size must be (H, W) with positive sizes, got {self.image_size}")
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"image_size must be (H, W) with positive sizes, got {size}")
+        self.image_size = (size[0], size[1])
         if not self.channels:
             raise ValueError("channels must name at least one conv block")
         if self.kernel_size % 2 == 0:
@@ -44,13 +45,16 @@ class CNNConfig:
 class ImageCNN(nn.Module):
     """[B, C, H, W] float -> [B, num_outputs] logits (or standardised values for regression)."""
 
-    def __init__(self, cfg: CNNConfig):
+    def __init__(self, cfg: CNNConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        blocks, c_in = [], cfg.in_channels
+        blocks: list[nn.Module] = []
+        c_in = cfg.in_channels
         h, w = cfg.image_size
         for c_out in cfg.channels:
-            layers = [nn.Conv2d(c_in, c_out, cfg.kernel_size, padding=cfg.kernel_size // 2, bias=not cfg.batch_norm)]
+            layers: list[nn.Module] = [
+                nn.Conv2d(c_in, c_out, cfg.kernel_size, padding=cfg.kernel_size // 2, bias=not cfg.batch_norm)
+            ]
             if cfg.batch_norm:
                 layers.append(nn.BatchNorm2d(c_out))
             layers.append(nn.ReLU(inplace=True))

@@ -7,28 +7,38 @@ does one tensor gather per batch instead of one Python call per sample.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from app.chem import canonical_smiles as canonicalize, murcko_scaffold
-from .tasks import ClassificationTask, MultilabelTask, RegressionTask, Task
+from app.chem import canonical_smiles as canonicalize
+from app.chem import murcko_scaffold
+
+from .heads import ClassificationHead, Head, MultilabelHead, RegressionHead
 from .tokenizers import Tokenizer, make_tokenizer
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 MAX_INVALID_EXAMPLES = 20
 
+# One ready batch: (model inputs, encoded targets); the model is called as model(*inputs).
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+
 
 # --------------------------------------------------------------------------- datasets
 
 
-def _collate_batch(batch):
+_T = TypeVar("_T")
+
+
+def _collate_batch(batch: _T) -> _T:
     """Datasets already return whole batches; the DataLoader must not re-collate them."""
     return batch
 
@@ -55,66 +65,75 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images / scale if scale != 1.0 else images
 
 
-class ImageDataset(Dataset):
+class BatchDataset(Dataset[Batch]):
+    """A sized dataset indexed by whole batches (`__getitems__`)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.__getitems__([i])
+
+
+class ImageDataset(BatchDataset):
     """Images kept compact (uint8 when given so) and normalised per batch."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self, images: torch.Tensor, targets: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
         self.images, self.targets = images, targets  # images [N, C, H, W]
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.images)
 
-    def __getitems__(self, indices):
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
         idx = torch.as_tensor(indices, dtype=torch.int64)
         x = (to_unit_range(self.images[idx]) - self.mean) / self.std
         return (x,), self.targets[idx]
 
-    def __getitem__(self, i):
-        return self.__getitems__([i])
 
-
-class SequenceDataset(Dataset):
+class SequenceDataset(BatchDataset):
     """Padded token ids; each batch is trimmed to its own longest sequence."""
 
-    def __init__(self, ids: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor):
+    def __init__(self, ids: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> None:
         self.ids, self.lengths, self.targets = ids, lengths, targets
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitems__(self, indices):
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
         idx = torch.as_tensor(indices, dtype=torch.int64)
         lengths = self.lengths[idx]
         width = max(1, int(lengths.max())) if len(idx) else 1
         return (self.ids[idx, :width], lengths), self.targets[idx]
-
-    def __getitem__(self, i):
-        return self.__getitems__([i])
 
 
 @dataclass
 class PreparedData:
     """Train/val/test datasets plus what a bundle must record to reproduce the inputs."""
 
-    train: Dataset
-    val: Dataset | None
-    test: Dataset | None
-    task: Task
-    input: dict  # {"kind": "image", "channels", "size": [H, W]} or {"kind": "smiles"|"tokens", "max_len"}
-    normalization: dict | None = None  # images: {"mean": [...], "std": [...]} per channel
+    train: BatchDataset
+    val: BatchDataset | None
+    test: BatchDataset | None
+    head: Head
+    input: dict[str, Any]  # {"kind": "image", "channels", "size": [H, W]} or {"kind": "smiles"|"tokens", "max_len"}
+    normalization: dict[str, list[float]] | None = None  # images: {"mean": [...], "std": [...]} per channel
     tokenizer: Tokenizer | None = None
-    info: dict = field(default_factory=dict)  # rows per split, invalid rows, split method
+    info: dict[str, Any] = field(default_factory=dict)  # rows per split, invalid rows, split method
 
-    def splits(self) -> dict[str, Dataset]:
+    def splits(self) -> dict[str, BatchDataset]:
         return {k: v for k, v in (("train", self.train), ("val", self.val), ("test", self.test)) if v is not None}
 
 
 # --------------------------------------------------------------------------- splits
 
 
-def _fractions(split: Mapping | None) -> dict[str, float]:
+def _fractions(split: Mapping[str, Any] | None) -> dict[str, float]:
     """Normalised train/val/test fractions; defaults when `split` names none of them."""
     split = split or {}
     given = any(k in split for k in SPLITS)
@@ -128,7 +147,7 @@ def _fractions(split: Mapping | None) -> dict[str, float]:
 def _split_sizes(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
     sizes = {}
     for k in ("val", "test"):
-        size = int(round(n * fractions[k]))
+        size = round(n * fractions[k])
         if fractions[k] > 0 and n >= 3:
             size = max(size, 1)  # a requested split is never silently empty
         sizes[k] = size
@@ -190,7 +209,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float],
     c = images.shape[1]
     s, ss, count = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64), 0
     for start in range(0, len(images), chunk):
-        x = to_unit_range(images[start:start + chunk]).double()
+        x = to_unit_range(images[start : start + chunk]).double()
         s += x.sum(dim=(0, 2, 3))
         ss += (x * x).sum(dim=(0, 2, 3))
         count += x.shape[0] * x.shape[2] * x.shape[3]
@@ -201,10 +220,10 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float],
 
 
 def load_image_npz(
-    source,
+    source: str | os.PathLike[str] | IO[bytes] | Mapping[str, np.ndarray],
     *,
     task: str | None = None,
-    split: Mapping | None = None,
+    split: Mapping[str, Any] | None = None,
     seed: int = 0,
     class_names: Sequence[str] | None = None,
     target_names: Sequence[str] | None = None,
@@ -245,10 +264,10 @@ def load_image_npz(
         perm = np.random.default_rng(seed).permutation(n)
         start = 0
         for k in missing:
-            size = int(round(n * fractions[k]))
+            size = round(n * fractions[k])
             if fractions[k] > 0 and n >= 3:
                 size = max(size, 1)
-            pick = np.sort(perm[start:start + size])
+            pick = np.sort(perm[start : start + size])
             start += size
             images[k], labels[k] = images["train"][pick], labels["train"][pick]
         keep = np.sort(perm[start:])
@@ -266,25 +285,32 @@ def load_image_npz(
         names = list(class_names) if class_names else [str(i) for i in range(n_classes)]
         if len(names) < n_classes:
             raise ValueError(f"labels go up to {n_classes - 1} but only {len(names)} class names given")
-        task_obj: Task = ClassificationTask(names)
+        head: Head = ClassificationHead(names)
     elif task == "multilabel":
-        task_obj = MultilabelTask(list(class_names) if class_names else [str(i) for i in range(k_cols)])
+        head = MultilabelHead(list(class_names) if class_names else [str(i) for i in range(k_cols)])
     elif task == "regression":
-        task_obj = RegressionTask(list(target_names) if target_names else [f"y{i}" for i in range(k_cols)])
-        task_obj.fit(labels["train"])
+        head = RegressionHead(list(target_names) if target_names else [f"y{i}" for i in range(k_cols)])
+        head.fit(labels["train"])
     else:
         raise ValueError(f"unknown task {task!r}")
 
     train_images = torch.from_numpy(images["train"])
     mean, std = channel_stats(train_images)
     datasets = {
-        k: ImageDataset(torch.from_numpy(images[k]), task_obj.encode_targets(labels[k]), mean, std)
-        if len(images[k]) else None
+        k: ImageDataset(torch.from_numpy(images[k]), head.encode_targets(labels[k]), mean, std)
+        if len(images[k])
+        else None
         for k in SPLITS
     }
+    train = datasets["train"]
+    if train is None:
+        raise ValueError("training split is empty")
     c, h, w = images["train"].shape[1:]
     return PreparedData(
-        train=datasets["train"], val=datasets["val"], test=datasets["test"], task=task_obj,
+        train=train,
+        val=datasets["val"],
+        test=datasets["test"],
+        head=head,
         input={"kind": "image", "channels": int(c), "size": [int(h), int(w)]},
         normalization={"mean": mean, "std": std},
         info={"split": method, "rows": {k: len(images[k]) for k in SPLITS}},
@@ -301,7 +327,7 @@ def load_sequence_frame(
     target_columns: Sequence[str] | str,
     task: str = "classification",
     tokenizer: str = "smiles",
-    split: Mapping | None = None,
+    split: Mapping[str, Any] | None = None,
     seed: int = 0,
     max_len: int | None = 256,
     min_freq: int = 1,
@@ -321,7 +347,7 @@ def load_sequence_frame(
             raise ValueError(f"column {col!r} not in data; columns: {list(df.columns)}")
     if task == "classification" and len(targets) > 1:
         task = "multilabel"
-    info: dict = {"rows_in": int(len(df)), "invalid_rows": 0, "invalid_examples": [], "missing_target_rows": 0}
+    info: dict[str, Any] = {"rows_in": len(df), "invalid_rows": 0, "invalid_examples": [], "missing_target_rows": 0}
 
     texts = df[text_column].astype("string").fillna("").tolist()
     keep = np.ones(len(df), dtype=bool)
@@ -348,7 +374,7 @@ def load_sequence_frame(
         index = {v: i for i, v in enumerate(classes)}
         y = np.full((len(df), 1), -1, dtype=np.int64)
         y[has_target, 0] = col[has_target].map(index).fillna(-1).to_numpy(dtype=np.int64)
-        task_obj: Task = ClassificationTask([str(c) for c in classes])
+        head: Head = ClassificationHead([str(c) for c in classes])
     elif task in ("multilabel", "regression"):
         y = df[targets].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
         has_target = ~np.isnan(y).all(axis=1)
@@ -356,9 +382,9 @@ def load_sequence_frame(
             bad = ~np.isnan(y) & (y != 0) & (y != 1)
             if bad.any():
                 raise ValueError("multilabel targets must be 0, 1 or empty")
-            task_obj = MultilabelTask(targets)
+            head = MultilabelHead(targets)
         else:
-            task_obj = RegressionTask(targets)
+            head = RegressionHead(targets)
     else:
         raise ValueError(f"unknown task {task!r}")
     info["missing_target_rows"] = int((keep & ~has_target).sum())
@@ -387,8 +413,8 @@ def load_sequence_frame(
     if len(idx["train"]) == 0:
         raise ValueError("training split is empty")
 
-    if isinstance(task_obj, RegressionTask):
-        task_obj.fit(y[idx["train"]])
+    if isinstance(head, RegressionHead):
+        head.fit(y[idx["train"]])
     tok = make_tokenizer(tokenizer, max_len=max_len)
     tok.fit((texts[i] for i in idx["train"]), min_freq=min_freq)
     datasets: dict[str, SequenceDataset | None] = {}
@@ -397,18 +423,27 @@ def load_sequence_frame(
             datasets[k] = None
             continue
         ids, lengths = tok.encode_batch([texts[i] for i in idx[k]])
-        datasets[k] = SequenceDataset(torch.from_numpy(ids), torch.from_numpy(lengths), task_obj.encode_targets(y[idx[k]]))
+        datasets[k] = SequenceDataset(torch.from_numpy(ids), torch.from_numpy(lengths), head.encode_targets(y[idx[k]]))
     train_lengths = [len(tok.tokenize(texts[i])) for i in idx["train"]]
-    info.update({
-        "split": method,
-        "rows": {k: int(len(idx[k])) for k in SPLITS},
-        "truncated_train_rows": int(sum(n > max_len for n in train_lengths)) if max_len else 0,
-        "vocab_size": tok.vocab_size,
-    })
+    info.update(
+        {
+            "split": method,
+            "rows": {k: len(idx[k]) for k in SPLITS},
+            "truncated_train_rows": int(sum(n > max_len for n in train_lengths)) if max_len else 0,
+            "vocab_size": tok.vocab_size,
+        }
+    )
+    train = datasets["train"]
+    if train is None:  # not reached: an empty training split is rejected above
+        raise ValueError("training split is empty")
     return PreparedData(
-        train=datasets["train"], val=datasets["val"], test=datasets["test"], task=task_obj,
+        train=train,
+        val=datasets["val"],
+        test=datasets["test"],
+        head=head,
         input={"kind": "smiles" if tokenizer == "smiles" else "tokens", "max_len": max_len},
-        tokenizer=tok, info=info,
+        tokenizer=tok,
+        info=info,
     )
 
 
@@ -424,15 +459,15 @@ def length_buckets(lengths: np.ndarray, batch_size: int, chunk_size: int | None 
     lengths = np.asarray(lengths)
     n = len(lengths)
     chunk_size = chunk_size or max(n, 1)
-    batches = []
+    batches: list[np.ndarray] = []
     for start in range(0, n, chunk_size):
         chunk = np.arange(start, min(start + chunk_size, n))
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     return batches
 
 
-class EpochBatchSampler(Sampler):
+class EpochBatchSampler(Sampler[list[int]]):
     """Index batches whose order depends only on (seed, epoch).
 
     Call `set_epoch(e)` before each epoch (as with DistributedSampler): a run resumed
@@ -441,8 +476,16 @@ class EpochBatchSampler(Sampler):
     and the batch order is shuffled, so RNN batches carry little padding.
     """
 
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 lengths: np.ndarray | None = None, bucket_chunk: int = 50):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        lengths: np.ndarray | None = None,
+        bucket_chunk: int = 50,
+    ) -> None:
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.lengths = None if lengths is None else np.asarray(lengths)
         self.bucket_chunk, self.epoch = bucket_chunk, 0
@@ -450,33 +493,45 @@ class EpochBatchSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self):
+    def __len__(self) -> int:
         return (self.n + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
         if self.lengths is None:
-            batches = [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+            batches = [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
         else:
             chunk = self.batch_size * self.bucket_chunk
             batches = []
             for start in range(0, self.n, chunk):
-                c = order[start:start + chunk]
+                c = order[start : start + chunk]
                 c = c[np.argsort(self.lengths[c], kind="stable")]
-                batches.extend(c[i:i + self.batch_size] for i in range(0, len(c), self.batch_size))
+                batches.extend(c[i : i + self.batch_size] for i in range(0, len(c), self.batch_size))
             if self.shuffle:
                 batches = [batches[i] for i in rng.permutation(len(batches))]
         for b in batches:
             yield b.tolist()
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
-                device: torch.device | str = "cpu", num_workers: int = 0) -> DataLoader:
+def make_loader(
+    dataset: BatchDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+) -> DataLoader[Batch]:
     lengths = getattr(dataset, "lengths", None)
-    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=seed,
-                                lengths=None if lengths is None else lengths.numpy())
+    sampler = EpochBatchSampler(
+        len(dataset), batch_size, shuffle=shuffle, seed=seed, lengths=None if lengths is None else lengths.numpy()
+    )
     return DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=_collate_batch, num_workers=num_workers,
-        pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=_collate_batch,
+        num_workers=num_workers,
+        pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=num_workers > 0,
     )

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from torch import nn
 
 from .cnn import CNNConfig, ImageCNN
 from .rnn import RNNConfig, SequenceRNN
 
-ARCHS: dict[str, tuple[type, type[nn.Module]]] = {
+ARCHS: dict[str, tuple[type[CNNConfig] | type[RNNConfig], type[nn.Module]]] = {
     "cnn": (CNNConfig, ImageCNN),
     "rnn": (RNNConfig, SequenceRNN),
 }
 
 
-def model_config(arch: str, params: dict):
+def model_config(arch: str, params: dict[str, Any]) -> CNNConfig | RNNConfig:
     """Config dataclass for `arch` from a dict; unknown keys are an error (typos fail loudly)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
@@ -27,13 +28,15 @@ def model_config(arch: str, params: dict):
     return cfg_cls(**params)
 
 
-def build_model(arch: str, params: dict) -> nn.Module:
+def build_model(arch: str, params: dict[str, Any]) -> nn.Module:
     cfg = model_config(arch, params)
     return ARCHS[arch][1](cfg)
 
 
-def config_dict(model: nn.Module) -> dict:
+def config_dict(model: nn.Module) -> dict[str, Any]:
     """The model's hyper-parameters as JSON-able plain types (tuples become lists)."""
+    if not isinstance(model, (ImageCNN, SequenceRNN)):
+        raise ValueError(f"{type(model).__name__} is not a registered architecture")
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.cfg).items()}
 
 

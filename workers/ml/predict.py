@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bundle import load_bundle
 from app.chem import canonical_smiles as canonicalize
+
+from .bundle import load_bundle
 from .data import length_buckets, to_unit_range
-from .tasks import Task
+from .heads import Head
 from .tokenizers import Tokenizer
 from .training import _autocast, autocast_dtype_for, resolve_device
 
@@ -55,11 +57,11 @@ def preprocess_image(image: np.ndarray, channels: int, size: Sequence[int]) -> t
 class Predictor:
     """A loaded bundle plus the input pipeline it was trained with."""
 
-    def __init__(self, model: nn.Module, config: dict, device: torch.device | str = "cpu"):
+    def __init__(self, model: nn.Module, config: dict[str, Any], device: torch.device | str = "cpu") -> None:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         self.config = config
-        self.task = Task.from_dict(config["task"])
+        self.head = Head.from_dict(config["task"])
         self.input = config["input"]
         self.tokenizer = Tokenizer.from_dict(config["tokenizer"]) if config.get("tokenizer") else None
         self.amp = autocast_dtype_for(self.device)
@@ -70,14 +72,14 @@ class Predictor:
             self.std = torch.tensor(norm["std"] if norm else [1.0] * c).view(-1, 1, 1)
 
     @classmethod
-    def from_bundle(cls, directory: str | os.PathLike, device: str | torch.device = "auto") -> Predictor:
+    def from_bundle(cls, directory: str | os.PathLike[str], device: str | torch.device = "auto") -> Predictor:
         device = resolve_device(device) if isinstance(device, str) else device
         model, config = load_bundle(directory, device)
         return cls(model, config, device)
 
     @property
     def output_names(self) -> list[str]:
-        return self.task.output_names
+        return self.head.output_names
 
     @torch.inference_mode()
     def _forward(self, *inputs: torch.Tensor) -> np.ndarray:
@@ -89,8 +91,9 @@ class Predictor:
 
     # ----------------------------------------------------------------- sequences
 
-    def predict_ids(self, ids: np.ndarray, lengths: np.ndarray, *, batch_size: int = 4096,
-                    raw: bool = False) -> np.ndarray:
+    def predict_ids(
+        self, ids: np.ndarray, lengths: np.ndarray, *, batch_size: int = 4096, raw: bool = False
+    ) -> np.ndarray:
         """Score pre-encoded sequences: float32 [N, len(output_names)] (raw outputs if raw=True).
 
         Rows are grouped into batches of similar length, so each batch pads only to its
@@ -99,25 +102,30 @@ class Predictor:
         if self.tokenizer is None:
             raise ValueError("this model does not take token sequences")
         ids, lengths = np.asarray(ids, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
-        out = np.empty((len(ids), self.task.num_outputs), dtype=np.float32)
+        out = np.empty((len(ids), self.head.num_outputs), dtype=np.float32)
         for batch in length_buckets(lengths, batch_size):
             lens = lengths[batch]
             width = max(1, int(lens.max()))
             res = self._forward(torch.from_numpy(ids[batch, :width]), torch.from_numpy(lens))
-            out[batch] = res if raw else self.task.transform(res)
+            out[batch] = res if raw else self.head.transform(res)
         return out
 
-    def _predict_texts(self, texts: list[str], batch_size: int) -> list[dict]:
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model does not take token sequences")
+        return self.tokenizer
+
+    def _predict_texts(self, texts: list[str], batch_size: int) -> list[dict[str, Any]]:
         if not texts:
             return []
-        ids, lengths = self.tokenizer.encode_batch(texts, self.input.get("max_len"))
+        ids, lengths = self._tokenizer().encode_batch(texts, self.input.get("max_len"))
         raw = self.predict_ids(ids, lengths, batch_size=batch_size, raw=True)
-        return self.task.predictions(raw)
+        return self.head.predictions(raw)
 
-    def predict_tokens(self, texts: Sequence[str], *, batch_size: int = 1024) -> list[dict]:
+    def predict_tokens(self, texts: Sequence[str], *, batch_size: int = 1024) -> list[dict[str, Any]]:
         """Whitespace token sequences (e.g. clinical codes) -> one prediction dict each."""
         self._require("tokens")
-        results: list[dict] = []
+        results: list[dict[str, Any]] = []
         valid = []
         for i, t in enumerate(texts):
             if isinstance(t, str) and t.strip():
@@ -125,14 +133,14 @@ class Predictor:
                 results.append({"input": t})
             else:
                 results.append({"input": t, "error": "empty or non-text input"})
-        for i, pred in zip(valid, self._predict_texts([texts[i] for i in valid], batch_size)):
+        for i, pred in zip(valid, self._predict_texts([texts[i] for i in valid], batch_size), strict=False):
             results[i].update(pred)
         return results
 
-    def predict_smiles(self, smiles: Sequence[str], *, batch_size: int = 1024) -> list[dict]:
+    def predict_smiles(self, smiles: Sequence[str], *, batch_size: int = 1024) -> list[dict[str, Any]]:
         """SMILES -> {"input", "smiles" (canonical), **prediction} or {"input", "error"} each."""
         self._require("smiles")
-        results: list[dict] = []
+        results: list[dict[str, Any]] = []
         valid, canon = [], []
         for i, s in enumerate(smiles):
             c, err = canonicalize(s) if isinstance(s, str) else (None, "input is not a string")
@@ -142,12 +150,13 @@ class Predictor:
                 results.append({"input": s, "smiles": c})
                 valid.append(i)
                 canon.append(c)
-        for i, pred in zip(valid, self._predict_texts(canon, batch_size)):
+        for i, pred in zip(valid, self._predict_texts(canon, batch_size), strict=False):
             results[i].update(pred)
         return results
 
-    def score_smiles(self, smiles: Sequence[str], *, batch_size: int = 4096,
-                     canonical: bool = False) -> tuple[np.ndarray, list[str | None]]:
+    def score_smiles(
+        self, smiles: Sequence[str], *, batch_size: int = 4096, canonical: bool = False
+    ) -> tuple[np.ndarray, list[str | None]]:
         """Batch scoring: (scores [N, len(output_names)] with NaN rows for invalid input, errors).
 
         canonical=True skips RDKit when the caller has already canonicalised the SMILES.
@@ -163,19 +172,19 @@ class Predictor:
             else:
                 valid.append(i)
                 texts.append(c)
-        scores = np.full((len(smiles), self.task.num_outputs), np.nan, dtype=np.float32)
+        scores = np.full((len(smiles), self.head.num_outputs), np.nan, dtype=np.float32)
         if texts:
-            ids, lengths = self.tokenizer.encode_batch(texts, self.input.get("max_len"))
+            ids, lengths = self._tokenizer().encode_batch(texts, self.input.get("max_len"))
             scores[valid] = self.predict_ids(ids, lengths, batch_size=batch_size)
         return scores, errors
 
     # ----------------------------------------------------------------- images
 
-    def predict_images(self, images: Sequence[np.ndarray], *, batch_size: int = 256) -> list[dict]:
+    def predict_images(self, images: Sequence[np.ndarray], *, batch_size: int = 256) -> list[dict[str, Any]]:
         """Arrays of any size/channel count -> one prediction dict (or {"error"}) each."""
         self._require("image")
         size, channels = self.input["size"], self.input["channels"]
-        results: list[dict] = [{} for _ in images]
+        results: list[dict[str, Any]] = [{} for _ in images]
         tensors, valid = [], []
         for i, img in enumerate(images):
             try:
@@ -184,12 +193,12 @@ class Predictor:
             except (ValueError, TypeError) as e:
                 results[i] = {"error": str(e)}
         for start in range(0, len(tensors), batch_size):
-            raw = self._forward(torch.stack(tensors[start:start + batch_size]))
-            for i, pred in zip(valid[start:start + batch_size], self.task.predictions(raw)):
+            raw = self._forward(torch.stack(tensors[start : start + batch_size]))
+            for i, pred in zip(valid[start : start + batch_size], self.head.predictions(raw), strict=False):
                 results[i] = pred
         return results
 
-    def predict(self, inputs: Sequence) -> list[dict]:
+    def predict(self, inputs: Sequence[Any]) -> list[dict[str, Any]]:
         """Dispatch on the bundle's input kind (for the online predict endpoint)."""
         kind = self.input["kind"]
         if kind == "smiles":

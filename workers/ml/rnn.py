@@ -22,7 +22,7 @@ class RNNConfig:
     bidirectional: bool = False
     dropout: float = 0.1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}")
         if self.vocab_size < 2 or self.num_layers < 1:
@@ -40,7 +40,7 @@ class SequenceRNN(nn.Module):
 
     cpu_inputs = (1,)  # lengths stay on CPU (pack_padded_sequence needs them there)
 
-    def __init__(self, cfg: RNNConfig):
+    def __init__(self, cfg: RNNConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim, padding_idx=0)

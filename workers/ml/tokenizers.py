@@ -6,6 +6,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from itertools import chain
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -31,17 +32,17 @@ _SMILES_BATCH_PATTERN = re.compile(r"\n|" + _SMILES_ALTERNATIVES)
 _WHITESPACE_BATCH_PATTERN = re.compile(r"\n|[^\s]+")
 
 
-class _Lookup(dict):
+class _Lookup(dict[str, int]):
     """token -> id map whose misses return <unk>; lets `map(d.__getitem__, toks)` run in C."""
 
-    def __missing__(self, key):
+    def __missing__(self, key: str) -> int:
         return UNK_ID
 
 
 class Vocab:
     """Token <-> id table with <pad>=0 and <unk>=1."""
 
-    def __init__(self, itos: Sequence[str]):
+    def __init__(self, itos: Sequence[str]) -> None:
         itos = list(itos)
         if itos[:2] != [PAD, UNK]:
             raise ValueError("vocab must start with <pad>, <unk>")
@@ -78,8 +79,10 @@ class Tokenizer:
 
     kind = ""
     joiner = ""
+    # Subclasses set the regex that encode_batch runs over a "\n"-joined batch.
+    _batch_pattern: ClassVar[re.Pattern[str]]
 
-    def __init__(self, vocab: Vocab | None = None, max_len: int | None = None):
+    def __init__(self, vocab: Vocab | None = None, max_len: int | None = None) -> None:
         self.vocab = vocab
         self.max_len = max_len
 
@@ -145,11 +148,11 @@ class Tokenizer:
         ids[np.arange(width) < lengths[:, None]] = np.fromiter(chain.from_iterable(rows), dtype=np.int64)
         return ids, lengths
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"type": self.kind, "vocab": list(self._vocab().itos), "max_len": self.max_len}
 
     @staticmethod
-    def from_dict(d: dict) -> Tokenizer:
+    def from_dict(d: dict[str, Any]) -> Tokenizer:
         cls = TOKENIZERS[d["type"]]
         return cls(Vocab(d["vocab"]), max_len=d.get("max_len"))
 

@@ -12,16 +12,19 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.utils.data import DataLoader
 
-from .data import PreparedData, make_loader
-from .tasks import Task
+from .data import Batch, EpochBatchSampler, PreparedData, make_loader
+from .heads import Head, MetricMode
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "step", "plateau")
@@ -54,7 +57,7 @@ class TrainConfig:
     eval_batch_size: int | None = None  # default: 4 x batch_size
     progress_interval: float = 2.0  # seconds between on_progress calls within an epoch
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.scheduler not in SCHEDULERS:
@@ -63,7 +66,7 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
 
     @classmethod
-    def from_dict(cls, d: dict, *, strict: bool = True) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any], *, strict: bool = True) -> TrainConfig:
         """From a job spec; strict=False ignores keys that are not training parameters."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
@@ -88,7 +91,7 @@ def autocast_dtype_for(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[None]:
     if dtype is None or device.type != "cuda":
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)
@@ -100,7 +103,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def move_inputs(model: nn.Module, inputs, device: torch.device) -> tuple:
+def move_inputs(model: nn.Module, inputs: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
     """Copy a batch's inputs to `device`, except those the model wants on CPU (RNN lengths)."""
     keep_cpu = getattr(model, "cpu_inputs", ())
     return tuple(x if i in keep_cpu else x.to(device, non_blocking=True) for i, x in enumerate(inputs))
@@ -113,9 +116,9 @@ def _check_stop(should_stop: Callable[[], bool] | None) -> None:
 
 def train_one_epoch(
     model: nn.Module,
-    loader,
+    loader: DataLoader[Batch],
     optimizer: torch.optim.Optimizer,
-    task: Task,
+    head: Head,
     device: torch.device,
     *,
     autocast_dtype: torch.dtype | None = None,
@@ -135,7 +138,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, autocast_dtype):
             outputs = model(*inputs)
-        loss = task.loss(outputs.float(), targets)
+        loss = head.loss(outputs.float(), targets)
         loss.backward()
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -148,11 +151,18 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def predict_outputs(model: nn.Module, loader, device: torch.device, *, autocast_dtype=None,
-                    should_stop=None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_outputs(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    device: torch.device,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw outputs and targets over a loader, on CPU, float32 outputs."""
     model.eval()
-    outs, tgts = [], []
+    outs: list[torch.Tensor] = []
+    tgts: list[torch.Tensor] = []
     for inputs, targets in loader:
         _check_stop(should_stop)
         with _autocast(device, autocast_dtype):
@@ -163,19 +173,26 @@ def predict_outputs(model: nn.Module, loader, device: torch.device, *, autocast_
     return torch.cat(outs).cpu(), torch.cat(tgts)
 
 
-def evaluate(model: nn.Module, loader, task: Task, device: torch.device, *,
-             autocast_dtype: torch.dtype | None = None, should_stop=None) -> dict:
-    """{"loss": ..., **task metrics} over `loader` (empty dict for an empty loader)."""
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    head: Head,
+    device: torch.device,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, float | None]:
+    """{"loss": ..., **head metrics} over `loader` (empty dict for an empty loader)."""
     outputs, targets = predict_outputs(model, loader, device, autocast_dtype=autocast_dtype, should_stop=should_stop)
     if outputs.numel() == 0:
         return {}
-    return {"loss": float(task.loss(outputs, targets)), **task.metrics(outputs.numpy(), targets.numpy())}
+    return {"loss": float(head.loss(outputs, targets)), **head.metrics(outputs.numpy(), targets.numpy())}
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
+def save_checkpoint(path: str | os.PathLike[str], checkpoint: dict[str, Any]) -> None:
     """Atomic save: a crash mid-write leaves the previous checkpoint intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +201,7 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -201,18 +218,19 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, mode: str):
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, mode: MetricMode) -> LRScheduler | None:
     if cfg.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode=mode, factor=cfg.gamma, patience=cfg.plateau_patience)
+            optimizer, mode=mode, factor=cfg.gamma, patience=cfg.plateau_patience
+        )
     return None
 
 
-def _improved(score: float | None, best: float | None, mode: str) -> bool:
+def _improved(score: float | None, best: float | None, mode: MetricMode) -> bool:
     if score is None or not math.isfinite(score):
         return False
     return best is None or (score < best if mode == "min" else score > best)
@@ -221,17 +239,28 @@ def _improved(score: float | None, best: float | None, mode: str) -> bool:
 # --------------------------------------------------------------------------- fit
 
 
+class _FitState(TypedDict):
+    """Progress of `fit` that a checkpoint carries across restarts."""
+
+    epoch: int
+    best_score: float | None
+    best_epoch: int
+    bad_epochs: int
+    stopped_early: bool
+    history: list[dict[str, Any]]
+
+
 def fit(
     model: nn.Module,
     data: PreparedData,
     cfg: TrainConfig,
-    task: Task | None = None,
+    head: Head | None = None,
     *,
-    checkpoint_path: str | os.PathLike | None = None,
-    on_epoch: Callable[[int, dict], None] | None = None,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
     on_progress: Callable[[float, str, float | None], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Train `model` for cfg.epochs epochs in total, resuming from `checkpoint_path`.
 
     Keeps the weights with the best validation `cfg.monitor` (train loss when there is
@@ -240,7 +269,7 @@ def fit(
     Raises TrainingCancelled when should_stop() turns True; the last completed epoch's
     checkpoint remains and a later call continues from it.
     """
-    task = task or data.task
+    head = head or data.head
     device = resolve_device(cfg.device)
     amp = autocast_dtype_for(device)
     seed_everything(cfg.seed)
@@ -248,27 +277,42 @@ def fit(
 
     has_val = data.val is not None and len(data.val) > 0
     monitor = cfg.monitor if has_val else "loss"
-    if monitor not in task.metric_modes:
-        raise ValueError(f"monitor {cfg.monitor!r} is not a {task.name} metric; choose from {sorted(task.metric_modes)}")
-    mode = task.metric_modes[monitor]
+    if monitor not in head.metric_modes:
+        raise ValueError(
+            f"monitor {cfg.monitor!r} is not a {head.name} metric; choose from {sorted(head.metric_modes)}"
+        )
+    mode = head.metric_modes[monitor]
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, mode)
     eval_bs = cfg.eval_batch_size or cfg.batch_size * 4
     loaders = {
-        k: make_loader(ds, cfg.batch_size if k == "train" else eval_bs, shuffle=k == "train",
-                       seed=cfg.seed, device=device, num_workers=cfg.num_workers)
+        k: make_loader(
+            ds,
+            cfg.batch_size if k == "train" else eval_bs,
+            shuffle=k == "train",
+            seed=cfg.seed,
+            device=device,
+            num_workers=cfg.num_workers,
+        )
         for k, ds in data.splits().items()
     }
 
-    state = {"epoch": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "stopped_early": False, "history": []}
-    best_state: dict | None = None
+    state = _FitState(epoch=0, best_score=None, best_epoch=0, bad_epochs=0, stopped_early=False, history=[])
+    best_state: dict[str, torch.Tensor] | None = None
     if checkpoint_path is not None and os.path.exists(checkpoint_path):
         ckpt = load_checkpoint(checkpoint_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt.get("scheduler") is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
-        state.update({k: ckpt[k] for k in state})
+        state = _FitState(
+            epoch=ckpt["epoch"],
+            best_score=ckpt["best_score"],
+            best_epoch=ckpt["best_epoch"],
+            bad_epochs=ckpt["bad_epochs"],
+            stopped_early=ckpt["stopped_early"],
+            history=ckpt["history"],
+        )
         best_state = ckpt.get("best_model")
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda"):
@@ -290,26 +334,41 @@ def fit(
         if state["stopped_early"]:
             break
         t0 = time.monotonic()
-        loaders["train"].batch_sampler.set_epoch(epoch)
+        train_sampler = loaders["train"].batch_sampler
+        if isinstance(train_sampler, EpochBatchSampler):  # always, as built by make_loader
+            train_sampler.set_epoch(epoch)
 
-        def on_batch(i: int, n: int, epoch=epoch) -> None:
+        def on_batch(i: int, n: int, epoch: int = epoch) -> None:
             now = time.monotonic()
             if now - last_report[0] >= cfg.progress_interval:
                 last_report[0] = now
                 report((epoch - 1 + i / n) / total_epochs, f"epoch {epoch}/{total_epochs}, batch {i}/{n}")
 
-        train_loss = train_one_epoch(model, loaders["train"], optimizer, task, device, autocast_dtype=amp,
-                                     should_stop=should_stop, grad_clip=cfg.grad_clip, on_batch=on_batch)
+        train_loss = train_one_epoch(
+            model,
+            loaders["train"],
+            optimizer,
+            head,
+            device,
+            autocast_dtype=amp,
+            should_stop=should_stop,
+            grad_clip=cfg.grad_clip,
+            on_batch=on_batch,
+        )
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training diverged at epoch {epoch} (loss {train_loss}); lower lr")
-        val = evaluate(model, loaders["val"], task, device, autocast_dtype=amp, should_stop=should_stop) if has_val else {}
+        val = (
+            evaluate(model, loaders["val"], head, device, autocast_dtype=amp, should_stop=should_stop)
+            if has_val
+            else {}
+        )
         score = val.get(monitor) if has_val else train_loss
         if _improved(score, state["best_score"], mode):
-            state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+            state["best_score"], state["best_epoch"], state["bad_epochs"] = score, epoch, 0
             best_state = _cpu_state(model)
         else:
             state["bad_epochs"] += 1
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if isinstance(scheduler, ReduceLROnPlateau):
             if score is not None and math.isfinite(score):
                 scheduler.step(score)
         elif scheduler is not None:
@@ -317,24 +376,34 @@ def fit(
         patience = cfg.early_stopping_patience
         state["stopped_early"] = bool(patience and state["bad_epochs"] >= patience and epoch < total_epochs)
 
-        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val.get("loss"),
-                   **{f"val_{k}": v for k, v in val.items() if k != "loss"},
-                   "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.monotonic() - t0,
-                   "best_epoch": state["best_epoch"]}
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val.get("loss"),
+            **{f"val_{k}": v for k, v in val.items() if k != "loss"},
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": time.monotonic() - t0,
+            "best_epoch": state["best_epoch"],
+        }
         state["epoch"] = epoch
         state["history"].append(metrics)
         if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, {
-                "version": CHECKPOINT_VERSION,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "best_model": best_state,
-                **state,
-                "config": dataclasses.asdict(cfg),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
-            })
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "version": CHECKPOINT_VERSION,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "best_model": best_state,
+                    **state,
+                    "config": dataclasses.asdict(cfg),
+                    "rng": {
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                    },
+                },
+            )
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         last_report[0] = time.monotonic()
@@ -342,8 +411,18 @@ def fit(
 
     if best_state is not None:
         model.load_state_dict(best_state)
-    val = evaluate(model, loaders["val"], task, device, autocast_dtype=amp, should_stop=should_stop) if has_val else {}
-    test = evaluate(model, loaders["test"], task, device, autocast_dtype=amp, should_stop=should_stop) \
-        if "test" in loaders else {}
-    return {"test": test, "val": val, "history": state["history"], "best_epoch": state["best_epoch"],
-            "epochs_trained": state["epoch"], "stopped_early": state["stopped_early"], "device": str(device)}
+    val = evaluate(model, loaders["val"], head, device, autocast_dtype=amp, should_stop=should_stop) if has_val else {}
+    test = (
+        evaluate(model, loaders["test"], head, device, autocast_dtype=amp, should_stop=should_stop)
+        if "test" in loaders
+        else {}
+    )
+    return {
+        "test": test,
+        "val": val,
+        "history": state["history"],
+        "best_epoch": state["best_epoch"],
+        "epochs_trained": state["epoch"],
+        "stopped_early": state["stopped_early"],
+        "device": str(device),
+    }

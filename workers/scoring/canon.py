@@ -9,21 +9,24 @@ talk over their stdin/stdout pipes and exit when stdin closes, so a SIGKILLed wo
 leaves no orphans. A child that crashes (RDKit segfault) fails only the batch it held and
 is restarted for the next one.
 """
+
 from __future__ import annotations
 
 import atexit
+import contextlib
+import json
 import logging
 import os
-import json
 import queue
 import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any, Optional, Sequence
+from typing import IO, Any
 
-from workers.scoring.rdkit_child import check_and_canonicalise  # noqa: F401  (re-exported)
+from workers.scoring.rdkit_child import check_and_canonicalise
 
 log = logging.getLogger(__name__)
 
@@ -52,25 +55,38 @@ class _Child:
     """One RDKit child process: a request/reply loop over pipes."""
 
     def __init__(self) -> None:
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "CUDA_VISIBLE_DEVICES": ""}
-        self.proc = subprocess.Popen([sys.executable, "-m", "workers.scoring.rdkit_child"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env, close_fds=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.scoring.rdkit_child"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            close_fds=True,
+        )
 
-    def call(self, payload: Any) -> Any:
+    def _pipes(self) -> tuple[IO[bytes], IO[bytes]]:
+        """(stdin, stdout) of the running child, started first if it is not running."""
         if self.proc is None or self.proc.poll() is not None:
             self.start()
+        proc = self.proc
+        if proc is None or proc.stdin is None or proc.stdout is None:  # start() opens both pipes
+            raise ChildDied("the RDKit child process has no pipes")
+        return proc.stdin, proc.stdout
+
+    def call(self, payload: Any) -> Any:
+        stdin, stdout = self._pipes()
         data = json.dumps(payload).encode()  # JSON, not pickle: plain lists of strings
         try:
-            self.proc.stdin.write(_HEADER.pack(len(data)) + data)
-            self.proc.stdin.flush()
-            head = self.proc.stdout.read(_HEADER.size)
+            stdin.write(_HEADER.pack(len(data)) + data)
+            stdin.flush()
+            head = stdout.read(_HEADER.size)
             if len(head) < _HEADER.size:
                 raise EOFError
             (size,) = _HEADER.unpack(head)
-            reply = self.proc.stdout.read(size)
+            reply = stdout.read(size)
             if len(reply) < size:
                 raise EOFError
         except (BrokenPipeError, EOFError, OSError) as exc:
@@ -83,10 +99,9 @@ class _Child:
         if proc is None:
             return
         for stream in (proc.stdin, proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:
@@ -98,12 +113,14 @@ class RDKitPool:
     """n child processes fed from one queue by n threads (a thread blocks in its child's
     pipe while the child works, so the caller's thread stays free)."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int) -> None:
         self.size = size
-        self._queue: "queue.Queue[Optional[tuple[Future, Any]]]" = queue.Queue()
+        self._queue: queue.Queue[tuple[Future, Any] | None] = queue.Queue()
         self._children = [_Child() for _ in range(size)]
-        self._threads = [threading.Thread(target=self._serve, args=(c,), name=f"rdkit-{i}", daemon=True)
-                         for i, c in enumerate(self._children)]
+        self._threads = [
+            threading.Thread(target=self._serve, args=(c,), name=f"rdkit-{i}", daemon=True)
+            for i, c in enumerate(self._children)
+        ]
         for t in self._threads:
             t.start()
 
@@ -118,7 +135,7 @@ class RDKitPool:
                 continue
             try:
                 fut.set_result(child.call(payload))
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 fut.set_exception(exc)
 
     def submit(self, texts: list[str], validate: str, max_length: int) -> Future:
@@ -136,12 +153,12 @@ class RDKitPool:
             t.join(timeout=10)
 
 
-_pool: Optional[RDKitPool] = None
-_pool_pid: Optional[int] = None
+_pool: RDKitPool | None = None
+_pool_pid: int | None = None
 _pool_lock = threading.Lock()
 
 
-def get_pool(size: Optional[int] = None) -> Optional[RDKitPool]:
+def get_pool(size: int | None = None) -> RDKitPool | None:
     """The process-wide pool (created on first use), or None on a single-core machine."""
     global _pool, _pool_pid
     size = default_pool_size() if size is None else size
@@ -169,19 +186,18 @@ class Canonicalised:
     """A batch being canonicalised: in the pool (one chunk per process) or, without a
     pool, in line when result() is called."""
 
-    def __init__(self, texts: list[str], validate: str, max_length: int, pool: Optional[RDKitPool]):
+    def __init__(self, texts: list[str], validate: str, max_length: int, pool: RDKitPool | None) -> None:
         self._texts, self._validate, self._max_length = texts, validate, max_length
         self._futures: list[Future] = []
         if pool is not None and validate != "none" and len(texts) > 1:
             step = max(1, -(-len(texts) // pool.size))
-            self._futures = [pool.submit(texts[i:i + step], validate, max_length)
-                             for i in range(0, len(texts), step)]
+            self._futures = [pool.submit(texts[i : i + step], validate, max_length) for i in range(0, len(texts), step)]
 
-    def result(self) -> tuple[list[Optional[str]], list[Optional[str]]]:
+    def result(self) -> tuple[list[str | None], list[str | None]]:
         if not self._futures:
             return check_and_canonicalise(self._texts, self._validate, self._max_length)
-        canon: list[Optional[str]] = []
-        errors: list[Optional[str]] = []
+        canon: list[str | None] = []
+        errors: list[str | None] = []
         for fut in self._futures:
             c, e = fut.result()
             canon.extend(c)
@@ -193,6 +209,7 @@ class Canonicalised:
             fut.cancel()
 
 
-def canonicalise(texts: Sequence[str], validate: str = "rdkit", max_length: int = 2000,
-                 pool: Optional[RDKitPool] = None) -> tuple[list[Optional[str]], list[Optional[str]]]:
+def canonicalise(
+    texts: Sequence[str], validate: str = "rdkit", max_length: int = 2000, pool: RDKitPool | None = None
+) -> tuple[list[str | None], list[str | None]]:
     return Canonicalised(list(texts), validate, max_length, pool).result()

@@ -5,29 +5,30 @@ replies on stdout, exit when stdin closes).
 This module imports RDKit and, of the platform, only app.chem (the `app` package imports
 nothing heavy), so a child does not load Flask, SQLAlchemy or pandas to canonicalise SMILES.
 """
+
 from __future__ import annotations
 
 import json
 import struct
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import BinaryIO
 
 from app import chem as _chem
 
 REPLACEMENT_CHAR = "\ufffd"  # what undecodable bytes became when the library was read
 
 
-
-
-def check_and_canonicalise(texts: Sequence[str], validate: str = "rdkit", max_length: int = 2000
-                           ) -> tuple[list[Optional[str]], list[Optional[str]]]:
+def check_and_canonicalise(
+    texts: Sequence[str], validate: str = "rdkit", max_length: int = 2000
+) -> tuple[list[str | None], list[str | None]]:
     """(canonical SMILES or None, error or None) per text. Never raises for bad input.
 
     validate="none" skips RDKit: the text is scored as is (it must already be the SMILES
     form the model was trained on); only empty, undecodable and over-long rows fail.
     """
-    canon: list[Optional[str]] = []
-    errors: list[Optional[str]] = []
+    canon: list[str | None] = []
+    errors: list[str | None] = []
     canonical_smiles = _chem.canonical_smiles
     with _chem.quiet_rdkit():
         for text in texts:
@@ -50,7 +51,7 @@ def check_and_canonicalise(texts: Sequence[str], validate: str = "rdkit", max_le
     return canon, errors
 
 
-def serve(stdin=None, stdout=None) -> None:  # noqa: ANN001
+def serve(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> None:
     header = struct.Struct("!Q")
     stdin = stdin or sys.stdin.buffer
     stdout = stdout or sys.stdout.buffer

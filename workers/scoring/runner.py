@@ -9,16 +9,17 @@ Per shard, in constant memory (two batches in flight):
 
 The parent job never waits idly on shards it could run itself: it claims pending shards
 with the same compare-and-set as the shard task, so one worker finishes a job alone and
-every extra worker on the queue takes shards off it.
+every extra worker on the queue takes shards off it. Shards are leased like jobs
+(app/leases.py, workers/lease.py); while other workers hold the last shards, the parent
+waits for their notifications (app/notify.py) instead of polling.
 """
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import traceback
 from collections import Counter, deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -27,10 +28,13 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 from sqlalchemy import select
 
-from app.artifacts import ArtifactStore
+from app import dispatch, leases
+from app.artifacts import ArtifactStore, job_dir
 from app.config import Settings
 from app.ingest import IngestLimits, iter_library_rows, library_row_offsets
 from app.models import TERMINAL_STATES, Dataset, Job, JobState, ModelVersion, ShardState
+from workers.lease import Lease
+from workers.runtime import remove_scratch, scratch_dir
 from workers.scoring import canon, shards, source
 from workers.scoring import table as tbl
 
@@ -43,6 +47,9 @@ MAX_INVALID_SAMPLES = 20
 # forward, ~3,550 at 1,024, ~4,000 at 256; the transient activations of a 4,096-row forward
 # are ~300 MB, which is most of a CPU worker's RSS swing).
 CPU_FORWARD_BATCH = 512
+# The parent waits for notifications while other workers hold the last shards; this is only
+# the safety net for a missed one (and the pace at which it reaps their stale leases).
+FANIN_WAIT_S = 2.0
 
 
 class _Stopped(Exception):
@@ -67,7 +74,6 @@ class ScoreEnv:
     table_schema: Any
     scratch: Path
     limits: IngestLimits = field(default_factory=IngestLimits)
-    celery: Any = None  # for republishing a shard that failed and has attempts left
 
     @property
     def parts_dir(self) -> Path:
@@ -100,7 +106,7 @@ def load_env(db: Any, settings: Settings, job_id: int, *, prepare: bool = False)
     if mv is None or mv.tenant_id != tenant_id:
         raise LookupError(f"model version {spec['model_version_id']} no longer exists")
     store = ArtifactStore(settings.artifacts)
-    scratch = shards.scratch_dir(settings, tenant_id, job_id)
+    scratch = scratch_dir(settings, tenant_id, job_id)
     schema = source.library_schema(dataset.schema, spec.get("text_column"), spec.get("id_column"))
     upload = store.path(dataset.uri)
     info: dict[str, Any] = {"compressed": bool(schema.get("compressed")), "format": schema.get("format")}
@@ -215,38 +221,6 @@ def score_batches(rows: Iterator[tuple[int, Optional[str], str]], env: ScoreEnv,
             pending[1].cancel()
 
 
-class ShardLease:
-    """Heartbeats a claimed shard (and how many rows it has done) from a thread; `lost` is
-    set once the shard is no longer this attempt's (reaped, or cancelled with its job)."""
-
-    def __init__(self, db: Any, claim: shards.Claim, interval_s: float):
-        self.db, self.claim, self.interval = db, claim, interval_s
-        self.rows_done = 0
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"shard-{claim.job_id}-{claim.index}", daemon=True)
-
-    def beat(self) -> None:
-        try:
-            with self.db.session() as s:
-                if not shards.heartbeat(s, self.claim.id, self.claim.attempt, self.rows_done):
-                    self.lost.set()
-        except Exception:  # noqa: BLE001  (a DB blip: the next beat retries)
-            log.warning("heartbeat of score shard %s/%s failed", self.claim.job_id, self.claim.index, exc_info=True)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.beat()
-
-    def __enter__(self) -> "ShardLease":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
 @contextmanager
 def cpu_threads_beside_pool(env: ScoreEnv) -> Iterator[None]:
     """On CPU with an RDKit pool busy on every core, the model gets half the cores (at least
@@ -271,8 +245,10 @@ def cpu_threads_beside_pool(env: ScoreEnv) -> Iterator[None]:
 
 def score_shard(env: ScoreEnv, claim: shards.Claim, should_stop: Callable[[], bool],
                 on_batch: Optional[Callable[[], None]] = None) -> str:
-    """Score one claimed shard into its part file and mark it done. Returns done, stopped
-    (cancel or job lost: the shard is released or cancelled), lost (taken away), failed."""
+    """Score one claimed shard into its part file and mark it done. Returns done, cancelled
+    (the shard's lease saw its job cancelled or ended; the shard is released), stopped
+    (should_stop(); released), lost (taken away: reaped or cancelled), failed (released as
+    leases.after_failure decides: retried or failed)."""
     with cpu_threads_beside_pool(env):
         return _score_shard(env, claim, should_stop, on_batch)
 
@@ -283,8 +259,9 @@ def _score_shard(env: ScoreEnv, claim: shards.Claim, should_stop: Callable[[], b
     writer: Optional[tbl.PartWriter] = None
     stats = ShardStats()
     started = time.monotonic()
-    # progress refreshes at least every 2 s even when heartbeats are rarer
-    with ShardLease(env.db, claim, min(env.settings.heartbeat_interval_s, 2.0)) as lease:
+    # progress (rows_done) refreshes at least every 2 s even when heartbeats are rarer
+    with Lease(env.db, leases.SHARDS, claim.id, claim.attempt, min(env.settings.heartbeat_interval_s, 2.0),
+               extra=lambda: {"rows_done": stats.rows}, name=f"shard-{claim.job_id}-{claim.index}") as lease:
         try:
             writer = tbl.PartWriter(part, env.table_schema)
             rows = iter_library_rows(str(env.source), env.schema, claim.start_row, claim.stop_row,
@@ -292,10 +269,9 @@ def _score_shard(env: ScoreEnv, claim: shards.Claim, should_stop: Callable[[], b
             for batch in score_batches(rows, env, stats):
                 writer.write(batch)
                 stats.add(batch)
-                lease.rows_done = stats.rows
                 if on_batch is not None:
                     on_batch()
-                if lease.lost.is_set() or should_stop():
+                if lease.check() or should_stop():
                     raise _Stopped()
             writer.close()
             expected = claim.stop_row - claim.start_row
@@ -313,40 +289,22 @@ def _score_shard(env: ScoreEnv, claim: shards.Claim, should_stop: Callable[[], b
         except _Stopped:
             if writer is not None:
                 writer.abort()
-            if not lease.lost.is_set():
-                with env.db.session() as s:
-                    shards.release(s, claim.id, claim.attempt)
-            return "stopped"
+            if lease.lost:
+                return "lost"
+            with env.db.session() as s:
+                shards.release(s, claim.id, claim.attempt)
+            return "cancelled" if lease.cancelled else "stopped"
         except Exception as exc:  # noqa: BLE001  (one shard's failure is retried, then fails the job)
             log.exception("score job %s shard %s attempt %s failed", env.job_id, claim.index, claim.attempt)
             if writer is not None:
                 writer.abort()
             error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
-            with env.db.session() as s:
-                to = shards.release(s, claim.id, claim.attempt, error=error, max_attempts=env.max_attempts)
-            if to == ShardState.pending and env.celery is not None:
-                shards.publish_shards(env.celery, env.db, [(env.job_id, claim.index, env.queue)])
+            with env.db.session() as s:  # a retry is published by the reconciler (or claimed by the parent)
+                shards.release(s, claim.id, claim.attempt, error=error)
             return "failed"
 
 
 # -- the shard task (any worker on the job's queue) ---------------------------------------------
-
-class JobWatch:
-    """should_stop() for a shard worker: the job was cancelled or ended. Polls at most once a second."""
-
-    def __init__(self, db: Any, job_id: int):
-        self.db, self.job_id = db, job_id
-        self._last, self._stop = 0.0, False
-
-    def should_stop(self) -> bool:
-        now = time.monotonic()
-        if not self._stop and now - self._last >= 1.0:
-            self._last = now
-            with self.db.session() as s:
-                row = s.execute(select(Job.state, Job.cancel_requested).where(Job.id == self.job_id)).first()
-            self._stop = row is None or bool(row[1]) or row[0] in TERMINAL_STATES
-        return self._stop
-
 
 _envs: dict[int, ScoreEnv] = {}
 
@@ -354,7 +312,7 @@ _envs: dict[int, ScoreEnv] = {}
 def run_shard_task(db: Any, settings: Settings, celery: Any, job_id: int, index: int, worker: str) -> str:
     """One shard message: claim the shard (a duplicate or late delivery loses and returns
     'skipped'), score it, record it. The job may be running or re-queued (its parent died);
-    only a cancel or the job's end stops shard work."""
+    only a cancel or the job's end stops shard work (the shard's lease reports it)."""
     with db.session() as s:
         row = s.execute(select(Job.state, Job.cancel_requested).where(Job.id == job_id)).first()
         if row is None or row[1] or row[0] not in (JobState.queued, JobState.running):
@@ -366,25 +324,21 @@ def run_shard_task(db: Any, settings: Settings, celery: Any, job_id: int, index:
         env = _envs.get(job_id)
         if env is None or env.settings is not settings:
             env, _ = load_env(db, settings, job_id)
-            env.celery = celery
             _envs.clear()  # keep one job's env per process
             _envs[job_id] = env
     except Exception as exc:  # noqa: BLE001
         log.exception("score job %s shard %s: cannot prepare", job_id, index)
         with db.session() as s:
-            max_attempts = s.scalar(select(Job.max_attempts).where(Job.id == job_id)) or 1
-            shards.release(s, claim.id, claim.attempt, error=f"{type(exc).__name__}: {exc}", max_attempts=max_attempts)
+            shards.release(s, claim.id, claim.attempt, error=f"{type(exc).__name__}: {exc}")
         return "failed"
-    watch = JobWatch(db, job_id)
-    outcome = score_shard(env, claim, watch.should_stop)
-    if outcome in ("stopped", "lost") and watch.should_stop():
-        # The job was cancelled and its parent deleted the scratch directory, possibly while
-        # this shard was starting (which re-created it empty): remove what is left if empty.
-        for path in (env.parts_dir, env.scratch):
-            try:
-                path.rmdir()
-            except OSError:
-                pass
+    outcome = score_shard(env, claim, lambda: False)
+    if outcome in ("cancelled", "lost"):
+        with db.session() as s:
+            row = s.execute(select(Job.state, Job.cancel_requested).where(Job.id == job_id)).first()
+        if row is None or row[1] or row[0] in TERMINAL_STATES:
+            # The job was cancelled and its parent deleted the scratch directory, possibly while
+            # this shard was starting (which re-created it empty): remove what is left if empty.
+            remove_scratch(settings, env.tenant_id, job_id, only_if_empty=True)
     log.info("score job %s shard %s attempt %s: %s", job_id, index, claim.attempt, outcome)
     return outcome
 
@@ -450,11 +404,9 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
     from workers.runtime import JobLost
 
     db, settings = ctx.db, ctx.settings
-    scratch = shards.scratch_dir(settings, ctx.tenant_id, ctx.job_id)
     try:
         ctx.progress(0.0, "preparing the library", force=True)
         env, info = load_env(db, settings, ctx.job_id, prepare=True)
-        env.celery = ctx.celery
         rank_by = spec.get("rank_by") or (env.score_cols[0] if env.score_cols else None)
         if rank_by not in env.score_cols:
             raise ValueError(f"rank_by {rank_by!r} is not one of the model's outputs {env.score_cols}")
@@ -473,11 +425,11 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
             ctx.log(f"resuming: {sum(sh.state == ShardState.done for sh in existing)}/{len(existing)} shards done",
                     shards=len(existing))
         with db.session() as s:
-            shards.release_stale(s, settings.heartbeat_timeout_s, ctx.job_id)
+            leases.reap(s, leases.SHARDS, settings.heartbeat_timeout_s, job_id=ctx.job_id)
             pending = [sh.index for sh in shards.shards_of(s, ctx.job_id) if sh.state == ShardState.pending]
         if ctx.celery is not None and len(pending) > 1:
             # the first one is ours; the rest are for any worker on the queue
-            shards.publish_shards(ctx.celery, db, [(ctx.job_id, i, env.queue) for i in pending[1:]])
+            dispatch.publish(ctx.celery, db, leases.SHARDS, [((ctx.job_id, i), env.queue) for i in pending[1:]])
         report = ProgressReporter(ctx)
         report(force=True)
         worker = ctx.worker or "parent"
@@ -487,29 +439,37 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
                 report()
             except JobLost:  # ctx.should_stop() is now True: the shard stops and is released
                 pass
-        while True:
-            ctx.check_cancel()
-            with db.session() as s:
-                stale = shards.release_stale(s, settings.heartbeat_timeout_s, ctx.job_id)
-                claim = shards.claim_next(s, ctx.job_id, worker)
-            if stale and ctx.celery is not None:
-                shards.publish_shards(ctx.celery, db, [(ctx.job_id, i, env.queue) for _, i, _, _, to in stale
-                                                       if to == ShardState.pending])
-            if claim is not None:
-                outcome = score_shard(env, claim, ctx.should_stop, on_batch=on_batch)
-                if outcome == "stopped":
-                    ctx.check_cancel()
-                continue
-            summ = report(refresh=True)
-            if summ.get("failed"):
-                index, error = summ["error"]
-                raise RuntimeError(f"shard {index} failed after {env.max_attempts} attempts: {error}")
-            if summ.get("cancelled"):
+        hub = getattr(ctx, "hub", None)
+        # Watch before reading: a shard that finishes between a read and the wait still wakes us.
+        with hub.watch(ctx.job_id) if hub is not None else nullcontext() as watch:
+            while True:
                 ctx.check_cancel()
-                raise RuntimeError("shards of this job were cancelled without a cancel request")
-            if summ["done"] == summ["shards"]:
-                break
-            time.sleep(0.25)  # other workers hold the remaining shards
+                with db.session() as s:
+                    # stale shards of dead workers: pending again (we claim them; the reconciler
+                    # publishes them for the others)
+                    leases.reap(s, leases.SHARDS, settings.heartbeat_timeout_s, job_id=ctx.job_id)
+                    claim = shards.claim_next(s, ctx.job_id, worker)
+                if claim is not None:
+                    outcome = score_shard(env, claim, ctx.should_stop, on_batch=on_batch)
+                    if outcome in ("stopped", "cancelled"):
+                        ctx.check_cancel(poll_s=0)
+                    continue
+                summ = report(refresh=True)
+                if summ.get("failed"):
+                    index, error = summ["error"]
+                    raise RuntimeError(f"shard {index} failed after {env.max_attempts} attempts: {error}")
+                if summ.get("cancelled"):
+                    ctx.check_cancel(poll_s=0)
+                    raise RuntimeError("shards of this job were cancelled without a cancel request")
+                if summ["done"] == summ["shards"]:
+                    break
+                # Other workers hold the remaining shards: sleep until one of them finishes, is
+                # released or fails (each commits a notification for this job), or a cancel.
+                if watch is not None:
+                    if watch.wait(FANIN_WAIT_S):
+                        ctx.check_cancel(poll_s=0.25)
+                else:  # no event hub (a context built outside a worker): the safety-net pace
+                    time.sleep(FANIN_WAIT_S)
         report(force=True)
         ctx.progress(0.99, "merging shard outputs", force=True)
         result = _merge(ctx, env, spec, rank_by, info)
@@ -521,11 +481,11 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
             with db.session() as s:
                 shards.cancel_shards(s, ctx.job_id)
         finally:
-            source.remove_tree(scratch)
-            for p in output_paths(shards.job_dir(settings, ctx.tenant_id, ctx.job_id)).values():
+            remove_scratch(settings, ctx.tenant_id, ctx.job_id)
+            for p in output_paths(job_dir(settings, ctx.tenant_id, ctx.job_id)).values():
                 p.unlink(missing_ok=True)
         raise
-    source.remove_tree(scratch)
+    remove_scratch(settings, ctx.tenant_id, ctx.job_id)
     return result
 
 

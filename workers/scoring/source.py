@@ -8,16 +8,18 @@ the MOSES training set (1,584,663 rows, 10 MB gzip, 58 MB plain, 2-core VM): ski
 parent job decompresses a gzip library once into its scratch directory (deleted when the
 job ends; disk cost = the uncompressed size) and every shard seeks in that copy.
 """
+
 from __future__ import annotations
 
 import gzip
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
-from app.ingest.library import library_schema  # noqa: F401  (re-exported for the runner)
+from app.ingest.library import library_schema as library_schema  # re-exported for the runner
 
 
 def plain_copy_path(scratch: Path) -> Path:
@@ -31,8 +33,9 @@ def source_for(upload: Path, schema: Mapping[str, Any], scratch: Path) -> tuple[
     return plain_copy_path(scratch), {**schema, "compressed": False}
 
 
-def prepare_source(upload: Path, schema: Mapping[str, Any], scratch: Path, max_bytes: int
-                   ) -> tuple[Path, dict[str, Any], Optional[float]]:
+def prepare_source(
+    upload: Path, schema: Mapping[str, Any], scratch: Path, max_bytes: int
+) -> tuple[Path, dict[str, Any], float | None]:
     """Like source_for, but writes the decompressed copy if it is missing (atomically, so a
     present copy is always complete). Returns (path, schema, seconds spent decompressing)."""
     path, plain_schema = source_for(upload, schema, scratch)

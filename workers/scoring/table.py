@@ -6,12 +6,15 @@ merge() concatenates them in shard order into the final Parquet file (and CSV wh
 is the job's output), checking that every input row appears exactly once, and keeps a
 running top-K, all in constant memory (one record batch at a time).
 """
+
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,20 +42,38 @@ def score_columns(output_names: Sequence[str]) -> list[str]:
 
 
 def table_schema(score_cols: Sequence[str]) -> pa.Schema:
-    return pa.schema([("row", pa.int64()), ("id", pa.string()), ("smiles", pa.string()),
-                      ("canonical_smiles", pa.string()),
-                      *[(c, pa.float32()) for c in score_cols],
-                      ("valid", pa.bool_()), ("error", pa.string())])
+    return pa.schema(
+        [
+            ("row", pa.int64()),
+            ("id", pa.string()),
+            ("smiles", pa.string()),
+            ("canonical_smiles", pa.string()),
+            *[(c, pa.float32()) for c in score_cols],
+            ("valid", pa.bool_()),
+            ("error", pa.string()),
+        ]
+    )
 
 
-def build_batch(schema: pa.Schema, score_cols: Sequence[str], rows: Sequence[int], ids: Sequence[Optional[str]],
-                texts: Sequence[str], canon: Sequence[Optional[str]], scores: np.ndarray,
-                errors: Sequence[Optional[str]]) -> pa.RecordBatch:
+def build_batch(
+    schema: pa.Schema,
+    score_cols: Sequence[str],
+    rows: Sequence[int],
+    ids: Sequence[str | None],
+    texts: Sequence[str],
+    canon: Sequence[str | None],
+    scores: np.ndarray,
+    errors: Sequence[str | None],
+) -> pa.RecordBatch:
     """scores: float32 [N, len(score_cols)], NaN where the row is invalid (stored as null)."""
     valid = np.fromiter((e is None for e in errors), dtype=bool, count=len(errors))
     invalid_mask = ~valid
-    arrays = [pa.array(rows, pa.int64()), pa.array(ids, pa.string()), pa.array(texts, pa.string()),
-              pa.array(canon, pa.string())]
+    arrays = [
+        pa.array(rows, pa.int64()),
+        pa.array(ids, pa.string()),
+        pa.array(texts, pa.string()),
+        pa.array(canon, pa.string()),
+    ]
     for j, _ in enumerate(score_cols):
         arrays.append(pa.array(scores[:, j], pa.float32(), mask=invalid_mask))
     arrays += [pa.array(valid, pa.bool_()), pa.array(errors, pa.string())]
@@ -62,7 +83,7 @@ def build_batch(schema: pa.Schema, score_cols: Sequence[str], rows: Sequence[int
 class PartWriter:
     """A shard's Parquet part file, written to a temporary name and renamed on close()."""
 
-    def __init__(self, path: Path, schema: pa.Schema):
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.path, self.schema = Path(path), schema
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -90,26 +111,23 @@ class PartWriter:
         return self.path
 
     def abort(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self._writer.close()
-        except Exception:  # noqa: BLE001
-            pass
         for p in (self._tmp, self.path):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-            except FileNotFoundError:
-                pass
 
 
 # -- top-K ---------------------------------------------------------------------------------
+
 
 class TopK:
     """The k valid rows with the highest `column` (ties: lower row first), kept over a
     stream of record batches. NaN scores rank last."""
 
-    def __init__(self, k: int, column: str):
+    def __init__(self, k: int, column: str) -> None:
         self.k, self.column = k, column
-        self.table: Optional[pa.Table] = None
+        self.table: pa.Table | None = None
 
     @staticmethod
     def _order(table: pa.Table, column: str) -> np.ndarray:
@@ -141,12 +159,14 @@ class TopK:
 
 # -- merge ---------------------------------------------------------------------------------
 
+
 class MergeError(RuntimeError):
     pass
 
 
-def merge(parts: Iterable[tuple[Path, int, int]], schema: pa.Schema, parquet_path: Path,
-          csv_path: Optional[Path], topk: TopK) -> dict[str, int]:
+def merge(
+    parts: Iterable[tuple[Path, int, int]], schema: pa.Schema, parquet_path: Path, csv_path: Path | None, topk: TopK
+) -> dict[str, int]:
     """Concatenate part files [(path, start_row, stop_row)] in order. Every part must hold
     exactly rows start_row..stop_row-1 in order; returns counts."""
     tmp_parquet = parquet_path.with_name(f".{parquet_path.name}.tmp")
@@ -183,10 +203,8 @@ def merge(parts: Iterable[tuple[Path, int, int]], schema: pa.Schema, parquet_pat
     except BaseException:
         for w in (pw, cw):
             if w is not None:
-                try:
+                with contextlib.suppress(Exception):
                     w.close()
-                except Exception:  # noqa: BLE001
-                    pass
         for p in (tmp_parquet, tmp_csv):
             if p is not None and p.exists():
                 p.unlink()

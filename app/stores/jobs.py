@@ -1,0 +1,131 @@
+"""Jobs: look-ups, the list (filters, keyset paging), state counts, events, cancel and
+submit (validate with the kind's spec, commit, then publish)."""
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app import dispatch
+from app import jobs as state_machine
+from app.broker import queue_names
+from app.config import Settings
+from app.db import Database
+from app.kinds import KindSpec, SpecError, all_kinds
+from app.models import TERMINAL_STATES, Job, JobEvent, JobState
+from app.stores.errors import Conflict, NotFound
+from app.stores.paging import cursor_page
+
+STATES = [s.value for s in JobState]
+
+
+def get(session: Session, tenant_id: int, job_id: int) -> Job:
+    """The tenant's job; another tenant's id is indistinguishable from a missing one."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if job is None:
+        raise NotFound(f"Job {job_id} not found")
+    return job
+
+
+def list_page(session: Session, tenant_id: int, *, state: str | None = None, kind: str | None = None,
+              limit: int = 50, cursor: int | None = None) -> dict[str, Any]:
+    """{"items", "next_cursor"}: the tenant's jobs newest first, filtered by state and kind."""
+    q = select(Job).where(Job.tenant_id == tenant_id)
+    if state is not None:
+        q = q.where(Job.state == JobState(state))
+    if kind is not None:
+        q = q.where(Job.kind == kind)
+    return cursor_page(session, q, Job.id, limit, cursor)
+
+
+def state_counts(session: Session, tenant_id: int) -> dict[str, int]:
+    """Jobs per state, every state present (0 when none)."""
+    rows = session.execute(
+        select(Job.state, func.count()).where(Job.tenant_id == tenant_id).group_by(Job.state)
+    ).all()
+    counts = dict.fromkeys(STATES, 0)
+    counts.update({state.value: n for state, n in rows})
+    return counts
+
+
+def kinds_used(session: Session, tenant_id: int) -> list[str]:
+    """The kinds the tenant has jobs of (also kinds no longer registered)."""
+    return sorted(session.scalars(select(Job.kind).where(Job.tenant_id == tenant_id).distinct()).all())
+
+
+def events_after(session: Session, tenant_id: int, job_id: int, after: int = 0,
+                 limit: int = 1000) -> dict[str, Any]:
+    """{"items": events with seq > after in order, "last_seq", "state": the job's state}."""
+    job = get(session, tenant_id, job_id)
+    rows = list(session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq > after).order_by(JobEvent.seq).limit(limit)
+    ).all())
+    return {"items": rows, "last_seq": rows[-1].seq if rows else after, "state": job.state.value}
+
+
+def succeeded(session: Session, tenant_id: int, job_id: int) -> Job:
+    """The job, once it has succeeded (its result is available); Conflict before."""
+    job = get(session, tenant_id, job_id)
+    if job.state != JobState.succeeded:
+        raise Conflict(f"Job {job_id} is {job.state.value}; its result is not available", "not_ready")
+    return job
+
+
+def request_cancel(session: Session, tenant_id: int, job_id: int) -> tuple[Job, JobState]:
+    """Cancel (queued: at once; running: between batches) and commit. Returns the job and
+    its state after the request; Conflict when it has already finished."""
+    job = get(session, tenant_id, job_id)
+    if job.state in TERMINAL_STATES:
+        raise Conflict(f"Job {job_id} already {job.state.value}")
+    state = state_machine.request_cancel(session, job.id)
+    session.commit()
+    session.refresh(job)
+    return job, state
+
+
+def validate(session: Session, settings: Settings, tenant_id: int, kind_name: str,
+             spec: dict[str, Any]) -> tuple[KindSpec, dict[str, Any], str]:
+    """(kind, normalised spec, queue), or a SpecError naming the problem."""
+    kinds = all_kinds()
+    kind = kinds.get(kind_name)
+    if kind is None or not kind.submittable:
+        names = sorted(k for k, v in kinds.items() if v.submittable)
+        raise SpecError(f"Unknown job kind {kind_name!r}; known kinds: {', '.join(names)}", "unknown_kind")
+    try:
+        normalised = kind.schema().load(spec)
+    except ValidationError as exc:
+        raise SpecError(f"Invalid spec for kind {kind_name!r}", "invalid_spec", {"spec": exc.messages}) from exc
+    if kind.check is not None:
+        normalised = kind.check(normalised, session, tenant_id)
+    queue = kind.route(normalised, settings)
+    if queue not in queue_names(settings):
+        raise SpecError(f"Unknown queue {queue!r}", "invalid_spec", {"spec": {"queue": queue_names(settings)}})
+    return kind, normalised, queue
+
+
+def create(session: Session, settings: Settings, tenant_id: int, kind: str, spec: dict[str, Any], *,
+           priority: int = 0, max_attempts: int | None = None,
+           idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Validate and commit a queued job (not yet published). Returns (job, created): with an
+    idempotency key seen before, the tenant's existing job and False."""
+    _kind, normalised, queue = validate(session, settings, tenant_id, kind, spec)
+    job, created = state_machine.submit(
+        session, tenant_id=tenant_id, kind=kind, spec=normalised, queue=queue, priority=priority,
+        max_attempts=max_attempts or settings.default_max_attempts, idempotency_key=idempotency_key,
+    )
+    session.commit()  # durable before the broker hears of it
+    return job, created
+
+
+def submit(session: Session, celery: Any, db: Database, settings: Settings, tenant_id: int, kind: str,
+           spec: dict[str, Any], *, priority: int = 0, max_attempts: int | None = None,
+           idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Validate, commit, then publish: every caller that creates a job (the API, the pages,
+    online predict) goes through here."""
+    job, created = create(session, settings, tenant_id, kind, spec, priority=priority,
+                          max_attempts=max_attempts, idempotency_key=idempotency_key)
+    if created:
+        dispatch.publish_jobs(celery, db, [(job.id, job.queue)], stamp=False)
+    return job, created

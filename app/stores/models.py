@@ -1,0 +1,103 @@
+"""The model registry: model summaries, detail (versions and aliases), a version by number
+or alias, aliases, bundle files. Resolution itself is app.registry's (the kinds use it too)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import registry
+from app.artifacts import ArtifactStore
+from app.config import Settings
+from app.models import ModelAlias, ModelVersion, utcnow
+from app.stores.errors import Invalid, NotFound
+
+ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
+ALIAS_RULE = "letters, digits, '_' and '-', starting with a letter"
+BUNDLE_FILES = {"weights": "model.safetensors", "config": "config.json"}
+
+
+class BundleFile(NamedTuple):
+    path: Path
+    download_name: str
+
+
+def version(session: Session, tenant_id: int, name: str, version: int | None = None,
+            alias: str | None = None) -> ModelVersion:
+    """A version by number, by alias, or the latest; NotFound (registry.ModelNotFound) if none."""
+    return registry.resolve(session, tenant_id, name, version=version, alias=alias)
+
+
+def resolve_ref(session: Session, tenant_id: int, ref: str) -> ModelVersion:
+    """`name`, `name@7` or `name@alias`."""
+    return registry.resolve_ref(session, tenant_id, ref)
+
+
+def summaries(session: Session, tenant_id: int, with_latest: bool = False) -> list[dict[str, Any]]:
+    """Per model: name, latest_version, versions (count), aliases; with_latest adds the
+    latest ModelVersion row as `latest`."""
+    out = []
+    for name, latest, count in registry.model_names(session, tenant_id):
+        item: dict[str, Any] = {"name": name, "latest_version": latest, "versions": count,
+                                "aliases": registry.aliases_for(session, tenant_id, name)}
+        if with_latest:
+            item["latest"] = registry.resolve(session, tenant_id, name, version=latest)
+        out.append(item)
+    return out
+
+
+def references(session: Session, tenant_id: int) -> list[str]:
+    """`name`, `name@alias` and `name@version` references (the score form's suggestions)."""
+    out: list[str] = []
+    for name, latest, _count in registry.model_names(session, tenant_id):
+        out.append(name)
+        out.extend(f"{name}@{alias}" for alias in sorted(registry.aliases_for(session, tenant_id, name)))
+        out.append(f"{name}@{latest}")
+    return out
+
+
+def detail(session: Session, tenant_id: int, name: str) -> dict[str, Any]:
+    """{"name", "aliases", "versions": newest first}; NotFound when it has no versions."""
+    versions = list(session.scalars(select(ModelVersion).where(
+        ModelVersion.tenant_id == tenant_id, ModelVersion.name == name).order_by(ModelVersion.version.desc())).all())
+    if not versions:
+        raise NotFound(f"Model {name!r} not found")
+    return {"name": name, "aliases": registry.aliases_for(session, tenant_id, name), "versions": versions}
+
+
+def trained_on(session: Session, tenant_id: int, dataset_id: int) -> list[ModelVersion]:
+    """The tenant's model versions trained on a dataset, newest first."""
+    return list(session.scalars(select(ModelVersion).where(
+        ModelVersion.tenant_id == tenant_id, ModelVersion.dataset_id == dataset_id).order_by(ModelVersion.id.desc())).all())
+
+
+def set_alias(session: Session, tenant_id: int, name: str, alias: str, to_version: int) -> dict[str, Any]:
+    """Point `alias` at a version (commits); returns the model's detail."""
+    if not re.match(ALIAS_PATTERN, alias):
+        raise Invalid(f"Invalid alias {alias!r}: {ALIAS_RULE}")
+    if alias.isdigit():
+        raise Invalid("An alias cannot be a number (it would shadow a version)")
+    version(session, tenant_id, name, to_version)
+    row = session.scalar(select(ModelAlias).where(
+        ModelAlias.tenant_id == tenant_id, ModelAlias.name == name, ModelAlias.alias == alias))
+    if row is None:
+        session.add(ModelAlias(tenant_id=tenant_id, name=name, alias=alias, version=to_version))
+    else:
+        row.version, row.updated_at = to_version, utcnow()
+    session.commit()
+    return detail(session, tenant_id, name)
+
+
+def bundle_file(session: Session, settings: Settings, tenant_id: int, name: str, number: int,
+                which: str) -> BundleFile:
+    """A version's weights (which=weights, safetensors) or config (which=config, JSON)."""
+    if which not in BUNDLE_FILES:
+        raise NotFound(f"No file {which!r}; choose from {sorted(BUNDLE_FILES)}")
+    mv = version(session, tenant_id, name, number)
+    path = ArtifactStore(settings.artifacts).path(mv.artifact_uri) / BUNDLE_FILES[which]
+    if not path.is_file():
+        raise NotFound(f"{BUNDLE_FILES[which]} is missing from the artifact store")
+    return BundleFile(path, f"{name}-v{number}-{BUNDLE_FILES[which]}")
