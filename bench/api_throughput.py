@@ -138,7 +138,7 @@ def run(quick: bool = False, seconds: float | None = None, profile: bool = True)
             handle = py_spy_top(gunicorn_worker_pids(web.pid), seconds, st.home / "profiles", "web")
             load(target, st.key, seconds, st.home)
             result["profile"] = finish_profile(handle, [
-                "Flask.wsgi_app", "require_api_key", "authenticate", "touch", "detail", "get_job_or_404",
+                "Flask.wsgi_app", "require_api_key", "authenticate", "touch", "detail", "get (app/stores/jobs.py",
                 "Session.scalar", "Session.commit", "Session.close", "_ConnectionFairy._checkout", "*.do_ping",
                 "Schema.dump", "*.access", "*.log_request", "PollableMethodQueue.defer", "ThreadWorker.handle",
                 "Connection.wait"])

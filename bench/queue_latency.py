@@ -189,7 +189,7 @@ def run(quick: bool = False, jobs: int | None = None, profile: bool = True, diag
             focus = {"worker": ["execute_job", "claim", "kind_for", "JobContext.start_heartbeat", "run (workers/kinds/sleep.py",
                                 "JobContext.check_cancel", "JobContext._beat", "JobContext.progress", "succeed",
                                 "free_accelerator_memory", "JobContext.stop_heartbeat", "Session.commit"],
-                     "web": ["require_api_key", "authenticate", "validate_spec", "submit (app/api/jobs.py", "submit (app/jobs.py", "submit_job",
+                     "web": ["require_api_key", "authenticate", "validate (app/stores/jobs.py", "submit (app/api/jobs.py", "submit (app/jobs.py", "submit (app/stores/jobs.py",
                              "Session.commit", "publish_jobs", "publish", "mark_published", "Session.refresh",
                              "Schema.dump", "Database.session"]}
             profile_out = {k: finish_profile(h, focus[k]) for k, h in handles.items()}
