@@ -5,36 +5,46 @@ kinds' SpecError, UploadTooLarge, IngestError); `as_api_error` is the one place 
 given an HTTP status, and the handlers registered here answer them for the API and the
 pages alike (each with its own ApiError rendering: JSON for the API, an error page or the
 JSON twin's body for the pages)."""
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
-from flask import Flask, current_app, jsonify
+from flask import Flask, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
 _CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error",
-    429: "too_many_requests", 500: "internal_error", 503: "unavailable",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
 }
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: Optional[str] = None, details: Any = None):
+    def __init__(self, status: int, message: str, code: str | None = None, details: Any = None) -> None:
         super().__init__(message)
         self.status, self.message, self.details = status, message, details
         self.code = code or _CODES.get(status, "error")
 
 
-def error_response(status: int, message: str, code: Optional[str] = None, details: Any = None):
+def error_response(status: int, message: str, code: str | None = None, details: Any = None) -> tuple[Response, int]:
     body = {"error": {"code": code or _CODES.get(status, "error"), "message": message, "details": details}}
     return jsonify(body), status
 
 
-def http_exception_response(exc: HTTPException):
+def http_exception_response(exc: HTTPException) -> tuple[Response, int]:
     status = exc.code or 500
     details = None
     data = getattr(exc, "data", None)  # webargs/flask-smorest attach validation messages here

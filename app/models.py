@@ -1,9 +1,10 @@
 """ORM models: the single source of truth for tenants, keys, jobs and their events."""
+
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
-from typing import Any, Optional
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base
@@ -30,7 +32,7 @@ JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator):
@@ -39,21 +41,21 @@ class UTCDateTime(TypeDecorator):
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: Optional[datetime], dialect):  # noqa: ANN001
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        value = value.astimezone(timezone.utc)
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def process_result_value(self, value: Optional[datetime], dialect):  # noqa: ANN001
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     queued = "queued"
     running = "running"
     succeeded = "succeeded"
@@ -86,7 +88,7 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    api_keys: Mapped[list["ApiKey"]] = relationship(back_populates="tenant")
+    api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant")
 
 
 class ApiKey(Base):
@@ -98,8 +100,8 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64))
     name: Mapped[str] = mapped_column(String(128), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    last_used_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
-    revoked_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     tenant: Mapped[Tenant] = relationship(back_populates="api_keys")
 
@@ -128,19 +130,19 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str] = mapped_column(Text, default="")
-    error: Mapped[Optional[str]] = mapped_column(Text)
-    result: Mapped[Optional[dict[str, Any]]] = mapped_column(JSONType)
+    error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
-    finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
-    heartbeat_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
-    published_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
-    worker: Mapped[Optional[str]] = mapped_column(String(255))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    worker: Mapped[str | None] = mapped_column(String(255))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    idempotency_key: Mapped[Optional[str]] = mapped_column(String(255))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
     # Last allocated job_events.seq; bumped atomically so concurrent reporters never collide.
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
-    duration_s: Mapped[Optional[float]] = mapped_column(Float)
+    duration_s: Mapped[float | None] = mapped_column(Float)
 
 
 class JobEvent(Base):
@@ -176,7 +178,7 @@ class Dataset(Base):
     stats: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     options: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     uri: Mapped[str] = mapped_column(Text)
-    data_uri: Mapped[Optional[str]] = mapped_column(Text)
+    data_uri: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -194,11 +196,11 @@ class ModelVersion(Base):
     task: Mapped[str] = mapped_column(String(32))
     input_kind: Mapped[str] = mapped_column(String(16))
     spec: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
-    dataset_id: Mapped[Optional[int]] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
     dataset_sha256: Mapped[str] = mapped_column(String(64), default="")
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     artifact_uri: Mapped[str] = mapped_column(Text)
-    job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -214,7 +216,7 @@ class ModelAlias(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class ShardState(str, enum.Enum):
+class ShardState(enum.StrEnum):
     pending = "pending"
     running = "running"
     done = "done"
@@ -243,17 +245,17 @@ class ScoreShard(Base):
     start_row: Mapped[int] = mapped_column(BigInteger)
     stop_row: Mapped[int] = mapped_column(BigInteger)
     # byte offset of start_row in the (uncompressed) source file, so a shard seeks instead of scanning
-    offset: Mapped[Optional[int]] = mapped_column(BigInteger)
+    offset: Mapped[int | None] = mapped_column(BigInteger)
     state: Mapped[ShardState] = mapped_column(_enum(ShardState, "shard_state"), default=ShardState.pending)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    worker: Mapped[Optional[str]] = mapped_column(String(255))
-    heartbeat_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
-    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
-    finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
-    published_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     rows_done: Mapped[int] = mapped_column(BigInteger, default=0)
-    rows: Mapped[Optional[int]] = mapped_column(BigInteger)
-    valid: Mapped[Optional[int]] = mapped_column(BigInteger)
-    output_uri: Mapped[Optional[str]] = mapped_column(Text)
-    error: Mapped[Optional[str]] = mapped_column(Text)
+    rows: Mapped[int | None] = mapped_column(BigInteger)
+    valid: Mapped[int | None] = mapped_column(BigInteger)
+    output_uri: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
     stats: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)

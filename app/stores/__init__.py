@@ -9,6 +9,7 @@ Every function takes an explicit `Session` and `tenant_id`, and a problem is a d
 error (`NotFound`, `Conflict`, `Invalid`, the kinds' `SpecError`, `UploadTooLarge`,
 `IngestError`) that app.errors maps to the one error body, for the API and the pages alike.
 """
+
 from __future__ import annotations
 
 from app.stores.errors import Conflict, Invalid, NotFound, StoreError

@@ -1,5 +1,6 @@
 """Datasets: create from an upload (save the stream, ingest, insert; nothing left behind
 on failure), look-ups and lists."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ def get(session: Session, tenant_id: int, dataset_id: int) -> Dataset:
     return ds
 
 
-def list_page(session: Session, tenant_id: int, *, kind: str | None = None, limit: int = 100,
-              cursor: int | None = None) -> dict[str, Any]:
+def list_page(
+    session: Session, tenant_id: int, *, kind: str | None = None, limit: int = 100, cursor: int | None = None
+) -> dict[str, Any]:
     """{"items", "next_cursor"}: the tenant's datasets newest first."""
     q = select(Dataset).where(Dataset.tenant_id == tenant_id)
     if kind is not None:
@@ -40,10 +42,14 @@ def list_page(session: Session, tenant_id: int, *, kind: str | None = None, limi
 
 def of_kinds(session: Session, tenant_id: int, kinds: Iterable[str] = KINDS, limit: int = 500) -> list[Dataset]:
     """The tenant's datasets of these kinds, newest first (pickers and the datasets page)."""
-    return list(session.scalars(
-        select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.kind.in_(list(kinds)))
-        .order_by(Dataset.id.desc()).limit(limit)
-    ).all())
+    return list(
+        session.scalars(
+            select(Dataset)
+            .where(Dataset.tenant_id == tenant_id, Dataset.kind.in_(list(kinds)))
+            .order_by(Dataset.id.desc())
+            .limit(limit)
+        ).all()
+    )
 
 
 def upload_options(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -66,9 +72,17 @@ def safe_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", base)[:200] or "upload"
 
 
-def create_from_upload(session: Session, settings: Settings, tenant_id: int, *, kind: str, stream: BinaryIO,
-                       filename: str | None, options: Mapping[str, Any],
-                       name: str | None = None) -> Dataset:
+def create_from_upload(
+    session: Session,
+    settings: Settings,
+    tenant_id: int,
+    *,
+    kind: str,
+    stream: BinaryIO,
+    filename: str | None,
+    options: Mapping[str, Any],
+    name: str | None = None,
+) -> Dataset:
     """Save the stream, validate it (ingest) and commit the dataset row. A bad file raises
     UploadTooLarge, Invalid (empty) or IngestError and leaves nothing behind; invalid rows
     inside a good file are counted and sampled."""
@@ -84,11 +98,20 @@ def create_from_upload(session: Session, settings: Settings, tenant_id: int, *, 
         limits = IngestLimits(max_members=settings.archive_max_members, max_bytes=settings.archive_max_bytes)
         report = ingest(kind, str(original), filename, str(work), options, limits)
         ds = Dataset(
-            tenant_id=tenant_id, name=name or filename, kind=kind, filename=filename,
-            bytes=size, sha256=sha256, rows=report.rows, invalid_rows=report.invalid_rows,
-            invalid_samples=report.invalid_samples, schema=report.schema,
-            stats={**report.stats, "warnings": report.warnings}, options=options,
-            uri=store.url(original), data_uri=store.url(Path(report.data_path)) if report.data_path else store.url(original),
+            tenant_id=tenant_id,
+            name=name or filename,
+            kind=kind,
+            filename=filename,
+            bytes=size,
+            sha256=sha256,
+            rows=report.rows,
+            invalid_rows=report.invalid_rows,
+            invalid_samples=report.invalid_samples,
+            schema=report.schema,
+            stats={**report.stats, "warnings": report.warnings},
+            options=options,
+            uri=store.url(original),
+            data_uri=store.url(Path(report.data_path)) if report.data_path else store.url(original),
         )
         session.add(ds)
         session.commit()

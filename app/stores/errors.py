@@ -1,4 +1,5 @@
 """Domain errors the stores raise; app.errors maps each to its HTTP status and error body."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,5 +1,6 @@
 """Jobs: look-ups, the list (filters, keyset paging), state counts, events, cancel and
 submit (validate with the kind's spec, commit, then publish)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,8 +30,15 @@ def get(session: Session, tenant_id: int, job_id: int) -> Job:
     return job
 
 
-def list_page(session: Session, tenant_id: int, *, state: str | None = None, kind: str | None = None,
-              limit: int = 50, cursor: int | None = None) -> dict[str, Any]:
+def list_page(
+    session: Session,
+    tenant_id: int,
+    *,
+    state: str | None = None,
+    kind: str | None = None,
+    limit: int = 50,
+    cursor: int | None = None,
+) -> dict[str, Any]:
     """{"items", "next_cursor"}: the tenant's jobs newest first, filtered by state and kind."""
     q = select(Job).where(Job.tenant_id == tenant_id)
     if state is not None:
@@ -42,9 +50,7 @@ def list_page(session: Session, tenant_id: int, *, state: str | None = None, kin
 
 def state_counts(session: Session, tenant_id: int) -> dict[str, int]:
     """Jobs per state, every state present (0 when none)."""
-    rows = session.execute(
-        select(Job.state, func.count()).where(Job.tenant_id == tenant_id).group_by(Job.state)
-    ).all()
+    rows = session.execute(select(Job.state, func.count()).where(Job.tenant_id == tenant_id).group_by(Job.state)).all()
     counts = dict.fromkeys(STATES, 0)
     counts.update({state.value: n for state, n in rows})
     return counts
@@ -55,13 +61,14 @@ def kinds_used(session: Session, tenant_id: int) -> list[str]:
     return sorted(session.scalars(select(Job.kind).where(Job.tenant_id == tenant_id).distinct()).all())
 
 
-def events_after(session: Session, tenant_id: int, job_id: int, after: int = 0,
-                 limit: int = 1000) -> dict[str, Any]:
+def events_after(session: Session, tenant_id: int, job_id: int, after: int = 0, limit: int = 1000) -> dict[str, Any]:
     """{"items": events with seq > after in order, "last_seq", "state": the job's state}."""
     job = get(session, tenant_id, job_id)
-    rows = list(session.scalars(
-        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq > after).order_by(JobEvent.seq).limit(limit)
-    ).all())
+    rows = list(
+        session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq > after).order_by(JobEvent.seq).limit(limit)
+        ).all()
+    )
     return {"items": rows, "last_seq": rows[-1].seq if rows else after, "state": job.state.value}
 
 
@@ -85,8 +92,9 @@ def request_cancel(session: Session, tenant_id: int, job_id: int) -> tuple[Job, 
     return job, state
 
 
-def validate(session: Session, settings: Settings, tenant_id: int, kind_name: str,
-             spec: dict[str, Any]) -> tuple[KindSpec, dict[str, Any], str]:
+def validate(
+    session: Session, settings: Settings, tenant_id: int, kind_name: str, spec: dict[str, Any]
+) -> tuple[KindSpec, dict[str, Any], str]:
     """(kind, normalised spec, queue), or a SpecError naming the problem."""
     kinds = all_kinds()
     kind = kinds.get(kind_name)
@@ -105,27 +113,59 @@ def validate(session: Session, settings: Settings, tenant_id: int, kind_name: st
     return kind, normalised, queue
 
 
-def create(session: Session, settings: Settings, tenant_id: int, kind: str, spec: dict[str, Any], *,
-           priority: int = 0, max_attempts: int | None = None,
-           idempotency_key: str | None = None) -> tuple[Job, bool]:
+def create(
+    session: Session,
+    settings: Settings,
+    tenant_id: int,
+    kind: str,
+    spec: dict[str, Any],
+    *,
+    priority: int = 0,
+    max_attempts: int | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
     """Validate and commit a queued job (not yet published). Returns (job, created): with an
     idempotency key seen before, the tenant's existing job and False."""
     _kind, normalised, queue = validate(session, settings, tenant_id, kind, spec)
     job, created = state_machine.submit(
-        session, tenant_id=tenant_id, kind=kind, spec=normalised, queue=queue, priority=priority,
-        max_attempts=max_attempts or settings.default_max_attempts, idempotency_key=idempotency_key,
+        session,
+        tenant_id=tenant_id,
+        kind=kind,
+        spec=normalised,
+        queue=queue,
+        priority=priority,
+        max_attempts=max_attempts or settings.default_max_attempts,
+        idempotency_key=idempotency_key,
     )
     session.commit()  # durable before the broker hears of it
     return job, created
 
 
-def submit(session: Session, celery: Any, db: Database, settings: Settings, tenant_id: int, kind: str,
-           spec: dict[str, Any], *, priority: int = 0, max_attempts: int | None = None,
-           idempotency_key: str | None = None) -> tuple[Job, bool]:
+def submit(
+    session: Session,
+    celery: Any,
+    db: Database,
+    settings: Settings,
+    tenant_id: int,
+    kind: str,
+    spec: dict[str, Any],
+    *,
+    priority: int = 0,
+    max_attempts: int | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
     """Validate, commit, then publish: every caller that creates a job (the API, the pages,
     online predict) goes through here."""
-    job, created = create(session, settings, tenant_id, kind, spec, priority=priority,
-                          max_attempts=max_attempts, idempotency_key=idempotency_key)
+    job, created = create(
+        session,
+        settings,
+        tenant_id,
+        kind,
+        spec,
+        priority=priority,
+        max_attempts=max_attempts,
+        idempotency_key=idempotency_key,
+    )
     if created:
         dispatch.publish_jobs(celery, db, [(job.id, job.queue)], stamp=False)
     return job, created

@@ -1,5 +1,6 @@
 """The model registry: model summaries, detail (versions and aliases), a version by number
 or alias, aliases, bundle files. Resolution itself is app.registry's (the kinds use it too)."""
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,9 @@ class BundleFile(NamedTuple):
     download_name: str
 
 
-def version(session: Session, tenant_id: int, name: str, version: int | None = None,
-            alias: str | None = None) -> ModelVersion:
+def version(
+    session: Session, tenant_id: int, name: str, version: int | None = None, alias: str | None = None
+) -> ModelVersion:
     """A version by number, by alias, or the latest; NotFound (registry.ModelNotFound) if none."""
     return registry.resolve(session, tenant_id, name, version=version, alias=alias)
 
@@ -41,8 +43,12 @@ def summaries(session: Session, tenant_id: int, with_latest: bool = False) -> li
     latest ModelVersion row as `latest`."""
     out = []
     for name, latest, count in registry.model_names(session, tenant_id):
-        item: dict[str, Any] = {"name": name, "latest_version": latest, "versions": count,
-                                "aliases": registry.aliases_for(session, tenant_id, name)}
+        item: dict[str, Any] = {
+            "name": name,
+            "latest_version": latest,
+            "versions": count,
+            "aliases": registry.aliases_for(session, tenant_id, name),
+        }
         if with_latest:
             item["latest"] = registry.resolve(session, tenant_id, name, version=latest)
         out.append(item)
@@ -61,8 +67,13 @@ def references(session: Session, tenant_id: int) -> list[str]:
 
 def detail(session: Session, tenant_id: int, name: str) -> dict[str, Any]:
     """{"name", "aliases", "versions": newest first}; NotFound when it has no versions."""
-    versions = list(session.scalars(select(ModelVersion).where(
-        ModelVersion.tenant_id == tenant_id, ModelVersion.name == name).order_by(ModelVersion.version.desc())).all())
+    versions = list(
+        session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.tenant_id == tenant_id, ModelVersion.name == name)
+            .order_by(ModelVersion.version.desc())
+        ).all()
+    )
     if not versions:
         raise NotFound(f"Model {name!r} not found")
     return {"name": name, "aliases": registry.aliases_for(session, tenant_id, name), "versions": versions}
@@ -70,8 +81,13 @@ def detail(session: Session, tenant_id: int, name: str) -> dict[str, Any]:
 
 def trained_on(session: Session, tenant_id: int, dataset_id: int) -> list[ModelVersion]:
     """The tenant's model versions trained on a dataset, newest first."""
-    return list(session.scalars(select(ModelVersion).where(
-        ModelVersion.tenant_id == tenant_id, ModelVersion.dataset_id == dataset_id).order_by(ModelVersion.id.desc())).all())
+    return list(
+        session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.tenant_id == tenant_id, ModelVersion.dataset_id == dataset_id)
+            .order_by(ModelVersion.id.desc())
+        ).all()
+    )
 
 
 def set_alias(session: Session, tenant_id: int, name: str, alias: str, to_version: int) -> dict[str, Any]:
@@ -81,8 +97,9 @@ def set_alias(session: Session, tenant_id: int, name: str, alias: str, to_versio
     if alias.isdigit():
         raise Invalid("An alias cannot be a number (it would shadow a version)")
     version(session, tenant_id, name, to_version)
-    row = session.scalar(select(ModelAlias).where(
-        ModelAlias.tenant_id == tenant_id, ModelAlias.name == name, ModelAlias.alias == alias))
+    row = session.scalar(
+        select(ModelAlias).where(ModelAlias.tenant_id == tenant_id, ModelAlias.name == name, ModelAlias.alias == alias)
+    )
     if row is None:
         session.add(ModelAlias(tenant_id=tenant_id, name=name, alias=alias, version=to_version))
     else:
@@ -91,8 +108,7 @@ def set_alias(session: Session, tenant_id: int, name: str, alias: str, to_versio
     return detail(session, tenant_id, name)
 
 
-def bundle_file(session: Session, settings: Settings, tenant_id: int, name: str, number: int,
-                which: str) -> BundleFile:
+def bundle_file(session: Session, settings: Settings, tenant_id: int, name: str, number: int, which: str) -> BundleFile:
     """A version's weights (which=weights, safetensors) or config (which=config, JSON)."""
     if which not in BUNDLE_FILES:
         raise NotFound(f"No file {which!r}; choose from {sorted(BUNDLE_FILES)}")

@@ -1,4 +1,5 @@
 """Keyset paging by id, newest first (the `cursor` / `next_cursor` of every list endpoint)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -7,8 +8,9 @@ from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 
-def cursor_page(session: Session, query: Select, id_column: Any, limit: int,
-                cursor: int | None = None) -> dict[str, Any]:
+def cursor_page(
+    session: Session, query: Select, id_column: Any, limit: int, cursor: int | None = None
+) -> dict[str, Any]:
     """{"items": at most `limit` rows with id below `cursor`, newest first; "next_cursor":
     the last item's id when there are more, else None}."""
     if cursor is not None:

@@ -5,7 +5,7 @@ a clear message, and downgrade / upgrade again both work."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -14,19 +14,19 @@ from sqlalchemy import CheckConstraint, MetaData, create_engine, inspect, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+import app.models  # noqa: F401  (registers the tables on Base.metadata)
 from app.db import Base, make_engine
 from app.migrate import alembic_config
-import app.models  # noqa: F401  (registers the tables on Base.metadata)
 from tests.conftest import PG_ADMIN_URL
 
-T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 TABLES = ("tenants", "jobs", "job_events", "score_shards", "model_versions")
 REBUILT = ("jobs", "score_shards")  # the tables 0004 alters (SQLite copies them)
 MODEL_CHECKS = {t: {c.name for c in Base.metadata.tables[t].constraints if isinstance(c, CheckConstraint)}
                 for t in REBUILT}
 
 
-@pytest.fixture()
+@pytest.fixture
 def pg_db_url() -> str:
     """A throwaway PostgreSQL database for one test (the session's pg_url is already at head)."""
     name = f"medmaas_mig_{uuid.uuid4().hex[:10]}"
@@ -40,7 +40,7 @@ def pg_db_url() -> str:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def url(request, tmp_path) -> str:  # noqa: ANN001
+def url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'medmaas.db'}"
     return request.getfixturevalue("pg_db_url")
@@ -73,7 +73,7 @@ def reflect(engine: Engine) -> MetaData:
     return md
 
 
-def insert(conn, table, rows: list[dict[str, Any]]) -> None:  # noqa: ANN001
+def insert(conn, table, rows: list[dict[str, Any]]) -> None:
     for row in rows:  # one by one: the rows set different columns
         conn.execute(table.insert().values(**row))
 
@@ -83,39 +83,41 @@ def seed(url: str, with_shards: bool = True) -> dict[str, int]:
     engine = make_engine(url)
     md = reflect(engine)
     t = md.tables
-    job_defaults = dict(tenant_id=1, kind="sleep", spec={"seconds": 1}, queue="cpu", priority=0, attempts=0,
-                        max_attempts=3, progress=0.0, message="", created_at=T0, cancel_requested=False,
-                        event_seq=0)
+    job_defaults = {"tenant_id": 1, "kind": "sleep", "spec": {"seconds": 1}, "queue": "cpu", "priority": 0,
+                    "attempts": 0, "max_attempts": 3, "progress": 0.0, "message": "", "created_at": T0,
+                    "cancel_requested": False, "event_seq": 0}
     jobs = [
-        dict(id=1, state="queued"),
-        dict(id=2, state="running", attempts=1, progress=0.5, started_at=T0, heartbeat_at=T0, worker="w1"),
-        dict(id=3, state="succeeded", attempts=1, progress=1.0, result={"steps": 3}, started_at=T0,
-             finished_at=T0 + timedelta(seconds=3), duration_s=3.0, idempotency_key="k-3"),
-        dict(id=4, state="failed", attempts=3, progress=0.25, error="worker lost", finished_at=T0),
-        dict(id=5, state="cancelled", cancel_requested=True, finished_at=T0),
+        {"id": 1, "state": "queued"},
+        {"id": 2, "state": "running", "attempts": 1, "progress": 0.5, "started_at": T0, "heartbeat_at": T0,
+         "worker": "w1"},
+        {"id": 3, "state": "succeeded", "attempts": 1, "progress": 1.0, "result": {"steps": 3}, "started_at": T0,
+         "finished_at": T0 + timedelta(seconds=3), "duration_s": 3.0, "idempotency_key": "k-3"},
+        {"id": 4, "state": "failed", "attempts": 3, "progress": 0.25, "error": "worker lost", "finished_at": T0},
+        {"id": 5, "state": "cancelled", "cancel_requested": True, "finished_at": T0},
     ]
     with engine.begin() as conn:
-        insert(conn, t["tenants"], [dict(id=1, name="acme", created_at=T0)])
+        insert(conn, t["tenants"], [{"id": 1, "name": "acme", "created_at": T0}])
         insert(conn, t["jobs"], [{**job_defaults, **j} for j in jobs])
         events = []
         for j in jobs:
             for seq, to in enumerate(["queued", "running", j["state"]][: 1 if j["state"] == "queued" else 3], 1):
-                events.append(dict(job_id=j["id"], seq=seq, ts=T0 + timedelta(seconds=seq), type="state",
-                                   data={"to": to}))
+                events.append({"job_id": j["id"], "seq": seq, "ts": T0 + timedelta(seconds=seq), "type": "state",
+                               "data": {"to": to}})
         insert(conn, t["job_events"], events)
         conn.execute(t["jobs"].update().where(t["jobs"].c.id == 2).values(event_seq=3))
-        insert(conn, t["model_versions"], [dict(
-            id=1, tenant_id=1, name="m", version=1, arch="mlp", task="regression", input_kind="smiles",
-            spec={}, dataset_id=None, dataset_sha256="", metrics={"rmse": 0.5}, artifact_uri="file:///m/1",
-            job_id=3, created_at=T0)])
+        insert(conn, t["model_versions"], [{
+            "id": 1, "tenant_id": 1, "name": "m", "version": 1, "arch": "mlp", "task": "regression",
+            "input_kind": "smiles", "spec": {}, "dataset_id": None, "dataset_sha256": "", "metrics": {"rmse": 0.5},
+            "artifact_uri": "file:///m/1", "job_id": 3, "created_at": T0}])
         if with_shards:
             insert(conn, t["score_shards"], [
-                dict(id=1, job_id=2, index=0, start_row=0, stop_row=1000, offset=0, state="done", attempts=1,
-                     rows_done=1000, rows=1000, valid=998, output_uri="file:///p/0", stats={"n": 1000}),
-                dict(id=2, job_id=2, index=1, start_row=1000, stop_row=1500, offset=4096, state="running",
-                     attempts=1, worker="w1", heartbeat_at=T0, rows_done=10, stats={}),
-                dict(id=3, job_id=2, index=2, start_row=1500, stop_row=1500, state="pending", attempts=0,
-                     rows_done=0, stats={}),
+                {"id": 1, "job_id": 2, "index": 0, "start_row": 0, "stop_row": 1000, "offset": 0, "state": "done",
+                 "attempts": 1, "rows_done": 1000, "rows": 1000, "valid": 998, "output_uri": "file:///p/0",
+                 "stats": {"n": 1000}},
+                {"id": 2, "job_id": 2, "index": 1, "start_row": 1000, "stop_row": 1500, "offset": 4096,
+                 "state": "running", "attempts": 1, "worker": "w1", "heartbeat_at": T0, "rows_done": 10, "stats": {}},
+                {"id": 3, "job_id": 2, "index": 2, "start_row": 1500, "stop_row": 1500, "state": "pending",
+                 "attempts": 0, "rows_done": 0, "stats": {}},
             ])
         if engine.dialect.name == "postgresql":  # the explicit ids above did not advance the sequences
             for name in md.tables:
@@ -173,9 +175,8 @@ def assert_schema_objects_kept(before: dict[str, Any], after: dict[str, Any]) ->
 
 
 def assert_refused(engine: Engine, sql: str, constraint: str, **params: Any) -> None:
-    with pytest.raises(IntegrityError) as exc:
-        with engine.begin() as conn:
-            conn.execute(text(sql), params)
+    with pytest.raises(IntegrityError) as exc, engine.begin() as conn:
+        conn.execute(text(sql), params)
     assert constraint in str(exc.value)
 
 
@@ -188,7 +189,7 @@ NEW_SHARD = ('INSERT INTO score_shards (job_id, "index", start_row, stop_row, st
 
 def assert_constraints_enforced(url: str) -> None:
     engine = make_engine(url)
-    job = dict(state="queued", attempts=0, max_attempts=3, progress=0.0)
+    job = {"state": "queued", "attempts": 0, "max_attempts": 3, "progress": 0.0}
     assert_refused(engine, NEW_JOB, "ck_jobs_state", **{**job, "state": "bogus"})
     assert_refused(engine, NEW_JOB, "ck_jobs_progress", **{**job, "progress": 2.0})
     assert_refused(engine, NEW_JOB, "ck_jobs_progress", **{**job, "progress": -0.1})
@@ -201,15 +202,14 @@ def assert_constraints_enforced(url: str) -> None:
     assert_refused(engine, "UPDATE score_shards SET state = 'bogus' WHERE id = 1", "ck_score_shards_state")
     assert_refused(engine, "UPDATE score_shards SET attempts = -1 WHERE id = 1", "ck_score_shards_attempts")
     # foreign keys are still enforced on the copied tables
-    with pytest.raises(IntegrityError):
-        with engine.begin() as conn:
-            conn.execute(text("INSERT INTO job_events (job_id, seq, ts, type, data) "
-                              "VALUES (999, 1, '2026-01-01 00:00:00+00', 'state', '{}')"))
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        conn.execute(text("INSERT INTO job_events (job_id, seq, ts, type, data) "
+                          "VALUES (999, 1, '2026-01-01 00:00:00+00', 'state', '{}')"))
     # valid values still go in, and nothing above left a trace
     with engine.begin() as conn:
         assert conn.execute(text("UPDATE jobs SET state = 'running', progress = 1.0, attempts = 1 WHERE id = 1")
                             ).rowcount == 1
-        conn.execute(text(NEW_SHARD), dict(index=12, start=7, stop=7, state="cancelled"))
+        conn.execute(text(NEW_SHARD), {"index": 12, "start": 7, "stop": 7, "state": "cancelled"})
         assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == 5
         # ON DELETE CASCADE still reaches events and shards of a deleted job
         conn.execute(text("DELETE FROM jobs WHERE id = 2"))
@@ -228,12 +228,14 @@ def test_upgrade_keeps_data_and_refuses_invalid_states(url: str) -> None:
 
     assert version(url) == "0004"
     after = snapshot(url)
-    assert len(after["jobs"]) == counts["jobs"] and len(after["job_events"]) == counts["job_events"]
+    assert len(after["jobs"]) == counts["jobs"]
+    assert len(after["job_events"]) == counts["job_events"]
     assert len(after["score_shards"]) == counts["score_shards"]
     assert after["model_versions"][0]["job_id"] == 3  # not SET NULL by a table copy
     assert {j["id"]: j["state"] for j in after["jobs"]} == {1: "queued", 2: "running", 3: "succeeded", 4: "failed",
                                                             5: "cancelled"}
-    assert after["jobs"][2]["result"] == {"steps": 3} and after["score_shards"][0]["stats"] == {"n": 1000}
+    assert after["jobs"][2]["result"] == {"steps": 3}
+    assert after["score_shards"][0]["stats"] == {"n": 1000}
     assert_schema_objects_kept(before, after)
     # the migration and app/models.py declare the same constraints
     assert check_names(url) == MODEL_CHECKS == {
@@ -296,7 +298,8 @@ def test_upgrade_refuses_existing_invalid_rows_and_changes_nothing(url: str) -> 
         conn.execute(text("UPDATE score_shards SET state = 'pending' WHERE id = 3"))
     engine.dispose()
     migrate(url, "head")
-    assert version(url) == "0004" and check_names(url) == MODEL_CHECKS
+    assert version(url) == "0004"
+    assert check_names(url) == MODEL_CHECKS
 
 
 def test_upgrade_from_0002_in_one_run_keeps_events(url: str) -> None:
@@ -316,7 +319,7 @@ def test_upgrade_from_0002_in_one_run_keeps_events(url: str) -> None:
     assert check_names(url) == MODEL_CHECKS
 
 
-def test_sqlite_refuses_to_copy_tables_inside_an_open_transaction(tmp_path) -> None:  # noqa: ANN001
+def test_sqlite_refuses_to_copy_tables_inside_an_open_transaction(tmp_path) -> None:
     """A caller's connection with a write in flight: SQLite cannot turn foreign keys off there,
     so 0004 stops instead of letting the table copy cascade into job_events."""
     url = f"sqlite:///{tmp_path / 'medmaas.db'}"
