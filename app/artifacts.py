@@ -3,13 +3,14 @@
 A local directory tree addressed by file:// URLs (the default). Every path is under
 <root>/tenant-<id>/..., so one tenant's files never mix with another's.
 """
+
 from __future__ import annotations
 
 import hashlib
 import shutil
 import uuid
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 from urllib.parse import urlparse
 
 from app.config import Settings
@@ -18,7 +19,7 @@ CHUNK = 1024 * 1024
 
 
 class ArtifactStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
 
     def tenant_dir(self, tenant_id: int, *parts: str) -> Path:
@@ -53,12 +54,12 @@ def job_dir(settings: Settings, tenant_id: int, job_id: int) -> Path:
 
 
 class UploadTooLarge(ValueError):
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int) -> None:
         super().__init__(f"Upload larger than the {max_bytes} byte limit")
         self.max_bytes = max_bytes
 
 
-def save_stream(stream: BinaryIO, dest: Path, max_bytes: int) -> tuple[int, str]:
+def save_stream(stream: IO[bytes], dest: Path, max_bytes: int) -> tuple[int, str]:
     """Copy a stream to dest, hashing as it goes; UploadTooLarge once it passes max_bytes."""
     digest = hashlib.sha256()
     size = 0

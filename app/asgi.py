@@ -17,14 +17,14 @@ viewers would need 100 threads. Here a stream is a coroutine on the event loop:
    process's EventHub (Redis pub/sub), woken by the commit that appended the event, with
    a safety-net timeout.
 """
+
 from __future__ import annotations
 
 import asyncio
 import io
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 from a2wsgi import WSGIMiddleware
@@ -33,34 +33,31 @@ from flask import Flask
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp
 from uvicorn_worker import UvicornWorker
 from werkzeug.test import run_wsgi_app
 
 from app.api.jobs import SSE_MIMETYPE, STREAM_HANDOFF, EventFeed
 
+if TYPE_CHECKING:
+    from a2wsgi.wsgi_typing import WSGIApp
+
 STREAM_PATHS = ("/api/v1/jobs/{job_id:int}/stream", "/ui/api/jobs/{job_id:int}/stream")
-DEFAULT_WSGI_THREADS = 8  # `medmaas web --threads`: Flask requests served at once per process
-DEFAULT_STREAM_THREADS = 8  # database reads for streams at once per process (short; they queue)
 
 
-def _env_int(name: str, default: int) -> int:
-    try:
-        return max(1, int(os.environ.get(name, default)))
-    except ValueError:
-        return default
-
-
-def create_asgi_app(flask_app: Flask | None = None, *, wsgi_threads: int | None = None,
-                    stream_threads: int | None = None) -> Starlette:
+def create_asgi_app(
+    flask_app: Flask | None = None, *, wsgi_threads: int | None = None, stream_threads: int | None = None
+) -> Starlette:
     """The Flask app (built from the environment when not given) behind an ASGI front that
     streams job events on the event loop."""
     if flask_app is None:
         from app import create_app
 
         flask_app = create_app()
-    wsgi_threads = wsgi_threads or _env_int("MEDMAAS_WEB_THREADS", DEFAULT_WSGI_THREADS)
-    stream_threads = stream_threads or _env_int("MEDMAAS_WEB_STREAM_THREADS", DEFAULT_STREAM_THREADS)
+    settings = flask_app.extensions["medmaas.settings"]
+    wsgi_threads = max(1, wsgi_threads or settings.web_threads)
+    stream_threads = max(1, stream_threads or settings.web_stream_threads)
     hub = flask_app.extensions["medmaas.hub"]
     db = flask_app.extensions["medmaas.db"]
     # Its own small pool, so 100 streams waking at once never starve ordinary requests of
@@ -78,12 +75,11 @@ def create_asgi_app(flask_app: Flask | None = None, *, wsgi_threads: int | None 
         return int(status.split(" ", 1)[0]), list(headers.items()), body
 
     async def stream(request: Request) -> Response:
-        environ = build_environ(request.scope, io.BytesIO(b""))  # type: ignore[arg-type]
+        environ: dict[str, Any] = dict(build_environ(request.scope, io.BytesIO(b"")))  # type: ignore[arg-type]
         handoff: dict[str, Any] = {}
         environ[STREAM_HANDOFF] = handoff
         status, headers, body = await anyio.to_thread.run_sync(flask_preamble, environ, limiter=limiter)
-        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers
-               if k.lower() != "content-length"]
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers if k.lower() != "content-length"]
         if not handoff or status != 200 or request.method != "GET":
             response = Response(body, status_code=status)
             response.raw_headers = [(k, v) for k, v in raw] + [(b"content-length", str(len(body)).encode())]
@@ -112,9 +108,11 @@ def create_asgi_app(flask_app: Flask | None = None, *, wsgi_threads: int | None 
         yield
         hub.close()
 
-    routes = [Route(path, stream, methods=["GET"]) for path in STREAM_PATHS]
+    routes: list[BaseRoute] = [Route(path, stream, methods=["GET"]) for path in STREAM_PATHS]
     # Everything else, and other methods on the stream paths (Flask answers 401/405 as ever).
-    routes.append(Mount("/", app=WSGIMiddleware(flask_app, workers=wsgi_threads)))
+    # (a2wsgi and Starlette spell the WSGI and ASGI callable types differently; they agree at run time)
+    wsgi = WSGIMiddleware(cast("WSGIApp", flask_app), workers=wsgi_threads)
+    routes.append(Mount("/", app=cast(ASGIApp, wsgi)))
     asgi = Starlette(routes=routes, lifespan=lifespan)
     asgi.state.flask_app = flask_app
     return asgi
@@ -129,6 +127,9 @@ class Worker(UvicornWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.config.timeout_graceful_shutdown = max(1, int(self.cfg.graceful_timeout) - 1)
+
+
+app: Starlette  # built on first access, below
 
 
 def __getattr__(name: str) -> Any:

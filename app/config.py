@@ -44,6 +44,8 @@ class Settings:
     score_batch_size: int = 4096
     web_host: str = "127.0.0.1"
     web_port: int = 5000
+    web_threads: int = 8  # Flask requests served at once per web process
+    web_stream_threads: int = 8  # event-stream database reads at once per web process (short; they queue)
     log_level: str = "INFO"
     secure_cookies: bool = False  # set when served over HTTPS
     testing: bool = False

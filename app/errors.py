@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify
+from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def as_api_error(exc: Exception) -> ApiError:
     raise TypeError(f"not a domain error: {exc!r}")
 
 
-def _domain_error(exc: Exception):  # noqa: ANN202
+def _domain_error(exc: Exception) -> ResponseReturnValue:
     # Re-dispatched as an ApiError so a blueprint's own ApiError handler (the pages') applies.
     return current_app.handle_user_exception(as_api_error(exc))
 
@@ -103,6 +104,6 @@ def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(HTTPException, http_exception_response)
 
     @app.errorhandler(Exception)
-    def _unhandled(exc: Exception):  # noqa: ANN202
+    def _unhandled(exc: Exception) -> ResponseReturnValue:
         log.exception("unhandled error")
         return error_response(500, "Internal server error")

@@ -12,6 +12,7 @@ loses one, because every wake-up re-reads the database.
 Redis pub/sub works with SQLite (standalone) and PostgreSQL alike, and the broker is
 already there.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,14 +41,17 @@ def touch(session: Session, job_id: int) -> None:
     session.info.setdefault(_PENDING, set()).add(int(job_id))
 
 
+def _client_factory(url: str | None, **options: Any) -> RedisFactory:
+    if url is None:
+        raise ValueError("a Redis URL or a client factory is needed")
+    return lambda: redis.Redis.from_url(url, **options)
+
+
 class Notifier:
     """The publishing side: one lazily created Redis client per process."""
 
     def __init__(self, url: str | None = None, factory: RedisFactory | None = None) -> None:
-        if factory is None and url is None:
-            raise ValueError("a Redis URL or a client factory is needed")
-        self._factory: RedisFactory = factory or (
-            lambda: redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2))  # type: ignore[arg-type]
+        self._factory: RedisFactory = factory or _client_factory(url, socket_timeout=2, socket_connect_timeout=2)
         self._client: redis.Redis | None = None
         self._warned_at = 0.0
 
@@ -136,10 +140,9 @@ class EventHub:
     """
 
     def __init__(self, url: str | None = None, factory: RedisFactory | None = None) -> None:
-        if factory is None and url is None:
-            raise ValueError("a Redis URL or a client factory is needed")
-        self._factory: RedisFactory = factory or (
-            lambda: redis.Redis.from_url(url, socket_connect_timeout=2, health_check_interval=15))  # type: ignore[arg-type]
+        self._factory: RedisFactory = factory or _client_factory(
+            url, socket_connect_timeout=2, health_check_interval=15
+        )
         self._lock = threading.Lock()
         self._waiters: dict[int, set[_Waiter]] = defaultdict(set)
         self._thread: threading.Thread | None = None
@@ -191,9 +194,9 @@ class EventHub:
             try:
                 pubsub = self._factory().pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(CHANNEL)
-                self.connected.set()
                 backoff = 0.2
                 self._fire_all()  # anything published while we were away: re-read now
+                self.connected.set()
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "message":

@@ -36,17 +36,31 @@ def standalone(port: int | None, demo: bool) -> None:
 @click.option("--host", default=None)
 @click.option("--port", type=int, default=None)
 @click.option("--workers", type=int, default=2, show_default=True)
-@click.option("--threads", type=int, default=8, show_default=True)
+@click.option("--threads", type=int, default=None, help="Flask threads per worker (default MEDMAAS_WEB_THREADS, 8)")
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
-def web(host: str | None, port: int | None, workers: int, threads: int, access_log: bool) -> None:
+def web(host: str | None, port: int | None, workers: int, threads: int | None, access_log: bool) -> None:
     """The web server: gunicorn with uvicorn workers serving app.asgi (Flask on --threads threads
     per worker; SSE streams wait on the event loop, not one thread per open stream)."""
     settings = from_env()
     bind = f"{host or settings.web_host}:{port or settings.web_port}"
-    os.environ["MEDMAAS_WEB_THREADS"] = str(threads)
-    args = [sys.executable, "-m", "gunicorn", "app.asgi:app", "--bind", bind, "--workers", str(workers),
-            "--worker-class", "app.asgi.Worker", "--timeout", "120",
-            "--graceful-timeout", "10"] + (["--access-logfile", "-"] if access_log else [])
+    if threads is not None:  # the workers build their Settings from the environment
+        os.environ["MEDMAAS_WEB_THREADS"] = str(threads)
+    args = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "app.asgi:app",
+        "--bind",
+        bind,
+        "--workers",
+        str(workers),
+        "--worker-class",
+        "app.asgi.Worker",
+        "--timeout",
+        "120",
+        "--graceful-timeout",
+        "10",
+    ] + (["--access-logfile", "-"] if access_log else [])
     os.execv(sys.executable, args)
 
 

@@ -3,10 +3,12 @@
 Views parse and serialise; the queries are the stores' (app.stores), which take the
 request's session and tenant from the accessors below and raise domain errors that
 app.errors answers with the error body."""
+
 from __future__ import annotations
 
 from typing import Any
 
+from celery import Celery
 from flask import Flask, current_app, g, request
 from flask_smorest import Api
 from sqlalchemy.orm import Session
@@ -30,7 +32,7 @@ def database() -> Database:
     return current_app.extensions["medmaas.db"]
 
 
-def celery():  # noqa: ANN201
+def celery() -> Celery:
     return current_app.extensions["medmaas.celery"]
 
 
@@ -62,10 +64,13 @@ def require_api_key() -> None:
 
 
 def init_api(app: Flask) -> None:
-    api = MedmaasApi(app, spec_kwargs={
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{"bearer": []}],
-    })
+    api = MedmaasApi(
+        app,
+        spec_kwargs={
+            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+            "security": [{"bearer": []}],
+        },
+    )
 
     @app.teardown_appcontext
     def _close_session(_exc: Any) -> None:
@@ -93,5 +98,6 @@ def init_api(app: Flask) -> None:
         path = request.path
         if path.startswith("/api/v1/") and path != "/api/v1/openapi.json":
             require_api_key()
+
     app.register_blueprint(health.bp)
     app.extensions["medmaas.api"] = api

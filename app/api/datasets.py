@@ -1,4 +1,5 @@
 """/api/v1/datasets: streamed, validated uploads of images, sequences and libraries."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -8,6 +9,7 @@ from marshmallow import INCLUDE, Schema, fields, validate
 
 from app.api import db_session, settings, tenant_id
 from app.ingest import KINDS
+from app.models import Dataset
 from app.stores import datasets as datasets_store
 
 blp = Blueprint("datasets", __name__, url_prefix="/api/v1/datasets", description="Upload and inspect datasets")
@@ -19,7 +21,9 @@ class DatasetUploadForm(Schema):
 
     kind = fields.String(required=True, validate=validate.OneOf(KINDS))
     name = fields.String(validate=validate.Length(min=1, max=255))
-    options = fields.String(metadata={"description": "JSON object of options; or pass each option as its own form field"})
+    options = fields.String(
+        metadata={"description": "JSON object of options; or pass each option as its own form field"}
+    )
 
 
 class DatasetUploadFile(Schema):
@@ -57,25 +61,33 @@ class DatasetListSchema(Schema):
 @blp.arguments(DatasetUploadForm, location="form")
 @blp.arguments(DatasetUploadFile, location="files")
 @blp.response(201, DatasetSchema)
-def upload(form: dict[str, Any], files: dict[str, Any]):  # noqa: ANN201
+def upload(form: dict[str, Any], files: dict[str, Any]) -> Dataset:
     """Upload a dataset (multipart). Validated before it is stored: a bad file gets a 4xx
     and leaves nothing behind; invalid rows inside a good file are counted and sampled."""
     upload_file = files["file"]
     options = datasets_store.upload_options(form)
     return datasets_store.create_from_upload(
-        db_session(), settings(), tenant_id(), kind=form["kind"], name=form.get("name"), stream=upload_file.stream,
-        filename=upload_file.filename, options=options)
+        db_session(),
+        settings(),
+        tenant_id(),
+        kind=form["kind"],
+        name=form.get("name"),
+        stream=upload_file.stream,
+        filename=upload_file.filename,
+        options=options,
+    )
 
 
 @blp.route("", methods=["GET"])
 @blp.arguments(DatasetListArgs, location="query")
 @blp.response(200, DatasetListSchema)
-def list_datasets(args: dict[str, Any]):  # noqa: ANN201
-    return datasets_store.list_page(db_session(), tenant_id(), kind=args.get("kind"), limit=args["limit"],
-                                    cursor=args.get("cursor"))
+def list_datasets(args: dict[str, Any]) -> dict[str, Any]:
+    return datasets_store.list_page(
+        db_session(), tenant_id(), kind=args.get("kind"), limit=args["limit"], cursor=args.get("cursor")
+    )
 
 
 @blp.route("/<int:dataset_id>", methods=["GET"])
 @blp.response(200, DatasetSchema)
-def detail(dataset_id: int):  # noqa: ANN201
+def detail(dataset_id: int) -> Dataset:
     return datasets_store.get(db_session(), tenant_id(), dataset_id)

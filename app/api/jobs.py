@@ -1,19 +1,22 @@
 """/api/v1/jobs: submit, list, detail, events, SSE stream, cancel, result."""
+
 from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from flask import Response, current_app, request, stream_with_context
+from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 from sqlalchemy import select
 
 from app.api import celery, database, db_session, settings, tenant_id
 from app.errors import ApiError
-from app.models import TERMINAL_STATES, Job, JobEvent, JobState
 from app.kinds import get_kind
+from app.models import TERMINAL_STATES, Job, JobEvent, JobState
 from app.stores import jobs as jobs_store
 
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Submit and follow jobs")
@@ -83,43 +86,58 @@ class EventListSchema(Schema):
 @blp.arguments(JobSubmitSchema)
 @blp.response(202, JobSchema)
 @blp.alt_response(200, schema=JobSchema, description="Same Idempotency-Key seen before: the existing job")
-def submit(body: dict[str, Any]):  # noqa: ANN201
+def submit(body: dict[str, Any]) -> tuple[Job, int]:
     """Submit a job; answers 202 once the job row is committed."""
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (1 <= len(key) <= 255):
         raise ApiError(400, "Idempotency-Key must be 1..255 characters")
-    job, created = jobs_store.submit(db_session(), celery(), database(), settings(), tenant_id(), body["kind"],
-                                     body["spec"], priority=body["priority"], max_attempts=body["max_attempts"],
-                                     idempotency_key=key)
+    job, created = jobs_store.submit(
+        db_session(),
+        celery(),
+        database(),
+        settings(),
+        tenant_id(),
+        body["kind"],
+        body["spec"],
+        priority=body["priority"],
+        max_attempts=body["max_attempts"],
+        idempotency_key=key,
+    )
     return job, (202 if created else 200)
 
 
 @blp.route("", methods=["GET"])
 @blp.arguments(JobListArgs, location="query")
 @blp.response(200, JobListSchema)
-def list_jobs(args: dict[str, Any]):  # noqa: ANN201
+def list_jobs(args: dict[str, Any]) -> dict[str, Any]:
     """List the tenant's jobs, newest first; page with next_cursor."""
-    return jobs_store.list_page(db_session(), tenant_id(), state=args.get("state"), kind=args.get("kind"),
-                                limit=args["limit"], cursor=args.get("cursor"))
+    return jobs_store.list_page(
+        db_session(),
+        tenant_id(),
+        state=args.get("state"),
+        kind=args.get("kind"),
+        limit=args["limit"],
+        cursor=args.get("cursor"),
+    )
 
 
 @blp.route("/<int:job_id>", methods=["GET"])
 @blp.response(200, JobSchema)
-def detail(job_id: int):  # noqa: ANN201
+def detail(job_id: int) -> Job:
     return jobs_store.get(db_session(), tenant_id(), job_id)
 
 
 @blp.route("/<int:job_id>/events", methods=["GET"])
 @blp.arguments(EventsArgs, location="query")
 @blp.response(200, EventListSchema)
-def events(args: dict[str, Any], job_id: int):  # noqa: ANN201
+def events(args: dict[str, Any], job_id: int) -> dict[str, Any]:
     """Events with seq > after, in order."""
     return jobs_store.events_after(db_session(), tenant_id(), job_id, args["after"], args["limit"])
 
 
 @blp.route("/<int:job_id>/cancel", methods=["POST"])
 @blp.response(202, JobSchema)
-def cancel(job_id: int):  # noqa: ANN201
+def cancel(job_id: int) -> Job:
     """Cancel: queued jobs at once, running jobs between batches."""
     job, _state = jobs_store.request_cancel(db_session(), tenant_id(), job_id)
     return job
@@ -147,13 +165,16 @@ def sse_frame(seq: int, type_: str, data: Any) -> str:
     return f"id: {seq}\nevent: {type_}\ndata: {json.dumps(data, default=str)}\n\n"
 
 
-def read_stream_batch(db: Any, job_id: int, after: int, limit: int = STREAM_BATCH) -> tuple[JobState | None, list[JobEvent]]:
+def read_stream_batch(
+    db: Any, job_id: int, after: int, limit: int = STREAM_BATCH
+) -> tuple[JobState | None, list[JobEvent]]:
     """The job's state, then its events with seq > after. State first: when it reads terminal,
     every event committed up to the terminal transition is visible to the second query."""
     with db.sessionmaker() as s:
         state = s.scalar(select(Job.state).where(Job.id == job_id))
-        rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after)
-                         .order_by(JobEvent.seq).limit(limit)).all()
+        rows = s.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after).order_by(JobEvent.seq).limit(limit)
+        ).all()
     return state, list(rows)
 
 
@@ -173,8 +194,16 @@ class EventFeed:
     """One viewer's position in one job's events. `step()` does one database read and says
     what to send and how long to wait for a notification before the next step."""
 
-    def __init__(self, db: Any, job_id: int, after: int, *, max_s: float = STREAM_MAX_S,
-                 safety_net_s: float | None = None, keepalive_s: float | None = None) -> None:
+    def __init__(
+        self,
+        db: Any,
+        job_id: int,
+        after: int,
+        *,
+        max_s: float = STREAM_MAX_S,
+        safety_net_s: float | None = None,
+        keepalive_s: float | None = None,
+    ) -> None:
         self.db, self.job_id, self.after = db, job_id, after
         self.safety_net_s = STREAM_SAFETY_NET_S if safety_net_s is None else safety_net_s
         self.keepalive_s = STREAM_KEEPALIVE_S if keepalive_s is None else keepalive_s
@@ -190,8 +219,9 @@ class EventFeed:
         self.opened = True
         for ev in rows:
             self.after = ev.seq
-            parts.append(sse_frame(ev.seq, ev.type, {"seq": ev.seq, "ts": ev.ts.isoformat(), "type": ev.type,
-                                                     "data": ev.data}))
+            parts.append(
+                sse_frame(ev.seq, ev.type, {"seq": ev.seq, "ts": ev.ts.isoformat(), "type": ev.type, "data": ev.data})
+            )
         now = time.monotonic()
         if state is None:  # erased while watched
             return "".join(parts) + sse_frame(self.after, "end", {"state": None}), None
@@ -211,7 +241,7 @@ class EventFeed:
 
 @blp.route("/<int:job_id>/stream", methods=["GET"])
 @blp.doc(responses={200: {"description": "text/event-stream of job events"}})
-def stream(job_id: int):  # noqa: ANN201
+def stream(job_id: int) -> ResponseReturnValue:
     """Server-sent events; resumes after ?after=N or the Last-Event-ID header."""
     job = jobs_store.get(db_session(), tenant_id(), job_id)
     return event_stream_response(job.id)
@@ -246,7 +276,7 @@ def event_stream_response(job_id: int, max_s: float = STREAM_MAX_S) -> Response:
 
 @blp.route("/<int:job_id>/result", methods=["GET"])
 @blp.doc(responses={200: {"description": "the job's result: JSON, or a file (?format=csv|parquet) for scoring jobs"}})
-def result(job_id: int):  # noqa: ANN201
+def result(job_id: int) -> ResponseReturnValue:
     """The job's output once it has succeeded."""
     from flask import jsonify
 

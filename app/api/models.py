@@ -1,10 +1,12 @@
 """/api/v1/models: the registry (versions, aliases, weights) and online predict."""
+
 from __future__ import annotations
 
 import time
 from typing import Any
 
 from flask import current_app, send_file
+from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 from sqlalchemy import select
@@ -12,7 +14,7 @@ from sqlalchemy import select
 from app.api import celery, database, db_session, settings, tenant_id
 from app.api.jobs import JobSchema
 from app.errors import ApiError
-from app.models import TERMINAL_STATES, Job, JobState
+from app.models import TERMINAL_STATES, Job, JobState, ModelVersion
 from app.stores import jobs as jobs_store
 from app.stores import models as models_store
 from app.stores.models import BUNDLE_FILES
@@ -34,8 +36,9 @@ class ModelVersionSchema(Schema):
     metrics = fields.Dict()
     job_id = fields.Integer(allow_none=True)
     created_at = fields.DateTime()
-    artifacts = fields.Function(lambda mv: {
-        k: f"/api/v1/models/{mv.name}/versions/{mv.version}/files/{k}" for k in BUNDLE_FILES})
+    artifacts = fields.Function(
+        lambda mv: {k: f"/api/v1/models/{mv.name}/versions/{mv.version}/files/{k}" for k in BUNDLE_FILES}
+    )
 
 
 class ModelSummarySchema(Schema):
@@ -76,25 +79,25 @@ class PredictResponse(Schema):
 
 @blp.route("", methods=["GET"])
 @blp.response(200, ModelListSchema)
-def list_models():  # noqa: ANN201
+def list_models() -> dict[str, Any]:
     return {"items": models_store.summaries(db_session(), tenant_id())}
 
 
 @blp.route("/<string:name>", methods=["GET"])
 @blp.response(200, ModelDetailSchema)
-def model_detail(name: str):  # noqa: ANN201
+def model_detail(name: str) -> dict[str, Any]:
     return models_store.detail(db_session(), tenant_id(), name)
 
 
 @blp.route("/<string:name>/versions/<int:version>", methods=["GET"])
 @blp.response(200, ModelVersionSchema)
-def version_detail(name: str, version: int):  # noqa: ANN201
+def version_detail(name: str, version: int) -> ModelVersion:
     return models_store.version(db_session(), tenant_id(), name, version)
 
 
 @blp.route("/<string:name>/versions/<int:version>/files/<string:which>", methods=["GET"])
 @blp.doc(responses={200: {"description": "model.safetensors (which=weights) or config.json (which=config)"}})
-def version_file(name: str, version: int, which: str):  # noqa: ANN201
+def version_file(name: str, version: int, which: str) -> ResponseReturnValue:
     """Download the weights (safetensors) or the config (JSON) of a version."""
     bundle = models_store.bundle_file(db_session(), settings(), tenant_id(), name, version, which)
     return send_file(bundle.path, as_attachment=True, download_name=bundle.download_name)
@@ -103,7 +106,7 @@ def version_file(name: str, version: int, which: str):  # noqa: ANN201
 @blp.route("/<string:name>/aliases/<string:alias>", methods=["PUT"])
 @blp.arguments(AliasSchema)
 @blp.response(200, ModelDetailSchema)
-def set_alias(body: dict[str, Any], name: str, alias: str):  # noqa: ANN201
+def set_alias(body: dict[str, Any], name: str, alias: str) -> dict[str, Any]:
     """Point `alias` at a version; `name@alias` then resolves to it."""
     return models_store.set_alias(db_session(), tenant_id(), name, alias, body["version"])
 
@@ -115,12 +118,19 @@ PREDICT_SAFETY_NET_S = 2.0  # re-read at least this often while waiting, notifie
 @blp.arguments(PredictRequest)
 @blp.response(200, PredictResponse)
 @blp.alt_response(202, schema=JobSchema, description="Not done within `timeout`: follow the returned job")
-def predict(body: dict[str, Any], name: str):  # noqa: ANN201
+def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
     """Predict with a registered model. Answers 200 with predictions when the inference
     worker finishes within `timeout` seconds, else 202 with the job to poll."""
     mv = models_store.version(db_session(), tenant_id(), name, body.get("version"), body.get("alias"))
-    job, _ = jobs_store.submit(db_session(), celery(), database(), settings(), tenant_id(), "predict",
-                               {"model": f"{mv.name}@{mv.version}", "inputs": body["inputs"]})
+    job, _ = jobs_store.submit(
+        db_session(),
+        celery(),
+        database(),
+        settings(),
+        tenant_id(),
+        "predict",
+        {"model": f"{mv.name}@{mv.version}", "inputs": body["inputs"]},
+    )
     timeout = body.get("timeout", settings().predict_default_timeout_s)
     deadline = time.monotonic() + timeout
     db = database()
@@ -136,6 +146,8 @@ def predict(body: dict[str, Any], name: str):  # noqa: ANN201
     if state == JobState.succeeded:
         return {**result, "job_id": job.id}
     if state == JobState.failed:
-        raise ApiError(422, f"Prediction failed: {(error or '').splitlines()[0]}", "prediction_failed", {"job_id": job.id})
+        raise ApiError(
+            422, f"Prediction failed: {(error or '').splitlines()[0]}", "prediction_failed", {"job_id": job.id}
+        )
     db_session().refresh(job)
     return JobSchema().dump(job), 202

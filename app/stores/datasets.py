@@ -7,7 +7,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -78,7 +78,7 @@ def create_from_upload(
     tenant_id: int,
     *,
     kind: str,
-    stream: BinaryIO,
+    stream: IO[bytes],
     filename: str | None,
     options: Mapping[str, Any],
     name: str | None = None,

@@ -5,31 +5,34 @@ Queries, spec validation and submission are the jobs store's (app.stores.jobs), 
 serialisers and the SSE generator the API's (app.api.jobs); only authentication differs
 (session cookie instead of Bearer).
 """
+
 from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Optional
+from typing import Any
 
 from flask import Response, flash, jsonify, redirect, render_template, request, url_for
+from flask.typing import ResponseReturnValue
 from marshmallow import missing
 
 from app.api import celery, database, db_session, settings, tenant_id
 from app.api.jobs import EventListSchema, JobSchema, event_stream_response
 from app.errors import ApiError, as_api_error
+from app.kinds import SpecError, all_kinds, get_kind, submittable_kinds
 from app.models import TERMINAL_STATES, Job, JobState
 from app.stores import Conflict
 from app.stores import datasets as datasets_store
 from app.stores import jobs as jobs_store
 from app.stores import models as models_store
 from app.web.blueprint import bp
-from app.kinds import SpecError, all_kinds, get_kind, submittable_kinds
 
 PAGE_SIZE = 50
 STATES = jobs_store.STATES
 
 
 # -- helpers -----------------------------------------------------------------------------
+
 
 def model_ref(job: Job) -> dict[str, Any]:
     """The model a job trains or uses. Train specs name it `model_name` (their `model` is a
@@ -42,8 +45,10 @@ def model_ref(job: Job) -> dict[str, Any]:
         name = reference.split("@", 1)[0]
     if name is None and isinstance(result.get("model"), str):
         name = result["model"]
-    version = next((v for v in (spec.get("version"), result.get("version"))
-                    if isinstance(v, int) and not isinstance(v, bool)), None)
+    version = next(
+        (v for v in (spec.get("version"), result.get("version")) if isinstance(v, int) and not isinstance(v, bool)),
+        None,
+    )
     return {"label": reference or name, "name": name, "version": version}
 
 
@@ -51,7 +56,9 @@ def dump_job(job: Job) -> dict[str, Any]:
     data = JobSchema().dump(job)
     ref = model_ref(job)
     data.update(
-        model_name=ref["label"], model_registry_name=ref["name"], model_version=ref["version"],
+        model_name=ref["label"],
+        model_registry_name=ref["name"],
+        model_version=ref["version"],
         url=url_for("web.job_detail", job_id=job.id),
         result_url=url_for("web.job_result", job_id=job.id) if job.state == JobState.succeeded else None,
         model_url=url_for("web.model_detail", name=ref["name"]) if ref["name"] else None,
@@ -60,7 +67,7 @@ def dump_job(job: Job) -> dict[str, Any]:
     return data
 
 
-def _list_args() -> tuple[dict[str, Any], Optional[str]]:
+def _list_args() -> tuple[dict[str, Any], str | None]:
     args: dict[str, Any] = {}
     problem = None
     state = request.args.get("state") or ""
@@ -81,10 +88,16 @@ def _list_args() -> tuple[dict[str, Any], Optional[str]]:
     return args, problem
 
 
-def query_jobs(args: dict[str, Any], limit: int = PAGE_SIZE) -> tuple[list[Job], Optional[int]]:
+def query_jobs(args: dict[str, Any], limit: int = PAGE_SIZE) -> tuple[list[Job], int | None]:
     """GET /api/v1/jobs's page (the jobs store's): newest first, filtered, keyset-paged by id."""
-    page = jobs_store.list_page(db_session(), tenant_id(), state=args.get("state"), kind=args.get("kind"),
-                                limit=limit, cursor=args.get("cursor"))
+    page = jobs_store.list_page(
+        db_session(),
+        tenant_id(),
+        state=args.get("state"),
+        kind=args.get("kind"),
+        limit=limit,
+        cursor=args.get("cursor"),
+    )
     return page["items"], page["next_cursor"]
 
 
@@ -99,11 +112,15 @@ def spec_fields(kind: Any) -> list[dict[str, Any]]:
         default = field.load_default
         if callable(default):
             default = default()
-        rows.append({
-            "name": name, "type": type(field).__name__, "required": field.required,
-            "default": None if default is missing else default,
-            "description": (field.metadata or {}).get("description", ""),
-        })
+        rows.append(
+            {
+                "name": name,
+                "type": type(field).__name__,
+                "required": field.required,
+                "default": None if default is missing else default,
+                "description": (field.metadata or {}).get("description", ""),
+            }
+        )
     return rows
 
 
@@ -128,71 +145,86 @@ def _submit_from_form(kind: str, spec: dict[str, Any], priority: int = 0) -> Job
     # One idempotency key per rendered form: a double click or a resubmitted POST gives one job.
     token = (request.form.get("form_id") or "")[:64]
     key = f"web-form-{token}" if token else None
-    job, created = jobs_store.submit(db_session(), celery(), database(), settings(), tenant_id(), kind, spec,
-                                     priority=priority, idempotency_key=key)
+    job, created = jobs_store.submit(
+        db_session(), celery(), database(), settings(), tenant_id(), kind, spec, priority=priority, idempotency_key=key
+    )
     flash(f"Job #{job.id} submitted." if created else f"Job #{job.id} was already submitted from this form.", "info")
     return job
 
 
 # -- pages -------------------------------------------------------------------------------
 
+
 @bp.get("/")
-def index():  # noqa: ANN201
+def index() -> ResponseReturnValue:
     return redirect(url_for("web.jobs"))
 
 
 @bp.get("/jobs")
-def jobs():  # noqa: ANN201
+def jobs() -> ResponseReturnValue:
     args, problem = _list_args()
     if problem:
         flash(problem, "error")
     items, next_cursor = query_jobs(args)
     return render_template(
-        "jobs.html", jobs=[dump_job(j) for j in items], next_cursor=next_cursor, filters=args,
-        states=STATES, kinds=kind_names(), counts=jobs_store.state_counts(db_session(), tenant_id()),
+        "jobs.html",
+        jobs=[dump_job(j) for j in items],
+        next_cursor=next_cursor,
+        filters=args,
+        states=STATES,
+        kinds=kind_names(),
+        counts=jobs_store.state_counts(db_session(), tenant_id()),
     )
 
 
 @bp.get("/jobs/<int:job_id>")
-def job_detail(job_id: int):  # noqa: ANN201
+def job_detail(job_id: int) -> ResponseReturnValue:
     job = jobs_store.get(db_session(), tenant_id(), job_id)
     return render_template("job.html", job=dump_job(job))
 
 
 @bp.post("/jobs/<int:job_id>/cancel")
-def job_cancel(job_id: int):  # noqa: ANN201
+def job_cancel(job_id: int) -> ResponseReturnValue:
     try:
         job, state = jobs_store.request_cancel(db_session(), tenant_id(), job_id)
     except Conflict:
         job = jobs_store.get(db_session(), tenant_id(), job_id)
         flash(f"Job #{job.id} already {job.state.value}.", "error")
     else:
-        flash(f"Job #{job.id} cancelled." if state == JobState.cancelled
-              else f"Cancel requested: job #{job.id} stops at its next checkpoint.", "info")
+        flash(
+            f"Job #{job.id} cancelled."
+            if state == JobState.cancelled
+            else f"Cancel requested: job #{job.id} stops at its next checkpoint.",
+            "info",
+        )
     return redirect(url_for("web.job_detail", job_id=job_id))
 
 
 @bp.get("/jobs/<int:job_id>/result")
-def job_result(job_id: int):  # noqa: ANN201
+def job_result(job_id: int) -> ResponseReturnValue:
     """The result download (what GET /api/v1/jobs/<id>/result serves, as an attachment)."""
     job = jobs_store.succeeded(db_session(), tenant_id(), job_id)
     kind = get_kind(job.kind)
     if kind is not None and kind.render_result is not None:
         return kind.render_result(job, request.args, settings())
     body = json.dumps(job.result or {}, indent=2, sort_keys=True, default=str)
-    return Response(body, mimetype="application/json",
-                    headers={"Content-Disposition": f'attachment; filename="job-{job.id}-result.json"'})
+    return Response(
+        body,
+        mimetype="application/json",
+        headers={"Content-Disposition": f'attachment; filename="job-{job.id}-result.json"'},
+    )
 
 
 @bp.route("/jobs/new", methods=["GET", "POST"])
-def job_new():  # noqa: ANN201
+def job_new() -> ResponseReturnValue:
     kinds = submittable_kinds()
     kind_name = request.values.get("kind") or ("sleep" if "sleep" in kinds else next(iter(kinds), ""))
     kind = kinds.get(kind_name)
     defaults = {name: json.dumps(default_spec(k), indent=2) for name, k in kinds.items()}
-    form = {"kind": kind_name, "spec": defaults.get(kind_name, "{}"), "priority": "0",
-            "form_id": uuid.uuid4().hex}
-    error, errors, status = None, {}, 200
+    form = {"kind": kind_name, "spec": defaults.get(kind_name, "{}"), "priority": "0", "form_id": uuid.uuid4().hex}
+    error: str | None = None
+    errors: dict[str, Any] = {}
+    status = 200
     if request.method == "POST":
         form.update({k: request.form.get(k, form[k]) for k in ("spec", "priority", "form_id")})
         try:
@@ -210,19 +242,38 @@ def job_new():  # noqa: ANN201
                 err = as_api_error(exc)
                 error, errors, status = err.message, field_errors(err) or (err.details or {}), err.status
     return render_template(
-        "job_new.html", kinds=kinds, kind=kind, form=form, defaults=defaults, error=error, errors=errors,
+        "job_new.html",
+        kinds=kinds,
+        kind=kind,
+        form=form,
+        defaults=defaults,
+        error=error,
+        errors=errors,
         fields=spec_fields(kind) if kind else [],
     ), status
 
 
 @bp.route("/train/new", methods=["GET", "POST"])
-def train_new():  # noqa: ANN201
-    defaults = {"model_name": "", "dataset_id": request.args.get("dataset_id", ""), "arch": "rnn",
-                "task": "regression", "target": "", "epochs": "10", "batch_size": "64", "lr": "0.001",
-                "seed": "0", "device": "auto", "model": "{}", "early_stopping_patience": "",
-                "form_id": uuid.uuid4().hex}
+def train_new() -> ResponseReturnValue:
+    defaults = {
+        "model_name": "",
+        "dataset_id": request.args.get("dataset_id", ""),
+        "arch": "rnn",
+        "task": "regression",
+        "target": "",
+        "epochs": "10",
+        "batch_size": "64",
+        "lr": "0.001",
+        "seed": "0",
+        "device": "auto",
+        "model": "{}",
+        "early_stopping_patience": "",
+        "form_id": uuid.uuid4().hex,
+    }
     form = dict(defaults)
-    error, errors, status = None, {}, 200
+    error: str | None = None
+    errors: dict[str, Any] = {}
+    status = 200
     if request.method == "POST":
         form.update({k: (request.form.get(k) or "").strip() for k in defaults})
         spec, errors = _train_spec(form)
@@ -236,12 +287,19 @@ def train_new():  # noqa: ANN201
                 err = as_api_error(exc)
                 error, errors, status = err.message, field_errors(err), err.status
     datasets = datasets_store.of_kinds(db_session(), tenant_id(), kinds=("sequences", "images"))
-    return render_template("train_new.html", form=form, error=error, errors=errors, datasets=datasets,
-                           available="train" in submittable_kinds()), status
+    return render_template(
+        "train_new.html",
+        form=form,
+        error=error,
+        errors=errors,
+        datasets=datasets,
+        available="train" in submittable_kinds(),
+    ), status
 
 
-def _number(form: dict[str, str], name: str, cast: type, errors: dict[str, Any], spec: dict[str, Any],
-            required: bool = True) -> None:
+def _number(
+    form: dict[str, str], name: str, cast: type, errors: dict[str, Any], spec: dict[str, Any], required: bool = True
+) -> None:
     raw = form.get(name, "")
     if raw == "":
         if required:
@@ -254,8 +312,12 @@ def _number(form: dict[str, str], name: str, cast: type, errors: dict[str, Any],
 
 
 def _train_spec(form: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    spec: dict[str, Any] = {"model_name": form["model_name"], "arch": form["arch"], "task": form["task"],
-                            "device": form["device"] or "auto"}
+    spec: dict[str, Any] = {
+        "model_name": form["model_name"],
+        "arch": form["arch"],
+        "task": form["task"],
+        "device": form["device"] or "auto",
+    }
     errors: dict[str, Any] = {}
     if not form["model_name"]:
         errors["model_name"] = ["Required."]
@@ -272,16 +334,23 @@ def _train_spec(form: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
             raise ValueError
         spec["model"] = model
     except ValueError:
-        errors["model"] = ["Architecture parameters must be a JSON object, e.g. {\"hidden_size\": 128}."]
+        errors["model"] = ['Architecture parameters must be a JSON object, e.g. {"hidden_size": 128}.']
     return spec, errors
 
 
 @bp.route("/score/new", methods=["GET", "POST"])
-def score_new():  # noqa: ANN201
-    defaults = {"model": request.args.get("model", ""), "library_id": request.args.get("library_id", ""),
-                "top_k": "100", "output": "csv", "form_id": uuid.uuid4().hex}
+def score_new() -> ResponseReturnValue:
+    defaults = {
+        "model": request.args.get("model", ""),
+        "library_id": request.args.get("library_id", ""),
+        "top_k": "100",
+        "output": "csv",
+        "form_id": uuid.uuid4().hex,
+    }
     form = dict(defaults)
-    error, errors, status = None, {}, 200
+    error: str | None = None
+    errors: dict[str, Any] = {}
+    status = 200
     if request.method == "POST":
         form.update({k: (request.form.get(k) or "").strip() for k in defaults})
         spec: dict[str, Any] = {"model": form["model"], "output": form["output"] or "csv"}
@@ -298,45 +367,54 @@ def score_new():  # noqa: ANN201
             except SpecError as exc:
                 err = as_api_error(exc)
                 error, errors, status = err.message, field_errors(err), err.status
-    return render_template("score_new.html", form=form, error=error, errors=errors,
-                           libraries=datasets_store.of_kinds(db_session(), tenant_id(), kinds=("library",)),
-                           models=models_store.references(db_session(), tenant_id()),
-                           available="score" in submittable_kinds()), status
+    return render_template(
+        "score_new.html",
+        form=form,
+        error=error,
+        errors=errors,
+        libraries=datasets_store.of_kinds(db_session(), tenant_id(), kinds=("library",)),
+        models=models_store.references(db_session(), tenant_id()),
+        available="score" in submittable_kinds(),
+    ), status
 
 
 # -- session-authenticated JSON / SSE twins of the API (GET only) ------------------------
 
+
 @bp.get("/ui/api/jobs")
-def ui_jobs():  # noqa: ANN201
+def ui_jobs() -> ResponseReturnValue:
     args, problem = _list_args()
     if problem:
         raise ApiError(422, problem, "validation_error")
     try:
         limit = min(max(int(request.args.get("limit", PAGE_SIZE)), 1), 500)
     except ValueError:
-        raise ApiError(422, "limit must be an integer", "validation_error")
+        raise ApiError(422, "limit must be an integer", "validation_error") from None
     items, next_cursor = query_jobs(args, limit)
-    return jsonify(items=[dump_job(j) for j in items], next_cursor=next_cursor,
-                   counts=jobs_store.state_counts(db_session(), tenant_id()))
+    return jsonify(
+        items=[dump_job(j) for j in items],
+        next_cursor=next_cursor,
+        counts=jobs_store.state_counts(db_session(), tenant_id()),
+    )
 
 
 @bp.get("/ui/api/jobs/<int:job_id>")
-def ui_job(job_id: int):  # noqa: ANN201
+def ui_job(job_id: int) -> ResponseReturnValue:
     return jsonify(dump_job(jobs_store.get(db_session(), tenant_id(), job_id)))
 
 
 @bp.get("/ui/api/jobs/<int:job_id>/events")
-def ui_job_events(job_id: int):  # noqa: ANN201
+def ui_job_events(job_id: int) -> ResponseReturnValue:
     try:
         after = max(int(request.args.get("after", 0)), 0)
         limit = min(max(int(request.args.get("limit", 1000)), 1), 10_000)
     except ValueError:
         jobs_store.get(db_session(), tenant_id(), job_id)  # another tenant's job: 404 before 422
-        raise ApiError(422, "after and limit must be integers", "validation_error")
+        raise ApiError(422, "after and limit must be integers", "validation_error") from None
     return jsonify(EventListSchema().dump(jobs_store.events_after(db_session(), tenant_id(), job_id, after, limit)))
 
 
 @bp.get("/ui/api/jobs/<int:job_id>/stream")
-def ui_job_stream(job_id: int):  # noqa: ANN201
+def ui_job_stream(job_id: int) -> ResponseReturnValue:
     job = jobs_store.get(db_session(), tenant_id(), job_id)
     return event_stream_response(job.id)

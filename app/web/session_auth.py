@@ -5,14 +5,16 @@ request re-reads the key: a revoked key signs the browser out at its next click.
 CSRF token is random per session, rendered into every form as a hidden field and compared
 in constant time on every POST (or sent as X-CSRF-Token by scripts).
 """
+
 from __future__ import annotations
 
 import hmac
 import secrets
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlsplit
 
-from flask import abort, flash, g, redirect, render_template, request, session, url_for
+from flask import Response, abort, flash, g, redirect, render_template, request, session, url_for
+from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 from werkzeug.exceptions import HTTPException
 
@@ -52,18 +54,23 @@ def is_ui_api() -> bool:
     return request.path.startswith(UI_API_PREFIX)
 
 
-def _load_signed_in_key() -> Optional[tuple[ApiKey, Tenant]]:
+def _load_signed_in_key() -> tuple[ApiKey, Tenant] | None:
     key_id, tenant = session.get("key_id"), session.get("tenant_id")
     if not isinstance(key_id, int) or not isinstance(tenant, int):
         return None
-    row = db_session().execute(
-        select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id)
-        .where(ApiKey.id == key_id, ApiKey.tenant_id == tenant, ApiKey.revoked_at.is_(None))
-    ).first()
+    row = (
+        db_session()
+        .execute(
+            select(ApiKey, Tenant)
+            .join(Tenant, Tenant.id == ApiKey.tenant_id)
+            .where(ApiKey.id == key_id, ApiKey.tenant_id == tenant, ApiKey.revoked_at.is_(None))
+        )
+        .first()
+    )
     return (row[0], row[1]) if row else None
 
 
-def _safe_next(target: Optional[str]) -> Optional[str]:
+def _safe_next(target: str | None) -> str | None:
     """Only same-site relative paths, never //host or scheme URLs (no open redirect)."""
     if not target:
         return None
@@ -79,7 +86,7 @@ def _template_globals() -> dict[str, Any]:
 
 
 @bp.before_request
-def _guard():  # noqa: ANN202
+def _guard() -> ResponseReturnValue | None:
     if request.method not in SAFE_METHODS:
         if is_ui_api():
             abort(405)  # the JSON twins are read-only; changes go through forms (with CSRF)
@@ -107,7 +114,7 @@ def _guard():  # noqa: ANN202
 
 
 @bp.after_request
-def _security_headers(response):  # noqa: ANN001, ANN202
+def _security_headers(response: Response) -> Response:
     response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("X-Frame-Options", "DENY")
@@ -118,7 +125,7 @@ def _security_headers(response):  # noqa: ANN001, ANN202
 
 
 @bp.route("/login", methods=["GET", "POST"])
-def login():  # noqa: ANN201
+def login() -> ResponseReturnValue:
     nxt = _safe_next(request.values.get("next"))
     if request.method == "GET":
         if _load_signed_in_key() is not None:
@@ -138,7 +145,7 @@ def login():  # noqa: ANN201
 
 
 @bp.route("/logout", methods=["POST"])
-def logout():  # noqa: ANN201
+def logout() -> ResponseReturnValue:
     session.clear()
     flash("Signed out.", "info")
     return redirect(url_for("web.login"))
@@ -146,11 +153,19 @@ def logout():  # noqa: ANN201
 
 # -- errors: HTML pages for pages, the API's JSON body for /ui/api ----------------------
 
-_TITLES = {400: "Bad request", 401: "Not signed in", 403: "Forbidden", 404: "Not found",
-           405: "Method not allowed", 409: "Conflict", 413: "Too large", 422: "Invalid input"}
+_TITLES = {
+    400: "Bad request",
+    401: "Not signed in",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Too large",
+    422: "Invalid input",
+}
 
 
-def error_page(status: int, message: str, code: Optional[str] = None, details: Any = None):  # noqa: ANN201
+def error_page(status: int, message: str, code: str | None = None, details: Any = None) -> ResponseReturnValue:
     if is_ui_api():
         return error_response(status, message, code, details)
     title = _TITLES.get(status, "Error")
@@ -158,15 +173,19 @@ def error_page(status: int, message: str, code: Optional[str] = None, details: A
 
 
 @bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException):  # noqa: ANN202
+def _http_error(exc: HTTPException) -> ResponseReturnValue:
     status = exc.code or 500
     default = type(exc).description
-    message = exc.description if exc.description and exc.description != default else {
-        404: "There is nothing here, or it belongs to another tenant.",
-    }.get(status, exc.description or "")
+    message = (
+        exc.description
+        if exc.description and exc.description != default
+        else {
+            404: "There is nothing here, or it belongs to another tenant.",
+        }.get(status, exc.description or "")
+    )
     return error_page(status, message)
 
 
 @bp.errorhandler(ApiError)
-def _api_error(exc: ApiError):  # noqa: ANN202
+def _api_error(exc: ApiError) -> ResponseReturnValue:
     return error_page(exc.status, exc.message, exc.code, exc.details)

@@ -209,7 +209,7 @@ def test_republish_sends_reaped_units_even_when_their_old_message_is_unacked(db:
             assert [r.state for r in jobs.reap_stale(s, 60)] == [JobState.queued]
         assert dispatch.republish(celery, db, settings) == 1
         assert dispatch.republish(celery, db, settings) == 0  # stamped: not sent twice
-        queued = [m for m in client.lrange("cpu", 0, -1)]
+        queued = client.lrange("cpu", 0, -1)
         assert len(queued) == 2 and all(dispatch.job_id_from_task_id(json.loads(m)["headers"]["id"]) == job_id
                                         for m in queued)
         assert dispatch.units_in_broker(client, queue_names(settings))["job"] == {(job_id,)}
