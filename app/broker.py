@@ -1,5 +1,5 @@
 """The Celery *client*: enough to publish job ids. The broker carries ids only; the SQL
-database is the record. Workers build on this (workers.celery_app registers the tasks)."""
+database is the record. Workers build on this (workers.tasks.worker_celery adds the tasks)."""
 
 from __future__ import annotations
 

@@ -7,11 +7,13 @@ anything that fails in between, and every unit that went back to claimable (reap
 released), is published by the one republish path, `republish`, which the maintenance
 tick runs.
 """
+
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
@@ -24,8 +26,9 @@ from app.db import Database
 log = logging.getLogger(__name__)
 
 
-def publish(celery: Celery, db: Database, kind: leases.LeaseKind, items: Iterable[tuple[leases.Key, str]],
-            stamp: bool = True) -> int:
+def publish(
+    celery: Celery, db: Database, kind: leases.LeaseKind, items: Iterable[tuple[leases.Key, str]], stamp: bool = True
+) -> int:
     """Publish (key, queue) pairs of one kind and stamp published_at (unless the caller already
     did); returns how many went out. A broker failure stops the batch: the units stay
     claimable and `republish` sends them later."""
@@ -35,9 +38,14 @@ def publish(celery: Celery, db: Database, kind: leases.LeaseKind, items: Iterabl
         try:
             # Declaring the queue on every publish re-creates kombu's routing binding if Redis lost
             # it (FLUSHALL, restart without persistence); otherwise the message would be dropped.
-            celery.send_task(kind.task, args=list(key), queue=queue, task_id=kind.task_id(key),
-                             declare=[Queue(queue, Exchange(queue, type="direct"), routing_key=queue)])
-        except Exception:  # noqa: BLE001  (broker down: the reconciler retries)
+            celery.send_task(
+                kind.task,
+                args=list(key),
+                queue=queue,
+                task_id=kind.task_id(key),
+                declare=[Queue(queue, Exchange(queue, type="direct"), routing_key=queue)],
+            )
+        except Exception:
             log.warning("publishing %s %s failed; it stays for the reconciler", kind.name, key, exc_info=True)
             break
         sent.append(key)
@@ -112,7 +120,12 @@ def republish(celery: Celery, db: Database, settings: Settings) -> int:
                 leases.mark_published(s, kind, waiting)
         if missing:
             lost = sum(1 for c in cs if c.published and c.key not in held)
-            log.log(logging.WARNING if lost else logging.INFO, "publishing %d %s units (%d missing from the broker)",
-                    len(missing), kind.name, lost)
+            log.log(
+                logging.WARNING if lost else logging.INFO,
+                "publishing %d %s units (%d missing from the broker)",
+                len(missing),
+                kind.name,
+                lost,
+            )
             sent += publish(celery, db, kind, missing)
     return sent

@@ -6,9 +6,11 @@ appends a job_events row in the same transaction. A job is a leased unit like an
 (app/leases.py): claim, heartbeat, attempt fencing and reaping are the shared lease code,
 which changes a job's state only through `transition` here (the job lease's hook).
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -38,12 +40,12 @@ def transition(
     *,
     from_states: Iterable[JobState],
     to: JobState,
-    attempt: Optional[int] = None,
+    attempt: int | None = None,
     extra_where: tuple = (),
-    values: Optional[dict[str, Any]] = None,
-    event: Optional[dict[str, Any]] = None,
+    values: dict[str, Any] | None = None,
+    event: dict[str, Any] | None = None,
     returning: tuple = (),
-) -> Optional[Sequence[Any]]:
+) -> Sequence[Any] | None:
     """The one state change: compare-and-set plus its event. Returns (attempts, *returning),
     or None when the job was not in from_states (or not at `attempt`)."""
     from_states = tuple(from_states)
@@ -74,7 +76,7 @@ def submit(
     queue: str,
     priority: int = 0,
     max_attempts: int = 3,
-    idempotency_key: Optional[str] = None,
+    idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
     """Insert a queued job (and its first event). Returns (job, created).
 
@@ -82,14 +84,20 @@ def submit(
     The caller commits before publishing to the broker.
     """
     if idempotency_key:
-        existing = session.scalar(
-            select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
-        )
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
         if existing is not None:
             return existing, False
     job = Job(
-        tenant_id=tenant_id, kind=kind, spec=spec, state=Q, queue=queue, priority=priority,
-        max_attempts=max_attempts, idempotency_key=idempotency_key, created_at=utcnow(), event_seq=0,
+        tenant_id=tenant_id,
+        kind=kind,
+        spec=spec,
+        state=Q,
+        queue=queue,
+        priority=priority,
+        max_attempts=max_attempts,
+        idempotency_key=idempotency_key,
+        created_at=utcnow(),
+        event_seq=0,
         # Stamped now, published right after commit: if that publish fails, the reconciler
         # finds no broker message once the grace period has passed and publishes again.
         published_at=utcnow(),
@@ -100,9 +108,7 @@ def submit(
             session.flush()
     except IntegrityError:
         # Lost a race with a concurrent submit carrying the same key.
-        existing = session.scalar(
-            select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
-        )
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
         if existing is None:
             raise
         return existing, False
@@ -110,7 +116,7 @@ def submit(
     return job, True
 
 
-def claim(session: Session, job_id: int, worker: str) -> Optional[int]:
+def claim(session: Session, job_id: int, worker: str) -> int | None:
     """queued -> running, atomically. Returns the attempt number, or None if another
     delivery (or a cancel) got there first."""
     row = leases.claim(session, LEASE, job_id, worker)
@@ -121,11 +127,13 @@ def report_progress(
     session: Session, job_id: int, attempt: int, progress: float, message: str = "", **data: Any
 ) -> bool:
     progress = min(max(float(progress), 0.0), 1.0)
-    res = session.execute(
-        update(Job).where(Job.id == job_id, Job.state == R, Job.attempts == attempt)
+    owned = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == R, Job.attempts == attempt)
         .values(progress=progress, message=message[:2000], heartbeat_at=utcnow())
-    )
-    if res.rowcount != 1:
+        .returning(Job.id)
+    ).first()
+    if owned is None:
         return False
     append_event(session, job_id, "progress", {"progress": progress, "message": message, **data})
     return True
@@ -148,7 +156,11 @@ def _finish_values(session: Session, job_id: int) -> dict[str, Any]:
 
 def succeed(session: Session, job_id: int, attempt: int, result: dict[str, Any]) -> bool:
     return _transition(
-        session, job_id, from_states=[R], to=JobState.succeeded, attempt=attempt,
+        session,
+        job_id,
+        from_states=[R],
+        to=JobState.succeeded,
+        attempt=attempt,
         values={"result": result, "progress": 1.0, "message": "succeeded", **_finish_values(session, job_id)},
         event={"from": R.value},
     )
@@ -156,16 +168,24 @@ def succeed(session: Session, job_id: int, attempt: int, result: dict[str, Any])
 
 def fail(session: Session, job_id: int, attempt: int, error: str) -> bool:
     return _transition(
-        session, job_id, from_states=[R], to=JobState.failed, attempt=attempt,
+        session,
+        job_id,
+        from_states=[R],
+        to=JobState.failed,
+        attempt=attempt,
         values={"error": error[:10000], "message": "failed", **_finish_values(session, job_id)},
         event={"from": R.value, "error": error[:2000]},
     )
 
 
-def mark_cancelled(session: Session, job_id: int, attempt: int, result: Optional[dict] = None) -> bool:
+def mark_cancelled(session: Session, job_id: int, attempt: int, result: dict | None = None) -> bool:
     """The running attempt stopped cooperatively after a cancel request."""
     return _transition(
-        session, job_id, from_states=[R], to=JobState.cancelled, attempt=attempt,
+        session,
+        job_id,
+        from_states=[R],
+        to=JobState.cancelled,
+        attempt=attempt,
         values={"message": "cancelled", "result": result, **_finish_values(session, job_id)},
         event={"from": R.value},
     )
@@ -176,18 +196,23 @@ def request_cancel(session: Session, job_id: int) -> JobState:
     between batches. Returns the state after the request."""
     now = utcnow()
     if _transition(
-        session, job_id, from_states=[Q], to=JobState.cancelled,
+        session,
+        job_id,
+        from_states=[Q],
+        to=JobState.cancelled,
         values={"cancel_requested": True, "finished_at": now, "message": "cancelled"},
         event={"from": Q.value, "reason": "cancel requested"},
     ):
         return JobState.cancelled
-    res = session.execute(
-        update(Job).where(Job.id == job_id, Job.state == R, Job.cancel_requested.is_(False))
+    flagged = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == R, Job.cancel_requested.is_(False))
         .values(cancel_requested=True, message="cancel requested")
-    )
-    if res.rowcount == 1:
+        .returning(Job.id)
+    ).first()
+    if flagged is not None:
         append_event(session, job_id, "cancel_requested", {})
-    return session.scalar(select(Job.state).where(Job.id == job_id))
+    return session.execute(select(Job.state).where(Job.id == job_id)).scalar_one()
 
 
 def reap_stale(session: Session, timeout_s: float) -> list[leases.Reaped]:
@@ -197,7 +222,7 @@ def reap_stale(session: Session, timeout_s: float) -> list[leases.Reaped]:
     return leases.reap(session, LEASE, timeout_s)
 
 
-def _leave_values(session: Session, job_id: int, to: JobState, error: Optional[str]) -> dict[str, Any]:
+def _leave_values(session: Session, job_id: int, to: JobState, error: str | None) -> dict[str, Any]:
     """What a running job's row gets when its lease ends without success."""
     if to == Q:
         return {"worker": None, "message": f"{error}; re-queued" if error else "re-queued", "published_at": None}
@@ -206,11 +231,23 @@ def _leave_values(session: Session, job_id: int, to: JobState, error: Optional[s
     return {"message": "cancelled", **_finish_values(session, job_id)}
 
 
-LEASE = leases.register(leases.LeaseKind(
-    name="job", model=Job, claimable=Q, running=R, done=JobState.succeeded, failed=JobState.failed,
-    cancelled=JobState.cancelled, task=RUN_JOB, key=(Job.id,), job_id=Job.id,
-    claim_values={"error": None, "message": "started"}, leave_values=_leave_values, transition=transition,
-))
+LEASE = leases.register(
+    leases.LeaseKind(
+        name="job",
+        model=Job,
+        claimable=Q,
+        running=R,
+        done=JobState.succeeded,
+        failed=JobState.failed,
+        cancelled=JobState.cancelled,
+        task=RUN_JOB,
+        key=(Job.id,),
+        job_id=Job.id,
+        claim_values={"error": None, "message": "started"},
+        leave_values=_leave_values,
+        transition=transition,
+    )
+)
 
 
 def count_by_state(session: Session) -> dict[str, int]:

@@ -187,7 +187,7 @@ def run(quick: bool = False, jobs: int | None = None, profile: bool = True, diag
             while time.monotonic() < t_end:
                 platform_block(api, st, 10, extra)
             focus = {"worker": ["execute_job", "claim", "kind_for", "JobContext.start_heartbeat", "run (workers/kinds/sleep.py",
-                                "JobContext.check_cancel", "JobContext._beat", "JobContext.progress", "succeed",
+                                "JobContext.check_cancel", "Lease.beat", "JobContext.progress", "succeed",
                                 "free_accelerator_memory", "JobContext.stop_heartbeat", "Session.commit"],
                      "web": ["require_api_key", "authenticate", "validate (app/stores/jobs.py", "submit (app/api/jobs.py", "submit (app/jobs.py", "submit (app/stores/jobs.py",
                              "Session.commit", "publish_jobs", "publish", "mark_published", "Session.refresh",

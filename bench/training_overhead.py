@@ -238,7 +238,7 @@ def compare_paths(st: Stack, api: Api, worker_pid: int, payload: dict[str, Any],
 
 
 TRAIN_FOCUS = ["fit", "train_one_epoch", "evaluate", "save_checkpoint", "_cpu_state", "on_epoch", "on_progress",
-               "JobContext.metric", "JobContext.progress", "JobContext.should_stop", "JobContext._beat",
+               "JobContext.metric", "JobContext.progress", "JobContext.should_stop", "Lease.beat",
                "JobContext._heartbeat_loop", "append_event", "Session.commit", "_check_stop", "on_batch", "report"]
 
 

@@ -10,12 +10,14 @@
 `lost` means this attempt no longer owns the unit: it must not write anything for it.
 `cancelled` means its job was cancelled or has ended: stop between batches.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from app import leases
 from app.db import Database
@@ -24,8 +26,17 @@ log = logging.getLogger(__name__)
 
 
 class Lease:
-    def __init__(self, db: Database, kind: leases.LeaseKind, unit_id: int, attempt: int, interval_s: float, *,
-                 extra: Optional[Callable[[], dict[str, Any]]] = None, name: str = "") -> None:
+    def __init__(
+        self,
+        db: Database,
+        kind: leases.LeaseKind,
+        unit_id: int,
+        attempt: int,
+        interval_s: float,
+        *,
+        extra: Callable[[], dict[str, Any]] | None = None,
+        name: str = "",
+    ) -> None:
         self.db, self.kind, self.unit_id, self.attempt = db, kind, unit_id, attempt
         self.interval_s = interval_s
         self.extra = extra  # columns written with every beat, e.g. a shard's rows_done
@@ -33,7 +44,7 @@ class Lease:
         self._lost = threading.Event()
         self._cancelled = threading.Event()
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._last_beat = time.monotonic()  # the claim just stamped heartbeat_at
 
     @property
@@ -48,9 +59,10 @@ class Lease:
         """One heartbeat now. A DB error is logged and left to the next beat."""
         try:
             with self.db.session() as s:
-                beat = leases.heartbeat(s, self.kind, self.unit_id, self.attempt,
-                                        self.extra() if self.extra is not None else None)
-        except Exception:  # noqa: BLE001  (a DB blip must not kill the work)
+                beat = leases.heartbeat(
+                    s, self.kind, self.unit_id, self.attempt, self.extra() if self.extra is not None else None
+                )
+        except Exception:
             log.warning("heartbeat of %s %s failed", self.kind.name, self.unit_id, exc_info=True)
             return
         self._last_beat = time.monotonic()
@@ -59,7 +71,7 @@ class Lease:
         elif beat.cancel:
             self._cancelled.set()
 
-    def check(self, poll_s: Optional[float] = None) -> bool:
+    def check(self, poll_s: float | None = None) -> bool:
         """True once the work must stop (lost or cancelled). With poll_s, beat now first if the
         last beat is older than that (a cancel is then seen within poll_s)."""
         if not (self.lost or self.cancelled) and poll_s is not None and time.monotonic() - self._last_beat >= poll_s:

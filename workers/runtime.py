@@ -1,5 +1,6 @@
 """What a running job sees: progress/metric reporting, cancel checks, its lease (a heartbeat
 thread, workers/lease.py), its artifact and scratch directories."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from app import artifacts, jobs
 from app.config import Settings
@@ -48,8 +49,18 @@ class JobLost(Exception):
 
 
 class JobContext:
-    def __init__(self, db: Database, settings: Settings, job_id: int, attempt: int, tenant_id: int,
-                 spec: dict[str, Any], celery: Any = None, worker: str = "", hub: Optional[EventHub] = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        job_id: int,
+        attempt: int,
+        tenant_id: int,
+        spec: dict[str, Any],
+        celery: Any = None,
+        worker: str = "",
+        hub: EventHub | None = None,
+    ) -> None:
         self.db, self.settings, self.job_id, self.attempt = db, settings, job_id, attempt
         self.tenant_id, self.spec, self.celery, self.worker = tenant_id, spec, celery, worker
         self.hub = hub  # wakes a job waiting on others' work (a scoring parent on its shards)

@@ -1,6 +1,7 @@
 """Celery entry points (claim a job, run its kind under a lease, record the outcome; score
 one shard), plus the maintenance tick that `medmaas beat` runs: reap stale leases of every
 kind, clean up ended jobs' scratch, republish what the broker lost."""
+
 from __future__ import annotations
 
 import gc
@@ -9,7 +10,7 @@ import os
 import socket
 import sys
 import traceback
-from typing import Any, Optional
+from typing import Any
 
 from celery import Celery
 from sqlalchemy import select
@@ -25,9 +26,9 @@ from workers.runtime import JobCancelled, JobContext, JobLost, remove_scratch
 
 log = logging.getLogger(__name__)
 
-_db: Optional[Database] = None
-_hub: Optional[EventHub] = None
-_hub_url: Optional[str] = None
+_db: Database | None = None
+_hub: EventHub | None = None
+_hub_url: str | None = None
 
 
 def get_db(settings: Settings) -> Database:
@@ -73,8 +74,9 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
         log.info("job %s: not claimable (duplicate delivery or cancelled); skipping", job_id)
         return "skipped"
     kind = kind_for(job.kind)
-    ctx = JobContext(db, settings, job_id, attempt, job.tenant_id, job.spec, celery=celery, worker=worker,
-                     hub=get_hub(settings))
+    ctx = JobContext(
+        db, settings, job_id, attempt, job.tenant_id, job.spec, celery=celery, worker=worker, hub=get_hub(settings)
+    )
     if kind is None:
         with db.session() as s:
             jobs.fail(s, job_id, attempt, f"no handler for job kind {job.kind!r} on this worker")
@@ -89,7 +91,7 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
     except JobLost:
         log.warning("job %s attempt %s was taken over; dropping this attempt", job_id, attempt)
         return "lost"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.exception("job %s failed", job_id)
         message = f"{type(exc).__name__}: {exc}"
         cancelled = ctx.should_stop(poll_s=0) and not ctx.lost  # cancelled while failing: cancel wins
@@ -147,13 +149,11 @@ def register_tasks(celery: Celery, settings: Settings) -> None:
         return run_shard_task(get_db(settings), settings, celery, int(job_id), int(index), worker_name())
 
 
-
 def worker_celery(settings: Settings) -> Celery:
     """The Celery app a worker process runs: the client configuration plus the tasks."""
     celery = create_celery(settings)
     register_tasks(celery, settings)
     return celery
-
 
 
 def run_maintenance_forever(settings: Settings, stop: Any = None) -> None:
@@ -169,6 +169,6 @@ def run_maintenance_forever(settings: Settings, stop: Any = None) -> None:
         try:
             reap(db, settings)
             reconcile(db, settings, celery)
-        except Exception:  # noqa: BLE001  (DB or broker down: try again next tick)
+        except Exception:
             log.warning("maintenance tick failed", exc_info=True)
         stop.wait(settings.reaper_interval_s)

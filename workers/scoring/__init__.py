@@ -1,13 +1,12 @@
 """Batch scoring of drug libraries (the `score` job kind, workers/kinds/score.py).
 
-    shards.py       the score_shards table: compare-and-set claims fenced by attempt,
-                    heartbeats, publishing shard messages, reaping and reconciling
+    shards.py       the score_shards table as a lease kind (app/leases.py claims, heartbeats,
+                    reaps and republishes it like a job), shard creation and summaries
     source.py       which file shards read (a gzip library is decompressed once per job)
                     and which columns hold the SMILES and ids
     rdkit_child.py  row checks + RDKit canonicalisation; the loop of a pool child process
     canon.py        the pool of RDKit child processes (fresh interpreters over pipes)
-    table.py        the output table: per-shard Parquet parts, the ordered merge, top-K,
-                    CSV streaming from Parquet
+    table.py        the output table: per-shard Parquet parts, the ordered merge, top-K
     runner.py       scoring one shard (read -> canonicalise -> tokenise -> forward ->
                     write), the shard Celery task, and the parent job's loop
 

@@ -13,17 +13,20 @@ every extra worker on the queue takes shards off it. Shards are leased like jobs
 (app/leases.py, workers/lease.py); while other workers hold the last shards, the parent
 waits for their notifications (app/notify.py) instead of polling.
 """
+
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -32,6 +35,7 @@ from app import dispatch, leases
 from app.artifacts import ArtifactStore, job_dir
 from app.config import Settings
 from app.ingest import IngestLimits, iter_library_rows, library_row_offsets
+from app.kinds.score import score_files
 from app.models import TERMINAL_STATES, Dataset, Job, JobState, ModelVersion, ShardState
 from workers.lease import Lease
 from workers.runtime import remove_scratch, scratch_dir
@@ -122,13 +126,27 @@ def load_env(db: Any, settings: Settings, job_id: int, *, prepare: bool = False)
     if predictor.input["kind"] != "smiles":
         raise ValueError(f"model {mv.name} v{mv.version} takes {predictor.input['kind']}, not SMILES")
     cols = tbl.score_columns(predictor.output_names)
-    env = ScoreEnv(db=db, settings=settings, job_id=job_id, tenant_id=tenant_id, queue=queue,
-                   max_attempts=max_attempts, spec=spec, source=path, schema=schema, predictor=predictor,
-                   score_cols=cols, table_schema=tbl.table_schema(cols), scratch=scratch, limits=_limits(settings))
+    env = ScoreEnv(
+        db=db,
+        settings=settings,
+        job_id=job_id,
+        tenant_id=tenant_id,
+        queue=queue,
+        max_attempts=max_attempts,
+        spec=spec,
+        source=path,
+        schema=schema,
+        predictor=predictor,
+        score_cols=cols,
+        table_schema=tbl.table_schema(cols),
+        scratch=scratch,
+        limits=_limits(settings),
+    )
     return env, info
 
 
 # -- the per-shard pipeline -------------------------------------------------------------------
+
 
 @dataclass
 class ShardStats:
@@ -151,12 +169,18 @@ class ShardStats:
                 reason = errors[i] or "invalid"
                 self.reasons[reason.split(":", 1)[0]] += 1
                 if len(self.samples) < MAX_INVALID_SAMPLES:
-                    self.samples.append({"row": rows[i].as_py(), "smiles": (texts[i].as_py() or "")[:200],
-                                         "error": reason})
+                    self.samples.append(
+                        {"row": rows[i].as_py(), "smiles": (texts[i].as_py() or "")[:200], "error": reason}
+                    )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "valid": self.valid, "duplicates": self.duplicates,
-                "invalid_reasons": dict(self.reasons), "invalid_samples": self.samples}
+        return {
+            "rows": self.rows,
+            "valid": self.valid,
+            "duplicates": self.duplicates,
+            "invalid_reasons": dict(self.reasons),
+            "invalid_samples": self.samples,
+        }
 
 
 def _chunks(it: Iterator, size: int) -> Iterator[list]:
@@ -167,8 +191,7 @@ def _chunks(it: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
-def score_batches(rows: Iterator[tuple[int, Optional[str], str]], env: ScoreEnv, stats: ShardStats
-                  ) -> Iterator[Any]:
+def score_batches(rows: Iterator[tuple[int, str | None, str]], env: ScoreEnv, stats: ShardStats) -> Iterator[Any]:
     """(row, id, text) tuples -> Arrow record batches of the score table, in input order.
     Batch k+1 is canonicalised in the pool while batch k is tokenised, scored and written."""
     spec = env.spec
@@ -178,21 +201,23 @@ def score_batches(rows: Iterator[tuple[int, Optional[str], str]], env: ScoreEnv,
     predictor, n_out = env.predictor, len(env.score_cols)
     on_gpu = getattr(getattr(predictor, "device", None), "type", "cpu") == "cuda"
     forward_batch = batch_size if on_gpu else min(batch_size, CPU_FORWARD_BATCH)
-    seen: Optional[dict[str, np.ndarray]] = {} if dedupe else None  # per shard: bounded by score_shard_rows
+    seen: dict[str, np.ndarray] | None = {} if dedupe else None  # per shard: bounded by score_shard_rows
 
     def finish(chunk: list, handle: canon.Canonicalised) -> Any:
         canonical, errors = handle.result()
         n = len(chunk)
         scores = np.full((n, n_out), np.nan, dtype=np.float32)
-        valid_idx = [i for i, e in enumerate(errors) if e is None]
-        if valid_idx:
+        # a row without an error has its canonical SMILES
+        valid = [(i, c) for i, (c, e) in enumerate(zip(canonical, errors, strict=True)) if e is None and c is not None]
+        valid_idx = [i for i, _ in valid]
+        if valid:
             if seen is None:
-                scores[valid_idx] = predictor.score_smiles([canonical[i] for i in valid_idx],
-                                                           batch_size=forward_batch, canonical=True)[0]
+                scores[valid_idx] = predictor.score_smiles(
+                    [c for _, c in valid], batch_size=forward_batch, canonical=True
+                )[0]
             else:
                 new: dict[str, int] = {}
-                for i in valid_idx:
-                    c = canonical[i]
+                for _, c in valid:
                     if c in seen or c in new:
                         stats.duplicates += 1
                     else:
@@ -201,12 +226,19 @@ def score_batches(rows: Iterator[tuple[int, Optional[str], str]], env: ScoreEnv,
                     fresh = predictor.score_smiles(list(new), batch_size=forward_batch, canonical=True)[0]
                     for c, j in new.items():
                         seen[c] = fresh[j]
-                scores[valid_idx] = np.stack([seen[canonical[i]] for i in valid_idx])
+                scores[valid_idx] = np.stack([seen[c] for _, c in valid])
         return tbl.build_batch(
-            env.table_schema, env.score_cols, [r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk],
-            canonical if validate != "none" else [None] * n, scores, errors)
+            env.table_schema,
+            env.score_cols,
+            [r[0] for r in chunk],
+            [r[1] for r in chunk],
+            [r[2] for r in chunk],
+            canonical if validate != "none" else [None] * n,
+            scores,
+            errors,
+        )
 
-    pending: Optional[tuple[list, canon.Canonicalised]] = None
+    pending: tuple[list, canon.Canonicalised] | None = None
     try:
         for chunk in _chunks(rows, batch_size):
             handle = canon.Canonicalised([r[2] for r in chunk], validate, max_length, pool)
@@ -243,8 +275,9 @@ def cpu_threads_beside_pool(env: ScoreEnv) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def score_shard(env: ScoreEnv, claim: shards.Claim, should_stop: Callable[[], bool],
-                on_batch: Optional[Callable[[], None]] = None) -> str:
+def score_shard(
+    env: ScoreEnv, claim: shards.Claim, should_stop: Callable[[], bool], on_batch: Callable[[], None] | None = None
+) -> str:
     """Score one claimed shard into its part file and mark it done. Returns done, cancelled
     (the shard's lease saw its job cancelled or ended; the shard is released), stopped
     (should_stop(); released), lost (taken away: reaped or cancelled), failed (released as
@@ -253,19 +286,28 @@ def score_shard(env: ScoreEnv, claim: shards.Claim, should_stop: Callable[[], bo
         return _score_shard(env, claim, should_stop, on_batch)
 
 
-def _score_shard(env: ScoreEnv, claim: shards.Claim, should_stop: Callable[[], bool],
-                 on_batch: Optional[Callable[[], None]]) -> str:
+def _score_shard(
+    env: ScoreEnv, claim: shards.Claim, should_stop: Callable[[], bool], on_batch: Callable[[], None] | None
+) -> str:
     part = env.parts_dir / f"shard-{claim.index:06d}-a{claim.attempt}.parquet"
-    writer: Optional[tbl.PartWriter] = None
+    writer: tbl.PartWriter | None = None
     stats = ShardStats()
     started = time.monotonic()
     # progress (rows_done) refreshes at least every 2 s even when heartbeats are rarer
-    with Lease(env.db, leases.SHARDS, claim.id, claim.attempt, min(env.settings.heartbeat_interval_s, 2.0),
-               extra=lambda: {"rows_done": stats.rows}, name=f"shard-{claim.job_id}-{claim.index}") as lease:
+    with Lease(
+        env.db,
+        leases.SHARDS,
+        claim.id,
+        claim.attempt,
+        min(env.settings.heartbeat_interval_s, 2.0),
+        extra=lambda: {"rows_done": stats.rows},
+        name=f"shard-{claim.job_id}-{claim.index}",
+    ) as lease:
         try:
             writer = tbl.PartWriter(part, env.table_schema)
-            rows = iter_library_rows(str(env.source), env.schema, claim.start_row, claim.stop_row,
-                                     offset=claim.offset, limits=env.limits)
+            rows = iter_library_rows(
+                str(env.source), env.schema, claim.start_row, claim.stop_row, offset=claim.offset, limits=env.limits
+            )
             for batch in score_batches(rows, env, stats):
                 writer.write(batch)
                 stats.add(batch)
@@ -276,12 +318,21 @@ def _score_shard(env: ScoreEnv, claim: shards.Claim, should_stop: Callable[[], b
             writer.close()
             expected = claim.stop_row - claim.start_row
             if stats.rows != expected:
-                raise RuntimeError(f"shard {claim.index} read {stats.rows} rows from the library, expected {expected} "
-                                   f"(rows {claim.start_row}..{claim.stop_row - 1}); was the file changed?")
+                raise RuntimeError(
+                    f"shard {claim.index} read {stats.rows} rows from the library, expected {expected} "
+                    f"(rows {claim.start_row}..{claim.stop_row - 1}); was the file changed?"
+                )
             shard_stats = {**stats.to_dict(), "seconds": round(time.monotonic() - started, 3)}
             with env.db.session() as s:
-                ok = shards.finish(s, claim.id, claim.attempt, rows=stats.rows, valid=stats.valid,
-                                   output_uri=env.store.url(part), stats=shard_stats)
+                ok = shards.finish(
+                    s,
+                    claim.id,
+                    claim.attempt,
+                    rows=stats.rows,
+                    valid=stats.valid,
+                    output_uri=env.store.url(part),
+                    stats=shard_stats,
+                )
             if not ok:
                 part.unlink(missing_ok=True)
                 return "lost"
@@ -294,7 +345,7 @@ def _score_shard(env: ScoreEnv, claim: shards.Claim, should_stop: Callable[[], b
             with env.db.session() as s:
                 shards.release(s, claim.id, claim.attempt)
             return "cancelled" if lease.cancelled else "stopped"
-        except Exception as exc:  # noqa: BLE001  (one shard's failure is retried, then fails the job)
+        except Exception as exc:
             log.exception("score job %s shard %s attempt %s failed", env.job_id, claim.index, claim.attempt)
             if writer is not None:
                 writer.abort()
@@ -326,7 +377,7 @@ def run_shard_task(db: Any, settings: Settings, celery: Any, job_id: int, index:
             env, _ = load_env(db, settings, job_id)
             _envs.clear()  # keep one job's env per process
             _envs[job_id] = env
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.exception("score job %s shard %s: cannot prepare", job_id, index)
         with db.session() as s:
             shards.release(s, claim.id, claim.attempt, error=f"{type(exc).__name__}: {exc}")
@@ -345,13 +396,14 @@ def run_shard_task(db: Any, settings: Settings, celery: Any, job_id: int, index:
 
 # -- the parent job ---------------------------------------------------------------------------
 
+
 class ProgressReporter:
     """Progress events for the parent: molecules done/total, molecules/s (over the last
     30 s), ETA, shards done. Reads shard counters from SQL at most once a second."""
 
     WINDOW_S = 30.0
 
-    def __init__(self, ctx: Any):
+    def __init__(self, ctx: Any) -> None:
         self.ctx = ctx
         self._samples: deque = deque()
         self._last = 0.0
@@ -377,27 +429,36 @@ class ProgressReporter:
         rate = (done - d0) / (now - t0) if now > t0 else None
         eta = (total - done) / rate if rate else None
         fraction = 0.99 * done / total if total else 0.99
-        msg = (f"{done:,}/{total:,} molecules, shards {summ['done']}/{summ['shards']}"
-               + (f", {rate:,.0f}/s" if rate else "") + (f", ETA {eta:,.0f} s" if eta is not None else ""))
-        self.ctx.progress(fraction, msg, force=force, molecules_done=done, molecules_total=total,
-                          molecules_per_s=None if rate is None else round(rate, 1),
-                          eta_s=None if eta is None else round(eta, 1), shards_done=summ["done"],
-                          shards_running=summ["running"], shards_total=summ["shards"])
+        msg = (
+            f"{done:,}/{total:,} molecules, shards {summ['done']}/{summ['shards']}"
+            + (f", {rate:,.0f}/s" if rate else "")
+            + (f", ETA {eta:,.0f} s" if eta is not None else "")
+        )
+        self.ctx.progress(
+            fraction,
+            msg,
+            force=force,
+            molecules_done=done,
+            molecules_total=total,
+            molecules_per_s=None if rate is None else round(rate, 1),
+            eta_s=None if eta is None else round(eta, 1),
+            shards_done=summ["done"],
+            shards_running=summ["running"],
+            shards_total=summ["shards"],
+        )
         return summ
 
 
-def _blocks(env: ScoreEnv, rows: int) -> list[tuple[int, int, Optional[int]]]:
+def _blocks(env: ScoreEnv, rows: int) -> list[tuple[int, int, int | None]]:
     n = env.settings.score_shard_rows
     offsets = library_row_offsets(str(env.source), env.schema, n, env.limits) if rows else []
     expected = -(-rows // n)
     if len(offsets) != expected:
-        raise RuntimeError(f"the library now has a different number of rows than at upload ({rows}); "
-                           f"found {len(offsets)} shard starts, expected {expected}")
+        raise RuntimeError(
+            f"the library now has a different number of rows than at upload ({rows}); "
+            f"found {len(offsets)} shard starts, expected {expected}"
+        )
     return [(k * n, min((k + 1) * n, rows), off) for k, off in enumerate(offsets)]
-
-
-def output_paths(job_dir: Path) -> dict[str, Path]:
-    return {"parquet": job_dir / "scores.parquet", "csv": job_dir / "scores.csv"}
 
 
 def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
@@ -418,12 +479,19 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
             blocks = _blocks(env, int(rows))
             with db.session() as s:
                 created = shards.create_shards(s, ctx.job_id, blocks)
-            ctx.log(f"{len(blocks)} shards of up to {settings.score_shard_rows:,} rows", shards=len(blocks),
-                    shard_rows=settings.score_shard_rows, index_s=round(time.monotonic() - started, 3), created=created,
-                    **info)
+            ctx.log(
+                f"{len(blocks)} shards of up to {settings.score_shard_rows:,} rows",
+                shards=len(blocks),
+                shard_rows=settings.score_shard_rows,
+                index_s=round(time.monotonic() - started, 3),
+                created=created,
+                **info,
+            )
         else:
-            ctx.log(f"resuming: {sum(sh.state == ShardState.done for sh in existing)}/{len(existing)} shards done",
-                    shards=len(existing))
+            ctx.log(
+                f"resuming: {sum(sh.state == ShardState.done for sh in existing)}/{len(existing)} shards done",
+                shards=len(existing),
+            )
         with db.session() as s:
             leases.reap(s, leases.SHARDS, settings.heartbeat_timeout_s, job_id=ctx.job_id)
             pending = [sh.index for sh in shards.shards_of(s, ctx.job_id) if sh.state == ShardState.pending]
@@ -435,10 +503,9 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
         worker = ctx.worker or "parent"
 
         def on_batch() -> None:
-            try:
+            with contextlib.suppress(JobLost):  # ctx.should_stop() is now True: the shard stops and is released
                 report()
-            except JobLost:  # ctx.should_stop() is now True: the shard stops and is released
-                pass
+
         hub = getattr(ctx, "hub", None)
         # Watch before reading: a shard that finishes between a read and the wait still wakes us.
         with hub.watch(ctx.job_id) if hub is not None else nullcontext() as watch:
@@ -482,7 +549,7 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
                 shards.cancel_shards(s, ctx.job_id)
         finally:
             remove_scratch(settings, ctx.tenant_id, ctx.job_id)
-            for p in output_paths(job_dir(settings, ctx.tenant_id, ctx.job_id)).values():
+            for p in score_files(job_dir(settings, ctx.tenant_id, ctx.job_id)).values():
                 p.unlink(missing_ok=True)
         raise
     remove_scratch(settings, ctx.tenant_id, ctx.job_id)
@@ -495,13 +562,15 @@ def _merge(ctx: Any, env: ScoreEnv, spec: dict[str, Any], rank_by: str, info: di
     if any(sh.state != ShardState.done for sh in done):
         raise RuntimeError("merge started before every shard was done")
     store = env.store
-    paths = output_paths(ctx.job_dir())
+    paths = score_files(ctx.job_dir())
     fmt = spec.get("output", "csv")
     topk = tbl.TopK(int(spec.get("top_k", 100)), rank_by)
 
-    def parts():
+    def parts() -> Iterator[tuple[Path, int, int]]:
         for sh in done:
             ctx.check_cancel()
+            if sh.output_uri is None:
+                raise RuntimeError(f"shard {sh.index} is done but has no output file")
             yield store.path(sh.output_uri), sh.start_row, sh.stop_row
 
     merged_at = time.monotonic()
@@ -520,15 +589,29 @@ def _merge(ctx: Any, env: ScoreEnv, spec: dict[str, Any], rank_by: str, info: di
     files = {f: {"bytes": p.stat().st_size} for f, p in paths.items() if p.exists() and (f == "parquet" or fmt == f)}
     workers = sorted({sh.worker or "" for sh in done} - {""})
     return {
-        "model": spec.get("model_name"), "version": spec.get("version"), "model_version_id": spec["model_version_id"],
-        "library_id": spec["library_id"], "outputs": env.score_cols, "rank_by": rank_by,
-        "rows": counts["rows"], "valid": counts["valid"], "invalid": counts["rows"] - counts["valid"],
+        "model": spec.get("model_name"),
+        "version": spec.get("version"),
+        "model_version_id": spec["model_version_id"],
+        "library_id": spec["library_id"],
+        "outputs": env.score_cols,
+        "rank_by": rank_by,
+        "rows": counts["rows"],
+        "valid": counts["valid"],
+        "invalid": counts["rows"] - counts["valid"],
         "duplicates": duplicates if spec.get("dedupe") else None,
-        "invalid_reasons": dict(reasons.most_common()), "invalid_samples": samples,
-        "top_k": topk.rows(), "format": fmt, "files": files,
-        "shards": {"count": len(done), "rows_per_shard": ctx.settings.score_shard_rows,
-                   "attempts": sum(sh.attempts for sh in done), "workers": workers or None},
-        "scoring_seconds": round(scoring_s, 3), "merge_seconds": round(merge_s, 3),
+        "invalid_reasons": dict(reasons.most_common()),
+        "invalid_samples": samples,
+        "top_k": topk.rows(),
+        "format": fmt,
+        "files": files,
+        "shards": {
+            "count": len(done),
+            "rows_per_shard": ctx.settings.score_shard_rows,
+            "attempts": sum(sh.attempts for sh in done),
+            "workers": workers or None,
+        },
+        "scoring_seconds": round(scoring_s, 3),
+        "merge_seconds": round(merge_s, 3),
         "molecules_per_s": round(counts["rows"] / scoring_s, 1) if scoring_s > 0 else None,
         "source": info,
     }
