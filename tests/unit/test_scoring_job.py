@@ -23,7 +23,7 @@ from app.kinds import SpecError, get_kind
 from workers.scoring import runner, shards
 from workers.tasks import execute_job
 
-N = 3_000
+N = 1_500
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def env(tmp_path, moses_rows):  # noqa: ANN001, ANN201
     from workers.ml.data import load_sequence_frame
     from workers.ml.models import build_model
 
-    settings = from_env({}, home=tmp_path / "home", score_shard_rows=700, score_batch_size=256,
+    settings = from_env({}, home=tmp_path / "home", score_shard_rows=300, score_batch_size=256,
                         heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0)
     upgrade(settings)
     db = Database(settings.sqlalchemy_url)
@@ -163,7 +163,8 @@ def test_cancel_stops_the_job_and_deletes_partial_outputs(env, monkeypatch) -> N
     assert job_state(db, job_id).state == JobState.cancelled
     with db.session() as s:
         states = [sh.state for sh in shards.shards_of(s, job_id)]
-    assert set(states) <= {ShardState.done, ShardState.cancelled} and states.count(ShardState.done) == 1, states
+    # the first shard and any already running beside it finish; the rest are cancelled
+    assert set(states) == {ShardState.done, ShardState.cancelled}, states
     job_dir = shards.job_dir(settings, tenant, job_id)
     assert not [p for p in job_dir.rglob("*") if p.is_file()]
 
