@@ -16,6 +16,7 @@ already there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -223,4 +224,7 @@ class EventHub:
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
+            # Wake the listener out of its one-second read (job 0 has no watchers anywhere).
+            with contextlib.suppress(Exception):
+                self._factory().publish(CHANNEL, "0")
             self._thread.join(timeout=3)
