@@ -13,7 +13,7 @@ import sys
 import click
 
 from app.config import from_env
-from medmaas.commands import client
+from medmaas.commands import client, command_name
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,10 +22,14 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--port", type=int, default=None, help="web port (default 5000)")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="web port (default 5000)")
 @click.option("--demo", is_flag=True, help="once up, run `medmaas demo` against it, then keep serving")
 def standalone(port: int | None, demo: bool) -> None:
-    """Everything in one command: SQLite, an embedded broker, workers and the web server."""
+    """Everything in one command: SQLite, an embedded broker, workers and the web server.
+
+    Data, the API key and the children's logs (logs/*.log) go under .medmaas/. Exit code:
+    0 after Ctrl-C, 1 when the port is taken, something fails to start or dies, or the demo
+    fails."""
     from medmaas.standalone import run_standalone
 
     settings = from_env(web_port=port) if port else from_env()
@@ -148,7 +152,8 @@ def demo(url: str | None, key: str | None, epochs: int) -> None:
         key_file = settings.home / "api_key"
         if not key_file.exists():
             raise click.ClickException(
-                f"no --key given and {key_file} does not exist; start `medmaas standalone` first"
+                f"no --key given and {key_file} does not exist; start `{command_name()} standalone` first "
+                f"(or run `{command_name()} standalone --demo`, which runs this demo once it is up)"
             )
         key = key_file.read_text().strip()
     try:

@@ -370,17 +370,33 @@ class Client:
 
     def download_result(self, job_id: int, dest: PathLike, *, format: str | None = None) -> Path:
         """Save GET /jobs/{id}/result (a score file, or the JSON result) to dest (a file, or a
-        directory to save under the server's file name). Written atomically."""
+        directory to save under the server's file name). Written atomically.
+
+        The format asked for is `format`, else the one dest's extension names (.csv, .parquet,
+        .json); when the server's answer is another format (a train job's JSON result for
+        scores.csv, say) nothing is written and MedmaasError(code "format_mismatch") is raised,
+        its details {"wanted", "got"}."""
+        dest = Path(dest)
+        wanted = format or (None if dest.is_dir() else format_of_name(dest.name))
         resp = self.request(
             "GET",
             f"/api/v1/jobs/{int(job_id)}/result",
-            params={"format": format},
+            params={"format": wanted},
             stream=True,
             timeout=(self.timeout, 300),
         )
-        dest = Path(dest)
+        got = _format_of_response(resp)
+        if wanted and got and wanted != got:
+            resp.close()
+            raise MedmaasError(
+                None,
+                "format_mismatch",
+                f"job {int(job_id)}'s result is {got.upper() if got != 'parquet' else 'Parquet'}, "
+                f"not the {wanted} asked for",
+                {"wanted": wanted, "got": got},
+            )
         if dest.is_dir():
-            dest = dest / (_attachment_name(resp) or f"job-{int(job_id)}-result.json")
+            dest = dest / (_attachment_name(resp) or f"job-{int(job_id)}-result.{got or 'json'}")
         return _save_stream(resp, dest)
 
     # -- datasets --------------------------------------------------------------------------
@@ -480,9 +496,18 @@ class Client:
         version: int | None = None,
         alias: str | None = None,
         timeout: float | None = None,
+        wait: bool = False,
+        wait_timeout: float | None = None,
     ) -> dict:
         """Online prediction. model may carry its selector (`name@3`, `name@production`).
-        Returns the predictions, or (when slower than timeout) the job to follow (202)."""
+
+        Returns {"model", "version", "outputs", "predictions", "job_id"} when the server
+        answers within `timeout` seconds (200). Slower, it answers 202 with the predict job:
+        with wait=True this follows the job (up to wait_timeout seconds, then TimeoutError)
+        and returns its predictions the same way; otherwise it returns the job itself
+        ({"id", "state", "kind": "predict", ...}, always with "id"): tell the two apart with
+        `"predictions" in answer`. A failed prediction raises MedmaasError (422
+        prediction_failed) either way."""
         name, _, selector = model.partition("@")
         if selector and version is None and alias is None:
             if selector.isdigit():
@@ -496,9 +521,30 @@ class Client:
             body["alias"] = alias
         if timeout is not None:
             body["timeout"] = timeout
-        wait = (timeout or 10) + self.timeout
-        return self._json(
-            "POST", f"/api/v1/models/{quote(name, safe='')}/predict", json_body=body, timeout=(self.timeout, wait)
+        wait_s = (10 if timeout is None else timeout) + self.timeout
+        path = f"/api/v1/models/{quote(name, safe='')}/predict"
+        resp = self.request("POST", path, json_body=body, timeout=(self.timeout, wait_s))
+        answer = _json_body(resp, "POST", path)
+        if resp.status_code != 202:
+            return answer
+        job = answer if isinstance(answer, dict) else {}
+        job_id = _accepted_job_id(job, resp.headers.get("Location"))
+        if job_id is None:
+            raise MedmaasError(
+                202, "bad_response", "The server accepted the prediction (202) but did not say which job runs it"
+            )
+        job = {**job, "id": job_id}
+        return self.predict_result(job_id, timeout=wait_timeout) if wait else job
+
+    def predict_result(self, job_id: int, *, timeout: float | None = None) -> dict:
+        """Wait for a predict job (one a 202 answer named) and return its predictions like a
+        200 answer; MedmaasError 422 prediction_failed if it failed."""
+        job = self.wait_for(job_id, timeout=timeout)
+        if job["state"] == "succeeded":
+            return {**(job.get("result") or {}), "job_id": job["id"]}
+        reason = (job.get("error") or job["state"]).strip().splitlines()
+        raise MedmaasError(
+            422, "prediction_failed", f"Prediction failed: {reason[0] if reason else job['state']}", {"job_id": job_id}
         )
 
     # -- model registry --------------------------------------------------------------------
@@ -561,6 +607,49 @@ def _error_from(resp: requests.Response) -> MedmaasError:
         )
     text = (resp.text or "").strip().splitlines()[0][:200] if resp.text else resp.reason
     return MedmaasError(resp.status_code, "http_error", f"HTTP {resp.status_code}: {text}")
+
+
+def _json_body(resp: requests.Response, method: str, path: str) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        raise MedmaasError(
+            resp.status_code,
+            "bad_response",
+            f"Expected JSON from {method} {path}, got {resp.headers.get('Content-Type')!r}",
+        ) from None
+
+
+def _accepted_job_id(body: Mapping[str, Any], location: str | None) -> int | None:
+    """The job a 202 answer names: its body's id (or job_id), else its Location header."""
+    for key in ("id", "job_id"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    if location:
+        tail = location.rstrip("/").rsplit("/", 1)[-1]
+        if tail.isdigit():
+            return int(tail)
+    return None
+
+
+RESULT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json"}
+_MEDIA_FORMATS = {"application/json": "json", "text/csv": "csv", "application/vnd.apache.parquet": "parquet"}
+
+
+def format_of_name(name: str) -> str | None:
+    """csv, parquet or json for a file name with that extension (gzip aside), else None."""
+    lowered = name.lower()
+    return next((fmt for ext, fmt in RESULT_FORMATS.items() if lowered.endswith(ext)), None)
+
+
+def _format_of_response(resp: requests.Response) -> str | None:
+    media = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if media in _MEDIA_FORMATS:
+        return _MEDIA_FORMATS[media]
+    if media.endswith("+json"):
+        return "json"
+    return format_of_name(_attachment_name(resp) or "")
 
 
 def _check_deadline(deadline: float | None) -> None:

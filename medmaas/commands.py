@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -24,7 +26,15 @@ from typing import Any
 
 import click
 
-from medmaas.client import TERMINAL_STATES, Client, MedmaasError, config_path, load_config, save_config
+from medmaas.client import (
+    TERMINAL_STATES,
+    Client,
+    MedmaasError,
+    config_path,
+    format_of_name,
+    load_config,
+    save_config,
+)
 from medmaas.formatting import human_duration
 
 EXIT_API_ERROR = 3
@@ -44,15 +54,34 @@ class ClientError(click.ClickException):
         return self.message
 
 
+def command_name() -> str:
+    """How the user runs this `medmaas` again, for the commands that messages suggest:
+    `medmaas` when that is on PATH and is this installation's, else the script's own path
+    (e.g. `.venv/bin/medmaas` when the virtual environment is not activated)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "medmaas")
+    if not os.path.exists(beside):
+        return "medmaas"
+    found = shutil.which("medmaas")
+    if found and os.path.realpath(found) == os.path.realpath(beside):
+        return "medmaas"
+    relative = os.path.relpath(beside)
+    return relative if not relative.startswith("..") else beside
+
+
 def _explain(exc: MedmaasError, client: Client | None = None) -> str:
+    me = command_name()
     if exc.status == 401:
         where = f" by {client.url}" if client else ""
+        url = client.url if client else "URL"
         return (
-            f"The API key was rejected{where} ({exc.message}). "
-            "Log in again with `medmaas login URL --key KEY` using a valid key."
+            f"The API key was rejected{where} ({exc.message}). Log in with a valid key: "
+            f"`{me} login {url} --key KEY` (`{me} standalone` saves its key in .medmaas/api_key)."
         )
     if exc.code in ("connection_error", "timeout"):
-        return f"{exc.message}. Is the server running? (`medmaas login URL --key KEY` sets the address.)"
+        return (
+            f"{exc.message}. Is the server running? (`{me} standalone` starts one here; "
+            f"`{me} login URL --key KEY` sets the address.)"
+        )
     text = f"{exc.message} ({exc.status} {exc.code})" if exc.status else exc.message
     if exc.details:
         text += "\n" + json.dumps(exc.details, indent=2, default=str)
@@ -81,6 +110,12 @@ def get_client() -> Client:
     try:
         return Client.from_config()
     except MedmaasError as exc:
+        if exc.code == "not_logged_in":
+            me = command_name()
+            raise ClientError(
+                f"No server configured: run `{me} login URL --key KEY` first (for `{me} standalone` on this "
+                f'machine: `{me} login http://127.0.0.1:5000 --key "$(cat .medmaas/api_key)"`).'
+            ) from None
         raise ClientError(exc.message) from None
 
 
@@ -358,11 +393,48 @@ def watch_job(client: Client, job_id: int, timeout: float | None = None) -> int:
     if state == "failed" and final.get("error"):
         summary += f": {final['error'].strip().splitlines()[-1]}"
     console.print(summary, highlight=False)
-    if state == "succeeded" and final.get("result"):
-        result = final["result"]
-        if isinstance(result.get("model"), str) and result.get("version"):
-            console.print(f"Model {result['model']} version {result['version']} registered", highlight=False)
+    if state == "succeeded":
+        for line in result_summary(final):
+            console.print(line, highlight=False, markup=False)
     return WATCH_EXIT.get(state, EXIT_API_ERROR)
+
+
+def result_summary(job: dict) -> list[str]:
+    """What a succeeded job produced, in the words of its kind (the last lines of a watch)."""
+    result = job.get("result") or {}
+    kind, job_id, me = job.get("kind"), job.get("id"), command_name()
+    model = f"{result.get('model')} version {result.get('version')}" if result.get("model") else "the model"
+    if kind == "train":
+        test = (result.get("metrics") or {}).get("test") or {}
+        scores = " · ".join(f"{k} {_fmt(v)}" for k, v in sorted(test.items()) if _is_number(v))
+        lines = [f"Model {model} registered" + (f"; test {scores}" if scores else "")]
+        if result.get("model") and result.get("version"):
+            lines.append(f"Predict with it: {me} predict {result['model']}@{result['version']} INPUT ...")
+        return lines
+    if kind == "score":
+        rows, valid, invalid = result.get("rows"), result.get("valid"), result.get("invalid")
+        lines = [f"Scored {rows} rows with {model}: {valid} valid, {invalid} invalid"]
+        reasons = result.get("invalid_reasons") or {}
+        if reasons:
+            lines.append("  invalid: " + "; ".join(f"{n}× {why}" for why, n in list(reasons.items())[:3]))
+        fmt = result.get("format") or (job.get("spec") or {}).get("output") or "csv"
+        lines.append(f"Download the scores: {me} download {job_id} -o scores.{fmt}")
+        return lines
+    if kind == "predict":
+        predictions = result.get("predictions") or []
+        failed = sum(1 for p in predictions if isinstance(p, dict) and "error" in p)
+        return [
+            f"{len(predictions)} predictions from {model}"
+            + (f" ({failed} inputs could not be read)" if failed else ""),
+            f"See them: {me} jobs show {job_id} --json, or {me} download {job_id} -o predictions.json",
+        ]
+    if kind == "sleep":
+        return [f"Done: {result.get('steps', '?')} steps in {human_duration(result.get('slept_s'))}"]
+    return [f"Result: {me} jobs show {job_id}"] if result else []
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @jobs.command("cancel")
@@ -383,7 +455,7 @@ def jobs_cancel(job_id: int) -> None:
 def _after_submit(client: Client, job: dict, watch: bool, output: str | None = None, fmt: str | None = None) -> None:
     click.echo(f"Submitted job {job['id']} ({job['kind']}, {job['state']})")
     if not watch:
-        click.echo(f"Follow it with: medmaas jobs watch {job['id']}")
+        click.echo(f"Follow it with: {command_name()} jobs watch {job['id']}")
         return
     code = watch_job(client, job["id"])
     if code == 0 and output:
@@ -495,9 +567,36 @@ def score(model: str, library_id: int, top_k: int | None, output_format: str, wa
 )
 @api_command
 def download(job_id: int, output: str, fmt: str | None) -> None:
-    """Save a finished job's result (a score file, or the JSON result)."""
-    path = get_client().download_result(job_id, output, format=fmt)
+    """Save a finished job's result: a scoring job's file (CSV or Parquet, as -o names it or
+    --format says), or any job's JSON result (-o result.json). Refuses, writing nothing, when
+    the result is not in the format the file name asks for."""
+    named = None if Path(output).is_dir() else format_of_name(output)
+    if fmt and named and fmt != named:
+        raise click.BadParameter(f"--format {fmt} but {output} names a {named} file", param_hint="-o")
+    client = get_client()
+    try:
+        path = client.download_result(job_id, output, format=fmt)
+    except MedmaasError as exc:
+        if exc.code != "format_mismatch":
+            raise
+        raise ClientError(_mismatch(client, job_id, exc)) from None
     click.echo(f"Saved job {job_id}'s result to {path} ({path.stat().st_size} bytes)")
+
+
+def _mismatch(client: Client, job_id: int, exc: MedmaasError) -> str:
+    details = exc.details if isinstance(exc.details, dict) else {}
+    got, me = details.get("got"), command_name()
+    kind = client.get_job(job_id).get("kind", "")
+    if got == "json":
+        return (
+            f"job {job_id} is {_a(kind)} job; its result is JSON, not {details.get('wanted')} — "
+            f"use `{me} jobs show {job_id}` or download with -o result.json"
+        )
+    return f"{exc.message}: download with -o result.{got} (nothing was written)"
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[:1] in tuple("aeiou") else f"a {word}"
 
 
 # -- datasets --------------------------------------------------------------------------------
@@ -644,9 +743,35 @@ def models_download(name: str, version: int, output: str, which: str) -> None:
 @client.command("predict")
 @click.argument("model")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--timeout", type=float, default=None, help="seconds to wait before answering with a job")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, 300),
+    default=None,
+    help="seconds the server waits for the predictions before answering with a job (server default 10)",
+)
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="when the server answers with a job: follow it and print the predictions, or print the job id",
+)
 @api_command
-def predict(model: str, inputs: tuple[str, ...], timeout: float | None) -> None:
-    """Predict with MODEL (name, name@version, name@alias) for SMILES / token INPUTS."""
-    answer = get_client().predict(model, list(inputs), timeout=timeout)
+def predict(model: str, inputs: tuple[str, ...], timeout: float | None, wait: bool) -> None:
+    """Predict with MODEL (name, name@version, name@alias) for SMILES / token INPUTS.
+
+    Prints the predictions as JSON. A prediction slower than --timeout runs on as a job:
+    by default this waits for it; with --no-wait it prints the job id and how to get the
+    predictions later."""
+    client = get_client()
+    answer = client.predict(model, list(inputs), timeout=timeout)
+    if "predictions" not in answer:
+        job_id, me = answer["id"], command_name()
+        if not wait:
+            click.echo(
+                f"Prediction job {job_id} is {answer.get('state', 'queued')}. Follow it with "
+                f"`{me} jobs watch {job_id}`; then get the predictions with `{me} download {job_id} -o predictions.json`"
+            )
+            return
+        click.echo(f"Prediction job {job_id} is {answer.get('state', 'queued')}; waiting for it ...", err=True)
+        answer = client.predict_result(job_id)
     click.echo(json.dumps(answer, indent=2))

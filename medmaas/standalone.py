@@ -4,13 +4,20 @@ SQLite and artifacts under ./.medmaas/, an embedded valkey-server (from the valk
 package) as the broker unless MEDMAAS_BROKER_URL is set, a training/scoring worker, an
 inference worker, the web server, and the maintenance loop in this process. Ctrl-C (or
 SIGTERM) stops every child; children also die if this process is killed (PDEATHSIG).
+
+The terminal shows only what a person needs (what runs where, the API key, the demo);
+every child's own output goes to a log file under .medmaas/logs/. The web port is checked
+before anything starts, and a child that dies makes the command exit 1 with its last log
+lines.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import io
+import logging
 import os
 import signal
 import socket
@@ -18,14 +25,24 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
 import click
 
 from app.config import Settings, to_env
+from medmaas.commands import command_name
 
 PR_SET_PDEATHSIG = 1
+LOG_TAIL_LINES = 20
+WEB_LISTENING = "Listening at:"  # gunicorn's line once its socket is bound
+WEB_PORT_BUSY = "Connection in use"  # gunicorn's line when it is not
+WEB_SETTLE_S = 8.0  # gunicorn retries a busy port for ~5s: past this, a silent but open port is ours
+
+
+class StartupError(RuntimeError):
+    """Something could not start; the message says what, and where its log is."""
 
 
 def _die_with_parent() -> None:
@@ -39,16 +56,135 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the web server could not listen on host:port (in use, not allowed), or None.
+    Binds like gunicorn does (SO_REUSEADDR), so a port merely in TIME_WAIT counts as free."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc}"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "in use"
+            return exc.strerror or str(exc)
+    return None
+
+
+def _suggest_port(host: str, port: int) -> int | None:
+    for candidate in range(port + 1, min(port + 50, 65536)):
+        if port_problem(host, candidate) is None:
+            return candidate
+    return None
+
+
+def check_web_port(host: str, port: int) -> str | None:
+    """A message for the user if the web port is unusable (checked before anything starts)."""
+    problem = port_problem(host, port)
+    if problem is None:
+        return None
+    me = command_name()
+    other = _suggest_port(host, port) or port + 1
+    if problem == "in use":
+        return (
+            f"port {port} on {host} is in use (another medmaas standalone?); stop it or choose another: "
+            f"{me} standalone --port {other}"
+        )
+    return f"cannot listen on port {port} on {host} ({problem}); choose another: {me} standalone --port {other}"
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if _port_open(port):
+            return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def _show(path: Path) -> str:
+    """path relative to the working directory when it is below it (.medmaas/logs/web.log)."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES, start: int = 0) -> str:
+    """The last lines of a log file written after byte offset start (this run's part)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(start, fh.tell() - 64 * 1024))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _failure(what: str, proc: subprocess.Popen[bytes] | None, log: Path, why: str = "", start: int = 0) -> StartupError:
+    code = f" (exit code {proc.returncode})" if proc is not None and proc.returncode is not None else ""
+    tail = log_tail(log, start=start)
+    text = f"{what} {why or 'exited'}{code}; last lines of {_show(log)}:\n" + (
+        "\n".join(f"  | {line}" for line in tail.splitlines()) or "  (empty)"
+    )
+    return StartupError(text)
+
+
+class Children:
+    """The child processes, each with its log file under <home>/logs."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+        self.offsets: dict[int, int] = {}  # pid -> where its part of the (appended) log starts
+
+    def start(
+        self, what: str, log_name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log = self.log_dir / log_name
+        with open(log, "ab") as fh:
+            stamp = datetime.now(UTC).isoformat(timespec="seconds")
+            fh.write(f"\n===== {stamp} medmaas standalone starts {what}: {' '.join(args)}\n".encode())
+            fh.flush()
+            offset = fh.tell()
+            proc = subprocess.Popen(
+                args,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        self.procs.append((what, proc, log))
+        self.offsets[proc.pid] = offset
+        return proc
+
+    def log_of(self, proc: subprocess.Popen[bytes]) -> Path:
+        return next(log for _, p, log in self.procs if p is proc)
+
+    def output(self, proc: subprocess.Popen[bytes], lines: int = LOG_TAIL_LINES) -> str:
+        return log_tail(self.log_of(proc), lines, self.offsets[proc.pid])
+
+    def failure(self, proc: subprocess.Popen[bytes], why: str = "") -> StartupError:
+        what = next(w for w, p, _ in self.procs if p is proc)
+        return _failure(what, proc, self.log_of(proc), why, self.offsets[proc.pid])
+
+    def dead(self) -> subprocess.Popen[bytes] | None:
+        return next((p for _, p, _ in self.procs if p.poll() is not None), None)
+
+    def stop_all(self, timeout: float = 15.0) -> None:
+        stop_all([p for _, p, _ in reversed(self.procs)], timeout)
 
 
 def valkey_binary() -> str:
@@ -64,30 +200,35 @@ def valkey_binary() -> str:
     return str(candidates[0])
 
 
-def start_valkey(home: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_valkey(home: Path, children: Children | None = None) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     data = home / "valkey"
     data.mkdir(parents=True, exist_ok=True)
     # No persistence: the SQL database is the record; the reconciler refills the queues.
-    proc = subprocess.Popen(
-        [
-            valkey_binary(),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(data),
-            "--loglevel",
-            "warning",
-        ],
-        preexec_fn=_die_with_parent,
-    )
-    wait_for_port(port, 15, proc)
+    args = [
+        valkey_binary(),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data),
+        "--loglevel",
+        "warning",
+    ]
+    if children is None:
+        proc = subprocess.Popen(args, preexec_fn=_die_with_parent)
+        wait_for_port(port, 15, proc)
+        return proc, f"redis://127.0.0.1:{port}/0"
+    proc = children.start("the broker (valkey-server)", "valkey.log", args)
+    try:
+        wait_for_port(port, 15, proc)
+    except (RuntimeError, TimeoutError) as exc:
+        raise children.failure(proc, str(exc)) from None
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
@@ -114,7 +255,8 @@ def bootstrap(settings: Settings) -> str | None:
 
 
 def _child_env(settings: Settings) -> dict[str, str]:
-    return {**os.environ, **to_env(settings)}
+    # Unbuffered, so a child's log file is current when it dies and its tail is shown.
+    return {**os.environ, **to_env(settings), "PYTHONUNBUFFERED": "1"}
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -134,12 +276,69 @@ def stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> Non
             p.wait()
 
 
+def wait_for_web(
+    children: Children, proc: subprocess.Popen[bytes], port: int, timeout: float, stop: threading.Event
+) -> None:
+    """Until the web child serves on port: its log says it listens (or the port has been
+    open for WEB_SETTLE_S while it lives). StartupError if it dies or cannot bind first."""
+    deadline = time.monotonic() + timeout
+    open_since: float | None = None
+    while time.monotonic() < deadline and not stop.is_set():
+        if proc.poll() is not None:
+            raise children.failure(proc, "exited during start-up")
+        text = children.output(proc, 200)
+        if WEB_PORT_BUSY in text:
+            raise children.failure(proc, f"could not listen on port {port} (in use)")
+        if _port_open(port):
+            if WEB_LISTENING in text:
+                return
+            open_since = open_since or time.monotonic()
+            if time.monotonic() - open_since > WEB_SETTLE_S:
+                return
+        time.sleep(0.1)
+    if stop.is_set():
+        raise KeyboardInterrupt
+    raise children.failure(proc, f"is not listening on port {port} after {timeout:.0f}s")
+
+
+def _log_maintenance(settings: Settings, log: Path) -> None:
+    """The maintenance thread (this process) logs to its file, not the terminal."""
+    handler = logging.FileHandler(log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(settings.log_level)
+
+
+def _demo(url: str, key_file: Path, log_dir: Path, failed: threading.Event, stop: threading.Event) -> None:
+    from medmaas.demo import DemoError, run_demo
+
+    try:
+        run_demo(url, key_file.read_text().strip())
+    except Exception as exc:  # DemoError, or a bug: say so, keep serving
+        if stop.is_set():
+            return  # Ctrl-C while it ran: the server went away under it, no news
+        failed.set()
+        reason = str(exc) if isinstance(exc, DemoError) else repr(exc)
+        click.echo(f"\nThe demo failed: {reason}\n(MedMaaS keeps running; logs in {_show(log_dir)}/)", err=True)
+    else:
+        click.echo(f"\nThe demo is done; MedMaaS keeps serving at {url}. Press Ctrl-C to stop.")
+
+
 def run_standalone(settings: Settings, demo: bool = False) -> int:
+    """Run until Ctrl-C (exit 0). Exit 1 when something cannot start or a child dies,
+    and (with demo) when the demo fails."""
     if isinstance(sys.stdout, io.TextIOWrapper):  # not when a caller has replaced stdout
         sys.stdout.reconfigure(line_buffering=True)  # the API key must show at once, even when piped
+    problem = check_web_port(settings.web_host, settings.web_port)
+    if problem:  # before anything starts or prints a URL
+        click.echo(f"Error: {problem}", err=True)
+        return 1
     settings.home.mkdir(parents=True, exist_ok=True)
     settings = settings.replace(home=settings.home.resolve())
-    procs: list[subprocess.Popen[bytes]] = []
+    log_dir = settings.home / "logs"
+    log_dir.mkdir(exist_ok=True)
+    children = Children(log_dir)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -147,47 +346,61 @@ def run_standalone(settings: Settings, demo: bool = False) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    click.echo(f"Starting MedMaaS in {_show(settings.home)}; logs in {_show(log_dir)}/")
     try:
+        _log_maintenance(settings, log_dir / "standalone.log")
         if not os.environ.get("MEDMAAS_BROKER_URL"):
-            broker, url = start_valkey(settings.home)
-            procs.append(broker)
+            _, url = start_valkey(settings.home, children)
             settings = settings.replace(broker_url=url)
+            click.echo(f"  broker       valkey-server at {url}  (logs/valkey.log)")
         key = bootstrap(settings)
         env = _child_env(settings)
-        procs.append(_spawn(["worker", "--queues", f"{settings.gpu_queue},{settings.default_queue}"], env))
-        procs.append(_spawn(["worker", "--queues", settings.inference_queue], env))
-        web = _spawn(
-            ["web", "--host", settings.web_host, "--port", str(settings.web_port), "--workers", "1", "--no-access-log"],
-            env,
+        py = [sys.executable, "-m", "medmaas.cli"]
+        train_queues = f"{settings.gpu_queue},{settings.default_queue}"
+        children.start("the training/scoring worker", "worker-cpu.log", [*py, "worker", "--queues", train_queues], env)
+        click.echo(f"  worker       training and scoring, queues {train_queues}  (logs/worker-cpu.log)")
+        children.start(
+            "the inference worker", "worker-inference.log", [*py, "worker", "--queues", settings.inference_queue], env
         )
-        procs.append(web)
+        click.echo(f"  worker       online predictions, queue {settings.inference_queue}  (logs/worker-inference.log)")
+        web_args = ["web", "--host", settings.web_host, "--port", str(settings.web_port), "--workers", "1"]
+        web = children.start("the web server", "web.log", [*py, *web_args, "--no-access-log"], env)
 
         from workers.tasks import run_maintenance_forever
 
         threading.Thread(target=run_maintenance_forever, args=(settings, stop), daemon=True).start()
-        wait_for_port(settings.web_port, 60, web)
+        wait_for_web(children, web, settings.web_port, 120, stop)
         url = f"http://{settings.web_host}:{settings.web_port}"
+        click.echo(f"  web server   {url}  (logs/web.log)")
+        click.echo("  maintenance  reaper and reconciler, in this process  (logs/standalone.log)")
         click.echo(f"\nMedMaaS is running at {url}  (database {settings.sqlalchemy_url}, broker {settings.broker_url})")
+        key_file = settings.home / "api_key"
         if key:
-            click.echo(
-                f"API key for tenant 'default' (shown once; also saved to {settings.home / 'api_key'}):\n  {key}"
-            )
+            click.echo(f"API key for tenant 'default' (shown once; also saved to {key_file}):\n  {key}")
         else:
-            click.echo(f"API key: see {settings.home / 'api_key'} (created on first start)")
+            click.echo(f"API key: see {key_file} (created on first start)")
+        me = command_name()
+        click.echo(f'Command line: {me} login {url} --key "$(cat {_show(key_file)})"')
         click.echo("Press Ctrl-C to stop.\n")
-        if demo:
-            from medmaas.demo import run_demo
-
-            key_text = (settings.home / "api_key").read_text().strip()
-            run_demo(url, key_text)
+        demo_failed = threading.Event()
+        if demo and not stop.is_set():
+            # In a thread, so Ctrl-C during the demo stops everything at once.
+            threading.Thread(
+                target=_demo, args=(url, key_file, log_dir, demo_failed, stop), daemon=True, name="demo"
+            ).start()
         while not stop.is_set():
-            for p in procs:
-                if p.poll() is not None:
-                    click.echo(f"child {p.args!r} exited with {p.returncode}; shutting down", err=True)
-                    stop.set()
+            dead = children.dead()
+            if dead is not None:
+                click.echo(f"Error: {children.failure(dead)}\nshutting down", err=True)
+                return 1
             stop.wait(0.5)
+        return 1 if demo_failed.is_set() else 0
+    except StartupError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C while starting
         return 0
     finally:
         stop.set()
         click.echo("stopping MedMaaS ...", err=True)
-        stop_all(list(reversed(procs)))
+        children.stop_all()

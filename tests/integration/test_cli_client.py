@@ -121,6 +121,7 @@ def test_submit_watch_list_show_download(cli, server, key, client, processes, tm
     assert f"Job {job_id} succeeded" in watch.stdout
     assert "epoch 4 · train_loss 0.25 · val_loss 0.3 · val_rmse 0.5" in watch.stdout
     assert "→ running (attempt 1)" in watch.stdout
+    assert "Done: 4 steps in" in watch.stdout and "registered" not in watch.stdout  # the summary fits the kind
 
     listed = cli("jobs", "list", "--state", "succeeded")
     assert listed.returncode == 0 and re.search(rf"\b{job_id}\s+sleep\b.*succeeded\s+100%", listed.stdout), listed.stdout
@@ -206,7 +207,16 @@ def test_upload_train_score_download_predict(cli, server, key, client, processes
                 "solubility", "--model-name", "cli-sol", "--epochs", "2", "--batch-size", "64", "--lr", "0.003",
                 "--param", "hidden_size=32", "--param", "embedding_dim=16", "--watch", timeout=600)
     assert train.returncode == 0, (train.stdout, train.stderr, procs.logs())
-    assert "Model cli-sol version 1 registered" in train.stdout
+    assert "Model cli-sol version 1 registered; test " in train.stdout and "rmse" in train.stdout
+    train_id = submitted_id(train.stdout)
+
+    # A train job's result is JSON: a .csv download is refused (exit 3, one line), nothing written.
+    wrong = tmp_path / "scores.csv"
+    refused = cli("download", str(train_id), "-o", str(wrong))
+    assert refused.returncode == 3, (refused.stdout, refused.stderr)
+    assert f"job {train_id} is a train job; its result is JSON" in refused.stderr
+    assert f"jobs show {train_id}" in refused.stderr and "-o result.json" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not wrong.exists()
     assert re.search(r"epoch 2 · train_loss [\d.]+ · val_loss [\d.]+", train.stdout), train.stdout
 
     assert cli("models", "alias", "cli-sol", "production", "1").returncode == 0
@@ -221,6 +231,20 @@ def test_upload_train_score_download_predict(cli, server, key, client, processes
     preds = json.loads(pred.stdout)["predictions"]
     assert len(preds) == 3 and "error" in preds[2] and isinstance(preds[0]["value"], float)
 
+    # Slower than --timeout (0): the server answers 202 with the job; the CLI waits for it...
+    waited = cli("predict", "cli-sol@production", "CCO", "c1ccccc1", "--timeout", "0")
+    assert waited.returncode == 0, (waited.stdout, waited.stderr, procs.logs())
+    assert [p["input"] for p in json.loads(waited.stdout)["predictions"]] == ["CCO", "c1ccccc1"]
+    # ... or, with --no-wait, says which job and how to fetch its predictions.
+    later = cli("predict", "cli-sol@production", "CCO", "--timeout", "0", "--no-wait")
+    assert later.returncode == 0, later.stderr
+    match = re.search(r"Prediction job (\d+) is (queued|running)", later.stdout)
+    assert match and f"download {match.group(1)} -o predictions.json" in later.stdout, later.stdout
+    assert client.wait_for(int(match.group(1)), timeout=120)["state"] == "succeeded"
+    fetched = tmp_path / "predictions.json"
+    assert cli("download", match.group(1), "-o", str(fetched)).returncode == 0
+    assert json.loads(fetched.read_text())["predictions"][0]["input"] == "CCO"
+
     lib_up = cli("datasets", "upload", str(_library(tmp_path, data)), "--kind", "library", "--json")
     assert lib_up.returncode == 0, lib_up.stderr
     library = json.loads(lib_up.stdout)
@@ -228,6 +252,9 @@ def test_upload_train_score_download_predict(cli, server, key, client, processes
     scored = cli("score", "cli-sol@production", str(library["id"]), "--top-k", "5", "--watch", "-o", str(scores),
                  timeout=600)
     assert scored.returncode == 0, (scored.stdout, scored.stderr, procs.logs())
+    assert re.search(r"Scored 201 rows with cli-sol version 1: \d+ valid, [1-9]\d* invalid", scored.stdout), scored.stdout
+    assert f"download {submitted_id(scored.stdout)} -o scores.csv" in scored.stdout
+    assert "registered" not in scored.stdout
     with open(scores) as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 201  # every library row, the invalid one included with its reason

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from rich.console import Console
@@ -30,6 +31,12 @@ def test_demo_uploads_trains_and_predicts(pg_app, processes) -> None:  # noqa: A
     assert summary["dataset"]["rows"] > 1200 and summary["job"]["state"] == "succeeded", procs.logs()
     assert summary["job"]["result"]["epochs_trained"] == 4
     assert "epoch  4: train loss" in text and "test RMSE" in text
+    for step in ("1. Upload", "2. Train", "3. Predict"):
+        assert step in text, text
+    assert "inferred: molecules in column 'smiles'" in text and "labels: 'solubility' (float)" in text
+    assert re.search(r"\d+ train / \d+ val / \d+ test rows", text), text  # the split the training log reported
     preds = summary["predictions"]["predictions"]
     assert len(preds) == len(DEMO_MOLECULES)
     assert "error" in preds[-1] and all("value" in p for p in preds[:-1])
+    # The invalid molecule's whole error is in the table (wrapped if long, never cut).
+    assert "".join(preds[-1]["error"].split()) in "".join(text.split()).replace("│", "")

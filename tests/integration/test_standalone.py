@@ -175,6 +175,13 @@ def test_standalone_runs_a_job_stops_cleanly_and_restarts_on_the_same_data(tmp_p
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert (work / ".medmaas" / "medmaas.db").exists()
 
+    # The terminal shows what runs where; the children's own output is in log files.
+    logs = work / ".medmaas" / "logs"
+    assert any("logs in .medmaas/logs/" in line for line in sa.lines), sa.output()
+    assert "Listening at: " in (logs / "web.log").read_text()
+    assert (logs / "valkey.log").exists() and (logs / "worker-inference.log").exists()
+    assert any(re.search(r"login http://127\.0\.0\.1:\d+ --key", line) for line in sa.lines), sa.output()
+
     tree = sa.process_tree()
     names = [p.name() for p in tree[1:]]
     assert any("valkey-server" in n for n in names), names  # the embedded broker, not the machine's Redis
@@ -215,6 +222,12 @@ def test_standalone_runs_a_job_stops_cleanly_and_restarts_on_the_same_data(tmp_p
     assert http.get(f"{base}/api/v1/jobs/{job['id']}/events?after={events[2]['seq']}", timeout=30).json()[
         "items"] == events[3:]
 
+    worker_log = (logs / "worker-cpu.log").read_text()
+    assert "ready." in worker_log  # Celery's banner and (as root) its SecurityWarning land here ...
+    terminal = sa.output()
+    for noise in ("SecurityWarning", "superuser privileges", "[tasks]", "celery@", "Booting worker"):
+        assert noise not in terminal, terminal  # ... not on the terminal
+
     # -- Ctrl-C (SIGINT to the process) stops every child ------------------------------------
     tree = sa.process_tree()
     took = sa.interrupt(whole_group=False)
@@ -250,3 +263,25 @@ def test_standalone_runs_a_job_stops_cleanly_and_restarts_on_the_same_data(tmp_p
     assert took < STOP_TIMEOUT_S, f"took {took:.1f}s to stop\n{again.output()}"
     assert again.proc.returncode == 0, again.output()
     assert_all_gone(tree, again)
+
+
+def test_standalone_on_a_busy_port_refuses_before_starting_anything(tmp_path: Path) -> None:
+    import socket
+
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDMAAS_")}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run([medmaas_executable(), "standalone", "--port", str(port)], cwd=work, env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert f"port {port} on 127.0.0.1 is in use (another medmaas standalone?); stop it or choose another: " \
+        in done.stderr and "standalone --port " in done.stderr, done.stderr
+    assert "running at" not in done.stdout + done.stderr and "API key" not in done.stdout + done.stderr
+    assert not (work / ".medmaas").exists()  # nothing was started or created
+    assert took < 30, took
