@@ -9,13 +9,14 @@ import logging
 import os
 import socket
 import sys
+import threading
 import traceback
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from sqlalchemy import select
 
-from app import dispatch, jobs, leases
+from app import dispatch, jobs, leases, workers_registry
 from app.broker import RUN_JOB, SCORE_SHARD, create_celery
 from app.config import Settings
 from app.db import Database
@@ -64,6 +65,39 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
+KIND_VERBS = {"train": "Training", "score": "Scoring", "predict": "Prediction"}
+MAX_ERROR_CHARS = 500
+OPERATOR_TRACEBACK = "worker-error.log"  # in the job's directory; never served by the API
+
+
+def failure_message(kind: str, exc: BaseException) -> str:
+    """One sentence for job.error: what failed and why, without a traceback."""
+    what = f"{KIND_VERBS.get(kind, f'Job ({kind})')} failed"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+        return f"{what}: the GPU ran out of memory; use a smaller batch_size or model, a shorter max_len, or device cpu"
+    text = " ".join(str(exc).split())  # one line
+    if isinstance(exc, MemoryError):
+        text = "the worker ran out of memory"
+    elif not text:
+        text = f"{type(exc).__name__} (see the worker log)"
+    elif not isinstance(exc, (ValueError, FileNotFoundError)):
+        # Unexpected errors keep their type: it is what an operator searches the log for.
+        text = f"{type(exc).__name__}: {text}"
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 3].rstrip() + "..."
+    return f"{what}: {text}" if text.endswith((".", "...")) else f"{what}: {text}."
+
+
+def save_operator_traceback(ctx: JobContext, attempt: int) -> None:
+    """Append the current exception's traceback to the job directory's operator-only log."""
+    try:
+        with open(ctx.job_dir() / OPERATOR_TRACEBACK, "a", encoding="utf-8") as fh:
+            fh.write(f"--- attempt {attempt} on {ctx.worker}\n{traceback.format_exc()}\n")
+    except OSError:
+        log.warning("could not write the traceback of job %s to its directory", ctx.job_id, exc_info=True)
+
+
 def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -> str:
     """Run one delivery of a job. Returns what happened (for logs and tests)."""
     worker = worker_name()
@@ -92,14 +126,17 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
         log.warning("job %s attempt %s was taken over; dropping this attempt", job_id, attempt)
         return "lost"
     except Exception as exc:
-        log.exception("job %s failed", job_id)
-        message = f"{type(exc).__name__}: {exc}"
+        # The traceback is for the operator (this log, and a file in the job's directory the
+        # API never serves); the tenant reads one sentence in job.error.
+        log.exception("job %s (%s) attempt %s failed", job_id, job.kind, attempt)
+        save_operator_traceback(ctx, attempt)
+        message = failure_message(job.kind, exc)
         cancelled = ctx.should_stop(poll_s=0) and not ctx.lost  # cancelled while failing: cancel wins
         with db.session() as s:
             if cancelled:
                 jobs.mark_cancelled(s, job_id, attempt)
                 return "cancelled"
-            jobs.fail(s, job_id, attempt, message + "\n" + traceback.format_exc(limit=5))
+            jobs.fail(s, job_id, attempt, message)
         return "failed"
     finally:
         ctx.stop_heartbeat()
@@ -150,10 +187,86 @@ def register_tasks(celery: Celery, settings: Settings) -> None:
 
 
 def worker_celery(settings: Settings) -> Celery:
-    """The Celery app a worker process runs: the client configuration plus the tasks."""
+    """The Celery app a worker process runs: the client configuration plus the tasks. Once
+    the worker is ready it announces itself on its queues (Presence) until it shuts down."""
     celery = create_celery(settings)
     register_tasks(celery, settings)
+    celery.medmaas_settings = settings  # read by the presence signals
+    signals.worker_ready.connect(_start_presence, weak=False, dispatch_uid="medmaas-presence-start")
+    signals.worker_shutdown.connect(_stop_presence, weak=False, dispatch_uid="medmaas-presence-stop")
     return celery
+
+
+class Presence:
+    """Keeps this worker process's presence keys alive (app/workers_registry.py): one refresh
+    now, then one every interval_s from a daemon thread; `stop` deletes them. A broker outage
+    is logged and retried on the next beat."""
+
+    def __init__(
+        self, broker_url: str, queues: list[str], worker: str, interval_s: float = workers_registry.ANNOUNCE_INTERVAL_S
+    ) -> None:
+        self.broker_url, self.queues, self.worker, self.interval_s = broker_url, queues, worker, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: Any = None
+        self._failing = False
+
+    def start(self) -> None:
+        import redis
+
+        self._client = redis.Redis.from_url(self.broker_url, socket_timeout=2, socket_connect_timeout=2)
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="medmaas-presence", daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        try:
+            workers_registry.announce(self._client, self.queues, self.worker, ttl_s=3 * self.interval_s)
+        except Exception:
+            if not self._failing:
+                log.warning("announcing worker %s on %s failed; retrying", self.worker, self.queues, exc_info=True)
+            self._failing = True
+        else:
+            self._failing = False
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._client is not None:
+            try:
+                workers_registry.withdraw(self._client, self.queues, self.worker)
+            except Exception:
+                log.debug("withdrawing worker %s failed; its keys expire", self.worker, exc_info=True)
+            self._client.close()
+
+
+_presence: Presence | None = None
+
+
+def _start_presence(sender: Any = None, **_kw: Any) -> None:
+    """worker_ready: announce this process on the queues it consumes."""
+    global _presence
+    app = getattr(sender, "app", None)
+    settings = getattr(app, "medmaas_settings", None)
+    if app is None or settings is None or _presence is not None:
+        return
+    consume_from = app.amqp.queues.consume_from or {}
+    queues = sorted(consume_from) or [settings.default_queue]
+    _presence = Presence(settings.broker_url, queues, worker_name())
+    _presence.start()
+    log.info("worker %s announced on queues %s", _presence.worker, ", ".join(queues))
+
+
+def _stop_presence(**_kw: Any) -> None:
+    global _presence
+    if _presence is not None:
+        _presence.stop()
+        _presence = None
 
 
 def run_maintenance_forever(settings: Settings, stop: Any = None) -> None:

@@ -22,6 +22,7 @@ from app.ingest.library import SchemaError, library_schema
 from app.kinds import KindSpec, Spec, SpecError, register
 from app.models import Dataset, Job
 from app.registry import ModelNotFound, resolve_ref
+from app.workers_registry import gpu_worker_check
 
 FORMATS = ("csv", "parquet")
 MEDIA_TYPES = {"csv": "text/csv", "parquet": "application/vnd.apache.parquet"}
@@ -109,8 +110,10 @@ def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
         library_schema(ds.schema, spec.get("text_column"), spec.get("id_column"))
     except SchemaError as exc:
         raise SpecError(str(exc), "invalid_spec", {"spec": {"text_column": ds.schema.get("header")}}) from exc
+    note = gpu_worker_check(spec)  # 422 naming `device` when no GPU worker is connected
     return {
         **spec,
+        **({"notes": [note]} if note else {}),
         "model_version_id": mv.id,
         "model_name": mv.name,
         "version": mv.version,

@@ -6,30 +6,46 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.kinds import KindSpec, Spec, SpecError, register
+from app.modelconfig import (
+    CONFIGS,
+    DEFAULT_FRACTIONS,
+    ConfigError,
+    check_params,
+    resolve_split,
+    too_few_rows,
+    user_params,
+)
 from app.models import Dataset
+from app.workers_registry import gpu_worker_check
 
 MODEL_NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", error="letters, digits, '.', '_', '-' (max 128)")
-RNN_PARAMS = {"cell", "embedding_dim", "hidden_size", "num_layers", "bidirectional", "dropout"}
-CNN_PARAMS = {"channels", "kernel_size", "hidden", "dropout", "batch_norm", "pool_to"}
+RNN_PARAMS = user_params("rnn")  # cell, embedding_dim, hidden_size, num_layers, bidirectional, dropout
+CNN_PARAMS = user_params("cnn")  # channels, kernel_size, hidden, dropout, batch_norm, pool_to
 
 
 class SplitSpec(Schema):
-    train = fields.Float(validate=validate.Range(min=0, max=1))
-    val = fields.Float(validate=validate.Range(min=0, max=1))
-    test = fields.Float(validate=validate.Range(min=0, max=1))
+    train = fields.Float(metadata={"description": "default: 1 - val - test"})
+    val = fields.Float(metadata={"description": "in [0, 1); default 0.1 (or the rest when train is given)"})
+    test = fields.Float(metadata={"description": "in [0, 1); default 0.1 (or the rest when train is given)"})
     method = fields.String(load_default="random", validate=validate.OneOf(["random", "scaffold"]))
 
     @validates_schema
-    def _sums_to_one(self, data: dict[str, Any], **_kw: Any) -> None:
-        fractions = [data[k] for k in ("train", "val", "test") if k in data]
-        if len(fractions) == 3 and abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValidationError("train + val + test must sum to 1")
+    def _fractions(self, data: dict[str, Any], **_kw: Any) -> None:
+        try:
+            resolve_split(data)
+        except ConfigError as exc:
+            raise ValidationError(exc.errors) from exc
+
+    @post_load
+    def _complete(self, data: dict[str, Any], **_kw: Any) -> dict[str, Any]:
+        """Every fraction filled in, so the stored spec says exactly what the worker does."""
+        return {**resolve_split(data), "method": data["method"]}
 
 
 class TrainSpec(Schema):
@@ -59,21 +75,25 @@ class TrainSpec(Schema):
 
     @validates_schema
     def _model_params(self, data: dict[str, Any], **_kw: Any) -> None:
-        allowed = RNN_PARAMS if data.get("arch") == "rnn" else CNN_PARAMS
-        unknown = sorted(set(data.get("model") or {}) - allowed)
-        if unknown:
-            raise ValidationError(
-                f"unknown {data.get('arch')} parameters {unknown}; allowed: {sorted(allowed)}", "model"
-            )
+        errors: dict[str, Any] = {}
+        arch = data.get("arch")
+        if arch in CONFIGS:  # an unknown arch is reported on its own field
+            # The same validation the worker's model build runs (app/modelconfig.py).
+            model_errors = check_params(arch, data.get("model") or {})
+            if model_errors:
+                errors["model"] = model_errors
         target = data.get("target")
         if target is not None and not (
             isinstance(target, str) or (isinstance(target, list) and target and all(isinstance(t, str) for t in target))
         ):
-            raise ValidationError("target must be a column name or a list of column names", "target")
+            errors["target"] = ["target must be a column name or a list of column names"]
+        if errors:
+            raise ValidationError(errors)
 
 
 def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
-    """The dataset must exist for this tenant and fit the architecture, task and target."""
+    """The dataset must exist for this tenant and fit the architecture, task and target, with
+    rows enough for the split; device cuda needs a live GPU worker."""
     ds = session.scalar(select(Dataset).where(Dataset.id == spec["dataset_id"], Dataset.tenant_id == tenant_id))
     if ds is None:
         raise SpecError(
@@ -82,6 +102,7 @@ def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
     wanted = {"cnn": "images", "rnn": "sequences"}[spec["arch"]]
     if ds.kind != wanted:
         raise SpecError(f"arch {spec['arch']} trains on {wanted} datasets; dataset {ds.id} holds {ds.kind}")
+    split = spec["split"] or {**DEFAULT_FRACTIONS, "method": "random"}
     if ds.kind == "sequences":
         label_types = ds.schema.get("label_types", {})
         targets = spec["target"] or list(label_types)
@@ -100,10 +121,68 @@ def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
                 raise SpecError(f"regression needs numeric targets; {wrong} hold categories", "invalid_labels")
         if spec["task"] == "classification" and len(targets) > 1:
             raise SpecError("classification takes one target column; use task multilabel for several")
+        if spec["task"] == "classification":
+            _check_class_target(ds, targets[0], label_types[targets[0]])
         spec = {**spec, "target": targets if len(targets) > 1 else targets[0]}
-    elif spec["task"] == "regression" and ds.schema.get("label_kind") not in (None, "regression", "float"):
-        raise SpecError("this image dataset has class labels; use task classification or multilabel", "invalid_labels")
-    return {**spec, "dataset_sha256": ds.sha256}
+        labelled = _labelled_rows(ds, targets)
+        problem = too_few_rows(labelled, split)
+    else:
+        if spec["task"] == "regression" and ds.schema.get("label_kind") not in (None, "regression", "float"):
+            raise SpecError(
+                "this image dataset has class labels; use task classification or multilabel", "invalid_labels"
+            )
+        if spec["task"] == "classification" and ds.schema.get("label_kind") != "multilabel":
+            counts = (ds.stats.get("label_counts") or {}).get("train") or {}
+            present = [name for name, n in counts.items() if n]
+            if counts and len(present) < 2:
+                message = (
+                    f"the training images hold one class only ({', '.join(present) or 'none'}); "
+                    "classification needs at least two"
+                )
+                raise SpecError(message, "invalid_labels", {"spec": {"task": [message]}})
+        given = ds.schema.get("splits") or {"train": ds.rows}
+        carve = [k for k in ("val", "test") if not given.get(k)]
+        problem = too_few_rows(int(given.get("train", 0)), split, carve)
+    if problem:
+        raise SpecError(problem, "too_few_rows", {"spec": {"dataset_id": [problem]}})
+    note = gpu_worker_check(spec)  # 422 naming `device` when no GPU worker is connected
+    out = {**spec, "split": split, "dataset_sha256": ds.sha256}
+    if note:
+        out["notes"] = [note]
+    return out
+
+
+def _check_class_target(ds: Dataset, target: str, label_type: str) -> None:
+    """Classification needs a categorical target with at least two classes."""
+    summary = (ds.stats.get("labels") or {}).get(target) or {}
+    if label_type == "float":
+        distinct = summary.get("distinct")
+        if distinct is not None:
+            what = f"{distinct} distinct values"
+        elif summary.get("count") is not None and summary.get("min") is not None:
+            what = f"{summary['count']} numbers from {summary['min']:g} to {summary['max']:g}"
+        else:
+            what = "numbers"
+        message = (
+            f"target {target!r} holds continuous values ({what}); use task regression "
+            "(to train a classifier, upload it with whole-number or text class labels)"
+        )
+        raise SpecError(message, "invalid_labels", {"spec": {"task": [message]}})
+    classes = (ds.schema.get("classes") or {}).get(target)
+    if classes is not None and len(classes) < 2:
+        message = (
+            f"target {target!r} holds one class only ({', '.join(map(str, classes)) or 'none'}); "
+            "classification needs at least two"
+        )
+        raise SpecError(message, "invalid_labels", {"spec": {"target": [message]}})
+
+
+def _labelled_rows(ds: Dataset, targets: list[str]) -> int:
+    """Rows with a value in at least one target column (at least the largest per-column
+    count; the dataset's row count when the stats do not say)."""
+    labels = ds.stats.get("labels") or {}
+    counts = [labels[t]["count"] for t in targets if isinstance(labels.get(t), dict) and "count" in labels[t]]
+    return max(counts) if counts else ds.rows
 
 
 def route(spec: Spec, settings: Settings) -> str:

@@ -26,6 +26,7 @@ from app.stores import datasets as datasets_store
 from app.stores import jobs as jobs_store
 from app.stores import models as models_store
 from app.web.blueprint import bp
+from app.web.filters import percent
 
 PAGE_SIZE = 50
 STATES = jobs_store.STATES
@@ -52,10 +53,26 @@ def model_ref(job: Job) -> dict[str, Any]:
     return {"label": reference or name, "name": name, "version": version}
 
 
+def progress_label(state: JobState, progress: float | None) -> str:
+    """What the bar's label says: the percentage while it runs, the outcome once it ended."""
+    if state == JobState.succeeded:
+        return "100%"
+    if state in (JobState.failed, JobState.cancelled):
+        return f"{state.value} at {percent(progress)}"
+    return percent(progress)
+
+
+def first_line(text: str | None) -> str | None:
+    lines = (text or "").strip().splitlines()
+    return lines[0].strip() if lines else None
+
+
 def dump_job(job: Job) -> dict[str, Any]:
     data = JobSchema().dump(job)
     ref = model_ref(job)
     data.update(
+        progress_label=progress_label(job.state, job.progress),
+        error_line=first_line(job.error),
         model_name=ref["label"],
         model_registry_name=ref["name"],
         model_version=ref["version"],
@@ -183,6 +200,13 @@ def job_detail(job_id: int) -> ResponseReturnValue:
     return render_template("job.html", job=dump_job(job))
 
 
+@bp.get("/jobs/<int:job_id>/cancel")
+def job_cancel_confirm(job_id: int) -> ResponseReturnValue:
+    """The confirmation step without JavaScript (the job page's script asks in a dialog)."""
+    job = jobs_store.get(db_session(), tenant_id(), job_id)
+    return render_template("job_cancel.html", job=dump_job(job))
+
+
 @bp.post("/jobs/<int:job_id>/cancel")
 def job_cancel(job_id: int) -> ResponseReturnValue:
     try:
@@ -268,6 +292,9 @@ def train_new() -> ResponseReturnValue:
         "device": "auto",
         "model": "{}",
         "early_stopping_patience": "",
+        "split_method": "random",
+        "val_fraction": "0.1",
+        "test_fraction": "0.1",
         "form_id": uuid.uuid4().hex,
     }
     form = dict(defaults)
@@ -285,7 +312,7 @@ def train_new() -> ResponseReturnValue:
                 return redirect(url_for("web.job_detail", job_id=job.id))
             except SpecError as exc:
                 err = as_api_error(exc)
-                error, errors, status = err.message, field_errors(err), err.status
+                error, errors, status = err.message, _split_field_errors(field_errors(err)), err.status
     datasets = datasets_store.of_kinds(db_session(), tenant_id(), kinds=("sequences", "images"))
     return render_template(
         "train_new.html",
@@ -335,7 +362,43 @@ def _train_spec(form: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
         spec["model"] = model
     except ValueError:
         errors["model"] = ['Architecture parameters must be a JSON object, e.g. {"hidden_size": 128}.']
+    _split_spec(form, errors, spec)
     return spec, errors
+
+
+# The train spec's `split` as form fields; its messages are the spec schema's (as the API's).
+SPLIT_FIELDS = {"method": "split_method", "val": "val_fraction", "test": "test_fraction"}
+
+
+def _split_spec(form: dict[str, str], errors: dict[str, Any], spec: dict[str, Any]) -> None:
+    """split = {method, val, test}: the spec fills in train (the rest), and its range and sum
+    checks (with the API's messages) run at submit."""
+    split: dict[str, Any] = {"method": form["split_method"] or "random"}
+    for key in ("val", "test"):
+        _number(form, SPLIT_FIELDS[key], float, errors, split)
+        if SPLIT_FIELDS[key] in split:
+            split[key] = split.pop(SPLIT_FIELDS[key])
+    spec["split"] = split
+
+
+def _split_field_errors(errors: dict[str, Any]) -> dict[str, Any]:
+    """{"split": {"val": [...]}} from the spec check -> the form's val_fraction field, etc.;
+    what belongs to no one field (train, the sum) stays under "split"."""
+    split = errors.get("split")
+    if not isinstance(split, dict):
+        return errors
+    out = {k: v for k, v in errors.items() if k != "split"}
+    rest = {}
+    for key, messages in split.items():
+        if key in SPLIT_FIELDS:
+            out[SPLIT_FIELDS[key]] = messages
+        else:
+            rest[key] = messages
+    if rest:  # e.g. train: "val 0.6 + test 0.5 leaves nothing for training"
+        out["split"] = [
+            m for messages in rest.values() for m in (messages if isinstance(messages, list) else [messages])
+        ]
+    return out
 
 
 @bp.route("/score/new", methods=["GET", "POST"])

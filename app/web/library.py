@@ -9,20 +9,28 @@ cookie + CSRF) and rendering differ. The stores' errors render as this page's fo
 
 from __future__ import annotations
 
+import base64
+import time
 import uuid
 from typing import Any
 
-from flask import abort, flash, redirect, render_template, request, send_file, url_for
+from flask import abort, current_app, flash, redirect, render_template, request, send_file, url_for
 from flask.typing import ResponseReturnValue
 from marshmallow import ValidationError
+from sqlalchemy import select
 
-from app.api import db_session, settings, tenant_id
+from app.api import celery, database, db_session, settings, tenant_id
 from app.api.datasets import DatasetUploadForm
+from app.api.models import PREDICT_SAFETY_NET_S
 from app.errors import as_api_error, domain_errors
+from app.kinds.predict import MAX_INPUTS
+from app.models import TERMINAL_STATES, Job, JobState
 from app.stores import NotFound
 from app.stores import datasets as datasets_store
+from app.stores import jobs as jobs_store
 from app.stores import models as models_store
 from app.web.blueprint import bp
+from app.web.jobs import first_line
 
 DATASET_KINDS = ("sequences", "images", "library")
 
@@ -120,8 +128,7 @@ def models() -> ResponseReturnValue:
     return render_template("models.html", models=models_store.summaries(db_session(), tenant_id(), with_latest=True))
 
 
-@bp.get("/models/<string:name>")
-def model_detail(name: str) -> ResponseReturnValue:
+def _model_page(name: str, status: int = 200, **extra: Any) -> ResponseReturnValue:
     try:
         detail = models_store.detail(db_session(), tenant_id(), name)
     except NotFound:
@@ -131,9 +138,155 @@ def model_detail(name: str) -> ResponseReturnValue:
     by_version: dict[int, list[str]] = {}
     for alias, version in sorted(aliases.items()):
         by_version.setdefault(version, []).append(alias)
+    context: dict[str, Any] = {"predict_form": {"inputs": "", "ref": ""}, "predict_errors": {}, "predict_error": None}
+    context.update(extra)
     return render_template(
-        "model.html", name=name, versions=versions, aliases=aliases, by_version=by_version, form_id=uuid.uuid4().hex
-    )
+        "model.html",
+        name=name,
+        versions=versions,
+        aliases=aliases,
+        by_version=by_version,
+        form_id=uuid.uuid4().hex,  # a fresh one per render: a new submission is a new job
+        image_model=bool(versions) and versions[0].input_kind == "image",
+        max_inputs=MAX_INPUTS,
+        **context,
+    ), status
+
+
+@bp.get("/models/<string:name>")
+def model_detail(name: str) -> ResponseReturnValue:
+    return _model_page(name)
+
+
+# -- predict from the model's page -------------------------------------------------------
+
+PREDICT_WAIT_S = 5.0  # the page waits this long for the predictions, then links to the job
+
+
+def _parse_ref(ref: str) -> tuple[int | None, str | None]:
+    """The version select's value: "" (latest), "version:3" or "alias:production"."""
+    what, _, value = ref.partition(":")
+    if what == "version" and value.isdigit():
+        return int(value), None
+    if what == "alias" and value:
+        return None, value
+    return None, None
+
+
+def _wait_finished(job_id: int, timeout: float) -> tuple[JobState, Any, str | None]:
+    """The job's (state, result, error) once it ends, or as it stands after `timeout`: woken by
+    the worker's commits, re-read at least every PREDICT_SAFETY_NET_S (POST /predict's wait)."""
+    deadline = time.monotonic() + timeout
+    db = database()
+    with current_app.extensions["medmaas.hub"].watch(job_id) as watch:
+        while True:
+            with db.sessionmaker() as s:
+                state, result, error = s.execute(select(Job.state, Job.result, Job.error).where(Job.id == job_id)).one()
+            left = deadline - time.monotonic()
+            if state in TERMINAL_STATES or left <= 0:
+                return state, result, error
+            watch.wait(min(left, PREDICT_SAFETY_NET_S))
+
+
+def prediction_table(result: dict[str, Any], shown_inputs: list[str]) -> dict[str, Any]:
+    """Rows of input, label (classifiers), one value per output (regression values or class
+    probabilities) and error, in input order."""
+    predictions = [p if isinstance(p, dict) else {} for p in result.get("predictions") or []]
+    has_label = any("label" in p or "labels" in p for p in predictions)
+    probabilities = any("probabilities" in p for p in predictions)
+    # Columns: the keys of the values (regression targets) or probabilities (class names).
+    first = next((p.get("values") or p.get("probabilities") for p in predictions if "error" not in p), None)
+    outputs = [str(k) for k in first] if isinstance(first, dict) else [str(o) for o in result.get("outputs") or []]
+    rows = []
+    for i, pred in enumerate(predictions):
+        values = pred.get("values") or pred.get("probabilities") or {}
+        label = pred.get("label")
+        if isinstance(pred.get("labels"), list):
+            label = ", ".join(str(x) for x in pred["labels"]) or "—"
+        rows.append(
+            {
+                "input": shown_inputs[i] if i < len(shown_inputs) else str(pred.get("input", "")),
+                "smiles": pred.get("smiles") if pred.get("smiles") != pred.get("input") else None,
+                "label": label,
+                "values": [values.get(o) for o in outputs],
+                "error": pred.get("error"),
+            }
+        )
+    return {
+        "outputs": outputs,
+        "value_heading": "probability" if probabilities else "value",
+        "has_label": has_label,
+        "rows": rows,
+        "errors": sum(1 for r in rows if r["error"]),
+    }
+
+
+def _predict_inputs(image_model: bool, text: str) -> tuple[list[Any], list[str], dict[str, list[str]]]:
+    """(inputs for the predict spec, what the table shows for each, form errors)."""
+    if not image_model:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            return [], [], {"inputs": ["Enter at least one input, one per line."]}
+        if len(lines) > MAX_INPUTS:
+            return [], [], {"inputs": [f"At most {MAX_INPUTS} inputs at once; score a library for more."]}
+        return list(lines), lines, {}
+    files = [f for f in request.files.getlist("files") if f and f.filename]
+    if not files:
+        return [], [], {"files": ["Choose one or more image files (PNG, JPEG or DICOM)."]}
+    if len(files) > MAX_INPUTS:
+        return [], [], {"files": [f"At most {MAX_INPUTS} images at once."]}
+    limit = settings().max_json_bytes * 3 // 4  # what the API's JSON body holds as base64
+    raw = [f.read(limit + 1) for f in files]
+    if sum(len(b) for b in raw) > limit:
+        return [], [], {"files": [f"The images add up to more than {limit // 1024} KB; send fewer at once."]}
+    inputs = [{"image_base64": base64.b64encode(b).decode("ascii")} for b in raw]
+    return inputs, [f.filename or f"image {i + 1}" for i, f in enumerate(files)], {}
+
+
+@bp.post("/models/<string:name>/predict")
+def model_predict(name: str) -> ResponseReturnValue:
+    """Predict from the page: the API's predict (resolve the version, submit a `predict` job,
+    wait briefly), rendered as a table; a job still running after PREDICT_WAIT_S is linked."""
+    form = {"inputs": request.form.get("inputs") or "", "ref": request.form.get("ref") or ""}
+    version, alias = _parse_ref(form["ref"])
+    try:
+        mv = models_store.version(db_session(), tenant_id(), name, version, alias)
+    except domain_errors() as exc:
+        err = as_api_error(exc)
+        return _model_page(name, err.status, predict_form=form, predict_error=err.message)
+    inputs, shown, errors = _predict_inputs(mv.input_kind == "image", form["inputs"])
+    if errors:
+        return _model_page(
+            name, 400, predict_form=form, predict_errors=errors, predict_error="Please fix the marked fields."
+        )
+    token = (request.form.get("form_id") or "")[:64]
+    try:
+        job, _created = jobs_store.submit(
+            db_session(),
+            celery(),
+            database(),
+            settings(),
+            tenant_id(),
+            "predict",
+            {"model": f"{mv.name}@{mv.version}", "inputs": inputs},
+            idempotency_key=f"web-predict-{token}" if token else None,
+        )
+    except domain_errors() as exc:
+        err = as_api_error(exc)
+        return _model_page(name, err.status, predict_form=form, predict_error=err.message)
+    state, result, error = _wait_finished(job.id, PREDICT_WAIT_S)
+    outcome: dict[str, Any] = {
+        "job_id": job.id,
+        "job_url": url_for("web.job_detail", job_id=job.id),
+        "state": state.value,
+        "version": mv.version,
+        "waited_s": PREDICT_WAIT_S,
+    }
+    if state == JobState.succeeded and isinstance(result, dict):
+        outcome["table"] = prediction_table(result, shown)
+    elif state == JobState.failed:
+        outcome["error"] = first_line(error) or "unknown error"
+    return _model_page(name, predict_form=form, prediction=outcome)
 
 
 @bp.post("/models/<string:name>/aliases")

@@ -3,10 +3,14 @@ driven by Playwright. A missing browser fails the tests (it is never downloaded)
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from sqlalchemy import select
 
-from tests.conftest import ARTIFACTS_DIR
+from app import jobs
+from app.models import Job
+from tests.conftest import ARTIFACTS_DIR, ApiClient, create_tenant_key
 from tests.e2e.live_server import LiveServer
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -55,3 +59,14 @@ def page(context):  # noqa: ANN001, ANN201
 def artifacts_dir() -> Path:
     ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS_DIR
+
+
+@pytest.fixture()
+def tenant(pg_app):  # noqa: ANN001, ANN201
+    tenant_id, key = create_tenant_key(pg_app)
+    api = ApiClient(pg_app.test_client(), key)
+    yield SimpleNamespace(id=tenant_id, key=key, api=api)
+    # Nothing of this test may keep a later test's worker busy (its key may be revoked by now).
+    with pg_app.extensions["medmaas.db"].session() as s:
+        for job_id in s.scalars(select(Job.id).where(Job.tenant_id == tenant_id, Job.state.in_(["queued", "running"]))):
+            jobs.request_cancel(s, job_id)

@@ -7,28 +7,15 @@ import csv
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import update
 
-from app import jobs
-from app.models import ApiKey, Job, utcnow
+from app.models import ApiKey, utcnow
 from tests.conftest import ApiClient, create_tenant_key
 from tests.e2e.helpers import sign_in, wait_js
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-
-@pytest.fixture()
-def tenant(pg_app):  # noqa: ANN001, ANN201
-    tenant_id, key = create_tenant_key(pg_app)
-    api = ApiClient(pg_app.test_client(), key)
-    yield SimpleNamespace(id=tenant_id, key=key, api=api)
-    # Nothing of this test may keep a later test's worker busy (its key may be revoked by now).
-    with pg_app.extensions["medmaas.db"].session() as s:
-        for job_id in s.scalars(select(Job.id).where(Job.tenant_id == tenant_id, Job.state.in_(["queued", "running"]))):
-            jobs.request_cancel(s, job_id)
-
 
 def progress_value(page) -> float:  # noqa: ANN001
     return page.locator("#job-progress").evaluate("el => el.value")
@@ -122,6 +109,7 @@ def test_cancel_running_job_from_its_page(page, tenant, processes) -> None:  # n
     page.goto(f"/jobs/{job['id']}")
     wait_js(page, "document.getElementById('job-state').textContent === 'running'", timeout=60_000)
     page.get_by_role("button", name="Cancel job").click()
+    page.get_by_role("dialog").get_by_role("button", name="Cancel job").click()  # confirm
     page.wait_for_url(re.compile(rf"/jobs/{job['id']}$"))
     wait_js(page, "document.getElementById('job-state').textContent === 'cancelled'", timeout=15_000)
     assert page.locator("#cancel-form").is_hidden()
@@ -166,6 +154,7 @@ def test_csrf_token_is_required_on_posts(page, tenant) -> None:  # noqa: ANN001
     assert page.request.get("/api/v1/jobs").status == 401
     # With the page's own token the same POST works.
     page.get_by_role("button", name="Cancel job").click()
+    page.get_by_role("dialog").get_by_role("button", name="Cancel job").click()
     wait_js(page, "document.getElementById('job-state').textContent === 'cancelled'")
     assert tenant.api.job(job["id"])["state"] == "cancelled"
 

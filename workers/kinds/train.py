@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from app.artifacts import ArtifactStore
 from app.kinds import Spec
+from app.modelconfig import resolve_split
 from app.models import Dataset, ModelVersion
 from workers.kinds import JobResult
 from workers.runtime import JobContext
@@ -28,12 +29,14 @@ def prepare_data(spec: Spec, dataset: Dataset, store: ArtifactStore) -> Prepared
     if dataset.data_uri is None:  # only libraries lack normalised data; the spec check rejects them
         raise ValueError(f"dataset {dataset.id} is a {dataset.kind} dataset without training data")
     path = store.path(dataset.data_uri)
-    split = dict(spec["split"] or {})
+    # Complete fractions (the submit check stores them so; older specs may omit some).
+    given = dict(spec.get("split") or {})
+    split = {**resolve_split(given), "method": given.get("method", "random")}
     if dataset.kind == "images":
         return mldata.load_image_npz(
             str(path),
             task=spec["task"],
-            split=split or None,
+            split=split,
             seed=spec["seed"],
             class_names=dataset.schema.get("classes") if isinstance(dataset.schema.get("classes"), list) else None,
         )
@@ -46,7 +49,7 @@ def prepare_data(spec: Spec, dataset: Dataset, store: ArtifactStore) -> Prepared
         target_columns=spec["target"],
         task=spec["task"],
         tokenizer=spec["tokenizer"] or dataset.schema.get("tokenizer", "smiles"),
-        split=split or None,
+        split=split,
         seed=spec["seed"],
         max_len=spec["max_len"],
         canonicalize_smiles=False,  # ingestion already canonicalised and dropped invalid rows

@@ -1,45 +1,15 @@
-"""Configurable image CNN (the seed article's model, corrected)."""
+"""Configurable image CNN (the seed article's model, corrected). Its hyper-parameters are
+app/modelconfig.py CNNConfig, validated there (the same check the API runs at submit)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.modelconfig import CNNConfig
 
-@dataclass
-class CNNConfig:
-    in_channels: int = 1
-    image_size: tuple[int, int] = (28, 28)  # (H, W)
-    num_outputs: int = 2
-    channels: tuple[int, ...] = (32, 64)  # one conv block per entry; depth = len(channels)
-    kernel_size: int = 3
-    hidden: int = 128  # width of the fully connected layer
-    dropout: float = 0.25
-    batch_norm: bool = True
-    # The last feature map is average-pooled down to at most this many cells per side,
-    # so the classifier's size does not grow with the image (224x224 inputs stay small).
-    pool_to: int = 4
-
-    def __post_init__(self) -> None:
-        size = tuple(int(s) for s in self.image_size)
-        self.channels = tuple(int(c) for c in self.channels)
-        if len(size) != 2 or min(size) < 1:
-            raise ValueError(f"image_size must be (H, W) with positive sizes, got {size}")
-        self.image_size = (size[0], size[1])
-        if not self.channels:
-            raise ValueError("channels must name at least one conv block")
-        if self.kernel_size % 2 == 0:
-            raise ValueError("kernel_size must be odd so 'same' padding keeps the size")
-
-    def feature_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the tensor that is flattened into the classifier."""
-        h, w = self.image_size
-        for _ in self.channels:
-            h, w = (h // 2 if h >= 2 else h), (w // 2 if w >= 2 else w)
-        return self.channels[-1], min(h, self.pool_to), min(w, self.pool_to)
+__all__ = ["CNNConfig", "ImageCNN"]
 
 
 class ImageCNN(nn.Module):

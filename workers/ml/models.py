@@ -1,4 +1,5 @@
-"""Architecture registry: build a model from its name and a JSON-able hyper-parameter dict."""
+"""Architecture registry: build a model from its name and a JSON-able hyper-parameter dict
+(validated by app/modelconfig.py, the same code the API's submit check runs)."""
 
 from __future__ import annotations
 
@@ -7,25 +8,17 @@ from typing import Any
 
 from torch import nn
 
+from app.modelconfig import ConfigError, model_config
+
 from .cnn import CNNConfig, ImageCNN
 from .rnn import RNNConfig, SequenceRNN
+
+__all__ = ["ARCHS", "ConfigError", "arch_of", "build_model", "config_dict", "model_config"]
 
 ARCHS: dict[str, tuple[type[CNNConfig] | type[RNNConfig], type[nn.Module]]] = {
     "cnn": (CNNConfig, ImageCNN),
     "rnn": (RNNConfig, SequenceRNN),
 }
-
-
-def model_config(arch: str, params: dict[str, Any]) -> CNNConfig | RNNConfig:
-    """Config dataclass for `arch` from a dict; unknown keys are an error (typos fail loudly)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
-    cfg_cls = ARCHS[arch][0]
-    names = {f.name for f in dataclasses.fields(cfg_cls)}
-    unknown = set(params) - names
-    if unknown:
-        raise ValueError(f"unknown {arch} parameters: {sorted(unknown)}; allowed: {sorted(names)}")
-    return cfg_cls(**params)
 
 
 def build_model(arch: str, params: dict[str, Any]) -> nn.Module:

@@ -1,32 +1,24 @@
-"""Configurable sequence RNN that reads the last real step of each sequence."""
+"""Configurable sequence RNN that reads the last real step of each sequence. Its
+hyper-parameters are app/modelconfig.py RNNConfig, validated there (the same check the API
+runs at submit)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-CELLS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+from app.modelconfig import RNNConfig
 
+__all__ = ["CELLS", "RNNConfig", "SequenceRNN"]
 
-@dataclass
-class RNNConfig:
-    vocab_size: int
-    num_outputs: int = 1
-    cell: str = "gru"  # rnn, gru or lstm
-    embedding_dim: int = 64
-    hidden_size: int = 128
-    num_layers: int = 1
-    bidirectional: bool = False
-    dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}")
-        if self.vocab_size < 2 or self.num_layers < 1:
-            raise ValueError("vocab_size must be >= 2 and num_layers >= 1")
+CELLS: dict[str, Any] = {
+    "rnn": nn.RNN,
+    "gru": nn.GRU,
+    "lstm": nn.LSTM,
+}  # app.modelconfig.CELLS names these
 
 
 class SequenceRNN(nn.Module):

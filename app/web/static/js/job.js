@@ -12,6 +12,7 @@
   var eventsUrl = root.getAttribute("data-events-url");
   var streamUrl = root.getAttribute("data-stream-url");
   var liveStatus = document.getElementById("live-status");
+  var cancelDialog = document.getElementById("cancel-dialog");
 
   var lastSeq = 0;
   var MAX_LOG_ROWS = 300;
@@ -51,7 +52,8 @@
     errBox.hidden = !j.error;
     text("job-error-text", j.error || "");
     text("job-result", j.result === null || j.result === undefined ? "—" : JSON.stringify(j.result, null, 2));
-    setProgress(j.progress, j.message, null, null, j.terminal);
+    if (j.terminal && cancelDialog && cancelDialog.open) cancelDialog.close();
+    paintProgress(j);
     if (j.terminal && rows.size === 0) text("metrics-latest", "This job reported no metrics.");
     if (j.terminal) liveStatus.textContent = "Job finished";
   }
@@ -77,6 +79,22 @@
     if (message !== undefined && message !== null) text("progress-message", message);
     if (typeof etaS === "number") eta = {seconds: etaS, at: M.parseTime(ts) || Date.now()};
     if (terminal) eta = null;
+    renderEta();
+  }
+
+  // The bar's final look: succeeded full and green, failed red with the error's first
+  // line, cancelled grey and labelled with where it stopped (colours: data-state in app.css).
+  function paintProgress(j) {
+    var bar = document.getElementById("job-progress");
+    bar.setAttribute("data-state", j.state);
+    document.getElementById("progress-text").setAttribute("data-state", j.state);
+    if (!j.terminal) { setProgress(j.progress, j.message, null, null, false); return; }
+    var p = j.state === "succeeded" ? 1 : (j.progress || 0);
+    bar.value = p;
+    bar.textContent = j.progress_label;
+    text("progress-pct", j.progress_label);
+    text("progress-message", j.state === "failed" ? (j.error_line || "") : (j.message || ""));
+    eta = null;
     renderEta();
   }
 
@@ -264,8 +282,10 @@
     logEvent(ev);
     var d = ev.data || {};
     if (ev.type === "progress") {
-      job.progress = d.progress;
-      setProgress(d.progress, d.message, d.eta_s, ev.ts, job.terminal);
+      if (!job.terminal) { // a finished job's bar shows its outcome, not replayed history
+        job.progress = d.progress;
+        setProgress(d.progress, d.message, d.eta_s, ev.ts, false);
+      }
     } else if (ev.type === "metric") {
       addMetric(d);
     } else if (ev.type === "state" || ev.type === "cancel_requested") {
@@ -332,6 +352,20 @@
       });
       enqueue(refreshJob);
     }, 2000);
+  }
+
+  /* ---------------------------------------------------------------- cancel, confirmed first */
+  var cancelForm = document.getElementById("cancel-form");
+  if (cancelDialog && typeof cancelDialog.showModal === "function") {
+    // The form alone (no script) opens the confirmation page; here a dialog asks instead.
+    cancelForm.addEventListener("submit", function (e) {
+      e.preventDefault();
+      if (!cancelDialog.open && !job.terminal) cancelDialog.showModal();
+    });
+    document.getElementById("cancel-keep").addEventListener("click", function () { cancelDialog.close(); });
+    document.getElementById("cancel-confirm-form").addEventListener("submit", function () {
+      document.getElementById("cancel-confirm").disabled = true; // one request per click
+    });
   }
 
   applyJob(job);
