@@ -9,6 +9,8 @@ which changes a job's state only through `transition` here (the job lease's hook
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,6 +21,7 @@ from sqlalchemy.orm import Session
 from app import leases, notify
 from app.broker import RUN_JOB
 from app.models import TERMINAL_STATES, Job, JobEvent, JobState, utcnow
+from app.stores.errors import Invalid
 
 Q, R = JobState.queued, JobState.running
 
@@ -67,6 +70,43 @@ def _transition(session: Session, job_id: int, **kw: Any) -> bool:
     return transition(session, job_id, **kw) is not None
 
 
+class IdempotencyKeyReused(Invalid):
+    """The tenant already used this Idempotency-Key for a different request (HTTP 422)."""
+
+    default_code = "idempotency_key_reused"
+
+
+def request_digest(kind: str, spec: Any, priority: int = 0, max_attempts: int | None = None) -> str:
+    """A stable sha256 of a submitted request: the same kind, spec (key order ignored),
+    priority and max_attempts give the same digest. It is taken over what the caller sent,
+    not the normalised spec (defaults, resolved ids), so a retry matches even when, say, the
+    latest version of a model has changed since."""
+    canonical = json.dumps(
+        {"kind": kind, "spec": spec, "priority": priority, "max_attempts": max_attempts},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+        default=str,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def find_idempotent(session: Session, tenant_id: int, idempotency_key: str, request_sha256: str | None) -> Job | None:
+    """The tenant's job submitted with this key, if any. IdempotencyKeyReused when that job was
+    submitted with a different request (a job that recorded no digest matches any request)."""
+    existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
+    if existing is None:
+        return None
+    if request_sha256 is not None and existing.request_sha256 not in (None, request_sha256):
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key {idempotency_key!r} was already used for job {existing.id} with a different "
+            "request (kind, spec, priority or max_attempts); send the same request to get that job back, "
+            "or use a new key for a new job",
+            details={"idempotency_key": idempotency_key, "job_id": existing.id},
+        )
+    return existing
+
+
 def submit(
     session: Session,
     *,
@@ -77,14 +117,17 @@ def submit(
     priority: int = 0,
     max_attempts: int = 3,
     idempotency_key: str | None = None,
+    request_sha256: str | None = None,
 ) -> tuple[Job, bool]:
     """Insert a queued job (and its first event). Returns (job, created).
 
-    With an idempotency key, a second submit from the same tenant returns the first job.
+    With an idempotency key, a second submit from the same tenant returns the first job, when
+    its request_sha256 (request_digest of what was submitted) matches; with a different
+    digest it raises IdempotencyKeyReused and stores nothing.
     The caller commits before publishing to the broker.
     """
     if idempotency_key:
-        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
+        existing = find_idempotent(session, tenant_id, idempotency_key, request_sha256)
         if existing is not None:
             return existing, False
     job = Job(
@@ -96,6 +139,7 @@ def submit(
         priority=priority,
         max_attempts=max_attempts,
         idempotency_key=idempotency_key,
+        request_sha256=request_sha256 if idempotency_key else None,
         created_at=utcnow(),
         event_seq=0,
         # Stamped now, published right after commit: if that publish fails, the reconciler
@@ -108,7 +152,7 @@ def submit(
             session.flush()
     except IntegrityError:
         # Lost a race with a concurrent submit carrying the same key.
-        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
+        existing = find_idempotent(session, tenant_id, idempotency_key, request_sha256) if idempotency_key else None
         if existing is None:
             raise
         return existing, False

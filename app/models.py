@@ -140,6 +140,9 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(255))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # sha256 of the submitted request (kind, spec, priority, max_attempts) when it carried an
+    # idempotency key: a reused key with a different request is refused (app.jobs.request_digest).
+    request_sha256: Mapped[str | None] = mapped_column(String(64))
     # Last allocated job_events.seq; bumped atomically so concurrent reporters never collide.
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
     duration_s: Mapped[float | None] = mapped_column(Float)

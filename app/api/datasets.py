@@ -44,6 +44,26 @@ class DatasetSchema(Schema):
     stats = fields.Dict()
     options = fields.Dict()
     created_at = fields.DateTime()
+    warnings = fields.Method(
+        "_warnings",
+        dump_only=True,
+        metadata={"type": "array", "items": {"type": "string"}, "description": "what to check (stats.warnings)"},
+    )
+    inferred = fields.Method(
+        "_inferred",
+        dump_only=True,
+        metadata={
+            "type": "object",
+            "description": "what was read from the file rather than given as options (stats.inferred): "
+            "text column, delimiter, label columns and types, tokenizer; `summary` is one line to print",
+        },
+    )
+
+    def _warnings(self, ds: Dataset) -> list[str]:
+        return list((ds.stats or {}).get("warnings") or [])
+
+    def _inferred(self, ds: Dataset) -> dict[str, Any]:
+        return dict((ds.stats or {}).get("inferred") or {})
 
 
 class DatasetListArgs(Schema):

@@ -54,7 +54,14 @@ class JobSchema(Schema):
 
 class JobListArgs(Schema):
     state = fields.String(validate=validate.OneOf([s.value for s in JobState]))
-    kind = fields.String()
+    kind = fields.String(metadata={"description": "only jobs of this kind; kind=predict lists the online predict jobs"})
+    all = fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "without `kind`, online predict jobs (one per POST /models/{name}/predict) are "
+            "left out of the list; all=true lists every kind. Predict jobs stay readable by id."
+        },
+    )
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
     cursor = fields.Integer(metadata={"description": "return jobs with id below this (next_cursor)"})
 
@@ -85,9 +92,13 @@ class EventListSchema(Schema):
 @blp.route("", methods=["POST"])
 @blp.arguments(JobSubmitSchema)
 @blp.response(202, JobSchema)
-@blp.alt_response(200, schema=JobSchema, description="Same Idempotency-Key seen before: the existing job")
+@blp.alt_response(200, schema=JobSchema, description="Same Idempotency-Key and request seen before: the existing job")
 def submit(body: dict[str, Any]) -> tuple[Job, int]:
-    """Submit a job; answers 202 once the job row is committed."""
+    """Submit a job; answers 202 once the job row is committed.
+
+    With an `Idempotency-Key` header the tenant's first job for that key is returned (200)
+    when the request (kind, spec, priority, max_attempts) is the same; the same key with a
+    different request is refused with 422 `idempotency_key_reused` and stores nothing."""
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (1 <= len(key) <= 255):
         raise ApiError(400, "Idempotency-Key must be 1..255 characters")
@@ -110,7 +121,8 @@ def submit(body: dict[str, Any]) -> tuple[Job, int]:
 @blp.arguments(JobListArgs, location="query")
 @blp.response(200, JobListSchema)
 def list_jobs(args: dict[str, Any]) -> dict[str, Any]:
-    """List the tenant's jobs, newest first; page with next_cursor."""
+    """List the tenant's jobs, newest first; page with next_cursor. Online predict jobs are
+    left out unless `kind=predict` or `all=true`."""
     return jobs_store.list_page(
         db_session(),
         tenant_id(),
@@ -118,6 +130,7 @@ def list_jobs(args: dict[str, Any]) -> dict[str, Any]:
         kind=args.get("kind"),
         limit=args["limit"],
         cursor=args.get("cursor"),
+        include_hidden=args["all"],
     )
 
 

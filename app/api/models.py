@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import current_app, send_file
+from flask import current_app, jsonify, send_file
 from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
@@ -14,6 +14,7 @@ from sqlalchemy import select
 from app.api import celery, database, db_session, settings, tenant_id
 from app.api.jobs import JobSchema
 from app.errors import ApiError
+from app.kinds import SpecError
 from app.models import TERMINAL_STATES, Job, JobState, ModelVersion
 from app.stores import jobs as jobs_store
 from app.stores import models as models_store
@@ -117,20 +118,41 @@ PREDICT_SAFETY_NET_S = 2.0  # re-read at least this often while waiting, notifie
 @blp.route("/<string:name>/predict", methods=["POST"])
 @blp.arguments(PredictRequest)
 @blp.response(200, PredictResponse)
-@blp.alt_response(202, schema=JobSchema, description="Not done within `timeout`: follow the returned job")
+@blp.alt_response(
+    202,
+    schema=JobSchema,
+    description="Not done within `timeout`: the predict job (its Location header is /api/v1/jobs/{id}); "
+    "GET /api/v1/jobs/{id}/result has the predictions once it has succeeded",
+)
 def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
     """Predict with a registered model. Answers 200 with predictions when the inference
-    worker finishes within `timeout` seconds, else 202 with the job to poll."""
+    worker finishes within `timeout` seconds, else 202 with the job to follow (body: the
+    job, header `Location: /api/v1/jobs/{id}`); its result then holds the predictions.
+
+    Unknown models: the model named in this path (`name`, with `version` or `alias`) that
+    does not exist is a 404; a model referenced inside a submitted job spec (POST /jobs,
+    e.g. `score`'s `model`) is a 422 naming the field. Both messages name the model and say
+    how to list models (GET /api/v1/models).
+
+    Text inputs longer than 4 x the model's `max_len` (tokens) characters are refused with
+    422 naming the input index; an input the worker tokenises to more than `max_len` tokens
+    gets its own `error` item instead of being truncated."""
     mv = models_store.version(db_session(), tenant_id(), name, body.get("version"), body.get("alias"))
-    job, _ = jobs_store.submit(
-        db_session(),
-        celery(),
-        database(),
-        settings(),
-        tenant_id(),
-        "predict",
-        {"model": f"{mv.name}@{mv.version}", "inputs": body["inputs"]},
-    )
+    try:
+        job, _ = jobs_store.submit(
+            db_session(),
+            celery(),
+            database(),
+            settings(),
+            tenant_id(),
+            "predict",
+            {"model": f"{mv.name}@{mv.version}", "inputs": body["inputs"]},
+        )
+    except SpecError as exc:  # the spec is built here: its problems are this request body's
+        details = exc.details
+        if isinstance(details, dict) and isinstance(details.get("spec"), dict):
+            details = {**{k: v for k, v in details.items() if k != "spec"}, "json": details["spec"]}
+        raise ApiError(422, exc.message, exc.code, details) from exc
     timeout = body.get("timeout", settings().predict_default_timeout_s)
     deadline = time.monotonic() + timeout
     db = database()
@@ -149,5 +171,10 @@ def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
         raise ApiError(
             422, f"Prediction failed: {(error or '').splitlines()[0]}", "prediction_failed", {"job_id": job.id}
         )
+    # Still queued or running (or cancelled meanwhile): the job, as JobSchema. Returned as a
+    # Response so that the 200 schema (PredictResponse) does not filter it down to `{}`.
     db_session().refresh(job)
-    return JobSchema().dump(job), 202
+    response = jsonify(JobSchema().dump(job))
+    response.status_code = 202
+    response.headers["Location"] = f"/api/v1/jobs/{job.id}"
+    return response

@@ -1,7 +1,15 @@
 """`predict`: online inference for POST /models/{name}/predict, on the inference queue.
 
 Inputs are SMILES / token strings, or images as {"image_base64": "..."} (PNG, JPEG or
-DICOM). The run is workers/kinds/predict.py; each invalid input gets its own error there.
+DICOM). The run is workers/kinds/predict.py; each invalid input gets its own error there,
+also an input with more tokens than the model reads (its `max_len`). Token counts need the
+model's tokenizer, which only the worker loads, so the submit-time check refuses just what
+is far too long: a SMILES longer than MAX_CHARS_PER_TOKEN x max_len characters, a token
+sequence of more than that many whitespace-separated tokens.
+
+Unknown models: a model named inside a spec (`model` here and in `score`) is a 422 naming
+the field (`details: {"spec": {"model": [...]}}`); a model named in a URL path is a 404
+(app.stores.models). Both messages name the model and say how to list models.
 """
 
 from __future__ import annotations
@@ -13,9 +21,17 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.kinds import KindSpec, Spec, SpecError, queue_or_default, register
-from app.registry import ModelNotFound, resolve_ref
+from app.models import ModelVersion
+from app.registry import ModelNotFound, resolve_ref, split_ref
+from app.stores.models import how_to_list
 
 MAX_INPUTS = 10_000
+# A token is at least one character, and rarely more than a few (SMILES: `[C@@H]`, `Cl`;
+# clinical codes): longer strings than this many characters per token the model reads are
+# refused at submit; shorter ones are counted exactly by the worker.
+MAX_CHARS_PER_TOKEN = 4
+DEFAULT_MAX_LEN = 256  # the train spec's default, for versions whose spec lacks max_len
+MAX_REPORTED = 20  # per-input errors listed in details
 
 
 class PredictSpec(Schema):
@@ -33,17 +49,70 @@ class PredictSpec(Schema):
             raise ValidationError(f'input {i} must be a string or {{"image_base64": ...}}')
 
 
+def unknown_model(exc: ModelNotFound, ref: str, field: str = "model") -> SpecError:
+    """The 422 for a model reference inside a spec that does not resolve: names the model and
+    the field, and says how to list models (`score` uses it too)."""
+    message = f"{exc.message}; {how_to_list(split_ref(ref)[0])}"
+    return SpecError(message, "unknown_model", {"spec": {field: [message]}})
+
+
+def max_len_of(mv: ModelVersion) -> int:
+    """Tokens the model reads (its train spec's max_len)."""
+    value = (mv.spec or {}).get("max_len")
+    return value if isinstance(value, int) and value > 0 else DEFAULT_MAX_LEN
+
+
+def input_size(text: str, input_kind: str) -> tuple[int, str]:
+    """(size, unit) the submit-time cap measures: whitespace tokens for token-sequence models
+    (exact: their tokenizer splits on whitespace), characters for SMILES."""
+    if input_kind == "tokens":
+        return len(text.split()), "tokens"
+    return len(text), "characters"
+
+
+def check_lengths(inputs: list[Any], mv: ModelVersion) -> None:
+    """SpecError (422) naming the inputs too long to be read by a text model: more than
+    MAX_CHARS_PER_TOKEN x max_len characters (SMILES) or whitespace tokens (token sequences)."""
+    max_len = max_len_of(mv)
+    cap = MAX_CHARS_PER_TOKEN * max_len
+    long = []
+    for i, x in enumerate(inputs):
+        if isinstance(x, str) and len(x) > cap:  # cheap first: no string has more tokens than characters
+            size, unit = input_size(x, mv.input_kind)
+            if size > cap:
+                long.append((i, size, unit))
+    if not long:
+        return
+    reads = f"model {mv.name} v{mv.version} reads at most {max_len} tokens"
+    first, n, unit = long[0]
+    more = f" (and {len(long) - 1} more)" if len(long) > 1 else ""
+    raise SpecError(
+        f"input {first} is {n} {unit} long{more}; {reads}, so inputs over {cap} {unit} are refused",
+        "input_too_long",
+        {
+            "spec": {
+                "inputs": {
+                    str(i): [f"input {i} is {n} {unit} long; {reads} (at most {cap} {unit})"]
+                    for i, n, unit in long[:MAX_REPORTED]
+                }
+            }
+        },
+    )
+
+
 def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
     try:
         mv = resolve_ref(session, tenant_id, spec["model"])
     except ModelNotFound as exc:
-        raise SpecError(str(exc), "unknown_model") from exc
+        raise unknown_model(exc, spec["model"]) from exc
     wants_images = mv.input_kind == "image"
     if any(isinstance(x, dict) for x in spec["inputs"]) != wants_images or (
         wants_images and not all(isinstance(x, dict) for x in spec["inputs"])
     ):
         takes = 'images as {"image_base64": ...}' if wants_images else "strings (SMILES or token sequences)"
         raise SpecError(f"model {mv.name} v{mv.version} takes {takes}", "invalid_inputs")
+    if not wants_images:
+        check_lengths(spec["inputs"], mv)
     return {**spec, "model_version_id": mv.id, "model_name": mv.name, "version": mv.version}
 
 

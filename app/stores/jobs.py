@@ -20,6 +20,9 @@ from app.stores.errors import Conflict, NotFound
 from app.stores.paging import cursor_page
 
 STATES = [s.value for s in JobState]
+# Kinds the jobs list and the state counts leave out unless asked for: every online
+# prediction is a job, and they would bury the training and scoring jobs. Still readable by id.
+HIDDEN_KINDS = ("predict",)
 
 
 def get(session: Session, tenant_id: int, job_id: int) -> Job:
@@ -30,6 +33,16 @@ def get(session: Session, tenant_id: int, job_id: int) -> Job:
     return job
 
 
+def _listed(q: Any, kind: str | None, include_hidden: bool) -> Any:
+    """Filter a jobs query by kind: the named kind (hidden ones too), else every kind but the
+    HIDDEN_KINDS unless include_hidden."""
+    if kind is not None:
+        return q.where(Job.kind == kind)
+    if not include_hidden:
+        return q.where(Job.kind.not_in(HIDDEN_KINDS))
+    return q
+
+
 def list_page(
     session: Session,
     tenant_id: int,
@@ -38,19 +51,23 @@ def list_page(
     kind: str | None = None,
     limit: int = 50,
     cursor: int | None = None,
+    include_hidden: bool = False,
 ) -> dict[str, Any]:
-    """{"items", "next_cursor"}: the tenant's jobs newest first, filtered by state and kind."""
+    """{"items", "next_cursor"}: the tenant's jobs newest first, filtered by state and kind.
+    Without a kind, online predict jobs (HIDDEN_KINDS) are left out unless include_hidden."""
     q = select(Job).where(Job.tenant_id == tenant_id)
     if state is not None:
         q = q.where(Job.state == JobState(state))
-    if kind is not None:
-        q = q.where(Job.kind == kind)
+    q = _listed(q, kind, include_hidden)
     return cursor_page(session, q, Job.id, limit, cursor)
 
 
-def state_counts(session: Session, tenant_id: int) -> dict[str, int]:
-    """Jobs per state, every state present (0 when none)."""
-    rows = session.execute(select(Job.state, func.count()).where(Job.tenant_id == tenant_id).group_by(Job.state)).all()
+def state_counts(
+    session: Session, tenant_id: int, *, kind: str | None = None, include_hidden: bool = False
+) -> dict[str, int]:
+    """Jobs per state, every state present (0 when none); the same kinds list_page lists."""
+    q = _listed(select(Job.state, func.count()).where(Job.tenant_id == tenant_id), kind, include_hidden)
+    rows = session.execute(q.group_by(Job.state)).all()
     counts = dict.fromkeys(STATES, 0)
     counts.update({state.value: n for state, n in rows})
     return counts
@@ -124,8 +141,18 @@ def create(
     max_attempts: int | None = None,
     idempotency_key: str | None = None,
 ) -> tuple[Job, bool]:
-    """Validate and commit a queued job (not yet published). Returns (job, created): with an
-    idempotency key seen before, the tenant's existing job and False."""
+    """Validate and commit a queued job (not yet published). Returns (job, created).
+
+    With an idempotency key seen before: the same request (kind, spec, priority and
+    max_attempts as submitted) gives the tenant's existing job and False, checked before
+    validation so a retry gets its job back even if the spec would no longer validate; a
+    different request raises IdempotencyKeyReused (422) and stores nothing."""
+    digest = None
+    if idempotency_key:
+        digest = state_machine.request_digest(kind, spec, priority, max_attempts)
+        existing = state_machine.find_idempotent(session, tenant_id, idempotency_key, digest)
+        if existing is not None:
+            return existing, False
     _kind, normalised, queue = validate(session, settings, tenant_id, kind, spec)
     job, created = state_machine.submit(
         session,
@@ -136,6 +163,7 @@ def create(
         priority=priority,
         max_attempts=max_attempts or settings.default_max_attempts,
         idempotency_key=idempotency_key,
+        request_sha256=digest,
     )
     session.commit()  # durable before the broker hears of it
     return job, created

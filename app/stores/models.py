@@ -14,6 +14,7 @@ from app import registry
 from app.artifacts import ArtifactStore
 from app.config import Settings
 from app.models import ModelAlias, ModelVersion, utcnow
+from app.registry import ModelNotFound
 from app.stores.errors import Invalid, NotFound
 
 ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
@@ -26,11 +27,23 @@ class BundleFile(NamedTuple):
     download_name: str
 
 
+LIST_MODELS_HINT = "list the models with GET /api/v1/models (`medmaas models list`)"
+
+
+def how_to_list(name: str) -> str:
+    """Where to look next after a failed look-up of model `name`."""
+    return f"{LIST_MODELS_HINT}, a model's versions and aliases with GET /api/v1/models/{name}"
+
+
 def version(
     session: Session, tenant_id: int, name: str, version: int | None = None, alias: str | None = None
 ) -> ModelVersion:
-    """A version by number, by alias, or the latest; NotFound (registry.ModelNotFound) if none."""
-    return registry.resolve(session, tenant_id, name, version=version, alias=alias)
+    """A version by number, by alias, or the latest; ModelNotFound (a NotFound: 404) if none,
+    with a message naming the model and saying how to list models."""
+    try:
+        return registry.resolve(session, tenant_id, name, version=version, alias=alias)
+    except ModelNotFound as exc:
+        raise ModelNotFound(f"{exc.message}; {how_to_list(name)}", exc.code, exc.details) from exc
 
 
 def resolve_ref(session: Session, tenant_id: int, ref: str) -> ModelVersion:
@@ -75,7 +88,7 @@ def detail(session: Session, tenant_id: int, name: str) -> dict[str, Any]:
         ).all()
     )
     if not versions:
-        raise NotFound(f"Model {name!r} not found")
+        raise ModelNotFound(f"Model {name!r} not found; {LIST_MODELS_HINT}")
     return {"name": name, "aliases": registry.aliases_for(session, tenant_id, name), "versions": versions}
 
 

@@ -42,9 +42,11 @@ def decode_image(item: dict[str, Any]) -> np.ndarray:
         return np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
 
 
-def predict_inputs(predictor: Predictor, inputs: list[Any]) -> list[dict[str, Any]]:
+def predict_inputs(predictor: Predictor, inputs: list[Any], label: str | None = None) -> list[dict[str, Any]]:
+    """One item per input. Text inputs with more tokens than the model reads (its max_len)
+    get an `error` naming the input and the model (label), not a truncated prediction."""
     if predictor.input["kind"] != "image":
-        return predictor.predict(inputs)
+        return predictor.predict(inputs, label=label)
     results: list[dict[str, Any]] = [{} for _ in inputs]  # every slot is filled below
     images, where = [], []
     for i, item in enumerate(inputs):
@@ -75,7 +77,7 @@ def load_predictor(ctx: JobContext, model_version_id: int) -> Predictor:
 
 def run(ctx: JobContext, spec: Spec) -> JobResult:
     predictor = load_predictor(ctx, spec["model_version_id"])
-    predictions = predict_inputs(predictor, spec["inputs"])
+    predictions = predict_inputs(predictor, spec["inputs"], label=f"{spec['model_name']} v{spec['version']}")
     return {
         "model": spec["model_name"],
         "version": spec["version"],

@@ -122,29 +122,51 @@ class Predictor:
         raw = self.predict_ids(ids, lengths, batch_size=batch_size, raw=True)
         return self.head.predictions(raw)
 
-    def predict_tokens(self, texts: Sequence[str], *, batch_size: int = 1024) -> list[dict[str, Any]]:
-        """Whitespace token sequences (e.g. clinical codes) -> one prediction dict each."""
+    def too_long(self, index: int, text: str, label: str | None = None) -> str | None:
+        """The per-item error for a text with more tokens than the model reads (its max_len),
+        else None. Online predictions refuse such inputs instead of truncating them."""
+        max_len = self.input.get("max_len")
+        if not max_len or len(text) <= max_len:  # no text has more tokens than characters
+            return None
+        n = len(self._tokenizer().tokenize(text))
+        if n <= max_len:
+            return None
+        return f"input {index} has {n} tokens; {f'model {label}' if label else 'the model'} reads at most {max_len}"
+
+    def predict_tokens(
+        self, texts: Sequence[str], *, batch_size: int = 1024, label: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Whitespace token sequences (e.g. clinical codes) -> one prediction dict each; an
+        input longer than max_len tokens gets an error (label names the model in it)."""
         self._require("tokens")
         results: list[dict[str, Any]] = []
         valid = []
         for i, t in enumerate(texts):
-            if isinstance(t, str) and t.strip():
+            if not (isinstance(t, str) and t.strip()):
+                results.append({"input": t, "error": "empty or non-text input"})
+            elif (err := self.too_long(i, t, label)) is not None:
+                results.append({"input": t, "error": err})
+            else:
                 valid.append(i)
                 results.append({"input": t})
-            else:
-                results.append({"input": t, "error": "empty or non-text input"})
         for i, pred in zip(valid, self._predict_texts([texts[i] for i in valid], batch_size), strict=False):
             results[i].update(pred)
         return results
 
-    def predict_smiles(self, smiles: Sequence[str], *, batch_size: int = 1024) -> list[dict[str, Any]]:
-        """SMILES -> {"input", "smiles" (canonical), **prediction} or {"input", "error"} each."""
+    def predict_smiles(
+        self, smiles: Sequence[str], *, batch_size: int = 1024, label: str | None = None
+    ) -> list[dict[str, Any]]:
+        """SMILES -> {"input", "smiles" (canonical), **prediction} or {"input", "error"} each.
+        A SMILES whose canonical form is longer than max_len tokens gets an error (label names
+        the model in it), not a prediction from a truncated molecule."""
         self._require("smiles")
         results: list[dict[str, Any]] = []
         valid, canon = [], []
         for i, s in enumerate(smiles):
             c, err = canonicalize(s) if isinstance(s, str) else (None, "input is not a string")
-            if c is None:
+            if c is not None:
+                err = self.too_long(i, c, label)
+            if c is None or err is not None:
                 results.append({"input": s, "error": err})
             else:
                 results.append({"input": s, "smiles": c})
@@ -198,13 +220,14 @@ class Predictor:
                 results[i] = pred
         return results
 
-    def predict(self, inputs: Sequence[Any]) -> list[dict[str, Any]]:
-        """Dispatch on the bundle's input kind (for the online predict endpoint)."""
+    def predict(self, inputs: Sequence[Any], label: str | None = None) -> list[dict[str, Any]]:
+        """Dispatch on the bundle's input kind (for the online predict endpoint); label (e.g.
+        `sol v3`) names the model in per-item errors."""
         kind = self.input["kind"]
         if kind == "smiles":
-            return self.predict_smiles(inputs)
+            return self.predict_smiles(inputs, label=label)
         if kind == "tokens":
-            return self.predict_tokens(inputs)
+            return self.predict_tokens(inputs, label=label)
         return self.predict_images([np.asarray(x) for x in inputs])
 
     def _require(self, kind: str) -> None:
