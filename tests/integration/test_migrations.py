@@ -224,7 +224,7 @@ def test_upgrade_keeps_data_and_refuses_invalid_states(url: str) -> None:
     before = snapshot(url)
     assert check_names(url) == {"jobs": set(), "score_shards": set()}
 
-    migrate(url, "head")
+    migrate(url, "0004")
 
     assert version(url) == "0004"
     after = snapshot(url)
@@ -244,12 +244,19 @@ def test_upgrade_keeps_data_and_refuses_invalid_states(url: str) -> None:
     }
     assert_constraints_enforced(url)
 
+    kept = snapshot(url)
+    migrate(url, "head")  # and the migrations after 0004 keep the rows too
+    latest = snapshot(url)
+    for table in ("jobs", "job_events", "score_shards", "model_versions"):
+        assert len(latest[table]) == len(kept[table]), table
+    assert latest["model_versions"][0]["job_id"] == 3
+
 
 def test_downgrade_then_upgrade_again(url: str) -> None:
     migrate(url, "0003")
     seed(url)
     before = snapshot(url)
-    migrate(url, "head")
+    migrate(url, "0004")
 
     migrate(url, "0003")
     assert version(url) == "0003"
@@ -261,7 +268,7 @@ def test_downgrade_then_upgrade_again(url: str) -> None:
         conn.execute(text("UPDATE jobs SET state = 'queued', progress = 0.0 WHERE id = 1"))
     engine.dispose()
 
-    migrate(url, "head")
+    migrate(url, "0004")
     assert version(url) == "0004"
     assert check_names(url) == MODEL_CHECKS
     assert_schema_objects_kept(before, snapshot(url))
@@ -280,7 +287,7 @@ def test_upgrade_refuses_existing_invalid_rows_and_changes_nothing(url: str) -> 
     before = snapshot(url)
 
     with pytest.raises(RuntimeError) as exc:
-        migrate(url, "head")
+        migrate(url, "0004")
 
     message = str(exc.value)
     assert "table jobs: 2 row(s) violate ck_jobs_state" in message
@@ -297,7 +304,7 @@ def test_upgrade_refuses_existing_invalid_rows_and_changes_nothing(url: str) -> 
         conn.execute(text("UPDATE jobs SET progress = 1.0 WHERE id = 2"))
         conn.execute(text("UPDATE score_shards SET state = 'pending' WHERE id = 3"))
     engine.dispose()
-    migrate(url, "head")
+    migrate(url, "0004")
     assert version(url) == "0004"
     assert check_names(url) == MODEL_CHECKS
 
@@ -309,7 +316,7 @@ def test_upgrade_from_0002_in_one_run_keeps_events(url: str) -> None:
     counts = seed(url, with_shards=False)
     before = snapshot(url)
 
-    migrate(url, "head")
+    migrate(url, "0004")
 
     assert version(url) == "0004"
     after = snapshot(url)
