@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.kinds import SubmitContext
 
 log = logging.getLogger(__name__)
 
@@ -55,31 +58,34 @@ def live_queues(client: Any) -> set[str]:
     return set(live_workers(client))
 
 
-def gpu_worker_check(spec: dict[str, Any]) -> str | None:
+def live_queues_at(url: str) -> set[str]:
+    """live_queues() on the broker at `url` (asked only for specs that need a GPU worker)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return live_queues(client)
+    finally:
+        client.close()
+
+
+def gpu_worker_check(spec: dict[str, Any], ctx: SubmitContext) -> str | None:
     """For a spec asking for device cuda (train, score): raise SpecError naming `device` when
     no worker is alive on the queue the job would go to; return a note for the job when the
-    broker could not be asked (the job is then accepted and waits), else None.
-
-    Reads the settings and a Redis client from the Flask app serving the request; outside a
-    request (a script calling the stores directly) the check is skipped."""
-    if not str(spec.get("device", "auto")).startswith("cuda"):
+    broker could not be asked (the job is then accepted and waits), else None."""
+    if not str(spec.get("device", "auto")).startswith("cuda") or ctx.live_queues is None:
         return None
-    from flask import current_app, has_app_context
-
-    if not has_app_context() or "medmaas.settings" not in current_app.extensions:
-        return None
-    from app.kinds import SpecError
-
-    settings = current_app.extensions["medmaas.settings"]
-    queue = spec.get("queue") or settings.gpu_queue
+    queue = spec.get("queue") or ctx.settings.gpu_queue
     try:
-        live = live_queues(_redis_client(current_app, settings.broker_url))
+        live = ctx.live_queues()
     except Exception as exc:  # the broker is down: do not block submission
         log.warning("cannot check for live GPU workers (%s: %s); accepting the job", type(exc).__name__, exc)
         return (
             f"the broker could not be reached at submit, so whether a worker serves queue {queue!r} "
             "was not checked; the job stays queued until one takes it"
         )
+    from app.kinds import SpecError
+
     if queue not in live:
         if spec.get("queue"):
             message = (
@@ -93,14 +99,3 @@ def gpu_worker_check(spec: dict[str, Any]) -> str | None:
             )
         raise SpecError(message, "invalid_spec", {"spec": {"device": [message]}})
     return None
-
-
-def _redis_client(app: Any, url: str) -> Any:
-    """The app's shared Redis client (the one /readyz uses), created on first use."""
-    client = app.extensions.get("medmaas.redis")
-    if client is None:
-        import redis
-
-        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-        app.extensions["medmaas.redis"] = client
-    return client

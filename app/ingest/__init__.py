@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .common import IngestLimits, IngestReport
+from .common import MIN_DATASET_ROWS, IngestLimits, IngestReport
 from .errors import IngestError
 from .images import ingest_images
 from .library import ingest_library, iter_library_rows, library_row_offsets
@@ -23,6 +23,7 @@ KINDS = ("images", "sequences", "library")
 
 __all__ = [
     "KINDS",
+    "MIN_DATASET_ROWS",
     "IngestError",
     "IngestLimits",
     "IngestReport",
@@ -46,9 +47,17 @@ def ingest(
     """Validate the uploaded file at ``path`` and, for images and sequences, write the
     normalised dataset under ``work_dir`` (``data.npz`` or ``data.parquet``)."""
     if kind == "images":
-        return ingest_images(path, original_filename, work_dir, limits, options)
-    if kind == "sequences":
-        return ingest_sequences(path, original_filename, work_dir, options, limits)
-    if kind == "library":
+        report = ingest_images(path, original_filename, work_dir, limits, options)
+    elif kind == "sequences":
+        report = ingest_sequences(path, original_filename, work_dir, options, limits)
+    elif kind == "library":
         return ingest_library(path, original_filename, options, limits)
-    raise IngestError("invalid_kind", f"unknown dataset kind {kind!r}; expected one of: {', '.join(KINDS)}")
+    else:
+        raise IngestError("invalid_kind", f"unknown dataset kind {kind!r}; expected one of: {', '.join(KINDS)}")
+    if report.rows < MIN_DATASET_ROWS:
+        report.warnings.insert(
+            0,
+            f"only {report.rows} valid row{'' if report.rows == 1 else 's'}: too few to train; "
+            f"training needs at least {MIN_DATASET_ROWS}",
+        )
+    return report

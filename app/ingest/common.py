@@ -12,6 +12,10 @@ from .errors import IngestError
 
 GiB = 1 << 30
 MiB = 1 << 20
+# Fewer valid rows than this cannot be trained on with the default 0.8/0.1/0.1 split (the
+# train submit check, app/modelconfig.py, wants 8 training rows plus 1 each for val and
+# test): such an upload is accepted with a warning, and a train job on it is refused.
+MIN_DATASET_ROWS = 10
 
 
 @dataclass

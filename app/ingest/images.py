@@ -740,7 +740,27 @@ def _report(
             "splits": rows,
             "layout": "NHWC",
         },
-        stats={"label_counts": counts, "invalid_reasons": dict(invalid.reasons), **extra_stats},
+        stats={
+            "label_counts": counts,
+            "invalid_reasons": dict(invalid.reasons),
+            **extra_stats,
+            "inferred": _inferred(rows, shape, names, label_kind),
+        },
         data_path=out_path,
         warnings=warn,
     )
+
+
+def _inferred(rows: dict[str, int], shape: tuple[int, int, int], names: list[str], label_kind: str) -> dict[str, Any]:
+    """What was read from the file, for the upload response."""
+    h, w, c = shape
+    splits = ", ".join(f"{s} {n}" for s, n in rows.items())
+    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    return {
+        "shape": [h, w, c],
+        "label_kind": label_kind,
+        "classes": len(names),
+        "splits": dict(rows),
+        "summary": f"{h}x{w} images with {c} channel{'' if c == 1 else 's'}; {label_kind} labels, "
+        f"{len(names)} classes ({shown}); rows per split: {splits}",
+    }

@@ -14,15 +14,28 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from app.chem import parse_smiles, quiet_rdkit
+
 from .common import IngestLimits, IngestReport, check_option_names, opt_str, resolve_column
 from .errors import IngestError
-from .textio import base_name, detect_delimiter, first_line, is_gzip, iter_lines, iter_records, open_binary, open_text
+from .textio import (
+    base_name,
+    delimiter_name,
+    detect_delimiter,
+    first_line,
+    iter_lines,
+    iter_records,
+    open_binary,
+    open_checked,
+    open_text,
+)
 
 OPTIONS = ("text_column", "id_column", "format", "delimiter")
 FORMATS = ("smi", "csv", "tsv")
 _SMI_EXT = {".smi", ".smiles", ".ism", ".can"}
 _SMI_HEADER = {"smiles", "smile", "canonical_smiles", "isomeric_smiles"}
 _ID_NAMES = ("id", "name", "compound_id", "mol_id", "molecule_id", "cid", "chembl_id", "zinc_id", "title")
+SMILES_SAMPLE = 1000  # rows parsed with RDKit at upload; the rest are validated when scored
 
 
 def ingest_library(
@@ -38,9 +51,10 @@ def ingest_library(
     explicit_text = text_column is not None
     text_column = text_column or "smiles"
     id_column = opt_str(options, "id_column", None)
-    compressed = is_gzip(path)
+    compressed = open_checked(path, original_filename)
     head = first_line(path, compressed, limits)
-    fmt = opt_str(options, "format", None, FORMATS) or _detect_format(head, original_filename, text_column)
+    given_format = opt_str(options, "format", None, FORMATS)
+    fmt = given_format or _detect_format(head, original_filename, text_column)
 
     if fmt == "smi":
         schema = _smi_schema(path, compressed, limits)
@@ -58,19 +72,92 @@ def ingest_library(
             opt_str(options, "delimiter", None),
         )
     rows = empty = 0
+    sample: list[tuple[int, str]] = []  # (row, text) of the first non-empty rows
     for _, text in _iter_rows(path, schema, limits, schema["data_offset"]):
+        if not text:
+            empty += 1
+        elif len(sample) < SMILES_SAMPLE:
+            sample.append((rows, text))
         rows += 1
-        empty += not text
     if rows == 0:
         raise IngestError("no_rows", "the library has no rows" + (" after its header" if schema["header"] else ""))
+    warn: list[str] = []
+    checked = _check_smiles(sample, rows, empty, original_filename, schema, warn)
+    if empty:
+        warn.append(f"{empty} of {rows} rows have no SMILES; they will be reported as invalid when scored")
     return IngestReport(
         rows=rows,
         invalid_rows=0,
         invalid_samples=[],
         schema=schema,
-        stats={"bytes": os.path.getsize(path), "empty_text_rows": empty},
+        stats={
+            "bytes": os.path.getsize(path),
+            "empty_text_rows": empty,
+            "smiles_checked": checked,
+            "inferred": _inferred(schema, given_format is not None, explicit_text),
+        },
         data_path=None,
+        warnings=warn,
     )
+
+
+def _check_smiles(
+    sample: list[tuple[int, str]], rows: int, empty: int, filename: str, schema: Mapping[str, Any], warn: list[str]
+) -> dict[str, Any]:
+    """Parse the first rows with RDKit: refuse a library none of whose sampled rows is a
+    molecule (the wrong column, or not a SMILES file at all), warn about a bad share."""
+    name = os.path.basename(filename or "") or "the library"
+    where = f"column {schema['text_column']!r}" if schema["text_column"] else "the first field of each line"
+    if not sample:
+        raise IngestError(
+            "no_valid_rows",
+            f"{name}: all {rows} rows have an empty {where}; there is nothing to score",
+            {"rows": rows, "empty_text_rows": empty},
+        )
+    bad: list[dict[str, Any]] = []
+    with quiet_rdkit():
+        for row, text in sample:
+            mol, reason = parse_smiles(text)
+            if mol is None:
+                bad.append({"row": row, "text": text[:100], "reason": reason})
+    scope = f"the {len(sample)} non-empty rows" if len(sample) + empty >= rows else f"the first {len(sample)} rows"
+    if len(bad) == len(sample):
+        first = bad[0]
+        raise IngestError(
+            "no_valid_rows",
+            f"{name}: none of {scope} holds a valid SMILES in {where} (row {first['row']}: {first['text']!r}: "
+            f"{first['reason']}); is this a SMILES library, and is text_column right?",
+            {"checked": len(sample), "invalid_samples": bad[:20], "header": schema["header"]},
+        )
+    if bad:
+        warn.append(
+            f"{len(bad)} of {scope} are not valid SMILES (row {bad[0]['row']}: {bad[0]['text']!r}); "
+            "such rows are reported as invalid when scored"
+        )
+    return {"rows": len(sample), "invalid": len(bad), "invalid_samples": bad[:5]}
+
+
+def _inferred(schema: Mapping[str, Any], given_format: bool, explicit_text: bool) -> dict[str, Any]:
+    """What was read from the file rather than given as options, for the upload response."""
+    fmt = schema["format"]
+    out: dict[str, Any] = {
+        "format": fmt,
+        "format_source": "option" if given_format else "detected",
+        "compressed": schema["compressed"],
+        "text_column": schema["text_column"],
+        "id_column": schema["id_column"],
+    }
+    if fmt == "smi":
+        text = "format smi (SMILES then an optional id per line)" + (", title line skipped" if schema["header"] else "")
+    else:
+        out["delimiter"] = schema["delimiter"]
+        ident = f"id column {schema['id_column']!r}" if schema["id_column"] else "no id column"
+        text = (
+            f"format {fmt} ({delimiter_name(schema['delimiter'])}-delimited); "
+            f"SMILES column {schema['text_column']!r}{'' if explicit_text else ' (default)'}; {ident}"
+        )
+    out["summary"] = text + ("; gzip-compressed" if schema["compressed"] else "")
+    return out
 
 
 def iter_library_rows(

@@ -36,7 +36,7 @@ from .common import (
     resolve_column,
 )
 from .errors import IngestError
-from .textio import detect_delimiter, first_line, is_gzip, iter_records, open_binary
+from .textio import delimiter_name, detect_delimiter, first_line, iter_records, open_binary, open_checked
 
 OPTIONS = ("text_column", "tokenizer", "label_columns", "max_length", "delimiter")
 TOKENIZERS = ("smiles", "whitespace")
@@ -48,6 +48,20 @@ _INT_RE = r"[+-]?\d+"
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of non-UTF-8 bytes
 _MAX_INT_CLASSES = 50  # integer labels with more distinct values are regression targets
 _MAX_CLASSES = 10_000  # above this a string column is not a usable class label
+_MAX_STRAY_SHARE = 0.05  # a column this close to numeric is numeric with its text values missing
+_STRAY_SAMPLES = 3
+# Columns that are not labels unless label_columns names them (inference only)
+_SPLIT_VALUES = frozenset(
+    {"train", "training", "trn", "valid", "val", "validation", "dev", "test", "testing", "tst", "holdout", "eval"}
+)
+_SPLIT_NAME = re.compile(r"(?i)^(?:.*[_\s.-])?(?:split|fold|folds|set|subset|partition)(?:[_\s.-]?\d+|[_\s.-]\w+)?$")
+_SPLIT_WORD = re.compile(r"(?i)(?:^|[^a-z])(?:" + "|".join(sorted(_SPLIT_VALUES)) + r")(?:$|[^a-z])")
+_ID_NAME = re.compile(
+    r"(?i:^(?:id|ids|idx|index|name|names|title|compound|molecule|iupac|iupac_name|cas|cas_rn|cas_number)$)"
+    r"|(?i:[_\s.-](?:id|ids|idx|cid|name|names)$)"
+    r"|[a-z](?:Id|ID|Name)$"
+)
+_STRUCTURE_NAME = re.compile(r"(?i)(?:^|[_\s.-])(?:smiles|inchi|inchikey|inchi_key|selfies)$")
 
 
 def ingest_sequences(
@@ -68,10 +82,9 @@ def ingest_sequences(
     max_length = opt_int(options, "max_length", 1000, 1, 1_000_000)
     os.makedirs(work_dir, exist_ok=True)
 
-    compressed = is_gzip(path)
-    delimiter = detect_delimiter(
-        first_line(path, compressed, limits), original_filename, opt_str(options, "delimiter", None)
-    )
+    compressed = open_checked(path, original_filename)
+    given_delimiter = opt_str(options, "delimiter", None)
+    delimiter = detect_delimiter(first_line(path, compressed, limits), original_filename, given_delimiter)
     invalid = InvalidRows(limits.max_invalid_samples)
     warn: list[str] = []
     raw_path = os.path.join(work_dir, "_rows.parquet")
@@ -80,7 +93,7 @@ def ingest_sequences(
         with open_binary(path, compressed) as fp:
             records = iter_records(fp, delimiter, limits, errors="surrogateescape")
             header, text_column = _header(next(records, None), text_column, explicit_text, delimiter)
-            labels = _label_columns(header, text_column, wanted, warn)
+            labels, ignored = _label_columns(header, text_column, wanted)
             col_stats = {c: _ColumnStats() for c in labels}
             rows, text_len = _first_pass(
                 records, header, text_column, tokenizer, max_length, labels, col_stats, invalid, raw_path
@@ -97,8 +110,13 @@ def ingest_sequences(
                     "invalid_reasons": dict(invalid.reasons),
                 },
             )
-        inferred = {c: s.infer(c, explicit=wanted is not None, warn=warn) for c, s in col_stats.items()}
-        types = {c: t for c in labels if (t := inferred[c]) is not None}
+        types: dict[str, str] = {}
+        for c, st in col_stats.items():
+            kind, reason = st.infer(c, explicit=wanted is not None, warn=warn)
+            if kind is not None:
+                types[c] = kind
+            else:
+                ignored[c] = reason or "not usable"
         kept = list(types)
         _second_pass(raw_path, out_path, kept, types, col_stats)
     finally:
@@ -107,6 +125,22 @@ def ingest_sequences(
                 os.unlink(leftover)
 
     classes = {c: col_stats[c].classes() for c in kept if types[c] != "float"}
+    label_types = {c: "float" if types[c] == "float" else "category" for c in kept}
+    inferred = _inferred(
+        text_column=text_column,
+        text_source="option" if explicit_text else "default",
+        tokenizer=tokenizer,
+        tokenizer_source="option" if options.get("tokenizer") else "default",
+        delimiter=delimiter,
+        delimiter_source="option" if given_delimiter else "detected",
+        compressed=compressed,
+        label_types=label_types,
+        classes=classes,
+        labels_source="option" if wanted is not None else "inferred",
+        ignored=ignored,
+    )
+    if wanted is None and (ignored or not kept):
+        warn.insert(0, inferred["labels"] + "; pass label_columns=... to choose")
     return IngestReport(
         rows=rows,
         invalid_rows=invalid.count,
@@ -116,7 +150,7 @@ def ingest_sequences(
             "text_column": text_column,
             "tokenizer": tokenizer,
             "label_columns": kept,
-            "label_types": {c: "float" if types[c] == "float" else "category" for c in kept},
+            "label_types": label_types,
             "classes": classes,
             "delimiter": delimiter,
             "compressed": compressed,
@@ -126,6 +160,7 @@ def ingest_sequences(
             "labels": {c: col_stats[c].summary(types[c]) for c in kept},
             "text_length": text_len,
             "invalid_reasons": dict(invalid.reasons),
+            "inferred": inferred,
         },
         data_path=out_path,
         warnings=warn,
@@ -159,12 +194,19 @@ def _header(
     return header, found
 
 
-def _label_columns(header: list[str], text_column: str, wanted: list[str] | None, warn: list[str]) -> list[str]:
+def _label_columns(header: list[str], text_column: str, wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    """The candidate label columns, and the columns ruled out by their header alone (with why)."""
+    ignored: dict[str, str] = {}
     if wanted is None:
-        labels = [h for h in header if h != text_column and not h.startswith(_UNNAMED)]
-        unnamed = [h for h in header if h.startswith(_UNNAMED)]
-        if unnamed:
-            warn.append(f"{len(unnamed)} column(s) without a name (e.g. a saved index) not used as labels")
+        labels = []
+        for h in header:
+            if h == text_column:
+                continue
+            reason = _ignored_by_name(h)
+            if reason:
+                ignored[h] = reason
+            else:
+                labels.append(h)
     else:
         missing = [c for c in wanted if c not in header]
         if missing:
@@ -183,7 +225,67 @@ def _label_columns(header: list[str], text_column: str, wanted: list[str] | None
             f"column name(s) {', '.join(clash)} are reserved for the output "
             "(text, source_row); rename them or leave them out of label_columns",
         )
-    return labels
+    return labels, ignored
+
+
+def _ignored_by_name(name: str) -> str | None:
+    """Why a column is not a label whatever its values (when label_columns is not given)."""
+    if name.startswith(_UNNAMED):
+        return "unnamed column, e.g. a saved index"
+    if _ID_NAME.search(name):
+        return "identifier"
+    if _STRUCTURE_NAME.search(name):
+        return "another structure column"
+    return None
+
+
+def _inferred(
+    *,
+    text_column: str,
+    text_source: str,
+    tokenizer: str,
+    tokenizer_source: str,
+    delimiter: str,
+    delimiter_source: str,
+    compressed: bool,
+    label_types: dict[str, str],
+    classes: dict[str, list[int | str]],
+    labels_source: str,
+    ignored: dict[str, str],
+) -> dict[str, Any]:
+    """What was read from the file rather than given as options, for the upload response
+    (lists, not objects, so that the order survives a JSONB column)."""
+
+    def show(c: str) -> str:
+        if label_types[c] == "float":
+            return f"{c} (float)"
+        n = len(classes.get(c, []))
+        return f"{c} (category, {n} class{'' if n == 1 else 'es'})"
+
+    verb = "given" if labels_source == "option" else "inferred"
+    labels = f"label columns {verb}: {', '.join(map(show, label_types)) or 'none'}"
+    if ignored:
+        labels += "; ignored: " + ", ".join(f"{c} ({why})" for c, why in ignored.items())
+    delim = delimiter_name(delimiter)
+    summary = (
+        f"text column {text_column!r} ({text_source}); {delim}-delimited ({delimiter_source})"
+        f"{', gzip-compressed' if compressed else ''}; tokenizer {tokenizer} ({tokenizer_source}); {labels}"
+    )
+    return {
+        "text_column": text_column,
+        "text_column_source": text_source,
+        "delimiter": delimiter,
+        "delimiter_name": delim,
+        "delimiter_source": delimiter_source,
+        "compressed": compressed,
+        "tokenizer": tokenizer,
+        "tokenizer_source": tokenizer_source,
+        "label_columns": [{"name": c, "type": t} for c, t in label_types.items()],
+        "label_columns_source": labels_source,
+        "ignored_columns": [{"name": c, "reason": why} for c, why in ignored.items()],
+        "labels": labels,
+        "summary": summary,
+    }
 
 
 def _first_pass(
@@ -214,7 +316,7 @@ def _first_pass(
             return
         cols = [pa.array(buf_text, pa.string()), pa.array(buf_row, pa.int64())]
         for j, values in enumerate(buf_labels):
-            col_stats[labels[j]].update(values)
+            col_stats[labels[j]].update(values, buf_row)
             cols.append(pa.array(values, pa.string()))
             values.clear()
         writer.write_table(pa.Table.from_arrays(cols, schema=schema))
@@ -269,18 +371,27 @@ def _first_pass(
 
 class _ColumnStats:
     """Running statistics of one label column, valid under both numeric and categorical readings
-    until the whole file has been seen."""
+    until the whole file has been seen. Values that do not parse as numbers ("strays") are
+    counted apart, so that a numeric column with a few stray strings stays numeric."""
 
     def __init__(self) -> None:
         self.count = self.missing = 0
-        self.numeric = self.integer = True
+        self.integer = True  # every numeric value so far is written as an integer
+        self.non_numeric = 0  # values that are not numbers
+        self.stray_samples: list[tuple[int, str]] = []  # (source row, value) of the first few
         self.non_finite = 0
         self.n, self.mean, self.m2 = 0, 0.0, 0.0
         self.min, self.max = math.inf, -math.inf
         self.counts: Counter[str] | None = Counter()
+        self.kind: str | None = None  # set by infer()
 
-    def update(self, values: list[str | None]) -> None:
-        s = pd.Series([v for v in values if v is not None], dtype=object)
+    @property
+    def numbers(self) -> int:
+        return self.count - self.non_numeric
+
+    def update(self, values: list[str | None], rows: list[int]) -> None:
+        present = [i for i, v in enumerate(values) if v is not None]
+        s = pd.Series([values[i] for i in present], dtype=object)
         self.missing += len(values) - len(s)
         self.count += len(s)
         if s.empty:
@@ -289,42 +400,95 @@ class _ColumnStats:
             self.counts.update(s.value_counts().to_dict())
             if len(self.counts) > _MAX_CLASSES:
                 self.counts = None
-        if self.numeric:
-            x = pd.to_numeric(s, errors="coerce").to_numpy(np.float64)
-            if np.isnan(x).any():
-                self.numeric = self.integer = False
+        x = pd.to_numeric(s, errors="coerce").to_numpy(np.float64)
+        stray = np.isnan(x)
+        if stray.any():
+            where = np.flatnonzero(stray)
+            self.non_numeric += len(where)
+            for k in where[: max(0, _STRAY_SAMPLES - len(self.stray_samples))]:
+                self.stray_samples.append((rows[present[k]], str(s.iloc[k])))
+            s, x = s[~stray], x[~stray]
+            if s.empty:
                 return
-            self.integer = self.integer and bool(s.str.fullmatch(_INT_RE).all())
-            finite = x[np.isfinite(x)]
-            self.non_finite += len(x) - len(finite)
-            if len(finite):
-                # Chan et al. parallel update of mean and sum of squared deviations
-                n, mean = len(finite), float(finite.mean())
-                m2 = float(((finite - mean) ** 2).sum())
-                delta, total = mean - self.mean, self.n + n
-                self.mean += delta * n / total
-                self.m2 += m2 + delta * delta * self.n * n / total
-                self.n = total
-                self.min, self.max = min(self.min, float(finite.min())), max(self.max, float(finite.max()))
+        self.integer = self.integer and bool(s.str.fullmatch(_INT_RE).all())
+        finite = x[np.isfinite(x)]
+        self.non_finite += len(x) - len(finite)
+        if len(finite):
+            # Chan et al. parallel update of mean and sum of squared deviations
+            n, mean = len(finite), float(finite.mean())
+            m2 = float(((finite - mean) ** 2).sum())
+            delta, total = mean - self.mean, self.n + n
+            self.mean += delta * n / total
+            self.m2 += m2 + delta * delta * self.n * n / total
+            self.n = total
+            self.min, self.max = min(self.min, float(finite.min())), max(self.max, float(finite.max()))
 
-    def infer(self, name: str, explicit: bool, warn: list[str]) -> str | None:
-        """'float', 'int' or 'str' (the last two are categorical), or None to drop the column."""
+    def _strays(self) -> str:
+        shown = ", ".join(f"row {row}: {value[:40]!r}" for row, value in self.stray_samples)
+        return shown + (", ..." if self.non_numeric > len(self.stray_samples) else "")
+
+    def _mostly_numeric(self) -> bool:
+        """Nearly all values are numbers: at most 5% (or a single one) are not."""
+        return self.non_numeric <= max(1, int(self.count * _MAX_STRAY_SHARE)) and self.numbers >= 2
+
+    def _distinct(self, numeric: bool) -> int:
+        if self.counts is None:
+            return _MAX_CLASSES + 1
+        if numeric and self.non_numeric:
+            return sum(1 for k in self.counts if re.fullmatch(_INT_RE, k))
+        return len(self.counts)
+
+    def _split_like(self, name: str) -> bool:
+        """A train/valid/test assignment: split words as values, or a split-like name whose
+        values are split words or a few fold numbers."""
+        if self.counts is None or not self.counts or len(self.counts) > 20:
+            return False
+        values = [k.strip().lower() for k in self.counts]
+        if all(v in _SPLIT_VALUES for v in values):
+            return True
+        if not _SPLIT_NAME.match(name):
+            return False
+        return all(_SPLIT_WORD.search(v) for v in values) or all(re.fullmatch(_INT_RE, v) for v in values)
+
+    def infer(self, name: str, explicit: bool, warn: list[str]) -> tuple[str | None, str | None]:
+        """('float' | 'int' | 'str', None) -- the last two are categorical -- or (None, why)
+        to leave the column out."""
+        kind, why = self._infer(name, explicit, warn)
+        self.kind = kind
+        return kind, why
+
+    def _infer(self, name: str, explicit: bool, warn: list[str]) -> tuple[str | None, str | None]:
         if self.count == 0:
             if explicit:
                 raise IngestError("empty_label", f"label column {name!r} has no values in the valid rows")
-            warn.append(f"column {name!r} is empty; not used as a label")
-            return None
-        distinct = len(self.counts) if self.counts is not None else _MAX_CLASSES + 1
-        if self.numeric and self.integer and distinct <= _MAX_INT_CLASSES:
-            return "int"
-        if self.numeric:
+            return None, "empty"
+        if not explicit and self._split_like(name):
+            return None, "split assignment"
+        numeric = self.numbers > 0 and (self.non_numeric == 0 or self._mostly_numeric())
+        if numeric and self.non_numeric:
+            s = "" if self.non_numeric == 1 else "s"
+            warn.append(
+                f"column {name!r}: {self.non_numeric} non-numeric value{s} treated as missing ({self._strays()})"
+            )
+        elif self.numbers and self.non_numeric:
+            share = self.non_numeric / self.count
+            warn.append(
+                f"column {name!r} mixes numbers and text ({self.numbers} numeric, {self.non_numeric} text "
+                f"values, e.g. {self._strays()}); treated as categorical because {share:.0%} of its values are "
+                f"not numbers (a numeric column may have at most {_MAX_STRAY_SHARE:.0%} non-numeric values, "
+                "which are then treated as missing)"
+            )
+        distinct = self._distinct(numeric)
+        if numeric and self.integer and distinct <= _MAX_INT_CLASSES:
+            return "int", None
+        if numeric:
             if self.integer:
                 warn.append(
                     f"integer column {name!r} has {distinct} distinct values; treated as a regression target (float)"
                 )
             if self.non_finite:
                 warn.append(f"column {name!r} has {self.non_finite} infinite values; stored as missing")
-            return "float"
+            return "float", None
         if distinct > _MAX_CLASSES:
             if explicit:
                 raise IngestError(
@@ -332,24 +496,21 @@ class _ColumnStats:
                     f"label column {name!r} has more than {_MAX_CLASSES} "
                     "distinct text values; it cannot be a class label",
                 )
-            warn.append(f"column {name!r} has more than {_MAX_CLASSES} distinct values; not used as a label")
-            return None
-        if not explicit and distinct > 20 and distinct > self.count // 2:
-            warn.append(
-                f"column {name!r} looks like an identifier ({distinct} distinct values in "
-                f"{self.count} rows); not used as a label. List it in label_columns to use it."
-            )
-            return None
-        return "str"
+            return None, f"identifier: more than {_MAX_CLASSES} distinct values"
+        if not explicit and ((distinct > 20 and distinct > self.count // 2) or (distinct == self.count >= 5)):
+            return None, f"identifier: {distinct} distinct values in {self.count} rows"
+        return "str", None
 
     def class_counts(self) -> dict[int, int] | dict[str, int]:
-        """Counts per class in class order; integer labels are merged by value ("01" is 1)."""
+        """Counts per class in class order; integer labels are merged by value ("01" is 1)
+        and stray text values (treated as missing) are left out."""
         if self.counts is None:  # only label columns with few enough classes get here
             raise RuntimeError("class counts were dropped for a column with too many classes")
-        if self.numeric and self.integer:
+        if self.kind == "int":
             merged: Counter[int] = Counter()
             for k, v in self.counts.items():
-                merged[int(k)] += v
+                if re.fullmatch(_INT_RE, k):
+                    merged[int(k)] += v
             return dict(sorted(merged.items()))
         return dict(sorted(self.counts.items()))
 
@@ -357,22 +518,29 @@ class _ColumnStats:
         return list(self.class_counts())
 
     def summary(self, kind: str) -> dict[str, Any]:
+        out: dict[str, Any]
         if kind == "float":
-            return {
+            out = {
                 "type": "float",
                 "count": self.n,
-                "missing": self.missing + self.non_finite,
+                "missing": self.missing + self.non_finite + self.non_numeric,
                 "mean": self.mean if self.n else None,
                 "std": math.sqrt(self.m2 / self.n) if self.n else None,
                 "min": self.min if self.n else None,
                 "max": self.max if self.n else None,
             }
-        return {
+            if self.non_numeric:  # included in missing
+                out["non_numeric"] = self.non_numeric
+            return out
+        out = {
             "type": "category",
-            "count": self.count,
-            "missing": self.missing,
+            "count": self.count - (self.non_numeric if kind == "int" else 0),
+            "missing": self.missing + (self.non_numeric if kind == "int" else 0),
             "class_counts": {str(k): v for k, v in self.class_counts().items()},
         }
+        if kind == "int" and self.non_numeric:
+            out["non_numeric"] = self.non_numeric
+        return out
 
 
 def _second_pass(

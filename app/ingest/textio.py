@@ -42,6 +42,75 @@ def is_gzip(path: str) -> bool:
     return False
 
 
+_SNIFF_BYTES = 64 * 1024
+# C0 control characters that never occur in a text table (tab, newlines, form feed,
+# vertical tab, escape and DOS end-of-file do occur and are not counted)
+_CONTROL = frozenset(range(0x20)) - {0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x1A, 0x1B}
+
+
+def open_checked(path: str, filename: str) -> bool:
+    """Whether the upload is gzip, after checking that it is what its name says and that
+    its (uncompressed) start is text: IngestError ``invalid_file`` for a file named .gz
+    that is not gzip or for binary content, ``unsupported_compression`` for other archives."""
+    name = os.path.basename(filename or "") or "the file"
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    for prefix, what in _OTHER_MAGIC.items():
+        if magic.startswith(prefix):
+            raise IngestError("unsupported_compression", f"{name} is {what}; upload plain text or gzip (.gz)")
+    compressed = magic.startswith(GZIP_MAGIC)
+    if not compressed and name.lower().endswith(".gz"):
+        raise IngestError(
+            "invalid_file",
+            f"{name} is not a gzip file (it has no gzip header); upload it without the .gz suffix "
+            "or compress it with gzip",
+            {"filename": name},
+        )
+    with open_binary(path, compressed) as fp:
+        try:
+            head = fp.read(_SNIFF_BYTES)
+        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+            raise IngestError(
+                "corrupt_gzip" if isinstance(exc, EOFError) else "invalid_file",
+                f"{name} is not a valid gzip file: {exc}",
+                {"filename": name},
+            ) from None
+    problem = binary_content(head)
+    if problem:
+        raise IngestError(
+            "invalid_file",
+            f"{name} contains binary data, not text ({problem}); upload a CSV, TSV or SMILES text file",
+            {"filename": name},
+        )
+    return compressed
+
+
+def binary_content(head: bytes) -> str | None:
+    """Why these leading bytes of a file are not text, or None when they look like text.
+
+    Text is UTF-8 or another 8-bit encoding (Latin-1 from spreadsheets is accepted here
+    and handled row by row later); binary data has NUL bytes, many control characters,
+    or invalid UTF-8 with a high share of bytes >= 0x80.
+    """
+    if not head:
+        return None
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16 encoded; save it as UTF-8"
+    if b"\x00" in head:
+        return "it has NUL bytes"
+    control = sum(1 for b in head if b in _CONTROL)
+    if control > max(1, len(head) // 100):
+        return f"{control} control characters in the first {len(head)} bytes"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        truncated = exc.reason == "unexpected end of data" and exc.start >= len(head) - 3
+        high = sum(1 for b in head if b >= 0x80)
+        if not truncated and high * 10 > len(head) * 3:
+            return "it is not UTF-8 text"
+    return None
+
+
 def open_binary(path: str, compressed: bool) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if compressed else open(path, "rb")
 
@@ -212,3 +281,7 @@ def detect_delimiter(header: str, filename: str, override: str | None = None) ->
         return by_ext
     best = max(counts, key=counts.__getitem__)
     return best if counts[best] else (by_ext or ",")
+
+
+def delimiter_name(delimiter: str) -> str:
+    return {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe", " ": "space"}.get(delimiter, repr(delimiter))

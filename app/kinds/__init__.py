@@ -9,7 +9,7 @@ imports only this package, so spec modules stay light (marshmallow and SQLAlchem
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,11 +31,23 @@ class SpecError(Exception):
         self.message, self.code, self.details = message, code, details
 
 
+@dataclass(frozen=True)
+class SubmitContext:
+    """What a kind's submit-time check may consult: the tenant's database session, the
+    settings, and which queues have a live worker (`live_queues()` raises when the broker
+    cannot be asked; None where nobody can tell, e.g. a script without a broker)."""
+
+    session: Session
+    tenant_id: int
+    settings: Settings
+    live_queues: Callable[[], set[str]] | None = None
+
+
 class Check(Protocol):
     """DB-aware validation at submit: returns the spec to store (resolved ids added) or
     raises SpecError."""
 
-    def __call__(self, spec: Spec, session: Session, tenant_id: int) -> Spec: ...
+    def __call__(self, spec: Spec, ctx: SubmitContext) -> Spec: ...
 
 
 class Route(Protocol):

@@ -17,10 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates
-from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.kinds import KindSpec, Spec, SpecError, queue_or_default, register
+from app.kinds import KindSpec, Spec, SpecError, SubmitContext, queue_or_default, register
 from app.models import ModelVersion
 from app.registry import ModelNotFound, resolve_ref, split_ref
 from app.stores.models import how_to_list
@@ -100,7 +99,8 @@ def check_lengths(inputs: list[Any], mv: ModelVersion) -> None:
     )
 
 
-def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
+def check(spec: Spec, ctx: SubmitContext) -> Spec:
+    session, tenant_id = ctx.session, ctx.tenant_id
     try:
         mv = resolve_ref(session, tenant_id, spec["model"])
     except ModelNotFound as exc:

@@ -13,13 +13,12 @@ from typing import Any
 from flask import Response, jsonify, send_file
 from marshmallow import Schema, fields, validate
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from app.artifacts import job_dir
 from app.config import Settings
 from app.errors import ApiError
 from app.ingest.library import SchemaError, library_schema
-from app.kinds import KindSpec, Spec, SpecError, register
+from app.kinds import KindSpec, Spec, SpecError, SubmitContext, register
 from app.models import Dataset, Job
 from app.registry import ModelNotFound, resolve_ref
 from app.workers_registry import gpu_worker_check
@@ -82,7 +81,8 @@ class ScoreSpec(Schema):
     queue = fields.String(load_default=None, allow_none=True)
 
 
-def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
+def check(spec: Spec, ctx: SubmitContext) -> Spec:
+    session, tenant_id = ctx.session, ctx.tenant_id
     """The model must resolve for this tenant and take SMILES; the library must be the
     tenant's own dataset of kind library, with the named columns."""
     try:
@@ -110,7 +110,7 @@ def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
         library_schema(ds.schema, spec.get("text_column"), spec.get("id_column"))
     except SchemaError as exc:
         raise SpecError(str(exc), "invalid_spec", {"spec": {"text_column": ds.schema.get("header")}}) from exc
-    note = gpu_worker_check(spec)  # 422 naming `device` when no GPU worker is connected
+    note = gpu_worker_check(spec, ctx)  # 422 naming `device` when no GPU worker is connected
     return {
         **spec,
         **({"notes": [note]} if note else {}),

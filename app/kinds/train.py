@@ -8,10 +8,9 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.kinds import KindSpec, Spec, SpecError, register
+from app.kinds import KindSpec, Spec, SpecError, SubmitContext, register
 from app.modelconfig import (
     CONFIGS,
     DEFAULT_FRACTIONS,
@@ -91,7 +90,8 @@ class TrainSpec(Schema):
             raise ValidationError(errors)
 
 
-def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
+def check(spec: Spec, ctx: SubmitContext) -> Spec:
+    session, tenant_id = ctx.session, ctx.tenant_id
     """The dataset must exist for this tenant and fit the architecture, task and target, with
     rows enough for the split; device cuda needs a live GPU worker."""
     ds = session.scalar(select(Dataset).where(Dataset.id == spec["dataset_id"], Dataset.tenant_id == tenant_id))
@@ -145,7 +145,7 @@ def check(spec: Spec, session: Session, tenant_id: int) -> Spec:
         problem = too_few_rows(int(given.get("train", 0)), split, carve)
     if problem:
         raise SpecError(problem, "too_few_rows", {"spec": {"dataset_id": [problem]}})
-    note = gpu_worker_check(spec)  # 422 naming `device` when no GPU worker is connected
+    note = gpu_worker_check(spec, ctx)  # 422 naming `device` when no GPU worker is connected
     out = {**spec, "split": split, "dataset_sha256": ds.sha256}
     if note:
         out["notes"] = [note]

@@ -9,12 +9,12 @@ from marshmallow import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app import dispatch
+from app import dispatch, workers_registry
 from app import jobs as state_machine
 from app.broker import queue_names
 from app.config import Settings
 from app.db import Database
-from app.kinds import KindSpec, SpecError, all_kinds
+from app.kinds import KindSpec, SpecError, SubmitContext, all_kinds
 from app.models import TERMINAL_STATES, Job, JobEvent, JobState
 from app.stores.errors import Conflict, NotFound
 from app.stores.paging import cursor_page
@@ -123,7 +123,8 @@ def validate(
     except ValidationError as exc:
         raise SpecError(f"Invalid spec for kind {kind_name!r}", "invalid_spec", {"spec": exc.messages}) from exc
     if kind.check is not None:
-        normalised = kind.check(normalised, session, tenant_id)
+        ctx = SubmitContext(session, tenant_id, settings, lambda: workers_registry.live_queues_at(settings.broker_url))
+        normalised = kind.check(normalised, ctx)
     queue = kind.route(normalised, settings)
     if queue not in queue_names(settings):
         raise SpecError(f"Unknown queue {queue!r}", "invalid_spec", {"spec": {"queue": queue_names(settings)}})
@@ -165,6 +166,8 @@ def create(
         idempotency_key=idempotency_key,
         request_sha256=digest,
     )
+    if created and normalised.get("notes"):  # e.g. what could not be checked at submit
+        job.message = "; ".join(normalised["notes"])[:2000]
     session.commit()  # durable before the broker hears of it
     return job, created
 

@@ -19,7 +19,7 @@ from app.ingest.library import ingest_library
 from app.migrate import upgrade
 from app.models import Dataset, Job, JobState, ModelVersion, ScoreShard, ShardState, utcnow
 from app.sample_data import moses_library
-from app.kinds import SpecError, get_kind
+from app.kinds import SpecError, SubmitContext, get_kind
 from workers.scoring import runner, shards
 from workers.tasks import execute_job
 
@@ -80,7 +80,7 @@ def submit(env, **spec) -> int:  # noqa: ANN001
     settings, db, tenant, ds_id, ref, _ = env
     kind = get_kind("score")
     with db.session() as s:
-        full = kind.check(kind.schema().load({"model": ref, "library_id": ds_id, **spec}), s, tenant)
+        full = kind.check(kind.schema().load({"model": ref, "library_id": ds_id, **spec}), SubmitContext(s, tenant, settings))
         job, _ = jobs.submit(s, tenant_id=tenant, kind="score", spec=full, queue="cpu")
         return job.id
 
@@ -177,14 +177,14 @@ def test_spec_checks(env) -> None:  # noqa: ANN001
         100, "csv", "rdkit", False, 2000)
     assert kind.route(spec, settings) == "cpu" and kind.route({**spec, "device": "cuda"}, settings) == "gpu"
     with db.session() as s:
-        checked = kind.check(spec, s, tenant)
+        checked = kind.check(spec, SubmitContext(s, tenant, settings))
         assert checked["model_name"] == "tiny" and checked["version"] == 1 and checked["library_rows"] == N
         for bad, code in [({"model": "nope"}, "unknown_model"), ({"model": "tiny@2"}, "unknown_model"),
                           ({"library_id": ds_id + 1}, "unknown_dataset"), ({"text_column": "x"}, "invalid_spec")]:
             with pytest.raises(SpecError) as err:
-                kind.check({**spec, **bad}, s, tenant)
+                kind.check({**spec, **bad}, SubmitContext(s, tenant, settings))
             assert err.value.code == code
         other = auth.create_tenant(s, "other").id
         with pytest.raises(SpecError) as err:
-            kind.check(spec, s, other)
+            kind.check(spec, SubmitContext(s, other, settings))
         assert err.value.code == "unknown_model"

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from app import jobs, workers_registry
+from app.kinds import SubmitContext
 from app.modelconfig import CNNConfig, ConfigError, RNNConfig, check_params, resolve_split, too_few_rows
 from app.models import Dataset, Job, JobEvent
 from tests.conftest import ApiClient
@@ -170,13 +171,17 @@ def test_cuda_is_accepted_with_a_note_when_the_broker_is_down(api: ApiClient, ap
 def test_score_device_cuda_uses_the_same_check(app, fake_redis) -> None:  # noqa: ANN001
     from app.kinds import SpecError
 
-    with app.app_context():
+    settings = app.extensions["medmaas.settings"]
+    with app.extensions["medmaas.db"].session() as s:
+        ctx = SubmitContext(s, 1, settings, lambda: workers_registry.live_queues(fake_redis.client()))
         with pytest.raises(SpecError) as err:
-            workers_registry.gpu_worker_check({"device": "cuda", "queue": None})
+            workers_registry.gpu_worker_check({"device": "cuda", "queue": None}, ctx)
         assert "device" in err.value.details["spec"]
-        assert workers_registry.gpu_worker_check({"device": "auto"}) is None
+        assert workers_registry.gpu_worker_check({"device": "auto"}, ctx) is None
         workers_registry.announce(fake_redis.client(), ["gpu"], "h:1")
-        assert workers_registry.gpu_worker_check({"device": "cuda:0"}) is None
+        assert workers_registry.gpu_worker_check({"device": "cuda:0"}, ctx) is None
+        # nobody to ask (a script without a broker): not checked
+        assert workers_registry.gpu_worker_check({"device": "cuda"}, SubmitContext(s, 1, settings)) is None
 
 
 def test_presence_keys_expire_and_are_withdrawn(fake_redis) -> None:  # noqa: ANN001
@@ -275,7 +280,7 @@ def test_worker_failure_keeps_the_traceback_for_the_operator(app, api: ApiClient
         tenant_id = s.get(Dataset, seqs["id"]).tenant_id
         # A spec that passed the submit check, then fails where only the worker can tell:
         # the device it names does not exist there.
-        spec = kind.check(kind.schema().load(base(seqs, epochs=1)), s, tenant_id)
+        spec = kind.check(kind.schema().load(base(seqs, epochs=1)), SubmitContext(s, tenant_id, app.extensions["medmaas.settings"]))
     spec["device"] = "cuda:99"
     job = run_failing_job(app, tenant_id, "train", spec)
     assert job.error.startswith("Training failed: ") and "\n" not in job.error and "Traceback" not in job.error
