@@ -203,7 +203,8 @@ def test_async_watchers_are_woken_on_their_loop(server, hub) -> None:
             loop.call_later(0.05, lambda: threading.Thread(target=notifier.publish, args=([11],)).start())
             woke = await watch.wait_async(10)
             elapsed = time.monotonic() - t0
-            timed_out = await watch.wait_async(0.1)  # nothing new: the timeout path
+        with hub.watch(12, loop=loop) as quiet:
+            timed_out = await quiet.wait_async(0.1)  # nothing published for job 12: the timeout path
         return woke, timed_out, elapsed
 
     woke, timed_out, elapsed = asyncio.run(main())
