@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from flask import current_app, jsonify, send_file
 from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
-from sqlalchemy import select
 
 from app.api import celery, database, db_session, settings, tenant_id
 from app.api.jobs import JobSchema
 from app.errors import ApiError
 from app.kinds import SpecError
-from app.models import TERMINAL_STATES, Job, JobState, ModelVersion
+from app.models import JobState, ModelVersion
 from app.stores import jobs as jobs_store
 from app.stores import models as models_store
 from app.stores.models import BUNDLE_FILES
@@ -112,9 +110,6 @@ def set_alias(body: dict[str, Any], name: str, alias: str) -> dict[str, Any]:
     return models_store.set_alias(db_session(), tenant_id(), name, alias, body["version"])
 
 
-PREDICT_SAFETY_NET_S = 2.0  # re-read at least this often while waiting, notified or not
-
-
 @blp.route("/<string:name>/predict", methods=["POST"])
 @blp.arguments(PredictRequest)
 @blp.response(200, PredictResponse)
@@ -154,17 +149,7 @@ def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
             details = {**{k: v for k, v in details.items() if k != "spec"}, "json": details["spec"]}
         raise ApiError(422, exc.message, exc.code, details) from exc
     timeout = body.get("timeout", settings().predict_default_timeout_s)
-    deadline = time.monotonic() + timeout
-    db = database()
-    # Woken by the worker's commits (EventHub); the timeout is only a safety net for a missed one.
-    with current_app.extensions["medmaas.hub"].watch(job.id) as watch:
-        while True:
-            with db.sessionmaker() as s:
-                state, result, error = s.execute(select(Job.state, Job.result, Job.error).where(Job.id == job.id)).one()
-            left = deadline - time.monotonic()
-            if state in TERMINAL_STATES or left <= 0:
-                break
-            watch.wait(min(left, PREDICT_SAFETY_NET_S))
+    state, result, error = jobs_store.wait_finished(database(), current_app.extensions["medmaas.hub"], job.id, timeout)
     if state == JobState.succeeded:
         return {**result, "job_id": job.id}
     if state == JobState.failed:

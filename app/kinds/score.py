@@ -19,6 +19,7 @@ from app.config import Settings
 from app.errors import ApiError
 from app.ingest.library import SchemaError, library_schema
 from app.kinds import KindSpec, Spec, SpecError, SubmitContext, register
+from app.kinds.predict import unknown_model
 from app.models import Dataset, Job
 from app.registry import ModelNotFound, resolve_ref
 from app.workers_registry import gpu_worker_check
@@ -88,7 +89,7 @@ def check(spec: Spec, ctx: SubmitContext) -> Spec:
     try:
         mv = resolve_ref(session, tenant_id, spec["model"])
     except ModelNotFound as exc:
-        raise SpecError(str(exc), "unknown_model", {"spec": {"model": spec["model"]}}) from exc
+        raise unknown_model(exc, spec["model"]) from exc
     if mv.input_kind != "smiles":
         raise SpecError(
             f"model {mv.name} v{mv.version} takes {mv.input_kind} input; scoring needs a SMILES model",

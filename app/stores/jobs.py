@@ -3,6 +3,7 @@ submit (validate with the kind's spec, commit, then publish)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from marshmallow import ValidationError
@@ -16,6 +17,7 @@ from app.config import Settings
 from app.db import Database
 from app.kinds import KindSpec, SpecError, SubmitContext, all_kinds
 from app.models import TERMINAL_STATES, Job, JobEvent, JobState
+from app.notify import EventHub
 from app.stores.errors import Conflict, NotFound
 from app.stores.paging import cursor_page
 
@@ -200,3 +202,20 @@ def submit(
     if created:
         dispatch.publish_jobs(celery, db, [(job.id, job.queue)], stamp=False)
     return job, created
+
+
+def wait_finished(
+    db: Database, hub: EventHub, job_id: int, timeout: float, safety_net_s: float = 2.0
+) -> tuple[JobState, Any, str | None]:
+    """The job's (state, result, error) once it ends, or as it stands after `timeout`. Woken
+    by the worker's commits; re-read at least every `safety_net_s` in case a notification is
+    missed (the database is the record)."""
+    deadline = time.monotonic() + timeout
+    with hub.watch(job_id) as watch:
+        while True:
+            with db.sessionmaker() as s:
+                state, result, error = s.execute(select(Job.state, Job.result, Job.error).where(Job.id == job_id)).one()
+            left = deadline - time.monotonic()
+            if state in TERMINAL_STATES or left <= 0:
+                return state, result, error
+            watch.wait(min(left, safety_net_s))

@@ -19,6 +19,7 @@ from marshmallow import missing
 from app.api import celery, database, db_session, settings, tenant_id
 from app.api.jobs import EventListSchema, JobSchema, event_stream_response
 from app.errors import ApiError, as_api_error
+from app.jobs import IdempotencyKeyReused
 from app.kinds import SpecError, all_kinds, get_kind, submittable_kinds
 from app.models import TERMINAL_STATES, Job, JobState
 from app.stores import Conflict
@@ -162,9 +163,18 @@ def _submit_from_form(kind: str, spec: dict[str, Any], priority: int = 0) -> Job
     # One idempotency key per rendered form: a double click or a resubmitted POST gives one job.
     token = (request.form.get("form_id") or "")[:64]
     key = f"web-form-{token}" if token else None
-    job, created = jobs_store.submit(
-        db_session(), celery(), database(), settings(), tenant_id(), kind, spec, priority=priority, idempotency_key=key
-    )
+
+    def submit(idempotency_key: str | None) -> tuple[Job, bool]:
+        return jobs_store.submit(
+            db_session(), celery(), database(), settings(), tenant_id(), kind, spec,
+            priority=priority, idempotency_key=idempotency_key,
+        )  # fmt: skip
+
+    try:
+        job, created = submit(key)
+    except IdempotencyKeyReused:
+        # The same form, sent back changed (browser Back, edit, submit): a new job, as a person expects.
+        job, created = submit(f"web-form-{uuid.uuid4().hex}")
     flash(f"Job #{job.id} submitted." if created else f"Job #{job.id} was already submitted from this form.", "info")
     return job
 
@@ -190,7 +200,7 @@ def jobs() -> ResponseReturnValue:
         filters=args,
         states=STATES,
         kinds=kind_names(),
-        counts=jobs_store.state_counts(db_session(), tenant_id()),
+        counts=jobs_store.state_counts(db_session(), tenant_id(), kind=args.get("kind")),
     )
 
 
@@ -457,7 +467,7 @@ def ui_jobs() -> ResponseReturnValue:
     return jsonify(
         items=[dump_job(j) for j in items],
         next_cursor=next_cursor,
-        counts=jobs_store.state_counts(db_session(), tenant_id()),
+        counts=jobs_store.state_counts(db_session(), tenant_id(), kind=args.get("kind")),
     )
 
 

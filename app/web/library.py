@@ -10,21 +10,18 @@ cookie + CSRF) and rendering differ. The stores' errors render as this page's fo
 from __future__ import annotations
 
 import base64
-import time
 import uuid
 from typing import Any
 
 from flask import abort, current_app, flash, redirect, render_template, request, send_file, url_for
 from flask.typing import ResponseReturnValue
 from marshmallow import ValidationError
-from sqlalchemy import select
 
 from app.api import celery, database, db_session, settings, tenant_id
 from app.api.datasets import DatasetUploadForm
-from app.api.models import PREDICT_SAFETY_NET_S
 from app.errors import as_api_error, domain_errors
 from app.kinds.predict import MAX_INPUTS
-from app.models import TERMINAL_STATES, Job, JobState
+from app.models import JobState
 from app.stores import NotFound
 from app.stores import datasets as datasets_store
 from app.stores import jobs as jobs_store
@@ -173,21 +170,6 @@ def _parse_ref(ref: str) -> tuple[int | None, str | None]:
     return None, None
 
 
-def _wait_finished(job_id: int, timeout: float) -> tuple[JobState, Any, str | None]:
-    """The job's (state, result, error) once it ends, or as it stands after `timeout`: woken by
-    the worker's commits, re-read at least every PREDICT_SAFETY_NET_S (POST /predict's wait)."""
-    deadline = time.monotonic() + timeout
-    db = database()
-    with current_app.extensions["medmaas.hub"].watch(job_id) as watch:
-        while True:
-            with db.sessionmaker() as s:
-                state, result, error = s.execute(select(Job.state, Job.result, Job.error).where(Job.id == job_id)).one()
-            left = deadline - time.monotonic()
-            if state in TERMINAL_STATES or left <= 0:
-                return state, result, error
-            watch.wait(min(left, PREDICT_SAFETY_NET_S))
-
-
 def prediction_table(result: dict[str, Any], shown_inputs: list[str]) -> dict[str, Any]:
     """Rows of input, label (classifiers), one value per output (regression values or class
     probabilities) and error, in input order."""
@@ -274,7 +256,9 @@ def model_predict(name: str) -> ResponseReturnValue:
     except domain_errors() as exc:
         err = as_api_error(exc)
         return _model_page(name, err.status, predict_form=form, predict_error=err.message)
-    state, result, error = _wait_finished(job.id, PREDICT_WAIT_S)
+    state, result, error = jobs_store.wait_finished(
+        database(), current_app.extensions["medmaas.hub"], job.id, PREDICT_WAIT_S
+    )
     outcome: dict[str, Any] = {
         "job_id": job.id,
         "job_url": url_for("web.job_detail", job_id=job.id),
