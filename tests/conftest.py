@@ -95,6 +95,12 @@ def sqlite_template(tmp_path_factory) -> Path:  # noqa: ANN001
     return path
 
 
+def use_template(settings: Settings, template: Path) -> None:
+    """Give `settings` a migrated SQLite database: a copy of the session's template."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, settings.home / "medmaas.db")
+
+
 @pytest.fixture()
 def sqlite_settings(tmp_path, broker_url, sqlite_template) -> Settings:  # noqa: ANN001
     """Settings for a fresh, migrated SQLite database of this test's own."""

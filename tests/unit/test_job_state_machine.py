@@ -11,15 +11,15 @@ from sqlalchemy import update
 from app import auth, jobs, leases
 from app.db import Database
 from app.models import Job, JobState, utcnow
+from tests.conftest import use_template
 
 
 @pytest.fixture()
-def db(tmp_path, broker_url):  # noqa: ANN001, ANN201
+def db(tmp_path, broker_url, sqlite_template):  # noqa: ANN001, ANN201
     from app.config import from_env
-    from app.migrate import upgrade
 
     settings = from_env({}, home=tmp_path / "home", broker_url=broker_url)
-    upgrade(settings)
+    use_template(settings, sqlite_template)
     database = Database(settings.sqlalchemy_url)
     yield database
     database.dispose()

@@ -17,24 +17,24 @@ from app.models import Job, JobEvent, JobState, ScoreShard, ShardState, utcnow
 from app.notify import EventHub, Notifier
 from workers.lease import Lease
 from workers.scoring import shards
+from tests.conftest import use_template
 
 SHARDS = leases.SHARDS
 BLOCKS = [(0, 10, 0), (10, 20, 100), (20, 25, 200)]
 
 
 @pytest.fixture()
-def settings(tmp_path, broker_url):  # noqa: ANN001, ANN201
+def settings(tmp_path, broker_url, sqlite_template):  # noqa: ANN001, ANN201
     from kombu import pools
 
     from app.config import from_env
-    from app.migrate import upgrade
 
     # kombu keeps producer pools per broker URL for the whole process: drop the previous
     # test's, whose connections point at that test's in-memory Redis
     pools.reset()
 
     settings = from_env({}, home=tmp_path / "home", broker_url=broker_url, requeue_grace_s=30.0)
-    upgrade(settings)
+    use_template(settings, sqlite_template)
     return settings
 
 

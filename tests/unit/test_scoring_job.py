@@ -16,12 +16,12 @@ from app.artifacts import ArtifactStore
 from app.config import from_env
 from app.db import Database
 from app.ingest.library import ingest_library
-from app.migrate import upgrade
 from app.models import Dataset, Job, JobState, ModelVersion, ScoreShard, ShardState, utcnow
 from app.sample_data import moses_library
 from app.kinds import SpecError, SubmitContext, get_kind
 from workers.scoring import runner, shards
 from workers.tasks import execute_job
+from tests.conftest import use_template
 
 N = 1_500
 
@@ -34,7 +34,7 @@ def moses_rows() -> list[str]:
 
 
 @pytest.fixture()
-def env(tmp_path, moses_rows):  # noqa: ANN001, ANN201
+def env(tmp_path, moses_rows, sqlite_template):  # noqa: ANN001, ANN201
     """(settings, db, tenant id, library dataset id, model ref, bundle dir)."""
     import torch
 
@@ -44,7 +44,7 @@ def env(tmp_path, moses_rows):  # noqa: ANN001, ANN201
 
     settings = from_env({}, home=tmp_path / "home", score_shard_rows=300, score_batch_size=256,
                         heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0)
-    upgrade(settings)
+    use_template(settings, sqlite_template)
     db = Database(settings.sqlalchemy_url)
     store = ArtifactStore(settings.artifacts)
     with db.session() as s:

@@ -11,9 +11,9 @@ from sqlalchemy import update
 from app import auth, jobs, leases
 from app.config import from_env
 from app.db import Database
-from app.migrate import upgrade
 from app.models import JobState, ScoreShard, ShardState, utcnow
 from workers.scoring import shards
+from tests.conftest import use_template
 
 SHARDS = leases.SHARDS
 
@@ -23,9 +23,9 @@ def beat(s, c, rows_done: int) -> bool:  # noqa: ANN001
 
 
 @pytest.fixture()
-def db(tmp_path):  # noqa: ANN001, ANN201
+def db(tmp_path, sqlite_template):  # noqa: ANN001, ANN201
     settings = from_env({}, home=tmp_path / "home")
-    upgrade(settings)
+    use_template(settings, sqlite_template)
     database = Database(settings.sqlalchemy_url)
     yield database
     database.dispose()
@@ -141,7 +141,7 @@ def test_shard_task_ids_are_not_job_task_ids() -> None:
     assert jobs.LEASE.parse_task_id(jobs.LEASE.task_id((12,))) == (12,)
 
 
-def test_reconcile_republishes_only_shards_the_broker_lost(tmp_path, broker_url) -> None:  # noqa: ANN001
+def test_reconcile_republishes_only_shards_the_broker_lost(tmp_path, broker_url, sqlite_template) -> None:  # noqa: ANN001
     import redis
 
     from app import dispatch
@@ -151,7 +151,7 @@ def test_reconcile_republishes_only_shards_the_broker_lost(tmp_path, broker_url)
 
     pools.reset()  # kombu's producer pools outlive a test; this test's in-memory Redis is new
     settings = from_env({}, home=tmp_path / "home", broker_url=broker_url, requeue_grace_s=0.0)
-    upgrade(settings)
+    use_template(settings, sqlite_template)
     db = Database(settings.sqlalchemy_url)
     celery = create_celery(settings)
     client = redis.Redis.from_url(broker_url)
