@@ -101,6 +101,11 @@ def ingest_library(
     )
 
 
+# A library none of whose first rows parses is refused once this many were checked (fewer
+# prove little: such a small file is accepted with a loud warning, its rows reported invalid).
+MIN_ROWS_TO_REFUSE = 10
+
+
 def _check_smiles(
     sample: list[tuple[int, str]], rows: int, empty: int, filename: str, schema: Mapping[str, Any], warn: list[str]
 ) -> dict[str, Any]:
@@ -121,7 +126,7 @@ def _check_smiles(
             if mol is None:
                 bad.append({"row": row, "text": text[:100], "reason": reason})
     scope = f"the {len(sample)} non-empty rows" if len(sample) + empty >= rows else f"the first {len(sample)} rows"
-    if len(bad) == len(sample):
+    if len(bad) == len(sample) and len(sample) >= MIN_ROWS_TO_REFUSE:
         first = bad[0]
         raise IngestError(
             "no_valid_rows",
@@ -129,7 +134,13 @@ def _check_smiles(
             f"{first['reason']}); is this a SMILES library, and is text_column right?",
             {"checked": len(sample), "invalid_samples": bad[:20], "header": schema["header"]},
         )
-    if bad:
+    if len(bad) == len(sample):  # too few rows to be sure it is the wrong file: say so loudly
+        warn.insert(
+            0,
+            f"none of {scope} holds a valid SMILES in {where} (row {bad[0]['row']}: {bad[0]['text']!r}); "
+            "every row will be reported as invalid when scored: is this a SMILES library, and is text_column right?",
+        )
+    elif bad:
         warn.append(
             f"{len(bad)} of {scope} are not valid SMILES (row {bad[0]['row']}: {bad[0]['text']!r}); "
             "such rows are reported as invalid when scored"

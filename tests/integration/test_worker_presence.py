@@ -23,6 +23,10 @@ def test_cuda_needs_a_live_gpu_worker(pg_api: ApiClient, pg_app, pg_settings, pr
     spec = {"model_name": "gpu-check", "dataset_id": ds["id"], "arch": "rnn", "task": "regression",
             "target": "solubility", "epochs": 1, "device": "cuda"}
     client = redis.Redis.from_url(pg_settings.broker_url)
+    # Workers that earlier tests in this session SIGKILLed stay announced until their keys
+    # expire (TTL_S): start from no GPU worker at all.
+    for key in client.scan_iter(match=f"{workers_registry.PREFIX}*"):
+        client.delete(key)
 
     r = pg_api.post("/api/v1/jobs", json={"kind": "train", "spec": spec})
     assert r.status_code == 422, r.get_json()

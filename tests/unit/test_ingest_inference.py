@@ -88,19 +88,23 @@ def test_utf16_and_latin1_text(tmp_path):
 
 
 def test_library_with_no_parseable_rows_is_refused(tmp_path):
+    words = b"".join(b"hello%d world\n" % i for i in range(12))
     with pytest.raises(IngestError) as err:
-        lib(tmp_path, "lib.smi", b"hello world\nfoo bar\n")
+        lib(tmp_path, "lib.smi", words)
     assert err.value.code == "no_valid_rows"
     assert err.value.http_status == 422
-    assert "none of the 2 non-empty rows holds a valid SMILES" in err.value.message
-    assert "row 0: 'hello'" in err.value.message
+    assert "none of the 12 non-empty rows holds a valid SMILES" in err.value.message
+    assert "row 0: 'hello0'" in err.value.message
+    # too few rows to tell the wrong file from a file of bad molecules: accepted, loudly
+    few = lib(tmp_path, "few.smi", b"hello world\nfoo bar\n")
+    assert few.rows == 2 and few.warnings[0].startswith("none of the 2 non-empty rows holds a valid SMILES")
     with pytest.raises(IngestError) as err:
         lib(tmp_path, "lib.csv", b"smiles,id\n,a\n,b\n")
     assert err.value.code == "no_valid_rows"
     assert "empty" in err.value.message
     # the wrong column: names, not molecules
     with pytest.raises(IngestError) as err:
-        lib(tmp_path, "lib.csv", b"id,smiles\nCCO,ethanol\nCCN,ethylamine\n")
+        lib(tmp_path, "lib.csv", b"id,smiles\n" + b"".join(b"C%s,name%d\n" % (b"C" * i, i) for i in range(12)))
     assert "is text_column right?" in err.value.message
 
 
