@@ -142,7 +142,7 @@ def after_failure(attempts: int, max_attempts: int, *, cancel_requested: bool = 
     return Outcome.fail if attempts >= max_attempts else Outcome.retry
 
 
-def _target(kind: LeaseKind[Any], outcome: Outcome) -> enum.Enum:
+def _target(kind: LeaseKind[S], outcome: Outcome) -> S:
     return {Outcome.retry: kind.claimable, Outcome.fail: kind.failed, Outcome.cancel: kind.cancelled}[outcome]
 
 
@@ -278,9 +278,7 @@ def _parent(session: Session, kind: LeaseKind[Any], unit_id: int) -> tuple[int, 
     return (int(row[0]), bool(row[1])) if row is not None else (1, True)
 
 
-def release(
-    session: Session, kind: LeaseKind[Any], unit_id: int, attempt: int, *, error: str | None = None
-) -> enum.Enum | None:
+def release(session: Session, kind: LeaseKind[S], unit_id: int, attempt: int, *, error: str | None = None) -> S | None:
     """The owning attempt gives the unit up: back to claimable when it stopped (error None), or
     as `after_failure` decides when it failed. Returns the new state, None if not owned."""
     to = kind.claimable

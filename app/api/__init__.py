@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from flask import Flask, current_app, g, request
+from flask import Flask, Response, current_app, g, request
 from flask_smorest import Api
 from sqlalchemy.orm import Session
+from werkzeug.exceptions import HTTPException
 
 from app import auth
 from app.config import Settings
@@ -20,7 +21,7 @@ from app.errors import ApiError, http_exception_response
 
 
 class MedmaasApi(Api):
-    def handle_http_exception(self, error):  # noqa: ANN001, ANN201
+    def handle_http_exception(self, error: HTTPException) -> tuple[Response, int]:
         return http_exception_response(error)
 
 

@@ -18,6 +18,7 @@ from app.db import Database
 from app.ingest.library import ingest_library
 from app.models import Dataset, Job, JobState, ModelVersion, ScoreShard, ShardState, utcnow
 from app.sample_data import moses_library
+from app.artifacts import job_dir
 from app.kinds import SpecError, SubmitContext, get_kind
 from workers.scoring import runner, shards
 from workers.tasks import execute_job
@@ -101,9 +102,9 @@ def test_scores_a_gzip_smi_library_in_order(env, moses_rows) -> None:  # noqa: A
     assert res["shards"]["count"] == 5 and res["shards"]["attempts"] == 5
     assert res["source"]["compressed"] is True and res["source"]["decompress_s"] >= 0
     assert res["invalid_reasons"] == {"SMILES parse error": len(bad)} and res["duplicates"] is None
-    job_dir = shards.job_dir(settings, tenant, job_id)
-    assert sorted(p.name for p in job_dir.iterdir()) == ["scores.parquet"]  # scratch (gzip copy, parts) removed
-    t = pq.read_table(job_dir / "scores.parquet").to_pandas()
+    out_dir = job_dir(settings, tenant, job_id)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["scores.parquet"]  # scratch (gzip copy, parts) removed
+    t = pq.read_table(out_dir / "scores.parquet").to_pandas()
     assert t["row"].tolist() == list(range(N)) and t["id"].tolist() == [f"m{i}" for i in range(N)]
     assert t.loc[~t["valid"], "row"].tolist() == bad and t.loc[~t["valid"], "logp"].isna().all()
 
@@ -142,7 +143,7 @@ def test_a_rerun_parent_keeps_finished_shards_and_reclaims_stale_ones(env) -> No
     assert all(a[3] == ShardState.done for a in after.values())
     job = job_state(db, job_id)
     assert job.attempts == 2 and job.result["rows"] == N
-    t = pd.read_csv(shards.job_dir(settings, job.tenant_id, job_id) / "scores.csv")
+    t = pd.read_csv(job_dir(settings, job.tenant_id, job_id) / "scores.csv")
     assert t["row"].tolist() == list(range(N))
 
 
@@ -165,8 +166,8 @@ def test_cancel_stops_the_job_and_deletes_partial_outputs(env, monkeypatch) -> N
         states = [sh.state for sh in shards.shards_of(s, job_id)]
     # the first shard and any already running beside it finish; the rest are cancelled
     assert set(states) == {ShardState.done, ShardState.cancelled}, states
-    job_dir = shards.job_dir(settings, tenant, job_id)
-    assert not [p for p in job_dir.rglob("*") if p.is_file()]
+    out_dir = job_dir(settings, tenant, job_id)
+    assert not [p for p in out_dir.rglob("*") if p.is_file()]
 
 
 def test_spec_checks(env) -> None:  # noqa: ANN001

@@ -24,7 +24,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import leases
-from app.artifacts import job_dir  # noqa: F401  (re-exported: a job's artifact directory)
 from app.models import ScoreShard, ShardState, utcnow
 
 log = logging.getLogger(__name__)
@@ -134,7 +133,7 @@ def finish(
 def release(session: Session, shard_id: int, attempt: int, *, error: str | None = None) -> ShardState | None:
     """running -> pending (stopped), or after an error as leases.after_failure decides
     (pending to retry, failed once the job's max_attempts are spent). None if not owned."""
-    return leases.release(session, SHARDS, shard_id, attempt, error=error)  # type: ignore[return-value]
+    return leases.release(session, SHARDS, shard_id, attempt, error=error)
 
 
 def cancel_shards(session: Session, job_id: int) -> int:
