@@ -239,15 +239,7 @@ class Client:
         return resp
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        resp = self.request(method, path, **kwargs)
-        try:
-            return resp.json()
-        except ValueError:
-            raise MedmaasError(
-                resp.status_code,
-                "bad_response",
-                f"Expected JSON from {method} {path}, got {resp.headers.get('Content-Type')!r}",
-            ) from None
+        return _json_body(self.request(method, path, **kwargs), method, path)
 
     # -- jobs ------------------------------------------------------------------------------
     def submit_job(
