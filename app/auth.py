@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.models import ApiKey, Tenant, utcnow
+from app.models import ApiKey, KeyRole, Tenant, utcnow
 
 KEY_PREFIX = "mm_"
 
@@ -30,26 +31,120 @@ def get_tenant(session: Session, name: str) -> Tenant | None:
     return session.scalar(select(Tenant).where(Tenant.name == name))
 
 
-def create_key(session: Session, tenant: Tenant, name: str = "") -> str:
-    """Create a key and return the full secret; only its hash is stored."""
+class KeyRefused(Exception):
+    """A presented key that does not authenticate; the message says why (unknown, revoked, expired)."""
+
+
+class LastAdminKey(Exception):
+    """Revoking this key would leave its tenant without an active admin key."""
+
+    def __init__(self) -> None:
+        super().__init__("this is the last admin key of the tenant")
+
+
+def new_key(
+    session: Session,
+    tenant_id: int,
+    name: str = "",
+    role: KeyRole = KeyRole.admin,
+    expires_in_days: int | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key; return the row and the full secret (shown once: only its hash is stored)."""
     prefix = secrets.token_hex(6)
     secret = f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
-    session.add(ApiKey(tenant_id=tenant.id, prefix=prefix, key_hash=_hash(secret), name=name))
+    expires_at = utcnow() + timedelta(days=expires_in_days) if expires_in_days is not None else None
+    key = ApiKey(
+        tenant_id=tenant_id,
+        prefix=prefix,
+        key_hash=_hash(secret),
+        name=name,
+        role=KeyRole(role),
+        expires_at=expires_at,
+    )
+    session.add(key)
     session.flush()
-    return secret
+    return key, secret
+
+
+def create_key(
+    session: Session,
+    tenant: Tenant,
+    name: str = "",
+    role: KeyRole = KeyRole.admin,
+    expires_in_days: int | None = None,
+) -> str:
+    """Create a key and return the full secret; only its hash is stored."""
+    return new_key(session, tenant.id, name, role, expires_in_days)[1]
+
+
+def refusal(key: ApiKey, now: datetime | None = None) -> str | None:
+    """Why a stored key may not be used now ("API key revoked" / "API key expired"), or None."""
+    if key.revoked_at is not None:
+        return "API key revoked"
+    if key.expires_at is not None and key.expires_at <= (now or utcnow()):
+        return "API key expired"
+    return None
+
+
+def verify(session: Session, presented: str) -> ApiKey:
+    """The usable ApiKey for a presented secret (constant-time hash comparison), or KeyRefused."""
+    if not presented.startswith(KEY_PREFIX):
+        raise KeyRefused("Invalid API key")
+    prefix = presented[len(KEY_PREFIX) :].split("_", 1)[0]
+    if len(prefix) != 12:
+        raise KeyRefused("Invalid API key")
+    key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+    if key is None or not hmac.compare_digest(key.key_hash, _hash(presented)):
+        raise KeyRefused("Invalid API key")
+    reason = refusal(key)
+    if reason is not None:
+        raise KeyRefused(reason)
+    return key
 
 
 def authenticate(session: Session, presented: str) -> ApiKey | None:
-    """The ApiKey for a presented secret, or None. Constant-time hash comparison."""
-    if not presented.startswith(KEY_PREFIX):
+    """The usable ApiKey for a presented secret, or None (unknown, revoked or expired)."""
+    try:
+        return verify(session, presented)
+    except KeyRefused:
         return None
-    prefix = presented[len(KEY_PREFIX) :].split("_", 1)[0]
-    if len(prefix) != 12:
-        return None
-    key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None)))
-    if key is None or not hmac.compare_digest(key.key_hash, _hash(presented)):
-        return None
-    return key
+
+
+def tenant_keys(session: Session, tenant_id: int) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.id)))
+
+
+def revoke(session: Session, key: ApiKey, force: bool = False) -> None:
+    """Revoke a key (idempotent). Refuses (LastAdminKey) to revoke the tenant's last active
+    admin key unless forced: the tenant could no longer manage its keys."""
+    if key.revoked_at is not None:
+        return
+    now = utcnow()
+    if key.role == KeyRole.admin and refusal(key, now) is None and not force:
+        active_admins = session.scalar(
+            select(func.count())
+            .select_from(ApiKey)
+            .where(
+                ApiKey.tenant_id == key.tenant_id,
+                ApiKey.role == KeyRole.admin,
+                ApiKey.revoked_at.is_(None),
+                (ApiKey.expires_at.is_(None)) | (ApiKey.expires_at > now),
+            )
+        )
+        if (active_admins or 0) <= 1:
+            raise LastAdminKey()
+    key.revoked_at = now
+    session.flush()
+
+
+def rotate(session: Session, key: ApiKey) -> tuple[ApiKey, str]:
+    """A new secret for the same tenant, name and role (and the same remaining lifetime); the
+    old key is revoked. The last-admin rule does not apply: the new key replaces it."""
+    new, secret = new_key(session, key.tenant_id, key.name, key.role)
+    new.expires_at = key.expires_at
+    key.revoked_at = utcnow()
+    session.flush()
+    return new, secret
 
 
 def touch(session: Session, key: ApiKey) -> None:

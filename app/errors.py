@@ -97,13 +97,43 @@ def _domain_error(exc: Exception) -> ResponseReturnValue:
     return current_app.handle_user_exception(as_api_error(exc))
 
 
+def out_of_range(exc: Exception) -> bool:
+    """A number the database column cannot hold: PostgreSQL's numeric_value_out_of_range
+    (SQLSTATE 22003), or SQLite's driver refusing an int past 64 bits."""
+    from sqlalchemy.exc import DataError
+
+    if isinstance(exc, DataError):
+        orig = exc.orig
+        return getattr(orig, "sqlstate", None) == "22003" or getattr(orig, "pgcode", None) == "22003"
+    return isinstance(exc, OverflowError) and "SQLite INTEGER" in str(exc)
+
+
+def _hostile_input(exc: Exception) -> ResponseReturnValue:
+    # Safety nets behind the checks at the edge (id converters, bounded schema fields, the
+    # JSON depth check in app.factory): hostile input is a 4xx, never a 500.
+    if isinstance(exc, RecursionError):
+        log.warning("input nested too deeply", exc_info=exc)
+        return current_app.handle_user_exception(ApiError(400, "JSON nested too deeply", "bad_request"))
+    if out_of_range(exc):
+        log.warning("number out of range for the database", exc_info=exc)
+        return current_app.handle_user_exception(
+            ApiError(422, "A number in the request is out of range", "validation_error")
+        )
+    return _unhandled(exc)
+
+
+def _unhandled(exc: Exception) -> ResponseReturnValue:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "Internal server error")
+
+
 def register_error_handlers(app: Flask) -> None:
+    from sqlalchemy.exc import DataError
+
     app.register_error_handler(ApiError, lambda e: error_response(e.status, e.message, e.code, e.details))
     for exc_type in domain_errors():
         app.register_error_handler(exc_type, _domain_error)
     app.register_error_handler(HTTPException, http_exception_response)
-
-    @app.errorhandler(Exception)
-    def _unhandled(exc: Exception) -> ResponseReturnValue:
-        log.exception("unhandled error")
-        return error_response(500, "Internal server error")
+    for exc_type in (RecursionError, OverflowError, DataError):
+        app.register_error_handler(exc_type, _hostile_input)
+    app.register_error_handler(Exception, _unhandled)

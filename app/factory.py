@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import secrets
 from pathlib import Path
 
@@ -23,6 +25,59 @@ def _secret_key(settings: Settings) -> str:
         path.write_text(secrets.token_urlsafe(48))
         path.chmod(0o600)
     return path.read_text().strip()
+
+
+MAX_JSON_DEPTH = 100  # objects/arrays inside one another; real specs need a handful
+_LONG_NUMBER = re.compile(rb"[0-9]{4000}")  # near Python's int digit limit (4300): a ValueError in json.loads
+
+
+def json_depth(raw: bytes | str, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep `[`/`{` nest in a JSON text (outside strings), counted without recursion;
+    stops counting once past `limit`. Cheap for the common case: a text with no more than
+    `limit` brackets in all cannot nest deeper."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return 0
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
+def _check_json_text(raw: bytes | str, where: str | None = None) -> None:
+    """400 for JSON the parser would fail on with something other than a JSONDecodeError:
+    nesting past MAX_JSON_DEPTH (RecursionError) or a number with too many digits."""
+    from app.errors import ApiError
+
+    details = {where: ["Nested too deeply."]} if where else None
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"JSON nested too deeply (more than {MAX_JSON_DEPTH} levels)", "bad_request", details)
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if _LONG_NUMBER.search(data):
+        try:
+            json.loads(data)
+        except ValueError as exc:
+            if not isinstance(exc, json.JSONDecodeError):
+                raise ApiError(400, f"Malformed JSON: {exc}", "bad_request", details) from None
+        except RecursionError:
+            raise ApiError(400, "JSON nested too deeply", "bad_request", details) from None
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -51,11 +106,22 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.extensions["medmaas.celery"] = create_celery(settings)
 
+    from app.api import IdConverter
+
+    app.url_map.converters["id"] = IdConverter  # `<id:job_id>`: 1..2^31-1, else 404
+
     @app.before_request
     def _cap_json_bodies() -> None:
         # Uploads may be GBs; everything else is small JSON.
         if request.mimetype != "multipart/form-data":
             request.max_content_length = settings.max_json_bytes
+        # Hostile JSON is a 400 before any parser recurses into it (JSON bodies, and the
+        # JSON text fields of the pages' url-encoded forms).
+        if request.is_json:
+            _check_json_text(request.get_data(cache=True))
+        elif request.mimetype == "application/x-www-form-urlencoded":
+            for name, value in request.form.items(multi=True):
+                _check_json_text(value, name)
 
     from app.errors import register_error_handlers
 

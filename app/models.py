@@ -31,6 +31,10 @@ from app.db import Base
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 
+# Ids and versions are 32-bit INTEGER columns: larger numbers name no row.
+MAX_ID = 2**31 - 1
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -81,6 +85,21 @@ def in_enum_sql(column: str, cls: type[enum.Enum]) -> str:
     return f"{column} IN ({', '.join(quoted)})"
 
 
+class KeyRole(enum.StrEnum):
+    """What an API key may do; each role includes the ones below it (viewer < member < admin)."""
+
+    viewer = "viewer"
+    member = "member"
+    admin = "admin"
+
+    @property
+    def rank(self) -> int:
+        return list(KeyRole).index(self)
+
+    def allows(self, needed: KeyRole) -> bool:
+        return self.rank >= needed.rank
+
+
 class Tenant(Base):
     __tablename__ = "tenants"
 
@@ -93,6 +112,8 @@ class Tenant(Base):
 
 class ApiKey(Base):
     __tablename__ = "api_keys"
+    # Names become ck_api_keys_<name>; see migration 0006.
+    __table_args__ = (CheckConstraint(in_enum_sql("role", KeyRole), name="role"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
@@ -102,6 +123,9 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Keys made before migration 0006 became admin keys (the server default).
+    role: Mapped[KeyRole] = mapped_column(_enum(KeyRole, "key_role"), default=KeyRole.admin, server_default="admin")
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     tenant: Mapped[Tenant] = relationship(back_populates="api_keys")
 

@@ -204,17 +204,73 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--tenant", required=True)
 @click.option("--name", default="")
-def keys_create(tenant: str, name: str) -> None:
+@click.option(
+    "--role",
+    type=click.Choice(["admin", "member", "viewer"]),
+    default="admin",
+    show_default=True,
+    help="admin: everything incl. keys; member: submit and read; viewer: read only",
+)
+@click.option("--expires-in-days", type=click.IntRange(1, 36500), default=None, help="default: never expires")
+def keys_create(tenant: str, name: str, role: str, expires_in_days: int | None) -> None:
     """Create a key; it is printed once and stored only as a hash."""
     from app import auth
     from app.db import Database
+    from app.models import KeyRole
 
     database = Database(from_env().sqlalchemy_url)
     with database.session() as s:
         t = auth.get_tenant(s, tenant)
         if t is None:
             raise click.ClickException(f"no tenant {tenant!r}; create it with `medmaas tenants create {tenant}`")
-        click.echo(auth.create_key(s, t, name))
+        click.echo(auth.create_key(s, t, name, KeyRole(role), expires_in_days))
+
+
+@keys.command("list")
+@click.option("--tenant", required=True)
+def keys_list(tenant: str) -> None:
+    """The tenant's keys (never the secrets): id, prefix, role, name, dates, status."""
+    from datetime import datetime
+
+    from app import auth
+    from app.db import Database
+
+    def when(value: datetime | None) -> str:
+        return value.isoformat(timespec="seconds") if value is not None else "-"
+
+    database = Database(from_env().sqlalchemy_url)
+    with database.session() as s:
+        t = auth.get_tenant(s, tenant)
+        if t is None:
+            raise click.ClickException(f"no tenant {tenant!r}")
+        click.echo("id\tprefix\trole\tstatus\tname\tcreated_at\tlast_used_at\texpires_at\trevoked_at")
+        for k in auth.tenant_keys(s, t.id):
+            status = {"API key revoked": "revoked", "API key expired": "expired"}.get(auth.refusal(k) or "", "active")
+            click.echo(
+                f"{k.id}\t{k.prefix}\t{k.role.value}\t{status}\t{k.name}\t{when(k.created_at)}\t"
+                f"{when(k.last_used_at)}\t{when(k.expires_at)}\t{when(k.revoked_at)}"
+            )
+
+
+@keys.command("revoke")
+@click.argument("key_id", type=int)
+@click.option("--force", is_flag=True, help="revoke even the tenant's last active admin key")
+def keys_revoke(key_id: int, force: bool) -> None:
+    """Revoke key KEY_ID (see `medmaas keys list`); refuses the tenant's last admin key unless --force."""
+    from app import auth
+    from app.db import Database
+    from app.models import ApiKey
+
+    database = Database(from_env().sqlalchemy_url)
+    with database.session() as s:
+        key = s.get(ApiKey, key_id)
+        if key is None:
+            raise click.ClickException(f"no API key {key_id}")
+        try:
+            auth.revoke(s, key, force=force)
+        except auth.LastAdminKey as exc:
+            raise click.ClickException(f"{exc}; create another admin key first, or pass --force") from None
+        click.echo(f"revoked key {key_id} ({key.prefix})")
 
 
 for _name, _command in client.commands.items():

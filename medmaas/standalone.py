@@ -7,8 +7,14 @@ SIGTERM) stops every child; children also die if this process is killed (PDEATHS
 
 The terminal shows only what a person needs (what runs where, the API key, the demo);
 every child's own output goes to a log file under .medmaas/logs/. The web port is checked
-before anything starts, and a child that dies makes the command exit 1 with its last log
-lines.
+before anything starts.
+
+Once running, the children are supervised (Supervisor): one that exits is restarted after a
+backoff (Backoff: 1 s doubling to 30 s, back to 1 s once a run stayed up a minute), with one
+line on the terminal and a note in its log. A crashed worker never takes the web server or the
+broker down; a restarted broker loses only its queues, which the reconciler refills from SQL.
+The command exits 1 only when a child cannot be kept up: it exits too often in a short window,
+or another program took its port; the message says which, with its last log lines.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -39,6 +47,7 @@ LOG_TAIL_LINES = 20
 WEB_LISTENING = "Listening at:"  # gunicorn's line once its socket is bound
 WEB_PORT_BUSY = "Connection in use"  # gunicorn's line when it is not
 WEB_SETTLE_S = 8.0  # gunicorn retries a busy port for ~5s: past this, a silent but open port is ours
+PORT_TAKEN = (WEB_PORT_BUSY, "Address already in use")  # gunicorn's and valkey-server's words for it
 
 
 class StartupError(RuntimeError):
@@ -133,7 +142,7 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES, start: int = 0) -> str:
 
 
 def _failure(what: str, proc: subprocess.Popen[bytes] | None, log: Path, why: str = "", start: int = 0) -> StartupError:
-    code = f" (exit code {proc.returncode})" if proc is not None and proc.returncode is not None else ""
+    code = f" ({describe_exit(proc.returncode)})" if proc is not None and proc.returncode is not None else ""
     tail = log_tail(log, start=start)
     text = f"{what} {why or 'exited'}{code}; last lines of {_show(log)}:\n" + (
         "\n".join(f"  | {line}" for line in tail.splitlines()) or "  (empty)"
@@ -142,12 +151,15 @@ def _failure(what: str, proc: subprocess.Popen[bytes] | None, log: Path, why: st
 
 
 class Children:
-    """The child processes, each with its log file under <home>/logs."""
+    """The child processes, each with its log file under <home>/logs, each leading its own
+    process group: whatever a child leaves behind when it dies (gunicorn's workers holding the
+    web port, say) is killed with it."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
         self.offsets: dict[int, int] = {}  # pid -> where its part of the (appended) log starts
+        self._groups_done: set[int] = set()  # leaders whose group was already cleared
 
     def start(
         self, what: str, log_name: str, args: list[str], env: dict[str, str] | None = None
@@ -165,6 +177,7 @@ class Children:
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
+                process_group=0,  # its own group, so Ctrl-C in a terminal reaches only this process
             )
         self.procs.append((what, proc, log))
         self.offsets[proc.pid] = offset
@@ -183,8 +196,138 @@ class Children:
     def dead(self) -> subprocess.Popen[bytes] | None:
         return next((p for _, p, _ in self.procs if p.poll() is not None), None)
 
+    def clear_group(self, proc: subprocess.Popen[bytes]) -> None:
+        """Kill what is left of an exited child's process group, once (a reaped leader's pid
+        stays reserved only while its group has members, so never twice)."""
+        if proc.returncode is None or proc.pid in self._groups_done:
+            return
+        self._groups_done.add(proc.pid)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def forget(self, proc: subprocess.Popen[bytes]) -> None:
+        self.procs = [entry for entry in self.procs if entry[1] is not proc]
+        self.offsets.pop(proc.pid, None)
+
     def stop_all(self, timeout: float = 15.0) -> None:
-        stop_all([p for _, p, _ in reversed(self.procs)], timeout)
+        procs = [p for _, p, _ in reversed(self.procs)]
+        stop_all(procs, timeout)
+        for p in procs:
+            self.clear_group(p)
+
+
+def describe_exit(returncode: int) -> str:
+    return f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+
+
+@dataclass
+class Backoff:
+    """When to restart a child that exited: after initial seconds, doubling up to maximum;
+    back to initial once a run stayed up stable_after seconds. None (give up) when it exited
+    more than max_exits times within window seconds."""
+
+    initial: float = 1.0
+    maximum: float = 30.0
+    stable_after: float = 60.0
+    max_exits: int = 5
+    window: float = 120.0
+    _next: float = field(default=0.0, init=False, repr=False)
+    _exits: list[float] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._next = self.initial
+
+    def after_exit(self, started: float, now: float) -> float | None:
+        """The delay before restarting a child that ran from started until now, or None."""
+        if now - started >= self.stable_after:
+            self._next = self.initial
+        self._exits = [t for t in self._exits if now - t < self.window] + [now]
+        if len(self._exits) > self.max_exits:
+            return None
+        delay = self._next
+        self._next = min(self._next * 2, self.maximum)
+        return delay
+
+    @property
+    def exits(self) -> int:
+        """Exits counted in the current window."""
+        return len(self._exits)
+
+
+@dataclass
+class _Watched:
+    what: str  # "the training/scoring worker"
+    log_name: str  # "worker-cpu.log"
+    args: list[str]
+    env: dict[str, str] | None
+    proc: subprocess.Popen[bytes]
+    started: float
+    backoff: Backoff
+    restart_at: float | None = None
+
+    @property
+    def name(self) -> str:  # "worker-cpu", as on the terminal
+        return self.log_name.removesuffix(".log")
+
+
+class Supervisor(Children):
+    """Children that are kept up: check() restarts one that exited after its Backoff delay,
+    with one line on the terminal (echo) and a note in its log; it returns a message only
+    when a child cannot be kept up (it exits too often, or another program took its port)."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        backoff: Callable[[], Backoff] = Backoff,
+        echo: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(log_dir)
+        self.backoff = backoff
+        self.echo = echo or (lambda line: click.echo(line, err=True))
+        self.clock = clock
+        self.watched: list[_Watched] = []
+
+    def start(
+        self, what: str, log_name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        proc = super().start(what, log_name, args, env)
+        self.watched.append(_Watched(what, log_name, args, env, proc, self.clock(), self.backoff()))
+        return proc
+
+    def _note(self, w: _Watched, text: str) -> None:
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        with contextlib.suppress(OSError), open(self.log_dir / w.log_name, "a") as fh:
+            fh.write(f"\n===== {stamp} medmaas standalone: {text}\n")
+
+    def check(self) -> str | None:
+        """One pass over the children: restart those that are due, notice those that exited."""
+        for w in self.watched:
+            now = self.clock()
+            if w.restart_at is not None:
+                if now >= w.restart_at:
+                    old = w.proc
+                    w.proc = Children.start(self, w.what, w.log_name, w.args, w.env)
+                    w.started, w.restart_at = self.clock(), None
+                    self.forget(old)
+                continue
+            if w.proc.poll() is None:
+                continue
+            self.clear_group(w.proc)
+            how = describe_exit(w.proc.returncode)
+            if any(marker in self.output(w.proc, 200) for marker in PORT_TAKEN):
+                self._note(w, f"{w.name} exited ({how}): its port is taken; giving up")
+                return str(self.failure(w.proc, "cannot listen on its port again: another program took it"))
+            delay = w.backoff.after_exit(w.started, now)
+            if delay is None:
+                self._note(w, f"{w.name} exited ({how}) {w.backoff.exits} times in {w.backoff.window:.0f} s; giving up")
+                why = f"exited {w.backoff.exits} times within {w.backoff.window:.0f} s; giving up. It last exited"
+                return str(self.failure(w.proc, why))
+            line = f"{w.name} exited ({how}); restarting in {delay:g} s"
+            self._note(w, line)
+            self.echo(line)
+            w.restart_at = now + delay
+        return None
 
 
 def valkey_binary() -> str:
@@ -326,8 +469,8 @@ def _demo(url: str, key_file: Path, log_dir: Path, failed: threading.Event, stop
 
 
 def run_standalone(settings: Settings, demo: bool = False) -> int:
-    """Run until Ctrl-C (exit 0). Exit 1 when something cannot start or a child dies,
-    and (with demo) when the demo fails."""
+    """Run until Ctrl-C or SIGTERM (exit 0), restarting children that exit. Exit 1 when
+    something cannot start or a child cannot be kept up, and (with demo) when the demo fails."""
     if isinstance(sys.stdout, io.TextIOWrapper):  # not when a caller has replaced stdout
         sys.stdout.reconfigure(line_buffering=True)  # the API key must show at once, even when piped
     problem = check_web_port(settings.web_host, settings.web_port)
@@ -338,7 +481,7 @@ def run_standalone(settings: Settings, demo: bool = False) -> int:
     settings = settings.replace(home=settings.home.resolve())
     log_dir = settings.home / "logs"
     log_dir.mkdir(exist_ok=True)
-    children = Children(log_dir)
+    children = Supervisor(log_dir)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -389,9 +532,9 @@ def run_standalone(settings: Settings, demo: bool = False) -> int:
                 target=_demo, args=(url, key_file, log_dir, demo_failed, stop), daemon=True, name="demo"
             ).start()
         while not stop.is_set():
-            dead = children.dead()
-            if dead is not None:
-                click.echo(f"Error: {children.failure(dead)}\nshutting down", err=True)
+            problem = children.check()
+            if problem is not None:
+                click.echo(f"Error: {problem}\nshutting down", err=True)
                 return 1
             stop.wait(0.5)
         return 1 if demo_failed.is_set() else 0

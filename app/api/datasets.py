@@ -7,9 +7,9 @@ from typing import Any
 from flask_smorest import Blueprint
 from marshmallow import INCLUDE, Schema, fields, validate
 
-from app.api import db_session, settings, tenant_id
+from app.api import MAX_ID, db_session, requires, settings, tenant_id
 from app.ingest import KINDS
-from app.models import Dataset
+from app.models import Dataset, KeyRole
 from app.stores import datasets as datasets_store
 
 blp = Blueprint("datasets", __name__, url_prefix="/api/v1/datasets", description="Upload and inspect datasets")
@@ -69,7 +69,7 @@ class DatasetSchema(Schema):
 class DatasetListArgs(Schema):
     kind = fields.String(validate=validate.OneOf(KINDS))
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
-    cursor = fields.Integer()
+    cursor = fields.Integer(validate=validate.Range(min=0, max=MAX_ID))
 
 
 class DatasetListSchema(Schema):
@@ -81,6 +81,7 @@ class DatasetListSchema(Schema):
 @blp.arguments(DatasetUploadForm, location="form")
 @blp.arguments(DatasetUploadFile, location="files")
 @blp.response(201, DatasetSchema)
+@requires(KeyRole.member)
 def upload(form: dict[str, Any], files: dict[str, Any]) -> Dataset:
     """Upload a dataset (multipart). Validated before it is stored: a bad file gets a 4xx
     and leaves nothing behind; invalid rows inside a good file are counted and sampled."""
@@ -101,13 +102,15 @@ def upload(form: dict[str, Any], files: dict[str, Any]) -> Dataset:
 @blp.route("", methods=["GET"])
 @blp.arguments(DatasetListArgs, location="query")
 @blp.response(200, DatasetListSchema)
+@requires(KeyRole.viewer)
 def list_datasets(args: dict[str, Any]) -> dict[str, Any]:
     return datasets_store.list_page(
         db_session(), tenant_id(), kind=args.get("kind"), limit=args["limit"], cursor=args.get("cursor")
     )
 
 
-@blp.route("/<int:dataset_id>", methods=["GET"])
+@blp.route("/<id:dataset_id>", methods=["GET"])
 @blp.response(200, DatasetSchema)
+@requires(KeyRole.viewer)
 def detail(dataset_id: int) -> Dataset:
     return datasets_store.get(db_session(), tenant_id(), dataset_id)

@@ -13,10 +13,10 @@ from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 from sqlalchemy import select
 
-from app.api import celery, database, db_session, settings, tenant_id
+from app.api import MAX_ID, celery, database, db_session, requires, settings, tenant_id
 from app.errors import ApiError
 from app.kinds import get_kind
-from app.models import TERMINAL_STATES, Job, JobEvent, JobState
+from app.models import TERMINAL_STATES, Job, JobEvent, JobState, KeyRole
 from app.stores import jobs as jobs_store
 
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Submit and follow jobs")
@@ -63,7 +63,10 @@ class JobListArgs(Schema):
         },
     )
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
-    cursor = fields.Integer(metadata={"description": "return jobs with id below this (next_cursor)"})
+    cursor = fields.Integer(
+        validate=validate.Range(min=0, max=MAX_ID),
+        metadata={"description": "return jobs with id below this (next_cursor)"},
+    )
 
 
 class JobListSchema(Schema):
@@ -79,7 +82,7 @@ class EventSchema(Schema):
 
 
 class EventsArgs(Schema):
-    after = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    after = fields.Integer(load_default=0, validate=validate.Range(min=0, max=MAX_ID))
     limit = fields.Integer(load_default=1000, validate=validate.Range(min=1, max=10_000))
 
 
@@ -93,6 +96,7 @@ class EventListSchema(Schema):
 @blp.arguments(JobSubmitSchema)
 @blp.response(202, JobSchema)
 @blp.alt_response(200, schema=JobSchema, description="Same Idempotency-Key and request seen before: the existing job")
+@requires(KeyRole.member)
 def submit(body: dict[str, Any]) -> tuple[Job, int]:
     """Submit a job; answers 202 once the job row is committed.
 
@@ -120,6 +124,7 @@ def submit(body: dict[str, Any]) -> tuple[Job, int]:
 @blp.route("", methods=["GET"])
 @blp.arguments(JobListArgs, location="query")
 @blp.response(200, JobListSchema)
+@requires(KeyRole.viewer)
 def list_jobs(args: dict[str, Any]) -> dict[str, Any]:
     """List the tenant's jobs, newest first; page with next_cursor. Online predict jobs are
     left out unless `kind=predict` or `all=true`."""
@@ -134,22 +139,25 @@ def list_jobs(args: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-@blp.route("/<int:job_id>", methods=["GET"])
+@blp.route("/<id:job_id>", methods=["GET"])
 @blp.response(200, JobSchema)
+@requires(KeyRole.viewer)
 def detail(job_id: int) -> Job:
     return jobs_store.get(db_session(), tenant_id(), job_id)
 
 
-@blp.route("/<int:job_id>/events", methods=["GET"])
+@blp.route("/<id:job_id>/events", methods=["GET"])
 @blp.arguments(EventsArgs, location="query")
 @blp.response(200, EventListSchema)
+@requires(KeyRole.viewer)
 def events(args: dict[str, Any], job_id: int) -> dict[str, Any]:
     """Events with seq > after, in order."""
     return jobs_store.events_after(db_session(), tenant_id(), job_id, args["after"], args["limit"])
 
 
-@blp.route("/<int:job_id>/cancel", methods=["POST"])
+@blp.route("/<id:job_id>/cancel", methods=["POST"])
 @blp.response(202, JobSchema)
+@requires(KeyRole.member)
 def cancel(job_id: int) -> Job:
     """Cancel: queued jobs at once, running jobs between batches."""
     job, _state = jobs_store.request_cancel(db_session(), tenant_id(), job_id)
@@ -198,8 +206,8 @@ def stream_position() -> int:
         after = int(raw)
     except ValueError:
         raise ApiError(400, "after / Last-Event-ID must be an integer") from None
-    if after < 0:
-        raise ApiError(400, "after / Last-Event-ID must be >= 0")
+    if not 0 <= after <= MAX_ID:
+        raise ApiError(400, f"after / Last-Event-ID must be 0..{MAX_ID}")
     return after
 
 
@@ -252,8 +260,9 @@ class EventFeed:
         return "".join(parts), wait
 
 
-@blp.route("/<int:job_id>/stream", methods=["GET"])
+@blp.route("/<id:job_id>/stream", methods=["GET"])
 @blp.doc(responses={200: {"description": "text/event-stream of job events"}})
+@requires(KeyRole.viewer)
 def stream(job_id: int) -> ResponseReturnValue:
     """Server-sent events; resumes after ?after=N or the Last-Event-ID header."""
     job = jobs_store.get(db_session(), tenant_id(), job_id)
@@ -287,8 +296,9 @@ def event_stream_response(job_id: int, max_s: float = STREAM_MAX_S) -> Response:
     return Response(stream_with_context(generate()), mimetype=SSE_MIMETYPE, headers=SSE_HEADERS)
 
 
-@blp.route("/<int:job_id>/result", methods=["GET"])
+@blp.route("/<id:job_id>/result", methods=["GET"])
 @blp.doc(responses={200: {"description": "the job's result: JSON, or a file (?format=csv|parquet) for scoring jobs"}})
+@requires(KeyRole.viewer)
 def result(job_id: int) -> ResponseReturnValue:
     """The job's output once it has succeeded."""
     from flask import jsonify

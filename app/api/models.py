@@ -9,11 +9,11 @@ from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
-from app.api import celery, database, db_session, settings, tenant_id
+from app.api import MAX_ID, celery, database, db_session, requires, settings, tenant_id
 from app.api.jobs import JobSchema
 from app.errors import ApiError
 from app.kinds import SpecError
-from app.models import JobState, ModelVersion
+from app.models import JobState, KeyRole, ModelVersion
 from app.stores import jobs as jobs_store
 from app.stores import models as models_store
 from app.stores.models import BUNDLE_FILES
@@ -58,12 +58,12 @@ class ModelDetailSchema(Schema):
 
 
 class AliasSchema(Schema):
-    version = fields.Integer(required=True, strict=True, validate=validate.Range(min=1))
+    version = fields.Integer(required=True, strict=True, validate=validate.Range(min=1, max=MAX_ID))
 
 
 class PredictRequest(Schema):
     inputs = fields.List(fields.Raw(), required=True, validate=validate.Length(min=1, max=10_000))
-    version = fields.Integer(strict=True, validate=validate.Range(min=1))
+    version = fields.Integer(strict=True, validate=validate.Range(min=1, max=MAX_ID))
     alias = fields.String(validate=ALIAS)
     timeout = fields.Float(validate=validate.Range(min=0, max=300))
 
@@ -78,24 +78,28 @@ class PredictResponse(Schema):
 
 @blp.route("", methods=["GET"])
 @blp.response(200, ModelListSchema)
+@requires(KeyRole.viewer)
 def list_models() -> dict[str, Any]:
     return {"items": models_store.summaries(db_session(), tenant_id())}
 
 
 @blp.route("/<string:name>", methods=["GET"])
 @blp.response(200, ModelDetailSchema)
+@requires(KeyRole.viewer)
 def model_detail(name: str) -> dict[str, Any]:
     return models_store.detail(db_session(), tenant_id(), name)
 
 
-@blp.route("/<string:name>/versions/<int:version>", methods=["GET"])
+@blp.route("/<string:name>/versions/<id:version>", methods=["GET"])
 @blp.response(200, ModelVersionSchema)
+@requires(KeyRole.viewer)
 def version_detail(name: str, version: int) -> ModelVersion:
     return models_store.version(db_session(), tenant_id(), name, version)
 
 
-@blp.route("/<string:name>/versions/<int:version>/files/<string:which>", methods=["GET"])
+@blp.route("/<string:name>/versions/<id:version>/files/<string:which>", methods=["GET"])
 @blp.doc(responses={200: {"description": "model.safetensors (which=weights) or config.json (which=config)"}})
+@requires(KeyRole.viewer)
 def version_file(name: str, version: int, which: str) -> ResponseReturnValue:
     """Download the weights (safetensors) or the config (JSON) of a version."""
     bundle = models_store.bundle_file(db_session(), settings(), tenant_id(), name, version, which)
@@ -105,6 +109,7 @@ def version_file(name: str, version: int, which: str) -> ResponseReturnValue:
 @blp.route("/<string:name>/aliases/<string:alias>", methods=["PUT"])
 @blp.arguments(AliasSchema)
 @blp.response(200, ModelDetailSchema)
+@requires(KeyRole.admin)
 def set_alias(body: dict[str, Any], name: str, alias: str) -> dict[str, Any]:
     """Point `alias` at a version; `name@alias` then resolves to it."""
     return models_store.set_alias(db_session(), tenant_id(), name, alias, body["version"])
@@ -119,6 +124,7 @@ def set_alias(body: dict[str, Any], name: str, alias: str) -> dict[str, Any]:
     description="Not done within `timeout`: the predict job (its Location header is /api/v1/jobs/{id}); "
     "GET /api/v1/jobs/{id}/result has the predictions once it has succeeded",
 )
+@requires(KeyRole.member)
 def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
     """Predict with a registered model. Answers 200 with predictions when the inference
     worker finishes within `timeout` seconds, else 202 with the job to follow (body: the

@@ -20,7 +20,7 @@ from app.errors import ApiError
 from app.ingest.library import SchemaError, library_schema
 from app.kinds import KindSpec, Spec, SpecError, SubmitContext, register
 from app.kinds.predict import unknown_model
-from app.models import Dataset, Job
+from app.models import MAX_ID, Dataset, Job
 from app.registry import ModelNotFound, resolve_ref
 from app.workers_registry import gpu_worker_check
 
@@ -39,7 +39,12 @@ class ScoreSpec(Schema):
         validate=validate.Length(min=1, max=200),
         metadata={"description": "name (latest version), name@version or name@alias"},
     )
-    library_id = fields.Integer(required=True, strict=True, metadata={"description": "a dataset of kind library"})
+    library_id = fields.Integer(
+        required=True,
+        strict=True,
+        validate=validate.Range(min=1, max=MAX_ID),
+        metadata={"description": "a dataset of kind library"},
+    )
     top_k = fields.Integer(
         load_default=100,
         validate=validate.Range(min=0, max=10_000),
@@ -129,8 +134,28 @@ def route(spec: Spec, settings: Settings) -> str:
     return settings.gpu_queue if str(spec.get("device", "auto")).startswith("cuda") else settings.default_queue
 
 
+CSV_FORMULA_PREFIX = r"^[=+\-@\t\r]"  # what a spreadsheet reads as a formula (OWASP CSV injection)
+
+
+def csv_safe(data: Any) -> Any:
+    """A pyarrow RecordBatch or Table for CSV output: each text cell a spreadsheet would run
+    as a formula (starting with =, +, -, @, tab or carriage return) gets a leading single
+    quote. Numeric and boolean columns, and the Parquet files, keep their raw values."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = []
+    for column in data.columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            risky = pc.fill_null(pc.match_substring_regex(column, CSV_FORMULA_PREFIX), False)
+            column = pc.if_else(risky, pc.binary_join_element_wise("'", column, ""), column)
+        columns.append(column)
+    return type(data).from_arrays(columns, schema=data.schema)
+
+
 def csv_from_parquet(path: Path, chunk_rows: int = 65_536) -> Iterator[bytes]:
-    """The Parquet score table as CSV bytes, one record batch at a time (for downloads)."""
+    """The Parquet score table as CSV bytes, one record batch at a time (for downloads);
+    text cells that would run as spreadsheet formulas are escaped (csv_safe)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -138,7 +163,7 @@ def csv_from_parquet(path: Path, chunk_rows: int = 65_536) -> Iterator[bytes]:
     first = True
     for batch in pf.iter_batches(batch_size=chunk_rows):
         buf = io.BytesIO()
-        pacsv.write_csv(batch, buf, pacsv.WriteOptions(include_header=first))
+        pacsv.write_csv(csv_safe(batch), buf, pacsv.WriteOptions(include_header=first))
         first = False
         yield buf.getvalue()
     if first:  # an empty table still gets its header

@@ -20,7 +20,7 @@ from app.modelconfig import (
     too_few_rows,
     user_params,
 )
-from app.models import Dataset
+from app.models import MAX_ID, Dataset
 from app.workers_registry import gpu_worker_check
 
 MODEL_NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", error="letters, digits, '.', '_', '-' (max 128)")
@@ -49,7 +49,7 @@ class SplitSpec(Schema):
 
 class TrainSpec(Schema):
     model_name = fields.String(required=True, validate=MODEL_NAME)
-    dataset_id = fields.Integer(required=True, strict=True)
+    dataset_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1, max=MAX_ID))
     arch = fields.String(required=True, validate=validate.OneOf(["cnn", "rnn"]))
     task = fields.String(
         load_default="classification", validate=validate.OneOf(["classification", "multilabel", "regression"])

@@ -30,6 +30,7 @@ from app.web.blueprint import bp
 from app.web.filters import percent
 
 PAGE_SIZE = 50
+PRIORITY_MIN, PRIORITY_MAX = -100, 100
 STATES = jobs_store.STATES
 
 
@@ -204,20 +205,20 @@ def jobs() -> ResponseReturnValue:
     )
 
 
-@bp.get("/jobs/<int:job_id>")
+@bp.get("/jobs/<id:job_id>")
 def job_detail(job_id: int) -> ResponseReturnValue:
     job = jobs_store.get(db_session(), tenant_id(), job_id)
     return render_template("job.html", job=dump_job(job))
 
 
-@bp.get("/jobs/<int:job_id>/cancel")
+@bp.get("/jobs/<id:job_id>/cancel")
 def job_cancel_confirm(job_id: int) -> ResponseReturnValue:
     """The confirmation step without JavaScript (the job page's script asks in a dialog)."""
     job = jobs_store.get(db_session(), tenant_id(), job_id)
     return render_template("job_cancel.html", job=dump_job(job))
 
 
-@bp.post("/jobs/<int:job_id>/cancel")
+@bp.post("/jobs/<id:job_id>/cancel")
 def job_cancel(job_id: int) -> ResponseReturnValue:
     try:
         job, state = jobs_store.request_cancel(db_session(), tenant_id(), job_id)
@@ -234,7 +235,7 @@ def job_cancel(job_id: int) -> ResponseReturnValue:
     return redirect(url_for("web.job_detail", job_id=job_id))
 
 
-@bp.get("/jobs/<int:job_id>/result")
+@bp.get("/jobs/<id:job_id>/result")
 def job_result(job_id: int) -> ResponseReturnValue:
     """The result download (what GET /api/v1/jobs/<id>/result serves, as an attachment)."""
     job = jobs_store.succeeded(db_session(), tenant_id(), job_id)
@@ -269,12 +270,16 @@ def job_new() -> ResponseReturnValue:
         except ValueError as exc:
             error, status = f"Could not read the form: {exc}", 400
         else:
-            try:
-                job = _submit_from_form(kind_name, spec, priority)
-                return redirect(url_for("web.job_detail", job_id=job.id))
-            except SpecError as exc:
-                err = as_api_error(exc)
-                error, errors, status = err.message, field_errors(err) or (err.details or {}), err.status
+            if not PRIORITY_MIN <= priority <= PRIORITY_MAX:  # the API's range (JobSubmitSchema)
+                rule = f"Must be greater than or equal to {PRIORITY_MIN} and less than or equal to {PRIORITY_MAX}."
+                error, errors, status = "Could not read the form: priority out of range", {"priority": [rule]}, 400
+            else:
+                try:
+                    job = _submit_from_form(kind_name, spec, priority)
+                    return redirect(url_for("web.job_detail", job_id=job.id))
+                except SpecError as exc:
+                    err = as_api_error(exc)
+                    error, errors, status = err.message, field_errors(err) or (err.details or {}), err.status
     return render_template(
         "job_new.html",
         kinds=kinds,
@@ -471,12 +476,12 @@ def ui_jobs() -> ResponseReturnValue:
     )
 
 
-@bp.get("/ui/api/jobs/<int:job_id>")
+@bp.get("/ui/api/jobs/<id:job_id>")
 def ui_job(job_id: int) -> ResponseReturnValue:
     return jsonify(dump_job(jobs_store.get(db_session(), tenant_id(), job_id)))
 
 
-@bp.get("/ui/api/jobs/<int:job_id>/events")
+@bp.get("/ui/api/jobs/<id:job_id>/events")
 def ui_job_events(job_id: int) -> ResponseReturnValue:
     try:
         after = max(int(request.args.get("after", 0)), 0)
@@ -487,7 +492,7 @@ def ui_job_events(job_id: int) -> ResponseReturnValue:
     return jsonify(EventListSchema().dump(jobs_store.events_after(db_session(), tenant_id(), job_id, after, limit)))
 
 
-@bp.get("/ui/api/jobs/<int:job_id>/stream")
+@bp.get("/ui/api/jobs/<id:job_id>/stream")
 def ui_job_stream(job_id: int) -> ResponseReturnValue:
     job = jobs_store.get(db_session(), tenant_id(), job_id)
     return event_stream_response(job.id)

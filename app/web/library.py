@@ -110,7 +110,7 @@ def datasets() -> ResponseReturnValue:
     ), status
 
 
-@bp.get("/datasets/<int:dataset_id>")
+@bp.get("/datasets/<id:dataset_id>")
 def dataset_detail(dataset_id: int) -> ResponseReturnValue:
     ds = datasets_store.get(db_session(), tenant_id(), dataset_id)
     models = models_store.trained_on(db_session(), tenant_id(), ds.id)
@@ -290,7 +290,7 @@ def model_set_alias(name: str) -> ResponseReturnValue:
     return redirect(url_for("web.model_detail", name=name))
 
 
-@bp.get("/models/<string:name>/versions/<int:version>/files/<string:which>")
+@bp.get("/models/<string:name>/versions/<id:version>/files/<string:which>")
 def model_file(name: str, version: int, which: str) -> ResponseReturnValue:
     """Weights (safetensors) or config (JSON) download: the same file and name as the API's."""
     bundle = models_store.bundle_file(db_session(), settings(), tenant_id(), name, version, which)

@@ -67,7 +67,9 @@ def _load_signed_in_key() -> tuple[ApiKey, Tenant] | None:
         )
         .first()
     )
-    return (row[0], row[1]) if row else None
+    if row is None or auth.refusal(row[0]) is not None:  # revoked or expired since sign-in
+        return None
+    return row[0], row[1]
 
 
 def _safe_next(target: str | None) -> str | None:

@@ -285,3 +285,80 @@ def test_standalone_on_a_busy_port_refuses_before_starting_anything(tmp_path: Pa
     assert "running at" not in done.stdout + done.stderr and "API key" not in done.stdout + done.stderr
     assert not (work / ".medmaas").exists()  # nothing was started or created
     assert took < 30, took
+
+
+def _find_cpu_worker(sa: Standalone) -> Optional[psutil.Process]:
+    """The training/scoring worker: a direct child running `medmaas.cli worker` (not the
+    inference one), or None while there is none."""
+    for child in psutil.Process(sa.proc.pid).children():
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if _alive(child) and "medmaas.cli worker" in cmd and "inference" not in cmd.split("--queues", 1)[-1]:
+            return child
+    return None
+
+
+def _cpu_worker(sa: Standalone) -> psutil.Process:
+    found = _find_cpu_worker(sa)
+    assert found is not None, f"no cpu worker among {[(p.pid, p.cmdline()) for p in sa.process_tree()[1:]]}"
+    return found
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_worker_is_restarted_while_the_web_server_keeps_serving(tmp_path: Path, standalones) -> None:  # noqa: ANN001
+    sa = standalones(free_port())
+    base = sa.started()
+    key = (tmp_path / "work" / ".medmaas" / "api_key").read_text().strip()
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {key}"
+
+    # /healthz polled all along, from before the kill until the job after it has succeeded
+    failures: list[str] = []
+    polled = [0]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            status = _get(f"{base}/healthz")
+            polled[0] += 1
+            if status != 200:
+                failures.append(f"{time.strftime('%X')}: {status}")
+            done.wait(0.2)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+
+    old = _cpu_worker(sa)
+    others = [p for p in sa.process_tree()[1:] if p.pid != old.pid and p.ppid() == sa.proc.pid]
+    old.send_signal(signal.SIGKILL)
+    sa.wait_for_line(r"^worker-cpu exited \(signal 9\); restarting in 1 s$", 30)
+    wait_until(lambda: (_find_cpu_worker(sa) or old).pid != old.pid, 60, 0.2, what=f"a new cpu worker\n{sa.output()}")
+    new = _cpu_worker(sa)
+    assert all(_alive(p) for p in others), [(p.pid, p.name()) for p in others]  # web, broker, inference untouched
+    assert "worker-cpu exited (signal 9); restarting in 1 s" in (
+        tmp_path / "work" / ".medmaas" / "logs" / "worker-cpu.log").read_text()
+
+    r = http.post(f"{base}/api/v1/jobs", json={"kind": "sleep", "spec": {"seconds": 0.5, "steps": 2}}, timeout=30)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    wait_until(lambda: http.get(f"{base}/api/v1/jobs/{job_id}", timeout=30).json()["state"] == "succeeded",
+               180, 0.2, what=f"a job after the worker was restarted\n{sa.output()}")
+    assert _alive(new) and new.pid == _cpu_worker(sa).pid  # it ran on the restarted worker, which stays up
+
+    done.set()
+    poller.join(15)
+    assert polled[0] >= 5 and not failures, (polled[0], failures)
+    assert sa.proc.poll() is None, sa.output()  # a worker's crash never stopped the standalone
+
+    # -- SIGTERM stops everything, exit 0 ------------------------------------------------------
+    tree = sa.process_tree()
+    sa.proc.send_signal(signal.SIGTERM)
+    try:
+        sa.proc.wait(STOP_TIMEOUT_S + 10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"standalone still running {STOP_TIMEOUT_S + 10}s after SIGTERM:\n{sa.output()}")
+    assert sa.proc.returncode == 0, sa.output()
+    assert_all_gone(tree, sa)
+    assert _get(f"{base}/healthz") == 0

@@ -22,6 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from app.kinds.score import csv_safe
+
 FIXED_BEFORE = ("row", "id", "smiles", "canonical_smiles")
 FIXED_AFTER = ("valid", "error")
 ROW_GROUP_ROWS = 65_536
@@ -187,8 +189,8 @@ def merge(
                     raise MergeError(f"part {path.name}: rows out of order near row {expected}")
                 expected += len(rows)
                 pw.write_table(table)
-                if cw is not None:
-                    cw.write_table(table)
+                if cw is not None:  # CSV only: text that would run as a spreadsheet formula is escaped
+                    cw.write_table(csv_safe(table))
                 counts["rows"] += table.num_rows
                 counts["valid"] += int(pc.sum(table.column("valid")).as_py() or 0)
                 for batch in table.to_batches():
