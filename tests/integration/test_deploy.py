@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
@@ -27,7 +26,7 @@ import requests
 
 from app.config import Settings, from_env
 from medmaas.standalone import free_port, wait_for_port
-from tests.conftest import PG_ADMIN_URL, ROOT, wait_until
+from tests.conftest import ROOT, throwaway_pg_database, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -343,16 +342,8 @@ def test_pip_install_dot_from_the_docker_context_is_complete(tmp_path: Path) -> 
 @pytest.fixture()
 def fresh_pg_url() -> str:
     """An empty database: `medmaas db upgrade` must build the schema from nothing."""
-    from sqlalchemy import create_engine, text
-
-    name = f"medmaas_deploy_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with throwaway_pg_database("medmaas_deploy") as url:
+        yield url
 
 
 def medmaas_executable() -> str:

@@ -4,20 +4,19 @@ and indexes survive, invalid states are then refused, invalid existing rows stop
 a clear message, and downgrade / upgrade again both work."""
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import CheckConstraint, MetaData, create_engine, inspect, select, text
+from sqlalchemy import CheckConstraint, MetaData, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 import app.models  # noqa: F401  (registers the tables on Base.metadata)
 from app.db import Base, make_engine
 from app.migrate import alembic_config
-from tests.conftest import PG_ADMIN_URL
+from tests.conftest import throwaway_pg_database
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 TABLES = ("tenants", "jobs", "job_events", "score_shards", "model_versions")
@@ -29,14 +28,8 @@ MODEL_CHECKS = {t: {c.name for c in Base.metadata.tables[t].constraints if isins
 @pytest.fixture
 def pg_db_url() -> str:
     """A throwaway PostgreSQL database for one test (the session's pg_url is already at head)."""
-    name = f"medmaas_mig_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with throwaway_pg_database("medmaas_mig") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])

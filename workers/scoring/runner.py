@@ -35,6 +35,7 @@ from app import dispatch, leases
 from app.artifacts import ArtifactStore, job_dir
 from app.config import Settings
 from app.ingest import IngestLimits, iter_library_rows, library_row_offsets
+from app.ingest.library import library_schema
 from app.kinds.score import score_files
 from app.models import TERMINAL_STATES, Dataset, Job, JobState, ModelVersion, ShardState
 from workers.lease import Lease
@@ -111,7 +112,7 @@ def load_env(db: Any, settings: Settings, job_id: int, *, prepare: bool = False)
         raise LookupError(f"model version {spec['model_version_id']} no longer exists")
     store = ArtifactStore(settings.artifacts)
     scratch = scratch_dir(settings, tenant_id, job_id)
-    schema = source.library_schema(dataset.schema, spec.get("text_column"), spec.get("id_column"))
+    schema = library_schema(dataset.schema, spec.get("text_column"), spec.get("id_column"))
     upload = store.path(dataset.uri)
     info: dict[str, Any] = {"compressed": bool(schema.get("compressed")), "format": schema.get("format")}
     if prepare:

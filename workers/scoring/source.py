@@ -19,8 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from app.ingest.library import library_schema as library_schema  # re-exported for the runner
-
 
 def plain_copy_path(scratch: Path) -> Path:
     return scratch / "library.txt"
