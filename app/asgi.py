@@ -16,13 +16,17 @@ viewers would need 100 threads. Here a stream is a coroutine on the event loop:
    step is one short database read on a thread; between steps the coroutine awaits the
    process's EventHub (Redis pub/sub), woken by the commit that appended the event, with
    a safety-net timeout.
+3. Each open stream holds one of its API key's (or web sign-in's) `sse_max_streams_per_key`
+   slots, counted in Redis across web processes (app.limits.StreamSlots) and released when
+   the stream ends for any reason, the client's disconnect included; one more is a 429.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
 
@@ -32,18 +36,20 @@ from a2wsgi.wsgi import build_environ
 from flask import Flask
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn_worker import UvicornWorker
 from werkzeug.test import run_wsgi_app
 
 from app.api.jobs import SSE_MIMETYPE, STREAM_HANDOFF, EventFeed
+from app.limits import StreamSlots, too_many_requests
 
 if TYPE_CHECKING:
     from a2wsgi.wsgi_typing import WSGIApp
 
 STREAM_PATHS = ("/api/v1/jobs/{job_id:int}/stream", "/ui/api/jobs/{job_id:int}/stream")
+STREAM_LIMIT_RETRY_AFTER_S = 5
 
 
 def create_asgi_app(
@@ -60,6 +66,7 @@ def create_asgi_app(
     stream_threads = max(1, stream_threads or settings.web_stream_threads)
     hub = flask_app.extensions["medmaas.hub"]
     db = flask_app.extensions["medmaas.db"]
+    slots = StreamSlots.for_settings(settings)
     # Its own small pool, so 100 streams waking at once never starve ordinary requests of
     # threads or pooled database connections (a2wsgi has its own executor).
     limiter = anyio.CapacityLimiter(stream_threads)
@@ -84,10 +91,14 @@ def create_asgi_app(
             response = Response(body, status_code=status)
             response.raw_headers = [(k, v) for k, v in raw] + [(b"content-length", str(len(body)).encode())]
             return response
-        job_id = handoff["job_id"]
+        job_id, owner = handoff["job_id"], handoff.get("owner", "unknown")
+        slot = await anyio.to_thread.run_sync(slots.acquire, owner, limiter=limiter)
+        if slot is None:
+            return stream_limit_response(slots.max_per_key)
         feed = EventFeed(db, job_id, handoff["after"], max_s=handoff["max_s"])
 
         async def events() -> AsyncIterator[str]:
+            refreshed = time.monotonic()
             # Registered before the first read: a commit between a read and the wait still wakes it.
             with hub.watch(job_id, loop=asyncio.get_running_loop()) as watch:
                 while True:
@@ -96,10 +107,13 @@ def create_asgi_app(
                         yield text
                     if wait is None:
                         return
+                    if time.monotonic() - refreshed > slots.refresh_s:  # steps come at least every 15 s
+                        await anyio.to_thread.run_sync(slots.refresh, owner, slot, limiter=limiter)
+                        refreshed = time.monotonic()
                     if wait > 0:
                         await watch.wait_async(wait)
 
-        response = StreamingResponse(events(), status_code=200, media_type=SSE_MIMETYPE)
+        response = HeldStream(events(), release=lambda: slots.release(owner, slot))
         response.raw_headers = raw
         return response
 
@@ -114,8 +128,41 @@ def create_asgi_app(
     wsgi = WSGIMiddleware(cast("WSGIApp", flask_app), workers=wsgi_threads)
     routes.append(Mount("/", app=cast(ASGIApp, wsgi)))
     asgi = Starlette(routes=routes, lifespan=lifespan)
+    # Paths the Mount's pattern cannot match (a %0A in the path) go to Flask too, for its JSON 404.
+    asgi.router.default = cast(ASGIApp, wsgi)
     asgi.state.flask_app = flask_app
     return asgi
+
+
+class HeldStream(StreamingResponse):
+    """An event stream that holds a slot of its key's stream limit (app.limits.StreamSlots)
+    and releases it however the stream ends: the job ended, the client went away (Starlette
+    cancels the stream on http.disconnect), or the server shut down."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]) -> None:
+        super().__init__(content, status_code=200, media_type=SSE_MIMETYPE)
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
+def stream_limit_response(limit: int) -> Response:
+    retry_after = STREAM_LIMIT_RETRY_AFTER_S
+    error = too_many_requests(
+        f"This API key already has {limit} event streams open; close one (or poll "
+        "GET /api/v1/jobs/{id}/events?after=N) and retry",
+        f"{limit} open event streams",
+        retry_after,
+    )
+    return JSONResponse(
+        {"error": {"code": error.code, "message": error.message, "details": error.details}},
+        status_code=429,
+        headers={"Retry-After": str(retry_after)},
+    )
 
 
 class Worker(UvicornWorker):

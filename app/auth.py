@@ -7,10 +7,10 @@ import hmac
 import secrets
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from app.models import ApiKey, KeyRole, Tenant, utcnow
+from app.models import ApiKey, KeyRole, Tenant, WebSession, utcnow
 
 KEY_PREFIX = "mm_"
 
@@ -33,6 +33,13 @@ def get_tenant(session: Session, name: str) -> Tenant | None:
 
 class KeyRefused(Exception):
     """A presented key that does not authenticate; the message says why (unknown, revoked, expired)."""
+
+
+class KeyAlreadyRevoked(Exception):
+    """A revoked key cannot be rotated (its replacement would bring it back to life)."""
+
+    def __init__(self, key: ApiKey) -> None:
+        super().__init__(f"API key {key.id} is revoked")
 
 
 class LastAdminKey(Exception):
@@ -114,6 +121,12 @@ def tenant_keys(session: Session, tenant_id: int) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.id)))
 
 
+def tenant_key(session: Session, tenant_id: int, key_id: int) -> ApiKey | None:
+    """The tenant's key `key_id`, or None (no such key, or another tenant's)."""
+    key = session.get(ApiKey, key_id)
+    return key if key is not None and key.tenant_id == tenant_id else None
+
+
 def revoke(session: Session, key: ApiKey, force: bool = False) -> None:
     """Revoke a key (idempotent). Refuses (LastAdminKey) to revoke the tenant's last active
     admin key unless forced: the tenant could no longer manage its keys."""
@@ -134,17 +147,32 @@ def revoke(session: Session, key: ApiKey, force: bool = False) -> None:
         if (active_admins or 0) <= 1:
             raise LastAdminKey()
     key.revoked_at = now
+    end_web_sessions(session, key)
     session.flush()
 
 
 def rotate(session: Session, key: ApiKey) -> tuple[ApiKey, str]:
     """A new secret for the same tenant, name and role (and the same remaining lifetime); the
-    old key is revoked. The last-admin rule does not apply: the new key replaces it."""
+    old key is revoked. The last-admin rule does not apply: the new key replaces it.
+    KeyAlreadyRevoked for a revoked key."""
+    if key.revoked_at is not None:
+        raise KeyAlreadyRevoked(key)
     new, secret = new_key(session, key.tenant_id, key.name, key.role)
     new.expires_at = key.expires_at
     key.revoked_at = utcnow()
+    end_web_sessions(session, key)
     session.flush()
     return new, secret
+
+
+def end_web_sessions(session: Session, key: ApiKey) -> None:
+    """End every browser session signed in with `key` (revoked or rotated away)."""
+    session.execute(
+        update(WebSession)
+        .where(WebSession.key_id == key.id, WebSession.ended_at.is_(None))
+        .values(ended_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
 
 
 def touch(session: Session, key: ApiKey) -> None:

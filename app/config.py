@@ -7,6 +7,7 @@ and passed into create_app(), the Celery app and the worker job kinds.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,6 +17,17 @@ from typing import Any
 
 def _bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost (a bind address or a peer address)."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -47,8 +59,35 @@ class Settings:
     web_threads: int = 8  # Flask requests served at once per web process
     web_stream_threads: int = 8  # event-stream database reads at once per web process (short; they queue)
     log_level: str = "INFO"
-    secure_cookies: bool = False  # set when served over HTTPS
+    # sessions and metrics
+    # Secure session cookie (HTTPS only); None: Secure unless web_host is a loopback address.
+    secure_cookies: bool | None = None
+    session_lifetime_s: float = 8 * 3600  # a web sign-in ends this long after it began
+    session_idle_timeout_s: float = 3600.0  # ... or after this long without a request; 0: no idle limit
+    metrics_token: str = ""  # /metrics answers `Authorization: Bearer <token>` (and shows per-tenant counts)
+    metrics_loopback: bool = True  # /metrics also answers un-proxied requests from loopback (no token)
+    # base64 of 32 random bytes: artifacts are then written encrypted (app/crypto.py); "" = plaintext
+    encryption_key: str = ""
+    # fairness
+    rate_limit_enabled: bool = True
+    rate_limit: str = "1200 per minute"  # requests per API key (per address without one), all routes together
+    rate_limit_submit: str = "60 per minute"  # on top: job submits, predictions, uploads, sign-ins
+    rate_limit_storage_url: str = ""  # default: the broker's Redis (limits' "memory://" counts per process)
+    tenant_max_running_per_queue: int = 4  # a tenant's running jobs per queue; more wait queued (0: no limit)
+    sse_max_streams_per_key: int = 20  # open event streams per API key (or web sign-in); 0: no limit
+    sleep_max_s: float = 60.0  # the `sleep` test helper's longest run
+    sleep_queues: str = ""  # queues `sleep` may use, comma-separated; "": the default queue only
+    max_epochs: int = 1000
+    max_batch_size: int = 4096
+    max_max_len: int = 2048  # tokens per sequence a model may read
+    max_epoch_rows: int = 100_000_000  # epochs x training rows of one training job
     testing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.encryption_key:
+            from app.crypto import parse_master_key
+
+            parse_master_key(self.encryption_key)  # a malformed key stops startup with the reason
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -58,11 +97,25 @@ class Settings:
     def artifacts(self) -> Path:
         return Path(self.artifact_root) if self.artifact_root else (self.home / "artifacts").resolve()
 
+    @property
+    def cookies_secure(self) -> bool:
+        """Whether the session cookie is marked Secure: as set, else unless served on loopback."""
+        if self.secure_cookies is not None:
+            return self.secure_cookies
+        return not is_loopback(self.web_host)
+
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 
-_CASTS: dict[str, Callable[[str], object]] = {"int": int, "float": float, "bool": _bool, "Path": Path, "str": str}
+_CASTS: dict[str, Callable[[str], object]] = {
+    "int": int,
+    "float": float,
+    "bool": _bool,
+    "bool | None": _bool,
+    "Path": Path,
+    "str": str,
+}
 
 
 def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -94,5 +147,7 @@ def to_env(settings: Settings) -> dict[str, str]:
             value = settings.sqlalchemy_url
         if f.name == "artifact_root" and not value:
             value = str(settings.artifacts)
+        if value is None:  # unset: the child derives the default too
+            value = ""
         env[f"MEDMAAS_{f.name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     return env

@@ -101,6 +101,8 @@ def republish(celery: Celery, db: Database, settings: Settings) -> int:
     not). Units still in the broker just restart their grace clock. Returns how many went out."""
     with db.session() as s:
         candidates = {kind: leases.to_publish(s, kind, settings.requeue_grace_s) for kind in leases.kinds()}
+        # jobs whose tenant is at its running limit on their queue wait for a free slot
+        candidates[jobs.LEASE] = jobs.startable(s, candidates[jobs.LEASE], settings.tenant_max_running_per_queue)
     present: dict[str, set[leases.Key]] = {}
     if any(c.published for cs in candidates.values() for c in cs):
         import redis

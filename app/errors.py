@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, current_app, jsonify
+from flask import Flask, Response, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
-from werkzeug.exceptions import HTTPException
+from marshmallow import Schema, fields
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,22 @@ _CODES = {
 }
 
 
+class ErrorDetailSchema(Schema):
+    code = fields.String(required=True, metadata={"description": "machine-readable, e.g. not_found, validation_error"})
+    message = fields.String(required=True, metadata={"description": "one sentence for a person"})
+    details = fields.Raw(
+        required=True,
+        allow_none=True,
+        metadata={"description": "what exactly was refused (field messages, limits), or null"},
+    )
+
+
+class ErrorBodySchema(Schema):
+    """The body of every error answer (documented in OpenAPI as the API's ERROR_SCHEMA)."""
+
+    error = fields.Nested(ErrorDetailSchema, required=True)
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, details: Any = None) -> None:
         super().__init__(message)
@@ -45,7 +62,28 @@ def error_response(status: int, message: str, code: str | None = None, details: 
     return jsonify(body), status
 
 
+def _allowed_methods(exc: MethodNotAllowed) -> list[str]:
+    """The methods this URL really answers. Werkzeug checks a rule's methods before its
+    converters, so `DELETE /jobs/0` is a 405 listing GET though no method matches `0`."""
+    adapter = current_app.url_map.bind_to_environ(request.environ)
+    allowed = []
+    for method in exc.valid_methods or []:
+        try:
+            adapter.match(method=method)
+        except HTTPException:
+            continue
+        allowed.append(method)
+    return allowed
+
+
 def http_exception_response(exc: HTTPException) -> tuple[Response, int]:
+    if isinstance(exc, MethodNotAllowed):
+        allowed = _allowed_methods(exc)
+        if not allowed:
+            return http_exception_response(NotFound())
+        response, status = error_response(405, "The method is not allowed for the requested URL.")
+        response.headers["Allow"] = ", ".join(sorted(allowed))
+        return response, status
     status = exc.code or 500
     details = None
     data = getattr(exc, "data", None)  # webargs/flask-smorest attach validation messages here

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import secrets
 from pathlib import Path
 
 from flask import Flask, request
@@ -13,19 +12,7 @@ from flask import Flask, request
 from app.config import Settings, from_env
 from app.db import Database
 from app.notify import EventHub, Notifier
-
-
-def _secret_key(settings: Settings) -> str:
-    if settings.secret_key:
-        return settings.secret_key
-    # Standalone/dev: one random key per install, kept beside the SQLite database.
-    path = settings.home / "secret_key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(48))
-        path.chmod(0o600)
-    return path.read_text().strip()
-
+from app.secret_key import secret_key
 
 MAX_JSON_DEPTH = 100  # objects/arrays inside one another; real specs need a handful
 _LONG_NUMBER = re.compile(rb"[0-9]{4000}")  # near Python's int digit limit (4300): a ValueError in json.loads
@@ -85,12 +72,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     logging.basicConfig(level=settings.log_level)
     app = Flask(__name__, static_folder="web/static", template_folder="web/templates")
     app.config.update(
-        SECRET_KEY=_secret_key(settings),
+        SECRET_KEY=secret_key(settings),
         TESTING=settings.testing,
         MAX_CONTENT_LENGTH=settings.max_upload_bytes,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_SECURE=settings.secure_cookies,
+        SESSION_COOKIE_SECURE=settings.cookies_secure,
+        PERMANENT_SESSION_LIFETIME=settings.session_lifetime_s,  # the browser drops it too
         API_TITLE="MedMaaS",
         API_VERSION="v1",
         OPENAPI_VERSION="3.0.3",
@@ -124,8 +112,10 @@ def create_app(settings: Settings | None = None) -> Flask:
                 _check_json_text(value, name)
 
     from app.errors import register_error_handlers
+    from app.security_headers import add_security_headers
 
     register_error_handlers(app)
+    app.after_request(add_security_headers)
 
     from app.api import init_api
 

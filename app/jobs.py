@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from app import leases, notify
 from app.broker import RUN_JOB
-from app.models import TERMINAL_STATES, Job, JobEvent, JobState, utcnow
+from app.models import TERMINAL_STATES, Job, JobEvent, JobState, Tenant, utcnow
 from app.stores.errors import Invalid
 
 Q, R = JobState.queued, JobState.running
@@ -165,6 +166,76 @@ def claim(session: Session, job_id: int, worker: str) -> int | None:
     delivery (or a cancel) got there first."""
     row = leases.claim(session, LEASE, job_id, worker)
     return None if row is None else int(row[0])
+
+
+# -- fairness: a tenant's running jobs per queue ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A claim put off: the job's tenant already runs its limit of jobs on the job's queue."""
+
+    message: str
+
+
+def waiting_message(limit: int, queue: str) -> str:
+    return f"waiting: tenant at its limit of {limit} running jobs on queue {queue}"
+
+
+def claim_within_limit(session: Session, job_id: int, worker: str, max_running: int) -> int | Waiting | None:
+    """`claim`, unless the job's tenant already runs `max_running` jobs on its queue (0: no
+    limit). Then the job stays queued with the reason as its message and published_at cleared,
+    so the maintenance tick's republish (`startable`) sends it again once a slot is free."""
+    if max_running > 0:
+        row = session.execute(select(Job.tenant_id, Job.queue).where(Job.id == job_id, Job.state == Q)).first()
+        if row is None:
+            return None
+        tenant_id, queue = row
+        # One claim per tenant at a time (a row lock; SQLite serialises writers anyway), so two
+        # workers never both take the tenant's last free slot.
+        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+        running = session.scalar(
+            select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.queue == queue, Job.state == R)
+        )
+        if (running or 0) >= max_running:
+            message = waiting_message(max_running, queue)
+            session.execute(
+                update(Job).where(Job.id == job_id, Job.state == Q).values(message=message, published_at=None)
+            )
+            return Waiting(message)
+    return claim(session, job_id, worker)
+
+
+def startable(session: Session, candidates: list[leases.Candidate], max_running: int) -> list[leases.Candidate]:
+    """The queued jobs among `candidates` (to be published) that could start now: per tenant
+    and queue no more than its free slots, highest priority then oldest first. The others
+    stay queued until a running job of theirs ends (0: no limit, all of them)."""
+    if max_running <= 0 or not candidates:
+        return candidates
+    ids = [int(c.key[0]) for c in candidates]
+    jobs: dict[int, tuple[int, int]] = {}  # id -> (tenant_id, priority)
+    for i in range(0, len(ids), 1000):
+        rows = session.execute(select(Job.id, Job.tenant_id, Job.priority).where(Job.id.in_(ids[i : i + 1000])))
+        jobs.update({job_id: (tenant_id, priority) for job_id, tenant_id, priority in rows})
+    tenants = {tenant_id for tenant_id, _ in jobs.values()}
+    running = {
+        (tenant_id, queue): n
+        for tenant_id, queue, n in session.execute(
+            select(Job.tenant_id, Job.queue, func.count())
+            .where(Job.state == R, Job.tenant_id.in_(tenants))
+            .group_by(Job.tenant_id, Job.queue)
+        )
+    }
+    free: dict[tuple[int, str], int] = {}
+    out = []
+    known = [c for c in candidates if int(c.key[0]) in jobs]
+    for c in sorted(known, key=lambda c: (-jobs[int(c.key[0])][1], int(c.key[0]))):
+        slot = (jobs[int(c.key[0])][0], c.queue)
+        left = free.setdefault(slot, max_running - running.get(slot, 0))
+        if left > 0:
+            out.append(c)
+            free[slot] = left - 1
+    return out
 
 
 def report_progress(

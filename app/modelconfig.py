@@ -266,12 +266,19 @@ def split_sizes(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
     return sizes
 
 
+def carved_sizes(n: int, fractions: Mapping[str, float], carve: Sequence[str] = ("val", "test")) -> dict[str, int]:
+    """split_sizes when only the splits in `carve` are cut from the n rows (an image file may
+    bring its own val/test)."""
+    wanted = {k: (fractions.get(k, 0.0) if k in carve else 0.0) for k in ("val", "test")}
+    return split_sizes(n, {"train": fractions.get("train", 1.0), **wanted})
+
+
 def too_few_rows(n: int, fractions: Mapping[str, float], carve: Sequence[str] = ("val", "test")) -> str | None:
     """Why `n` rows cannot be split as asked (at least MIN_TRAIN_ROWS for training and
     MIN_EVAL_ROWS for each of val/test with a fraction above 0), or None. Only the splits in
     `carve` are cut from the n rows (an image file may bring its own val/test)."""
     wanted = {k: (fractions.get(k, 0.0) if k in carve else 0.0) for k in ("val", "test")}
-    sizes = split_sizes(n, {"train": fractions.get("train", 1.0), **wanted})
+    sizes = carved_sizes(n, fractions, carve)
     short = sizes["train"] < MIN_TRAIN_ROWS or any(wanted[k] > 0 and sizes[k] < MIN_EVAL_ROWS for k in ("val", "test"))
     if not short:
         return None
@@ -280,4 +287,44 @@ def too_few_rows(n: int, fractions: Mapping[str, float], carve: Sequence[str] = 
         f"{n} rows are too few to train with split {asked}: this gives train {sizes['train']}, "
         f"val {sizes['val']}, test {sizes['test']}; training needs at least {MIN_TRAIN_ROWS} training rows "
         f"and {MIN_EVAL_ROWS} row for each of val/test whose fraction is above 0"
+    )
+
+
+# --------------------------------------------------------------------------- spec limits
+
+
+@dataclass(frozen=True)
+class TrainLimits:
+    """What one training job may ask for (the server's MEDMAAS_MAX_* settings), so one tenant's
+    job cannot hold a worker for days or exhaust its memory."""
+
+    max_epochs: int
+    max_batch_size: int
+    max_len: int
+    max_epoch_rows: int  # epochs x training rows
+
+
+def over_limits(spec: Mapping[str, Any], limits: TrainLimits) -> dict[str, list[str]]:
+    """Errors per train spec field beyond the limits ({} when within), each naming the limit."""
+    c = _Checker()
+    for name, limit, unit in (
+        ("epochs", limits.max_epochs, ""),
+        ("batch_size", limits.max_batch_size, ""),
+        ("max_len", limits.max_len, " tokens"),
+    ):
+        value = spec.get(name)
+        if isinstance(value, int) and value > limit:
+            c.add(name, f"at most {limit}{unit} on this server, got {value}")
+    return c.errors
+
+
+def over_budget(epochs: int, train_rows: int, limits: TrainLimits) -> str | None:
+    """Why epochs x training rows exceeds the budget (naming the most epochs that fit), or None."""
+    if epochs * train_rows <= limits.max_epoch_rows:
+        return None
+    fits = limits.max_epoch_rows // max(train_rows, 1)
+    advice = f"use at most {fits} epochs on this dataset" if fits else "even one epoch of this dataset is too many"
+    return (
+        f"{epochs} epochs x {train_rows} training rows = {epochs * train_rows} exceeds this server's budget of "
+        f"{limits.max_epoch_rows} epoch-rows per job; {advice}"
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -11,12 +11,14 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Enum,
     Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     TypeDecorator,
@@ -185,8 +187,9 @@ class JobEvent(Base):
 
 
 class Dataset(Base):
-    """An uploaded, validated dataset. `uri` is the original upload; `data_uri` the normalised
-    training copy (npz for images, parquet for sequences; the upload itself for libraries)."""
+    """An uploaded, validated dataset. `uri` is the original upload (images: never kept, so
+    the same as data_uri); `data_uri` the normalised training copy (npz for images, parquet
+    for sequences; the upload itself for libraries)."""
 
     __tablename__ = "datasets"
     __table_args__ = (Index("ix_datasets_tenant_created", "tenant_id", "created_at"),)
@@ -286,3 +289,110 @@ class ScoreShard(Base):
     output_uri: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     stats: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+
+
+class WebSession(Base):
+    """A signed-in browser. The cookie holds a random id; only its SHA-256 is stored, so the
+    table cannot be replayed. Sign-out, key revocation and expiry end it here, server-side."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class UsageMetric(enum.StrEnum):
+    """What the service meters per tenant (app/stores/usage.py). Counters add up; bytes_stored
+    is a gauge: each day holds that day's last measurement."""
+
+    cpu_seconds = "cpu_seconds"
+    gpu_seconds = "gpu_seconds"
+    predict_calls = "predict_calls"
+    predict_inputs = "predict_inputs"
+    rows_scored = "rows_scored"
+    bytes_stored = "bytes_stored"
+
+
+class Usage(Base):
+    """One tenant's metered quantity of one metric on one UTC day, per model version
+    (model "" and version 0: not attributed to a model). Writers add to `quantity` with one
+    INSERT ... ON CONFLICT DO UPDATE, so concurrent workers never lose an increment."""
+
+    __tablename__ = "usage"
+    __table_args__ = (CheckConstraint(in_enum_sql("metric", UsageMetric), name="metric"),)
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    metric: Mapped[UsageMetric] = mapped_column(_enum(UsageMetric, "usage_metric"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True, default="")
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, default=0)
+    quantity: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TenantDataKey(Base):
+    """A tenant's data key for encryption at rest (app/crypto.py), stored wrapped by the
+    master key (MEDMAAS_ENCRYPTION_KEY) named by `master_key_id`, its fingerprint. Encrypted
+    files name the data key's `id`; rotating the master key re-wraps every row."""
+
+    __tablename__ = "tenant_data_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), unique=True)
+    master_key_id: Mapped[str] = mapped_column(String(32))
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    rewrapped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditEvent(Base):
+    """One entry of a tenant's append-only audit trail: who (key, or `cli` / `system`), what
+    (action, object), when, from where (client address, request id), and how it ended.
+    Rows are hash-chained per tenant (`hash` covers the row's fields and `prev_hash`); see
+    app/audit.py. Key ids are plain columns, not foreign keys: the trail outlives its keys."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "seq", name="uq_audit_events_tenant_seq"),
+        Index("ix_audit_events_tenant_action", "tenant_id", "action"),
+        Index("ix_audit_events_tenant_object", "tenant_id", "object_type", "object_id"),
+        Index("ix_audit_events_tenant_ts", "tenant_id", "ts"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    ts: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(32))  # "key", "cli" or "system"
+    via: Mapped[str] = mapped_column(String(16))  # "api", "web", "cli", "system"
+    key_id: Mapped[int | None] = mapped_column(Integer)
+    key_prefix: Mapped[str | None] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(64))
+    object_type: Mapped[str | None] = mapped_column(String(32))
+    object_id: Mapped[str | None] = mapped_column(String(255))
+    outcome: Mapped[str] = mapped_column(String(16))  # ok, unchanged, denied, failed
+    status: Mapped[int | None] = mapped_column(Integer)
+    client_addr: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The last sequence number and hash of a tenant's audit trail. Appending locks this row
+    (UPDATE ... RETURNING) for the rest of the transaction, so concurrent appends of one
+    tenant queue up and the chain never forks; `medmaas audit verify` compares it with the
+    last row to find rows deleted from the end."""
+
+    __tablename__ = "audit_heads"
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    hash: Mapped[str] = mapped_column(String(64))

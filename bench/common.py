@@ -25,6 +25,10 @@ from typing import Any, Iterable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
+# Benchmarks drive one tenant far past a fair share (thousands of submits, 100 streams on one
+# key, long sleep jobs on every queue): the fairness limits (app/limits.py) are off here.
+FAIRNESS_OFF = {"rate_limit_enabled": False, "tenant_max_running_per_queue": 0, "sse_max_streams_per_key": 0,
+                "sleep_max_s": 3600.0, "sleep_queues": "cpu,gpu,inference"}
 PG_ADMIN_URL = os.environ.get("MEDMAAS_BENCH_PG_ADMIN_URL",
                               os.environ.get("MEDMAAS_TEST_PG_ADMIN_URL",
                                              "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"))
@@ -234,7 +238,8 @@ class Stack:
         else:
             db_url = ""
         self.settings = from_env({}, home=self.home, database_url=db_url, broker_url=self.redis_url,
-                                 secret_key="bench-secret", log_level=self.log_level, **self.settings_overrides)
+                                 secret_key="bench-secret", log_level=self.log_level,
+                                 **{**FAIRNESS_OFF, **self.settings_overrides})
         upgrade(self.settings)
         self.tenant_id, self.key = self.new_tenant(f"bench-{self.name}")
 

@@ -7,8 +7,10 @@ come from medmaas.commands, which imports neither app nor workers.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sys
+from typing import IO
 
 import click
 
@@ -19,6 +21,13 @@ from medmaas.commands import client, command_name
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """MedMaaS: model-as-a-service for medical and drug-discovery ML."""
+    if os.environ.get("MEDMAAS_ENCRYPTION_KEY"):  # a malformed key stops every command before it starts
+        from app.crypto import parse_master_key
+
+        try:
+            parse_master_key(os.environ["MEDMAAS_ENCRYPTION_KEY"])
+        except ValueError as exc:
+            raise click.ClickException(f"{exc} (generate one with `medmaas encryption new-key`)") from None
 
 
 @main.command()
@@ -49,6 +58,8 @@ def web(host: str | None, port: int | None, workers: int, threads: int | None, a
     bind = f"{host or settings.web_host}:{port or settings.web_port}"
     if threads is not None:  # the workers build their Settings from the environment
         os.environ["MEDMAAS_WEB_THREADS"] = str(threads)
+    if host is not None:  # so the app knows its bind (Secure cookies unless on loopback)
+        os.environ["MEDMAAS_WEB_HOST"] = host
     args = [
         sys.executable,
         "-m",
@@ -214,7 +225,7 @@ def keys() -> None:
 @click.option("--expires-in-days", type=click.IntRange(1, 36500), default=None, help="default: never expires")
 def keys_create(tenant: str, name: str, role: str, expires_in_days: int | None) -> None:
     """Create a key; it is printed once and stored only as a hash."""
-    from app import auth
+    from app import audit, auth
     from app.db import Database
     from app.models import KeyRole
 
@@ -223,7 +234,9 @@ def keys_create(tenant: str, name: str, role: str, expires_in_days: int | None) 
         t = auth.get_tenant(s, tenant)
         if t is None:
             raise click.ClickException(f"no tenant {tenant!r}; create it with `medmaas tenants create {tenant}`")
-        click.echo(auth.create_key(s, t, name, KeyRole(role), expires_in_days))
+        key, secret = auth.new_key(s, t.id, name, KeyRole(role), expires_in_days)
+        audit.record(s, audit.Entry(t.id, audit.CLI, "key.create", "key", str(key.id), {"role": role}))
+        click.echo(secret)
 
 
 @keys.command("list")
@@ -257,7 +270,7 @@ def keys_list(tenant: str) -> None:
 @click.option("--force", is_flag=True, help="revoke even the tenant's last active admin key")
 def keys_revoke(key_id: int, force: bool) -> None:
     """Revoke key KEY_ID (see `medmaas keys list`); refuses the tenant's last admin key unless --force."""
-    from app import auth
+    from app import audit, auth
     from app.db import Database
     from app.models import ApiKey
 
@@ -270,7 +283,180 @@ def keys_revoke(key_id: int, force: bool) -> None:
             auth.revoke(s, key, force=force)
         except auth.LastAdminKey as exc:
             raise click.ClickException(f"{exc}; create another admin key first, or pass --force") from None
+        audit.record(s, audit.Entry(key.tenant_id, audit.CLI, "key.revoke", "key", str(key_id), {"force": force}))
         click.echo(f"revoked key {key_id} ({key.prefix})")
+
+
+@main.command("usage")
+@click.option("--tenant", required=True)
+@click.option(
+    "--from",
+    "start",
+    type=click.DateTime(["%Y-%m-%d"]),
+    default=None,
+    help="first UTC day (default: 29 days before --to)",
+)
+@click.option(
+    "--to", "end", type=click.DateTime(["%Y-%m-%d"]), default=None, help="last UTC day, inclusive (default: today)"
+)
+@click.option("--group-by", type=click.Choice(["day", "model", "metric"]), default="day", show_default=True)
+@click.option("--csv", "as_csv", is_flag=True, help="CSV with a header row, as GET /api/v1/usage?format=csv")
+def usage(tenant: str, start: dt.datetime | None, end: dt.datetime | None, group_by: str, as_csv: bool) -> None:
+    """A tenant's metered usage (CPU and GPU seconds, predictions, rows scored, bytes stored);
+    measures its bytes stored first when the range includes today."""
+    from app import auth
+    from app.db import Database
+    from app.stores import Invalid
+    from app.stores import usage as usage_store
+
+    settings = from_env()
+    database = Database(settings.sqlalchemy_url)
+    with database.session() as s:
+        t = auth.get_tenant(s, tenant)
+        if t is None:
+            raise click.ClickException(f"no tenant {tenant!r}")
+        try:
+            first, last = usage_store.date_range(start and start.date(), end and end.date())
+        except Invalid as exc:
+            raise click.ClickException(exc.message) from None
+        if first <= usage_store.today() <= last:
+            usage_store.snapshot_storage(s, settings, t.id)
+        report = usage_store.report(s, t.id, first, last, group_by)
+    if as_csv:
+        click.echo(usage_store.to_csv(report), nl=False)
+        return
+    columns = usage_store.CSV_COLUMNS[group_by]
+    click.echo("\t".join(columns))
+    for row in report.rows:
+        click.echo("\t".join("-" if row.get(c) is None else str(row[c]) for c in columns))
+    click.echo(f"totals {first} to {last}: " + ", ".join(f"{m} {q}" for m, q in report.totals.items()))
+
+
+@main.group("audit")
+def audit_group() -> None:
+    """The audit trail: check its hash chains, export it."""
+
+
+@audit_group.command("verify")
+@click.option("--tenant", default=None, help="only this tenant (default: every tenant)")
+def audit_verify(tenant: str | None) -> None:
+    """Walk each tenant's hash chain; exit 1 naming the first row edited or deleted by hand."""
+    from app import audit as audit_trail
+    from app.db import Database
+
+    database = Database(from_env().sqlalchemy_url)
+    with database.session() as s:
+        try:
+            reports = audit_trail.verify(s, tenant)
+        except LookupError as exc:
+            raise click.ClickException(str(exc)) from None
+    for report in reports:
+        click.echo(report.summary(), err=not report.intact)
+    broken = [r for r in reports if not r.intact]
+    if broken:
+        raise SystemExit(1)
+    click.echo(f"{len(reports)} tenant(s), {sum(r.rows for r in reports)} audit rows: every chain intact")
+
+
+@audit_group.command("export")
+@click.option("--tenant", required=True)
+@click.option("--since", type=click.DateTime(), default=None, help="rows from this UTC time on (e.g. 2026-12-01)")
+@click.option("--output", "-o", type=click.File("w"), default="-", help="file to write (default: stdout)")
+def audit_export(tenant: str, since: dt.datetime | None, output: IO[str]) -> None:
+    """The tenant's audit rows as JSON lines, oldest first, hashes included. The export is
+    itself recorded (action audit.export, actor cli)."""
+    from app import audit as audit_trail
+    from app import auth
+    from app.db import Database
+    from app.stores import audit as audit_store
+
+    database = Database(from_env().sqlalchemy_url)
+    with database.session() as s:
+        t = auth.get_tenant(s, tenant)
+        if t is None:
+            raise click.ClickException(f"no tenant {tenant!r}")
+        filters = audit_store.AuditFilter(since=since.replace(tzinfo=dt.UTC) if since else None)
+        rows = 0
+        for line in audit_trail.export_lines(audit_store.in_order(s, t.id, filters)):
+            output.write(line)
+            rows += 1
+        details = {"rows": rows, **({"since": since.isoformat()} if since else {})}
+        audit_trail.record(s, audit_trail.Entry(t.id, audit_trail.CLI, "audit.export", "audit", details=details))
+
+
+@main.group()
+def encryption() -> None:
+    """Encryption at rest: master key, tenants' data keys, rotation."""
+
+
+@encryption.command("new-key")
+def encryption_new_key() -> None:
+    """Print a new random master key (base64 of 32 bytes) for MEDMAAS_ENCRYPTION_KEY."""
+    from app.crypto import new_master_key
+
+    click.echo(new_master_key())
+
+
+@encryption.command("status")
+def encryption_status() -> None:
+    """Which master key wraps how many tenants' data keys; exit 1 if some are not under
+    MEDMAAS_ENCRYPTION_KEY (they cannot be read with it)."""
+    from app.crypto import key_fingerprint, parse_master_key
+    from app.db import Database
+    from app.stores import data_keys
+
+    settings = from_env()
+    current = key_fingerprint(parse_master_key(settings.encryption_key)) if settings.encryption_key else None
+    with Database(settings.sqlalchemy_url).session() as s:
+        counts = data_keys.master_key_counts(s)
+    click.echo(f"MEDMAAS_ENCRYPTION_KEY: {current or 'not set (artifacts are written in plaintext)'}")
+    for key_id, n in sorted(counts.items()):
+        click.echo(f"master key {key_id}: {n} tenant data key(s){' (current)' if key_id == current else ''}")
+    if any(key_id != current for key_id in counts):
+        raise SystemExit(1)
+
+
+@encryption.command("rotate-master")
+@click.option(
+    "--new-key-env",
+    required=True,
+    metavar="VAR",
+    help="environment variable holding the new master key (keys never go on the command line)",
+)
+def encryption_rotate_master(new_key_env: str) -> None:
+    """Re-wrap every tenant's data key from MEDMAAS_ENCRYPTION_KEY to the key in VAR, in one
+    transaction. Files are not rewritten (their data keys do not change). Stop the web
+    server and workers first; afterwards start them with MEDMAAS_ENCRYPTION_KEY set to the
+    new key."""
+    from app.crypto import DecryptionError, key_fingerprint, parse_master_key
+    from app.db import Database
+    from app.stores import data_keys
+    from app.stores.errors import Conflict
+
+    settings = from_env()
+    if not settings.encryption_key:
+        raise click.ClickException("MEDMAAS_ENCRYPTION_KEY (the current master key) is not set")
+    if not os.environ.get(new_key_env):
+        raise click.ClickException(f"${new_key_env} is not set")
+    try:
+        new = parse_master_key(os.environ[new_key_env])
+    except ValueError as exc:
+        raise click.ClickException(f"${new_key_env}: {exc}") from None
+    old = parse_master_key(settings.encryption_key)
+    if new == old:
+        raise click.ClickException(f"${new_key_env} holds the current master key")
+    database = Database(settings.sqlalchemy_url)
+    try:
+        with database.session() as s:
+            done = data_keys.rotate_master(s, old, new)
+    except (Conflict, DecryptionError) as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        database.dispose()
+    click.echo(
+        f"re-wrapped {done} tenant data key(s) with master key {key_fingerprint(new)}; "
+        f"now set MEDMAAS_ENCRYPTION_KEY to the value of ${new_key_env} and start the services"
+    )
 
 
 for _name, _command in client.commands.items():

@@ -284,6 +284,10 @@ class Client:
     def cancel(self, job_id: int) -> dict:
         return self._json("POST", f"/api/v1/jobs/{int(job_id)}/cancel")
 
+    def delete_job(self, job_id: int) -> None:
+        """Erase a finished job (409 `job_active` while it is queued or running)."""
+        self.request("DELETE", f"/api/v1/jobs/{int(job_id)}")
+
     def stream(
         self, job_id: int, after: int = 0, *, deadline: float | None = None, max_reconnects: int = 30
     ) -> Iterator[dict]:
@@ -427,6 +431,11 @@ class Client:
     def get_dataset(self, dataset_id: int) -> dict:
         return self._json("GET", f"/api/v1/datasets/{int(dataset_id)}")
 
+    def delete_dataset(self, dataset_id: int) -> None:
+        """Erase a dataset: its row and files (409 `in_use`, naming `details.job_ids`, while
+        a queued or running job uses it)."""
+        self.request("DELETE", f"/api/v1/datasets/{int(dataset_id)}")
+
     def list_datasets(self, kind: str | None = None, limit: int = 100, cursor: int | None = None) -> dict:
         return self._json("GET", "/api/v1/datasets", params={"kind": kind, "limit": limit, "cursor": cursor})
 
@@ -548,6 +557,12 @@ class Client:
 
     def model_version(self, name: str, version: int) -> dict:
         return self._json("GET", f"/api/v1/models/{quote(name, safe='')}/versions/{int(version)}")
+
+    def delete_model(self, name: str, version: int | None = None) -> None:
+        """Erase one version (and the aliases pointing at it), or with no version the whole
+        model; 409 `in_use` (naming `details.job_ids`) while a queued or running job uses it."""
+        path = f"/api/v1/models/{quote(name, safe='')}"
+        self.request("DELETE", path if version is None else f"{path}/versions/{int(version)}")
 
     def set_alias(self, name: str, alias: str, version: int) -> dict:
         return self._json(

@@ -449,6 +449,23 @@ def jobs_cancel(job_id: int) -> None:
         click.echo(f"Cancel requested: job {job_id} is {job['state']} and stops within seconds")
 
 
+@jobs.command("delete")
+@click.argument("job_id", type=int)
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@api_command
+def jobs_delete(job_id: int, yes: bool) -> None:
+    """Erase a finished job: its events, result, checkpoints and score files (cancel it first)."""
+    _confirm(f"Delete job {job_id} with its events, result and files?", yes)
+    get_client().delete_job(job_id)
+    click.echo(f"Deleted job {job_id}")
+
+
+def _confirm(question: str, yes: bool) -> None:
+    """Ask before erasing unless --yes; anything but yes (or no input at all) aborts, exit 1."""
+    if not yes:
+        click.confirm(f"{question} This cannot be undone", abort=True)
+
+
 # -- submit, train, score, download ----------------------------------------------------------
 
 
@@ -680,6 +697,17 @@ def datasets_show(dataset_id: int) -> None:
     _print_dataset(get_client().get_dataset(dataset_id))
 
 
+@datasets.command("delete")
+@click.argument("dataset_id", type=int)
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@api_command
+def datasets_delete(dataset_id: int, yes: bool) -> None:
+    """Erase a dataset: its upload and validated data (model versions trained on it stay)."""
+    _confirm(f"Delete dataset {dataset_id} and its files?", yes)
+    get_client().delete_dataset(dataset_id)
+    click.echo(f"Deleted dataset {dataset_id}")
+
+
 # -- models and predict ----------------------------------------------------------------------
 
 
@@ -738,6 +766,20 @@ def models_download(name: str, version: int, output: str, which: str) -> None:
     """Save a version's weights (safetensors) or config (JSON)."""
     path = get_client().download_model_file(name, version, output, which)
     click.echo(f"Saved {name} v{version} {which} to {path}")
+
+
+@models.command("delete")
+@click.argument("name")
+@click.option("--version", type=click.IntRange(1), default=None, help="delete only this version")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@api_command
+def models_delete(name: str, version: int | None, yes: bool) -> None:
+    """Erase model NAME (every version, its weights and aliases), or one --version of it
+    (and the aliases pointing at it)."""
+    what = f"model {name} (every version, its weights and aliases)" if version is None else f"{name} version {version}"
+    _confirm(f"Delete {what}?", yes)
+    get_client().delete_model(name, version)
+    click.echo(f"Deleted {what.split(' (')[0]}")
 
 
 @client.command("predict")

@@ -285,3 +285,16 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+def sign_in(app, client, key_id: int, csrf: str = "token") -> None:  # noqa: ANN001
+    """Sign a test client's browser in with the key `key_id` (a server-side web session, as
+    POST /login opens) and set its CSRF token to `csrf`."""
+    from app.models import ApiKey
+    from app.web.session_auth import SESSION_ID, open_web_session
+
+    with app.extensions["medmaas.db"].session() as s:
+        token = open_web_session(s, s.get(ApiKey, key_id), app.extensions["medmaas.settings"])
+        s.commit()
+    with client.session_transaction() as sess:
+        sess[SESSION_ID], sess["csrf"] = token, csrf

@@ -1,4 +1,7 @@
-"""Loaded models kept per worker process (bounded LRU), so repeated calls don't reload."""
+"""Loaded models kept per worker process (bounded LRU), so repeated calls don't reload.
+
+A model whose bundle directory is gone was erased (DELETE of its version or model): its
+entry is dropped at the next call, so its weights leave memory and are never served again."""
 
 from __future__ import annotations
 
@@ -8,15 +11,22 @@ from pathlib import Path
 from typing import Any
 
 _lock = threading.Lock()
-_cache: OrderedDict[str, Any] = OrderedDict()
+_cache: OrderedDict[tuple[Path, str], Any] = OrderedDict()
 stats = {"hits": 0, "loads": 0}
+
+
+def _drop_erased() -> None:
+    """Forget models whose bundle directory no longer exists (call with the lock held)."""
+    for key in [k for k in _cache if not k[0].is_dir()]:
+        del _cache[key]
 
 
 def get_predictor(bundle_dir: Path, capacity: int, device: str = "auto") -> Any:
     from workers.ml.predict import Predictor
 
-    key = f"{bundle_dir}|{device}"
+    key = (Path(bundle_dir), device)
     with _lock:
+        _drop_erased()
         if key in _cache:
             _cache.move_to_end(key)
             stats["hits"] += 1
@@ -29,6 +39,12 @@ def get_predictor(bundle_dir: Path, capacity: int, device: str = "auto") -> Any:
         while len(_cache) > max(1, capacity):
             _cache.popitem(last=False)
     return predictor
+
+
+def cached(bundle_dir: Path) -> bool:
+    """Whether a model from this bundle directory is loaded (on any device)."""
+    with _lock:
+        return any(k[0] == Path(bundle_dir) for k in _cache)
 
 
 def clear() -> None:

@@ -17,11 +17,13 @@ from celery import Celery, signals
 from sqlalchemy import select
 
 from app import dispatch, jobs, leases, workers_registry
+from app.artifacts import open_read, open_write
 from app.broker import RUN_JOB, SCORE_SHARD, create_celery
 from app.config import Settings
 from app.db import Database
 from app.models import TERMINAL_STATES, Job
 from app.notify import EventHub, Notifier
+from workers import metering
 from workers.kinds import kind_for
 from workers.runtime import JobCancelled, JobContext, JobLost, remove_scratch
 
@@ -91,10 +93,16 @@ def failure_message(kind: str, exc: BaseException) -> str:
 
 def save_operator_traceback(ctx: JobContext, attempt: int) -> None:
     """Append the current exception's traceback to the job directory's operator-only log."""
+    entry = f"--- attempt {attempt} on {ctx.worker}\n{traceback.format_exc()}\n".encode()
     try:
-        with open(ctx.job_dir() / OPERATOR_TRACEBACK, "a", encoding="utf-8") as fh:
-            fh.write(f"--- attempt {attempt} on {ctx.worker}\n{traceback.format_exc()}\n")
-    except OSError:
+        path = ctx.job_dir() / OPERATOR_TRACEBACK
+        earlier = b""
+        if path.exists():  # appended by rewriting: the file may be encrypted (app.artifacts)
+            with open_read(path) as old:
+                earlier = old.read()
+        with open_write(path) as fh:
+            fh.write(earlier + entry)
+    except (OSError, ValueError):
         log.warning("could not write the traceback of job %s to its directory", ctx.job_id, exc_info=True)
 
 
@@ -102,8 +110,11 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
     """Run one delivery of a job. Returns what happened (for logs and tests)."""
     worker = worker_name()
     with db.session() as s:
-        attempt = jobs.claim(s, job_id, worker)
-        job = s.get(Job, job_id) if attempt is not None else None
+        attempt = jobs.claim_within_limit(s, job_id, worker, settings.tenant_max_running_per_queue)
+        job = s.get(Job, job_id) if isinstance(attempt, int) else None
+    if isinstance(attempt, jobs.Waiting):
+        log.info("job %s: %s; left queued until a slot frees", job_id, attempt.message)
+        return "waiting"
     if attempt is None or job is None:
         log.info("job %s: not claimable (duplicate delivery or cancelled); skipping", job_id)
         return "skipped"
@@ -115,12 +126,14 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
         with db.session() as s:
             jobs.fail(s, job_id, attempt, f"no handler for job kind {job.kind!r} on this worker")
         return "failed"
+    meter = metering.Meter().start()  # usage (CPU, GPU seconds) is recorded with the job's end
     ctx.start_heartbeat()
     try:
         result = kind.run(ctx, job.spec)
     except JobCancelled:
         with db.session() as s:
-            jobs.mark_cancelled(s, job_id, attempt)
+            if jobs.mark_cancelled(s, job_id, attempt):
+                metering.record_job(s, job, meter.stop())
         return "cancelled"
     except JobLost:
         log.warning("job %s attempt %s was taken over; dropping this attempt", job_id, attempt)
@@ -134,15 +147,19 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
         cancelled = ctx.should_stop(poll_s=0) and not ctx.lost  # cancelled while failing: cancel wins
         with db.session() as s:
             if cancelled:
-                jobs.mark_cancelled(s, job_id, attempt)
+                if jobs.mark_cancelled(s, job_id, attempt):
+                    metering.record_job(s, job, meter.stop())
                 return "cancelled"
-            jobs.fail(s, job_id, attempt, message)
+            if jobs.fail(s, job_id, attempt, message):
+                metering.record_job(s, job, meter.stop())
         return "failed"
     finally:
         ctx.stop_heartbeat()
         free_accelerator_memory()
+        meter.stop()
     with db.session() as s:
         if jobs.succeed(s, job_id, attempt, result):
+            metering.record_job(s, job, meter.stop(), result)
             return "succeeded"
     return "lost"
 
@@ -270,18 +287,20 @@ def _stop_presence(**_kw: Any) -> None:
 
 
 def run_maintenance_forever(settings: Settings, stop: Any = None) -> None:
-    """The `beat` loop, every reaper_interval_s: reap stale leases, then republish.
-    Runs as its own process (or a thread in standalone); both steps are idempotent, so
+    """The `beat` loop, every reaper_interval_s: reap stale leases, then republish (and,
+    hourly, measure each tenant's bytes stored). Runs as its own process (or a thread in standalone); both steps are idempotent, so
     running two by mistake is harmless."""
     import threading
 
     stop = stop or threading.Event()
     db = get_db(settings)
     celery = create_celery(settings)
+    storage_snapshots = metering.StorageSnapshots()  # bytes stored per tenant, hourly
     while not stop.is_set():
         try:
             reap(db, settings)
             reconcile(db, settings, celery)
+            storage_snapshots.maybe_run(db, settings)
         except Exception:
             log.warning("maintenance tick failed", exc_info=True)
         stop.wait(settings.reaper_interval_s)

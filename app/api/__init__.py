@@ -19,7 +19,7 @@ from werkzeug.routing import IntegerConverter, Map
 from app import auth
 from app.config import Settings
 from app.db import Database
-from app.errors import ApiError, http_exception_response
+from app.errors import ApiError, ErrorBodySchema, http_exception_response
 from app.models import MAX_ID, KeyRole
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,6 +70,11 @@ class IdConverter(IntegerConverter):
 
 
 class MedmaasApi(Api):
+    # Error responses in the OpenAPI document carry the real error body, and each operation
+    # lists its own error statuses (app.api.openapi) rather than a catch-all `default`.
+    ERROR_SCHEMA = ErrorBodySchema
+    DEFAULT_ERROR_RESPONSE_NAME = None
+
     def handle_http_exception(self, error: HTTPException) -> tuple[Response, int]:
         return http_exception_response(error)
 
@@ -98,6 +103,8 @@ def tenant_id() -> int:
 
 
 def require_api_key() -> None:
+    if "api_key_id" in g:  # already checked for this request (the rate limiter asks first)
+        return
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -139,6 +146,15 @@ def init_api(app: Flask) -> None:
             "security": [{"bearer": []}],
         },
     )
+    from app.api.openapi import ErrorResponsesPlugin
+
+    errors_plugin = ErrorResponsesPlugin(app)
+    errors_plugin.init_spec(api.spec)
+    api.spec.plugins.append(errors_plugin)
+    from app.limits import init_limits
+
+    # before the authentication hook below, so refused keys are counted by address
+    init_limits(app, api, app.extensions["medmaas.settings"])
 
     @app.teardown_appcontext
     def _close_session(_exc: Any) -> None:
@@ -146,10 +162,10 @@ def init_api(app: Flask) -> None:
         if session is not None:
             session.close()
 
-    from app.api import health, jobs, keys
+    from app.api import audit, health, jobs, keys
 
-    blueprints = [jobs.blp, keys.blp]
-    for name in ("datasets", "models", "scoring"):
+    blueprints = [jobs.blp, keys.blp, audit.blp]
+    for name in ("datasets", "models", "scoring", "usage"):
         try:
             module = __import__(f"app.api.{name}", fromlist=["blp"])
         except ModuleNotFoundError as exc:
@@ -168,5 +184,8 @@ def init_api(app: Flask) -> None:
             require_api_key()
             require_role()
 
+    from app.api import auditing
+
+    auditing.install(app)  # after _authenticate_api: an audit entry knows its key
     app.register_blueprint(health.bp)
     app.extensions["medmaas.api"] = api

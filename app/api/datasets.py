@@ -8,6 +8,7 @@ from flask_smorest import Blueprint
 from marshmallow import INCLUDE, Schema, fields, validate
 
 from app.api import MAX_ID, db_session, requires, settings, tenant_id
+from app.api.openapi import body_doc, merged
 from app.ingest import KINDS
 from app.models import Dataset, KeyRole
 from app.stores import datasets as datasets_store
@@ -78,6 +79,7 @@ class DatasetListSchema(Schema):
 
 
 @blp.route("", methods=["POST"])
+@body_doc(merged(DatasetUploadForm, DatasetUploadFile), "multipart/form-data")
 @blp.arguments(DatasetUploadForm, location="form")
 @blp.arguments(DatasetUploadFile, location="files")
 @blp.response(201, DatasetSchema)
@@ -114,3 +116,16 @@ def list_datasets(args: dict[str, Any]) -> dict[str, Any]:
 @requires(KeyRole.viewer)
 def detail(dataset_id: int) -> Dataset:
     return datasets_store.get(db_session(), tenant_id(), dataset_id)
+
+
+@blp.route("/<id:dataset_id>", methods=["DELETE"])
+@blp.response(204)
+@blp.alt_response(409, description="A queued or running job uses the dataset; `details.job_ids` names them")
+@requires(KeyRole.member)
+def delete_dataset(dataset_id: int) -> None:
+    """Delete a dataset (erasure).
+
+    Its row and its files (upload and normalised data) go. Model versions trained on it keep
+    working (their `dataset_id` becomes null). 409 while a queued or running job's spec
+    names it."""
+    datasets_store.delete(db_session(), settings(), tenant_id(), dataset_id)

@@ -1,19 +1,28 @@
-"""/healthz, /readyz and /metrics (no API key: for load balancers and Prometheus)."""
+"""/healthz, /readyz (no API key: for load balancers) and /metrics (Prometheus).
+
+/metrics answers a request that presents `Authorization: Bearer <MEDMAAS_METRICS_TOKEN>`
+(compared in constant time), and, unless MEDMAAS_METRICS_LOOPBACK is off, a request from
+a loopback address that no proxy forwarded (a reverse proxy on the same host makes every
+request look local, so forwarding headers disqualify it). Anything else gets 401/403. Only
+the token's holder sees per-tenant series (tenant names as labels)."""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import redis
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import case, func, select, text
 
 from app.broker import queue_names
+from app.config import is_loopback
+from app.errors import error_response
 from app.jobs import count_by_state
-from app.models import Job, JobState
+from app.models import Job, JobState, Tenant
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -68,8 +77,8 @@ def readyz() -> tuple[Response, int]:
 class _JobCollector:
     """Reads the database and broker at scrape time, so every web process reports the truth."""
 
-    def __init__(self, db: Database, settings: Settings) -> None:
-        self.db, self.settings = db, settings
+    def __init__(self, db: Database, settings: Settings, per_tenant: bool = False) -> None:
+        self.db, self.settings, self.per_tenant = db, settings, per_tenant
 
     def collect(self) -> Iterator[Metric]:
         with self.db.sessionmaker() as s:
@@ -81,10 +90,24 @@ class _JobCollector:
                     Job.state == JobState.succeeded, dur.is_not(None)
                 )
             ).one()
+            by_tenant = (
+                s.execute(
+                    select(Tenant.name, Job.state, func.count())
+                    .join(Tenant, Tenant.id == Job.tenant_id)
+                    .group_by(Tenant.name, Job.state)
+                ).all()
+                if self.per_tenant
+                else []
+            )
         g = GaugeMetricFamily("medmaas_jobs", "Jobs by state", labels=["state"])
         for state, n in counts.items():
             g.add_metric([state], n)
         yield g
+        if self.per_tenant:
+            t = GaugeMetricFamily("medmaas_tenant_jobs", "Jobs by tenant and state", labels=["tenant", "state"])
+            for tenant, state, n in by_tenant:
+                t.add_metric([tenant, JobState(state).value], n)
+            yield t
         q = GaugeMetricFamily("medmaas_queue_depth", "Messages waiting in each broker queue", labels=["queue"])
         try:
             client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
@@ -100,8 +123,35 @@ class _JobCollector:
         )
 
 
+FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+
+
+def _has_metrics_token(settings: Settings) -> bool:
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    expected = settings.metrics_token
+    return (
+        bool(expected)
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(presented.strip().encode(), expected.encode())
+    )
+
+
+def _local_unproxied() -> bool:
+    return is_loopback(request.remote_addr or "") and not any(h in request.headers for h in FORWARDING_HEADERS)
+
+
 @bp.get("/metrics")
-def metrics() -> Response:
+def metrics() -> Response | tuple[Response, int]:
+    settings = _settings()
+    with_token = _has_metrics_token(settings)
+    if not with_token and not (settings.metrics_loopback and _local_unproxied()):
+        if settings.metrics_token:
+            response, status = error_response(401, "/metrics needs 'Authorization: Bearer <metrics token>'")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response, status
+        return error_response(
+            403, "/metrics is served to loopback only (set MEDMAAS_METRICS_TOKEN to scrape it remotely)"
+        )
     registry = CollectorRegistry()
-    registry.register(_JobCollector(_db(), _settings()))
+    registry.register(_JobCollector(_db(), settings, per_tenant=with_token))
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

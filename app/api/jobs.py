@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from apispec import APISpec
 from flask import Response, current_app, request, stream_with_context
 from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
@@ -14,8 +15,10 @@ from marshmallow import Schema, fields, validate
 from sqlalchemy import select
 
 from app.api import MAX_ID, celery, database, db_session, requires, settings, tenant_id
+from app.api.openapi import answers, body_doc, schema_converter
 from app.errors import ApiError
-from app.kinds import get_kind
+from app.fields import StrictInteger
+from app.kinds import get_kind, submittable_kinds
 from app.models import TERMINAL_STATES, Job, JobEvent, JobState, KeyRole
 from app.stores import jobs as jobs_store
 
@@ -25,8 +28,8 @@ blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Submit
 class JobSubmitSchema(Schema):
     kind = fields.String(required=True, metadata={"description": "train, score, predict, sleep"})
     spec = fields.Dict(load_default=dict)
-    priority = fields.Integer(load_default=0, validate=validate.Range(min=-100, max=100))
-    max_attempts = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=1, max=20))
+    priority = StrictInteger(load_default=0, validate=validate.Range(min=-100, max=100))
+    max_attempts = StrictInteger(load_default=None, allow_none=True, validate=validate.Range(min=1, max=20))
 
 
 class JobSchema(Schema):
@@ -92,7 +95,33 @@ class EventListSchema(Schema):
     state = fields.String()
 
 
+def submit_body_doc(spec: APISpec) -> dict[str, Any]:
+    """The submit body in OpenAPI: one variant per kind, each with that kind's spec schema."""
+    converter = schema_converter(spec)
+    common = {name: converter.field2property(field) for name, field in JobSubmitSchema().fields.items()}
+    variants = []
+    for name, kind in submittable_kinds().items():
+        properties = {
+            **common,
+            "kind": {"type": "string", "enum": [name]},
+            "spec": converter.resolve_nested_schema(kind.schema),
+        }
+        variants.append(
+            {
+                "type": "object",
+                "title": name,
+                "description": kind.description,
+                "properties": properties,
+                # a spec may be left out only where every field of it has a default
+                "required": ["kind", "spec"] if any(f.required for f in kind.schema().fields.values()) else ["kind"],
+                "additionalProperties": False,
+            }
+        )
+    return {"oneOf": variants, "discriminator": {"propertyName": "kind"}}
+
+
 @blp.route("", methods=["POST"])
+@body_doc(submit_body_doc)
 @blp.arguments(JobSubmitSchema)
 @blp.response(202, JobSchema)
 @blp.alt_response(200, schema=JobSchema, description="Same Idempotency-Key and request seen before: the existing job")
@@ -156,6 +185,7 @@ def events(args: dict[str, Any], job_id: int) -> dict[str, Any]:
 
 
 @blp.route("/<id:job_id>/cancel", methods=["POST"])
+@answers(409)  # already finished
 @blp.response(202, JobSchema)
 @requires(KeyRole.member)
 def cancel(job_id: int) -> Job:
@@ -261,6 +291,7 @@ class EventFeed:
 
 
 @blp.route("/<id:job_id>/stream", methods=["GET"])
+@answers(400)  # a bad Last-Event-ID / after
 @blp.doc(responses={200: {"description": "text/event-stream of job events"}})
 @requires(KeyRole.viewer)
 def stream(job_id: int) -> ResponseReturnValue:
@@ -297,6 +328,7 @@ def event_stream_response(job_id: int, max_s: float = STREAM_MAX_S) -> Response:
 
 
 @blp.route("/<id:job_id>/result", methods=["GET"])
+@answers(400, 409, 410)  # unknown format; not succeeded (yet); score file gone
 @blp.doc(responses={200: {"description": "the job's result: JSON, or a file (?format=csv|parquet) for scoring jobs"}})
 @requires(KeyRole.viewer)
 def result(job_id: int) -> ResponseReturnValue:
@@ -308,3 +340,15 @@ def result(job_id: int) -> ResponseReturnValue:
     if kind is not None and kind.render_result is not None:
         return kind.render_result(job, request.args, settings())
     return jsonify(job.result or {})
+
+
+@blp.route("/<id:job_id>", methods=["DELETE"])
+@blp.response(204)
+@blp.alt_response(409, description="The job is queued or running: cancel it first")
+@requires(KeyRole.member)
+def delete_job(job_id: int) -> None:
+    """Delete a finished job (erasure).
+
+    Its row, events, score shards and files (checkpoints, score files, scratch) go. A model
+    version it trained stays. 409 while it is queued or running: cancel it first."""
+    jobs_store.delete(db_session(), settings(), tenant_id(), job_id)

@@ -12,7 +12,9 @@ from marshmallow import Schema, fields, validate
 
 from app import auth
 from app.api import db_session, requires, tenant_id
+from app.api.openapi import answers
 from app.errors import ApiError
+from app.fields import StrictInteger
 from app.models import ApiKey, KeyRole
 
 blp = Blueprint("keys", __name__, url_prefix="/api/v1/keys", description="API keys of the tenant (admin)")
@@ -38,7 +40,7 @@ class KeyListSchema(Schema):
 class KeyCreateSchema(Schema):
     name = fields.Str(load_default="", validate=validate.Length(max=128))
     role = fields.Str(required=True, validate=validate.OneOf(ROLES))
-    expires_in_days = fields.Int(load_default=None, allow_none=True, validate=validate.Range(min=1, max=36500))
+    expires_in_days = StrictInteger(load_default=None, allow_none=True, validate=validate.Range(min=1, max=36500))
 
 
 class KeySecretSchema(KeySchema):
@@ -46,8 +48,8 @@ class KeySecretSchema(KeySchema):
 
 
 def _get(key_id: int) -> ApiKey:
-    key = db_session().get(ApiKey, key_id)
-    if key is None or key.tenant_id != tenant_id():
+    key = auth.tenant_key(db_session(), tenant_id(), key_id)
+    if key is None:
         raise ApiError(404, f"API key {key_id} not found", "not_found")
     return key
 
@@ -87,13 +89,14 @@ def revoke(key_id: int) -> None:
 
 
 @blp.route("/<id:key_id>/rotate", methods=["POST"])
+@answers(409)  # already revoked
 @blp.response(201, KeySecretSchema)
 @requires(KeyRole.admin)
 def rotate(key_id: int) -> dict[str, Any]:
     session = db_session()
-    old = _get(key_id)
-    if old.revoked_at is not None:
-        raise ApiError(409, f"API key {key_id} is revoked", "conflict")
-    key, secret = auth.rotate(session, old)
+    try:
+        key, secret = auth.rotate(session, _get(key_id))
+    except auth.KeyAlreadyRevoked as exc:
+        raise ApiError(409, str(exc), "conflict") from None
     session.commit()
     return _with_secret(key, secret)

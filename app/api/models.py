@@ -9,14 +9,17 @@ from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
-from app.api import MAX_ID, celery, database, db_session, requires, settings, tenant_id
+from app.api import MAX_ID, auditing, celery, database, db_session, requires, settings, tenant_id
 from app.api.jobs import JobSchema
+from app.artifacts import sendable
 from app.errors import ApiError
+from app.fields import StrictFloat, StrictInteger
 from app.kinds import SpecError
+from app.kinds.predict import INPUT_DOC
 from app.models import JobState, KeyRole, ModelVersion
 from app.stores import jobs as jobs_store
 from app.stores import models as models_store
-from app.stores.models import BUNDLE_FILES
+from app.stores.models import ALIAS_PATTERN, BUNDLE_FILES
 
 blp = Blueprint("models", __name__, url_prefix="/api/v1/models", description="Model registry and predictions")
 
@@ -58,14 +61,14 @@ class ModelDetailSchema(Schema):
 
 
 class AliasSchema(Schema):
-    version = fields.Integer(required=True, strict=True, validate=validate.Range(min=1, max=MAX_ID))
+    version = StrictInteger(required=True, validate=validate.Range(min=1, max=MAX_ID))
 
 
 class PredictRequest(Schema):
-    inputs = fields.List(fields.Raw(), required=True, validate=validate.Length(min=1, max=10_000))
-    version = fields.Integer(strict=True, validate=validate.Range(min=1, max=MAX_ID))
+    inputs = fields.List(fields.Raw(metadata=INPUT_DOC), required=True, validate=validate.Length(min=1, max=10_000))
+    version = StrictInteger(validate=validate.Range(min=1, max=MAX_ID))
     alias = fields.String(validate=ALIAS)
-    timeout = fields.Float(validate=validate.Range(min=0, max=300))
+    timeout = StrictFloat(validate=validate.Range(min=0, max=300))
 
 
 class PredictResponse(Schema):
@@ -103,10 +106,14 @@ def version_detail(name: str, version: int) -> ModelVersion:
 def version_file(name: str, version: int, which: str) -> ResponseReturnValue:
     """Download the weights (safetensors) or the config (JSON) of a version."""
     bundle = models_store.bundle_file(db_session(), settings(), tenant_id(), name, version, which)
-    return send_file(bundle.path, as_attachment=True, download_name=bundle.download_name)
+    return send_file(sendable(bundle.path), as_attachment=True, download_name=bundle.download_name)
 
 
-@blp.route("/<string:name>/aliases/<string:alias>", methods=["PUT"])
+@blp.route(
+    "/<string:name>/aliases/<string:alias>",
+    methods=["PUT"],
+    parameters=[{"in": "path", "name": "alias", "schema": {"type": "string", "pattern": ALIAS_PATTERN}}],
+)
 @blp.arguments(AliasSchema)
 @blp.response(200, ModelDetailSchema)
 @requires(KeyRole.admin)
@@ -139,6 +146,7 @@ def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
     422 naming the input index; an input the worker tokenises to more than `max_len` tokens
     gets its own `error` item instead of being truncated."""
     mv = models_store.version(db_session(), tenant_id(), name, body.get("version"), body.get("alias"))
+    auditing.note(object_id=f"{mv.name}@{mv.version}")  # the inputs are recorded hashed (app.api.auditing)
     try:
         job, _ = jobs_store.submit(
             db_session(),
@@ -169,3 +177,27 @@ def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
     response.status_code = 202
     response.headers["Location"] = f"/api/v1/jobs/{job.id}"
     return response
+
+
+@blp.route("/<string:name>", methods=["DELETE"])
+@blp.response(204)
+@blp.alt_response(409, description="A queued or running job uses one of its versions; `details.job_ids` names them")
+@requires(KeyRole.member)
+def delete_model(name: str) -> None:
+    """Delete a whole model (erasure).
+
+    Every version (rows and weight files) and every alias go. 409 while a queued or running
+    job predicts or scores with one of its versions, or trains a new one."""
+    models_store.delete_model(db_session(), settings(), tenant_id(), name)
+
+
+@blp.route("/<string:name>/versions/<id:version>", methods=["DELETE"])
+@blp.response(204)
+@blp.alt_response(409, description="A queued or running job uses the version; `details.job_ids` names them")
+@requires(KeyRole.member)
+def delete_model_version(name: str, version: int) -> None:
+    """Delete one model version (erasure).
+
+    Its row, its files and the aliases pointing at it go; predictions with it answer 404
+    from then on. 409 while a queued or running predict or score job uses it."""
+    models_store.delete_version(db_session(), settings(), tenant_id(), name, version)

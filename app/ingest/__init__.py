@@ -11,7 +11,7 @@ sampled in the report instead.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 from .common import MIN_DATASET_ROWS, IngestLimits, IngestReport
 from .errors import IngestError
@@ -38,16 +38,21 @@ __all__ = [
 
 def ingest(
     kind: str,
-    path: str,
+    path: str | IO[bytes],
     original_filename: str,
     work_dir: str,
     options: Mapping[str, Any] | None = None,
     limits: IngestLimits | Mapping[str, Any] | None = None,
+    deid_seed: str | None = None,
 ) -> IngestReport:
     """Validate the uploaded file at ``path`` and, for images and sequences, write the
-    normalised dataset under ``work_dir`` (``data.npz`` or ``data.parquet``)."""
+    normalised dataset under ``work_dir`` (``data.npz`` or ``data.parquet``). Images may
+    come as an open binary file; their DICOM files are de-identified with ``deid_seed``
+    (app.ingest.deid.tenant_seed)."""
     if kind == "images":
-        report = ingest_images(path, original_filename, work_dir, limits, options)
+        report = ingest_images(path, original_filename, work_dir, limits, options, deid_seed)
+    elif not isinstance(path, str):
+        raise TypeError(f"{kind} datasets are read from a file name")
     elif kind == "sequences":
         report = ingest_sequences(path, original_filename, work_dir, options, limits)
     elif kind == "library":

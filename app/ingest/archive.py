@@ -4,13 +4,15 @@ extracting, and never write outside the destination directory."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import stat
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import IO
 
 from .common import IngestLimits
 from .errors import IngestError, too_large
@@ -24,32 +26,48 @@ class ZipEntry:
     info: zipfile.ZipInfo
     name: str  # normalised relative POSIX path
     is_dir: bool
+    position: int  # 1-based place in the archive's directory, how messages name the entry
 
 
 @dataclass(frozen=True)
 class ExtractedFile:
     name: str  # normalised relative POSIX path inside the archive
-    path: str  # where it was written
+    path: str  # where it was written ("" when rejected)
     size: int
+    position: int  # 1-based place in the archive
+    rewritten: bool = False  # passed through the rewrite hook
+    rejected: str | None = None  # why the rewrite hook left it out (nothing written)
 
 
-def open_zip(path: str, what: str = "zip archive") -> zipfile.ZipFile:
+class MemberRejected(Exception):
+    """Raised by a rewrite to leave one member out: reported on its ExtractedFile, not fatal."""
+
+
+# rewrite(name, first bytes, declared size): a function from the member's bytes to the bytes
+# to write (the member is then read into memory and never written as it was), or None.
+Rewrite = Callable[[str, bytes, int], Callable[[bytes], bytes] | None]
+
+
+def open_zip(path: str | IO[bytes], what: str = "zip archive") -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
         raise IngestError("invalid_archive", f"the file is not a readable {what}: {exc}") from None
 
 
-def _normalise(raw: str) -> str:
+def _normalise(raw: str, position: int) -> str:
+    # Entries are named by position, never by name: file names often carry a patient's name.
     if "\x00" in raw:
-        raise IngestError("unsafe_archive", f"archive entry {raw!r} has a NUL byte in its name")
+        raise IngestError("unsafe_archive", f"archive entry {position} has a NUL byte in its name", {"entry": position})
     # Some Windows tools write backslashes; treat them as separators so '..\\x' is caught.
     name = raw.replace("\\", "/")
     if name.startswith("/") or _DRIVE.match(name):
-        raise IngestError("unsafe_archive", f"archive entry {raw!r} has an absolute path", {"entry": raw})
+        raise IngestError("unsafe_archive", f"archive entry {position} has an absolute path", {"entry": position})
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise IngestError("unsafe_archive", f"archive entry {raw!r} points outside the archive ('..')", {"entry": raw})
+        raise IngestError(
+            "unsafe_archive", f"archive entry {position} points outside the archive ('..')", {"entry": position}
+        )
     return "/".join(parts)
 
 
@@ -64,38 +82,39 @@ def check_zip(zf: zipfile.ZipFile, limits: IngestLimits | None = None, check_rat
             {"members": len(infos), "max_members": limits.max_members},
         )
     entries: list[ZipEntry] = []
-    files: set[str] = set()
+    files: dict[str, int] = {}
     dirs: set[str] = set()
     total = 0
-    for info in infos:
-        name = _normalise(info.filename)
+    for position, info in enumerate(infos, 1):
+        name = _normalise(info.filename, position)
         mode = info.external_attr >> 16
+        where = {"entry": position}
         if stat.S_ISLNK(mode):
             raise IngestError(
-                "unsafe_archive",
-                f"archive entry {info.filename!r} is a symbolic link; links are not allowed",
-                {"entry": info.filename},
+                "unsafe_archive", f"archive entry {position} is a symbolic link; links are not allowed", where
             )
         # the high bits are a Unix mode only for archives made on Unix
         if info.create_system == 3 and stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
-            raise IngestError(
-                "unsafe_archive", f"archive entry {info.filename!r} is not a regular file", {"entry": info.filename}
-            )
+            raise IngestError("unsafe_archive", f"archive entry {position} is not a regular file", where)
         if info.flag_bits & 0x1:
             raise IngestError(
-                "encrypted_archive", f"archive entry {info.filename!r} is encrypted; upload an unencrypted zip"
+                "encrypted_archive", f"archive entry {position} is encrypted; upload an unencrypted zip", where
             )
         is_dir = info.is_dir() or stat.S_ISDIR(mode)
         if not name:
             if is_dir:
                 continue
-            raise IngestError("unsafe_archive", f"archive entry {info.filename!r} has no file name")
+            raise IngestError("unsafe_archive", f"archive entry {position} has no file name", where)
         if is_dir:
             dirs.add(name)
         else:
             if name in files:
-                raise IngestError("unsafe_archive", f"archive has two entries named {name!r}", {"entry": name})
-            files.add(name)
+                raise IngestError(
+                    "unsafe_archive",
+                    f"archive entries {files[name]} and {position} have the same name",
+                    {"entry": position, "same_as": files[name]},
+                )
+            files[name] = position
             parts = name.split("/")
             dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
             total += info.file_size
@@ -106,32 +125,43 @@ def check_zip(zf: zipfile.ZipFile, limits: IngestLimits | None = None, check_rat
                     {"max_bytes": limits.max_bytes},
                 )
             if check_ratio:
-                _check_ratio(info.filename, info.file_size, info.compress_size, limits)
-        entries.append(ZipEntry(info, name, is_dir))
-    clash = files & dirs
+                _check_ratio(position, info.file_size, info.compress_size, limits)
+        entries.append(ZipEntry(info, name, is_dir, position))
+    clash = set(files) & dirs
     if clash:
-        name = sorted(clash)[0]
-        raise IngestError("unsafe_archive", f"archive entry {name!r} is both a file and a folder", {"entry": name})
+        position = files[sorted(clash)[0]]
+        raise IngestError(
+            "unsafe_archive", f"archive entry {position} is both a file and a folder", {"entry": position}
+        )
     return entries
 
 
-def _check_ratio(name: str, size: int, compressed: int, limits: IngestLimits) -> None:
+def _check_ratio(position: int, size: int, compressed: int, limits: IngestLimits) -> None:
     if size > limits.ratio_min_bytes and size > limits.max_ratio * max(compressed, 1):
         raise IngestError(
             "zip_bomb",
-            f"archive entry {name!r} expands {size / max(compressed, 1):.0f}-fold "
+            f"archive entry {position} expands {size / max(compressed, 1):.0f}-fold "
             f"({compressed} to {size} bytes); the limit is {limits.max_ratio:.0f}-fold",
-            {"entry": name, "compressed": compressed, "size": size},
+            {"entry": position, "compressed": compressed, "size": size},
         )
 
 
 def extract_zip(
-    path: str, dest: str, limits: IngestLimits | None = None, skip: Callable[[str], bool] | None = None
+    path: str | IO[bytes],
+    dest: str,
+    limits: IngestLimits | None = None,
+    skip: Callable[[str], bool] | None = None,
+    *,
+    flat: bool = False,
+    rewrite: Rewrite | None = None,
 ) -> list[ExtractedFile]:
     """Extract the regular files of a zip into ``dest`` after check_zip passes.
 
-    ``skip(name)`` can leave entries out (e.g. ``__MACOSX/`` metadata). On any error the
-    files written so far are removed and IngestError is raised.
+    ``skip(name)`` can leave entries out (e.g. ``__MACOSX/`` metadata). ``flat``: write
+    each file as ``dest/<position>``, so no name from the archive reaches the disk.
+    ``rewrite`` (see Rewrite) transforms chosen members in memory before anything of them
+    is written; it raises MemberRejected to leave one out. On any other error the files
+    written so far are removed and IngestError is raised.
     """
     limits = IngestLimits.of(limits)
     dest = os.path.realpath(dest)
@@ -139,39 +169,33 @@ def extract_zip(
     written: list[str] = []
     made_dirs: list[str] = []
     out: list[ExtractedFile] = []
-    total = 0
+    counter = _Counter(limits)
     try:
         with open_zip(path) as zf:
             for entry in check_zip(zf, limits):
                 if entry.is_dir or (skip is not None and skip(entry.name)):
                     continue
-                target = os.path.join(dest, *entry.name.split("/"))
-                parent = os.path.dirname(target)
-                _makedirs(parent, dest, made_dirs)
-                real = os.path.realpath(parent)
-                if real != dest and not real.startswith(dest + os.sep):
-                    raise IngestError("unsafe_archive", f"archive entry {entry.name!r} escapes the target folder")
-                # O_EXCL|O_NOFOLLOW: never follow or overwrite something already there.
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-                written.append(target)
-                size = 0
-                info = entry.info
-                with os.fdopen(fd, "wb") as dst, zf.open(info) as src:
-                    while chunk := src.read(_CHUNK):
-                        size += len(chunk)
-                        total += len(chunk)
-                        # Headers can lie: enforce the limits on the bytes actually produced.
-                        if size > info.file_size:
-                            raise IngestError(
-                                "corrupt_archive", f"archive entry {entry.name!r} is larger than its header says"
-                            )
-                        if total > limits.max_bytes:
-                            raise too_large(
-                                "archive_too_large", f"archive expands to more than {limits.max_bytes} bytes"
-                            )
-                        _check_ratio(entry.name, size, info.compress_size, limits)
-                        dst.write(chunk)
-                out.append(ExtractedFile(entry.name, target, size))
+                with zf.open(entry.info) as src:
+                    chunks = counter.chunks(src, entry)
+                    first = next(chunks, b"")
+                    try:
+                        transform = rewrite(entry.name, first, entry.info.file_size) if rewrite else None
+                        if transform is not None:
+                            data = transform(first + b"".join(chunks))
+                    except MemberRejected as why:
+                        out.append(ExtractedFile(entry.name, "", 0, entry.position, True, str(why)))
+                        continue
+                    chunks = iter((data,)) if transform is not None else itertools.chain((first,), chunks)
+                    target = _target(dest, entry, flat, made_dirs)
+                    # O_EXCL|O_NOFOLLOW: never follow or overwrite something already there.
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+                    written.append(target)
+                    size = 0
+                    with os.fdopen(fd, "wb") as dst:
+                        for chunk in chunks:
+                            dst.write(chunk)
+                            size += len(chunk)
+                out.append(ExtractedFile(entry.name, target, size, entry.position, transform is not None))
     except IngestError:
         _cleanup(written, made_dirs)
         raise
@@ -184,6 +208,43 @@ def extract_zip(
         _cleanup(written, made_dirs)
         raise IngestError("invalid_archive", f"could not extract the zip archive: {exc.strerror or exc}") from None
     return out
+
+
+class _Counter:
+    """Reads members chunk by chunk, enforcing the limits on the bytes actually produced
+    (headers can lie)."""
+
+    def __init__(self, limits: IngestLimits) -> None:
+        self.limits = limits
+        self.total = 0
+
+    def chunks(self, src: IO[bytes], entry: ZipEntry) -> Iterator[bytes]:
+        size = 0
+        while chunk := src.read(_CHUNK):
+            size += len(chunk)
+            self.total += len(chunk)
+            if size > entry.info.file_size:
+                raise IngestError(
+                    "corrupt_archive",
+                    f"archive entry {entry.position} is larger than its header says",
+                    {"entry": entry.position},
+                )
+            if self.total > self.limits.max_bytes:
+                raise too_large("archive_too_large", f"archive expands to more than {self.limits.max_bytes} bytes")
+            _check_ratio(entry.position, size, entry.info.compress_size, self.limits)
+            yield chunk
+
+
+def _target(dest: str, entry: ZipEntry, flat: bool, made_dirs: list[str]) -> str:
+    if flat:
+        return os.path.join(dest, f"{entry.position:07d}")
+    target = os.path.join(dest, *entry.name.split("/"))
+    parent = os.path.dirname(target)
+    _makedirs(parent, dest, made_dirs)
+    real = os.path.realpath(parent)
+    if real != dest and not real.startswith(dest + os.sep):
+        raise IngestError("unsafe_archive", f"archive entry {entry.position} escapes the target folder")
+    return target
 
 
 def _makedirs(path: str, root: str, made: list[str]) -> None:

@@ -8,17 +8,22 @@ only ever reads npz:
 Arrays are streamed in chunks (never a whole split in memory): npz members are read
 piecewise, decoded zip images go to a disk-backed memmap, the output is written member
 by member.
+
+DICOM files are de-identified (app/ingest/deid.py) in memory as they leave the zip, before
+anything of them is written; archive names never reach the disk (files are extracted
+under their position) nor the report (messages say "file 17").
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import tempfile
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, Self
 
@@ -26,8 +31,11 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps
 
-from .archive import check_zip, extract_zip, open_zip
+from app.artifacts import open_write
+
+from .archive import MemberRejected, Rewrite, check_zip, extract_zip, open_zip
 from .common import IngestLimits, IngestReport, InvalidRows, check_option_names, opt_list
+from .deid import METHOD, Deidentifier, NotDeidentifiable, identifiers, is_dicom
 from .errors import IngestError, too_large
 
 if TYPE_CHECKING:  # pydicom is imported lazily, only when a zip holds DICOM files
@@ -46,28 +54,32 @@ _SPLIT_ALIASES = {
 }
 _PIL_EXT = {".png", ".jpg", ".jpeg"}
 _PIL_FORMATS = ["PNG", "JPEG", "MPO"]  # MPO: the multi-picture JPEG many cameras write
-_DICOM_EXT = {".dcm", ".dicom"}
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 _JUNK_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 _CHUNK_BYTES = 64 << 20
 _MIN_SIDE, _MAX_SIDE = 8, 4096
 _MAX_LABELS = 10_000
+_MAX_DICOM_BYTES = 1 << 30  # one DICOM file is de-identified in memory
+DICOM_INDEX = "dicom_index.jsonl"  # per DICOM row: split, row, file, de-identified ids
 
 
 def ingest_images(
-    path: str,
+    path: str | IO[bytes],
     original_filename: str,
     work_dir: str,
     limits: IngestLimits | Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
+    deid_seed: str | None = None,
 ) -> IngestReport:
+    """``path``: a file name or a seekable binary file. ``deid_seed``: the tenant's
+    de-identification seed (deid.tenant_seed); None de-identifies with a random one."""
     limits = IngestLimits.of(limits)
     options = dict(options or {})
     check_option_names(options, OPTIONS, "images")
     size = _opt_image_size(options.get("image_size"))
     class_names = opt_list(options, "classes")
     os.makedirs(work_dir, exist_ok=True)
-    with open_zip(path, f"npz or zip file ({original_filename!r} is neither)") as zf:
+    with open_zip(path, "npz or zip file") as zf:
         members = zf.namelist()
     if any(m.endswith(".npy") for m in members) and all(m.endswith((".npy", "/")) for m in members):
         return _ingest_npz(path, work_dir, limits, size, class_names)
@@ -77,7 +89,7 @@ def ingest_images(
             "the .npz file contains non-array entries; expected only "
             "train_images, train_labels and optional val_*/test_* arrays",
         )
-    return _ingest_folders(path, work_dir, limits, size, class_names)
+    return _ingest_folders(path, work_dir, limits, size, class_names, Deidentifier(deid_seed))
 
 
 def _opt_image_size(value: Any) -> tuple[int, int] | None:
@@ -128,13 +140,19 @@ def _read_npy_header(fp: IO[bytes], key: str) -> _NpyHeader:
 
 
 def _ingest_npz(
-    path: str, work_dir: str, limits: IngestLimits, size: tuple[int, int] | None, class_names: list[str] | None
+    path: str | IO[bytes],
+    work_dir: str,
+    limits: IngestLimits,
+    size: tuple[int, int] | None,
+    class_names: list[str] | None,
 ) -> IngestReport:
     with open_zip(path, "npz file") as zf:
         # No ratio check: sorted labels compress extremely well, and reads below are
         # bounded by the declared sizes, which check_zip caps.
         check_zip(zf, limits, check_ratio=False)
         try:
+            if not isinstance(path, str):
+                path.seek(0)  # np.load reads a file object from where it stands
             npz = np.load(path, allow_pickle=False)
         except Exception as exc:  # np.load raises a variety of types on garbage
             raise IngestError("invalid_npz", f"the file is not a readable .npz: {exc}") from None
@@ -327,10 +345,44 @@ def _npy_image_chunks(zf: zipfile.ZipFile, key: str, hdr: _NpyHeader) -> Iterato
 class _Item:
     split: str
     cls: str
-    name: str
+    name: str  # inside the archive: read for its folders and extension, never shown
+    label: str  # what messages call it: "file <position in the archive>"
     path: str
     fmt: str = ""  # PNG, JPEG or DICOM
     color: bool = False
+    rejected: str | None = None  # why de-identification refused it
+
+
+@dataclass
+class _Source:
+    name: str
+    label: str
+    path: str
+    dicom: bool  # de-identified on extraction
+    rejected: str | None
+
+
+def _dicom_rewrite(deid: Deidentifier, ids: dict[str, dict[str, str]]) -> Rewrite:
+    """The extraction hook that de-identifies every DICOM member (by its 'DICM' marker or a
+    .dcm/.dicom name) in memory; ids collects each one's de-identified identifiers."""
+
+    def rewrite(name: str, head: bytes, size: int) -> Callable[[bytes], bytes] | None:
+        if not is_dicom(head, name):
+            return None
+        if size > _MAX_DICOM_BYTES:
+            raise MemberRejected(f"DICOM file is {size} bytes; the limit is {_MAX_DICOM_BYTES}")
+
+        def deidentify(raw: bytes) -> bytes:
+            try:
+                out, ds = deid.file(raw)
+            except NotDeidentifiable as exc:
+                raise MemberRejected(str(exc)) from None
+            ids[name] = identifiers(ds)
+            return out
+
+        return deidentify
+
+    return rewrite
 
 
 def _is_junk(name: str) -> bool:
@@ -338,14 +390,24 @@ def _is_junk(name: str) -> bool:
 
 
 def _ingest_folders(
-    path: str, work_dir: str, limits: IngestLimits, size: tuple[int, int] | None, class_names: list[str] | None
+    path: str | IO[bytes],
+    work_dir: str,
+    limits: IngestLimits,
+    size: tuple[int, int] | None,
+    class_names: list[str] | None,
+    deid: Deidentifier,
 ) -> IngestReport:
     invalid = InvalidRows(limits.max_invalid_samples)
     extract_dir = tempfile.mkdtemp(prefix="_extract-", dir=work_dir)
     memmap_path = os.path.join(work_dir, "_images.u8")
+    dicom_ids: dict[str, dict[str, str]] = {}
     try:
-        files = extract_zip(path, extract_dir, limits, skip=_is_junk)
-        items = _layout([(f.name, f.path) for f in files], invalid)
+        files = extract_zip(
+            path, extract_dir, limits, skip=_is_junk, flat=True, rewrite=_dicom_rewrite(deid, dicom_ids)
+        )
+        items = _layout(
+            [_Source(f.name, f"file {f.position}", f.path, f.rewritten, f.rejected) for f in files], invalid
+        )
         if not items:
             raise IngestError(
                 "no_images",
@@ -360,7 +422,7 @@ def _ingest_folders(
             try:
                 h, w = _probe(it, limits)
             except _Invalid as bad:
-                invalid.add(str(bad), file=it.name)
+                invalid.add(str(bad), file=it.label)
                 continue
             sizes[(h, w)] += 1
             probed.append(it)
@@ -379,13 +441,15 @@ def _ingest_folders(
         labels = np.empty((len(probed), 1), np.int64)
         bounds: dict[str, list[int]] = {}
         formats: Counter[str] = Counter()
+        rows_of: list[_Item] = []
         pos = 0
         for it in probed:
             try:
                 img = _decode(it, out_h, out_w, c)
             except _Invalid as bad:
-                invalid.add(str(bad), file=it.name)
+                invalid.add(str(bad), file=it.label)
                 continue
+            rows_of.append(it)
             mm[pos] = img
             labels[pos, 0] = index[it.cls]
             bounds.setdefault(it.split, [pos, pos])[1] = pos + 1
@@ -420,6 +484,7 @@ def _ingest_folders(
             if n == 0
         ]
         resized = sum(n for hw, n in sizes.items() if hw != (out_h, out_w))
+        deid_stats = _write_dicom_index(work_dir, rows_of, bounds, dicom_ids) if dicom_ids else {}
         return _report(
             rows,
             invalid,
@@ -434,6 +499,7 @@ def _ingest_folders(
                 "file_formats": dict(formats),
                 "resized": resized,
                 "source_sizes": [{"height": h, "width": w, "count": n} for (h, w), n in sizes.most_common(5)],
+                **deid_stats,
             },
         )
     finally:
@@ -442,8 +508,24 @@ def _ingest_folders(
             os.unlink(memmap_path)
 
 
-def _layout(files: list[tuple[str, str]], invalid: InvalidRows) -> list[_Item]:
-    parts = [name.split("/") for name, _ in files]
+def _write_dicom_index(
+    work_dir: str, rows_of: list[_Item], bounds: dict[str, list[int]], ids: dict[str, dict[str, str]]
+) -> dict[str, Any]:
+    """One JSON line per DICOM row of data.npz: split, row, file, de-identified ids (to keep
+    one patient's images in one split, or link rows across uploads of the tenant)."""
+    starts = sorted((a, s) for s, (a, _) in bounds.items())
+    lines = []
+    for pos, it in enumerate(rows_of):
+        if it.name in ids:
+            start, split = max((a, s) for a, s in starts if a <= pos)
+            lines.append(json.dumps({"split": split, "row": pos - start, "file": it.label, **ids[it.name]}))
+    with open_write(os.path.join(work_dir, DICOM_INDEX)) as f:
+        f.write("".join(line + "\n" for line in lines).encode())
+    return {"deidentification": {**METHOD, "dicom_files": len(lines), "index": DICOM_INDEX}}
+
+
+def _layout(files: list[_Source], invalid: InvalidRows) -> list[_Item]:
+    parts = [f.name.split("/") for f in files]
     # A zip of one wrapping folder ("mydata/cls_a/x.png") is common; look inside it.
     depth = 0
     while (
@@ -465,13 +547,13 @@ def _layout(files: list[tuple[str, str]], invalid: InvalidRows) -> list[_Item]:
         )
     need = depth + (3 if split_tops else 2)
     items = []
-    for (name, fpath), p in zip(files, parts, strict=False):
+    for f, p in zip(files, parts, strict=False):
         if len(p) < need:
-            invalid.add("file is not inside a class folder", file=name)
+            invalid.add("file is not inside a class folder", file=f.label)
             continue
         split = _SPLIT_ALIASES[p[depth].lower()] if split_tops else "train"
         cls = p[depth + 1] if split_tops else p[depth]
-        items.append(_Item(split, cls, name, fpath))
+        items.append(_Item(split, cls, f.name, f.label, f.path, "DICOM" if f.dicom else "", rejected=f.rejected))
     if split_tops and items and not any(it.split == "train" for it in items):
         raise IngestError("invalid_layout", "the zip has split folders but no train/ folder")
     items.sort(key=lambda it: (SPLITS.index(it.split), it.cls, it.name))
@@ -501,18 +583,18 @@ class _Invalid(Exception):
 
 
 def _msg(exc: Exception, it: _Item) -> str:
-    return str(exc).replace(it.path, it.name)  # never show server paths
+    return str(exc).replace(it.path, it.label)  # never show server paths
 
 
 def _sniff_format(it: _Item) -> str:
+    if it.rejected is not None:
+        raise _Invalid(it.rejected)
+    if it.fmt == "DICOM":  # de-identified on extraction
+        return it.fmt
     ext = os.path.splitext(it.name)[1].lower()
     if ext in _PIL_EXT:
         return "JPEG" if ext != ".png" else "PNG"
-    with open(it.path, "rb") as f:
-        head = f.read(132)
-    if ext in _DICOM_EXT or head[128:132] == b"DICM":
-        return "DICOM"
-    raise _Invalid(f"unsupported file type: '{ext or it.name.rsplit('/', 1)[-1]}' is not PNG, JPEG or DICOM")
+    raise _Invalid(f"unsupported file type: '{ext or '(no extension)'}' is not PNG, JPEG or DICOM")
 
 
 def _probe(it: _Item, limits: IngestLimits) -> tuple[int, int]:
@@ -553,9 +635,7 @@ def _read_dicom(it: _Item, stop_before_pixels: bool) -> Dataset:
         try:
             return pydicom.dcmread(it.path, stop_before_pixels=stop_before_pixels)
         except InvalidDicomError:
-            # Files without the 128-byte preamble are common; only force for .dcm names.
-            if os.path.splitext(it.name)[1].lower() not in _DICOM_EXT:
-                raise
+            # Written by deid without a preamble because the original had none.
             return pydicom.dcmread(it.path, stop_before_pixels=stop_before_pixels, force=True)
     except Exception as exc:
         raise _Invalid(f"not a readable DICOM file: {_msg(exc, it)}") from None
@@ -681,9 +761,8 @@ class _NpzWriter:
     """Writes an uncompressed .npz one array at a time, from chunks, then renames it into place."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self.tmp = path + ".tmp"
-        self.zf = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self.sink = open_write(path)  # encrypted when the artifact root is
+        self.zf = zipfile.ZipFile(self.sink, "w", zipfile.ZIP_STORED, allowZip64=True)
 
     def write(self, key: str, shape: tuple[int, ...], dtype: npt.DTypeLike, chunks: Iterable[np.ndarray]) -> None:
         dtype = np.dtype(dtype)
@@ -707,9 +786,9 @@ class _NpzWriter:
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         self.zf.close()
         if exc_type is None:
-            os.replace(self.tmp, self.path)
+            self.sink.close()
         else:
-            os.unlink(self.tmp)
+            self.sink.discard()
 
 
 def _report(

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from app.artifacts import plaintext_size
 from app.chem import parse_smiles, quiet_rdkit
 
 from .common import IngestLimits, IngestReport, check_option_names, opt_str, resolve_column
@@ -91,7 +92,7 @@ def ingest_library(
         invalid_samples=[],
         schema=schema,
         stats={
-            "bytes": os.path.getsize(path),
+            "bytes": plaintext_size(path),
             "empty_text_rows": empty,
             "smiles_checked": checked,
             "inferred": _inferred(schema, given_format is not None, explicit_text),

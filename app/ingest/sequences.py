@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from app.artifacts import open_read, open_write
 from app.chem import canonical_smiles, quiet_rdkit
 
 from .common import (
@@ -323,7 +324,7 @@ def _first_pass(
         buf_text.clear()
         buf_row.clear()
 
-    with pq.ParquetWriter(raw_path, schema) as writer, quiet_rdkit():
+    with open_write(raw_path) as sink, pq.ParquetWriter(sink, schema) as writer, quiet_rdkit():
         for source_row, (_, line, fields) in enumerate(records):
             where = {"row": source_row, "line": line}
             if len(fields) > ncols:
@@ -546,15 +547,20 @@ class _ColumnStats:
 def _second_pass(
     raw_path: str, out_path: str, labels: list[str], types: dict[str, str], stats: dict[str, _ColumnStats]
 ) -> None:
-    src = pq.ParquetFile(raw_path)
+    with open_read(raw_path) as raw:
+        _cast_labels(pq.ParquetFile(raw), out_path, labels, types, stats)
+
+
+def _cast_labels(
+    src: pq.ParquetFile, out_path: str, labels: list[str], types: dict[str, str], stats: dict[str, _ColumnStats]
+) -> None:
     names = src.schema_arrow.names  # text, source_row, l0, l1, ... in the order of col_stats
     index = {c: names[2 + i] for i, c in enumerate(stats)}
     arrow_type = {"float": pa.float64(), "int": pa.int64(), "str": pa.string()}
     schema = pa.schema(
         [("text", pa.string()), ("source_row", pa.int64())] + [(c, arrow_type[types[c]]) for c in labels]
     )
-    tmp = out_path + ".tmp"
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with open_write(out_path) as sink, pq.ParquetWriter(sink, schema) as writer:
         for batch in src.iter_batches(batch_size=_CHUNK_ROWS * 5):
             cols = [batch.column("text"), batch.column("source_row")]
             for c in labels:
@@ -567,4 +573,3 @@ def _second_pass(
                         col = col.cast(pa.int64())
                 cols.append(col)
             writer.write_table(pa.Table.from_arrays(cols, schema=schema))
-    os.replace(tmp, out_path)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Never, Self, TextIO
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
+from app.artifacts import open_read
+
 from .common import IngestLimits
 from .errors import IngestError, too_large
 
@@ -32,7 +34,7 @@ _EXT_DELIMITER = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 
 def is_gzip(path: str) -> bool:
     """True for gzip (by magic bytes, whatever the name); IngestError for other archive formats."""
-    with open(path, "rb") as f:
+    with open_read(path) as f:
         head = f.read(8)
     if head.startswith(GZIP_MAGIC):
         return True
@@ -53,7 +55,7 @@ def open_checked(path: str, filename: str) -> bool:
     its (uncompressed) start is text: IngestError ``invalid_file`` for a file named .gz
     that is not gzip or for binary content, ``unsupported_compression`` for other archives."""
     name = os.path.basename(filename or "") or "the file"
-    with open(path, "rb") as f:
+    with open_read(path) as f:
         magic = f.read(8)
     for prefix, what in _OTHER_MAGIC.items():
         if magic.startswith(prefix):
@@ -112,7 +114,22 @@ def binary_content(head: bytes) -> str | None:
 
 
 def open_binary(path: str, compressed: bool) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if compressed else open(path, "rb")
+    fp = open_read(path)
+    return _GzipReader(fp) if compressed else fp
+
+
+class _GzipReader(gzip.GzipFile):
+    """A gzip stream that closes the file it reads (GzipFile leaves a given file open)."""
+
+    def __init__(self, fp: io.BufferedIOBase) -> None:
+        super().__init__(fileobj=fp, mode="rb")
+        self._source = fp
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._source.close()
 
 
 def base_name(filename: str) -> str:

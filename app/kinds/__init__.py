@@ -60,6 +60,16 @@ class RenderResult(Protocol):
     def __call__(self, job: Job, args: Mapping[str, str], settings: Settings) -> Any: ...
 
 
+class Queues(Protocol):
+    """The queues a kind's jobs may use (names come from the settings)."""
+
+    def __call__(self, settings: Settings) -> tuple[str, ...]: ...
+
+
+def any_queue(settings: Settings) -> tuple[str, ...]:
+    return (settings.default_queue, settings.gpu_queue, settings.inference_queue)
+
+
 @dataclass(frozen=True)
 class KindSpec:
     name: str
@@ -69,6 +79,7 @@ class KindSpec:
     check: Check | None = None
     render_result: RenderResult | None = None
     submittable: bool = True  # False for kinds only the platform itself enqueues
+    queues: Queues = any_queue  # a `queue` in the spec outside these is refused (422)
 
 
 KINDS: dict[str, KindSpec] = {}
@@ -94,6 +105,16 @@ def submittable_kinds() -> dict[str, KindSpec]:
 def queue_or_default(spec: Spec, default: str) -> str:
     """An explicit `queue` in the spec wins over the kind's default."""
     return spec.get("queue") or default
+
+
+def allowed_queue(kind: str, queue: str, settings: Settings) -> str:
+    """`queue` if the kind may use it, else a SpecError (422) naming the spec's `queue` field.
+    Keeps, say, a long job off the inference queue that online predictions wait on."""
+    allowed = KINDS[kind].queues(settings)
+    if queue not in allowed:
+        message = f"kind {kind} runs on queue {' or '.join(allowed)}, not {queue!r}"
+        raise SpecError(message, "invalid_spec", {"spec": {"queue": [message]}})
+    return queue
 
 
 # The built-in kinds register themselves on import.

@@ -1,7 +1,7 @@
 """`predict`: online inference for POST /models/{name}/predict, on the inference queue.
 
 Inputs are SMILES / token strings, or images as {"image_base64": "..."} (PNG, JPEG or
-DICOM). The run is workers/kinds/predict.py; each invalid input gets its own error there,
+DICOM; a DICOM input is de-identified before the job is stored). The run is workers/kinds/predict.py; each invalid input gets its own error there,
 also an input with more tokens than the model reads (its `max_len`). Token counts need the
 model's tokenizer, which only the worker loads, so the submit-time check refuses just what
 is far too long: a SMILES longer than MAX_CHARS_PER_TOKEN x max_len characters, a token
@@ -14,14 +14,17 @@ the field (`details: {"spec": {"model": [...]}}`); a model named in a URL path i
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, validate, validates
 
 from app.config import Settings
-from app.kinds import KindSpec, Spec, SpecError, SubmitContext, queue_or_default, register
+from app.ingest.deid import Deidentifier, NotDeidentifiable, is_dicom, tenant_seed
+from app.kinds import KindSpec, Spec, SpecError, SubmitContext, allowed_queue, queue_or_default, register
 from app.models import ModelVersion
 from app.registry import ModelNotFound, resolve_ref, split_ref
+from app.secret_key import secret_key
 from app.stores.models import how_to_list
 
 MAX_INPUTS = 10_000
@@ -33,9 +36,22 @@ DEFAULT_MAX_LEN = 256  # the train spec's default, for versions whose spec lacks
 MAX_REPORTED = 20  # per-input errors listed in details
 
 
+# What one input may be (checked by PredictSpec._input_types), for the OpenAPI document.
+INPUT_DOC = {
+    "anyOf": [
+        {"type": "string", "description": "a SMILES string or a whitespace-separated token sequence"},
+        {
+            "type": "object",
+            "properties": {"image_base64": {"type": "string", "description": "a PNG, JPEG or DICOM file"}},
+            "required": ["image_base64"],
+        },
+    ]
+}
+
+
 class PredictSpec(Schema):
     model = fields.String(required=True, metadata={"description": "name, name@version or name@alias"})
-    inputs = fields.List(fields.Raw(), required=True, validate=validate.Length(min=1, max=MAX_INPUTS))
+    inputs = fields.List(fields.Raw(metadata=INPUT_DOC), required=True, validate=validate.Length(min=1, max=MAX_INPUTS))
     queue = fields.String(load_default=None, allow_none=True)
 
     @validates("inputs")
@@ -111,13 +127,42 @@ def check(spec: Spec, ctx: SubmitContext) -> Spec:
     ):
         takes = 'images as {"image_base64": ...}' if wants_images else "strings (SMILES or token sequences)"
         raise SpecError(f"model {mv.name} v{mv.version} takes {takes}", "invalid_inputs")
-    if not wants_images:
+    if wants_images:
+        seed = tenant_seed(secret_key(ctx.settings), tenant_id)
+        spec = {**spec, "inputs": deidentified_images(spec["inputs"], Deidentifier(seed))}
+    else:
         check_lengths(spec["inputs"], mv)
     return {**spec, "model_version_id": mv.id, "model_name": mv.name, "version": mv.version}
 
 
+def deidentified_images(inputs: list[dict[str, Any]], deid: Deidentifier) -> list[dict[str, str]]:
+    """Image inputs as the job stores them: only `image_base64`, a DICOM file de-identified
+    (app/ingest/deid.py); one that cannot be is a 422, never stored as sent."""
+    out = []
+    for i, item in enumerate(inputs):
+        b64 = item["image_base64"]
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except ValueError:  # binascii.Error: the worker reports it as this input's error
+            raw = b""
+        if is_dicom(raw[:132]):
+            try:
+                b64 = base64.b64encode(deid.file(raw)[0]).decode("ascii")
+            except NotDeidentifiable as exc:
+                message = f"input {i} is a DICOM file that cannot be de-identified: {exc}"
+                raise SpecError(message, "invalid_inputs", {"spec": {"inputs": {str(i): [message]}}}) from None
+        out.append({"image_base64": b64})
+    return out
+
+
 def route(spec: Spec, settings: Settings) -> str:
-    return queue_or_default(spec, settings.inference_queue)
+    return allowed_queue("predict", queue_or_default(spec, settings.inference_queue), settings)
 
 
-register(KindSpec("predict", PredictSpec, route, "online predictions from a registered model", check=check))
+def queues(settings: Settings) -> tuple[str, ...]:
+    return (settings.inference_queue,)
+
+
+register(
+    KindSpec("predict", PredictSpec, route, "online predictions from a registered model", check=check, queues=queues)
+)

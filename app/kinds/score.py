@@ -14,11 +14,12 @@ from flask import Response, jsonify, send_file
 from marshmallow import Schema, fields, validate
 from sqlalchemy import select
 
-from app.artifacts import job_dir
+from app.artifacts import job_dir, open_read, sendable
 from app.config import Settings
 from app.errors import ApiError
+from app.fields import StrictBoolean, StrictInteger
 from app.ingest.library import SchemaError, library_schema
-from app.kinds import KindSpec, Spec, SpecError, SubmitContext, register
+from app.kinds import KindSpec, Spec, SpecError, SubmitContext, allowed_queue, queue_or_default, register
 from app.kinds.predict import unknown_model
 from app.models import MAX_ID, Dataset, Job
 from app.registry import ModelNotFound, resolve_ref
@@ -39,13 +40,12 @@ class ScoreSpec(Schema):
         validate=validate.Length(min=1, max=200),
         metadata={"description": "name (latest version), name@version or name@alias"},
     )
-    library_id = fields.Integer(
+    library_id = StrictInteger(
         required=True,
-        strict=True,
         validate=validate.Range(min=1, max=MAX_ID),
         metadata={"description": "a dataset of kind library"},
     )
-    top_k = fields.Integer(
+    top_k = StrictInteger(
         load_default=100,
         validate=validate.Range(min=0, max=10_000),
         metadata={"description": "rows with the highest scores kept in the job result"},
@@ -69,11 +69,11 @@ class ScoreSpec(Schema):
             "get RDKit's reason); none: score the text as is"
         },
     )
-    dedupe = fields.Boolean(
+    dedupe = StrictBoolean(
         load_default=False,
         metadata={"description": "score identical canonical SMILES once per shard (every row is still reported)"},
     )
-    max_length = fields.Integer(
+    max_length = StrictInteger(
         load_default=2000,
         validate=validate.Range(min=1, max=1_000_000),
         metadata={"description": "longer SMILES are reported as errors, not parsed"},
@@ -129,9 +129,12 @@ def check(spec: Spec, ctx: SubmitContext) -> Spec:
 
 
 def route(spec: Spec, settings: Settings) -> str:
-    if spec.get("queue"):
-        return spec["queue"]
-    return settings.gpu_queue if str(spec.get("device", "auto")).startswith("cuda") else settings.default_queue
+    default = settings.gpu_queue if str(spec.get("device", "auto")).startswith("cuda") else settings.default_queue
+    return allowed_queue("score", queue_or_default(spec, default), settings)
+
+
+def queues(settings: Settings) -> tuple[str, ...]:
+    return (settings.default_queue, settings.gpu_queue)
 
 
 CSV_FORMULA_PREFIX = r"^[=+\-@\t\r]"  # what a spreadsheet reads as a formula (OWASP CSV injection)
@@ -156,10 +159,15 @@ def csv_safe(data: Any) -> Any:
 def csv_from_parquet(path: Path, chunk_rows: int = 65_536) -> Iterator[bytes]:
     """The Parquet score table as CSV bytes, one record batch at a time (for downloads);
     text cells that would run as spreadsheet formulas are escaped (csv_safe)."""
-    import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    with open_read(path) as fh:
+        yield from _csv_batches(pq.ParquetFile(fh), chunk_rows)
+
+
+def _csv_batches(pf: Any, chunk_rows: int) -> Iterator[bytes]:
+    import pyarrow.csv as pacsv
+
     first = True
     for batch in pf.iter_batches(batch_size=chunk_rows):
         buf = io.BytesIO()
@@ -183,7 +191,12 @@ def render_result(job: Job, args: Mapping[str, str], settings: Settings) -> Any:
     name = f"job-{job.id}-scores.{fmt}"
     if paths[fmt].exists():
         return send_file(
-            paths[fmt], mimetype=MEDIA_TYPES[fmt], as_attachment=True, download_name=name, max_age=0, conditional=True
+            sendable(paths[fmt]),
+            mimetype=MEDIA_TYPES[fmt],
+            as_attachment=True,
+            download_name=name,
+            max_age=0,
+            conditional=True,
         )
     if fmt == "csv" and paths["parquet"].exists():  # output=parquet, CSV asked for: convert while streaming
         return Response(
@@ -202,5 +215,6 @@ register(
         "score a drug library with a SMILES model (sharded, resumable)",
         check=check,
         render_result=render_result,
+        queues=queues,
     )
 )

@@ -10,12 +10,17 @@ from marshmallow import Schema, ValidationError, fields, post_load, validate, va
 from sqlalchemy import select
 
 from app.config import Settings
-from app.kinds import KindSpec, Spec, SpecError, SubmitContext, register
+from app.fields import StrictFloat, StrictInteger
+from app.kinds import KindSpec, Spec, SpecError, SubmitContext, allowed_queue, queue_or_default, register
 from app.modelconfig import (
     CONFIGS,
     DEFAULT_FRACTIONS,
     ConfigError,
+    TrainLimits,
+    carved_sizes,
     check_params,
+    over_budget,
+    over_limits,
     resolve_split,
     too_few_rows,
     user_params,
@@ -29,9 +34,9 @@ CNN_PARAMS = user_params("cnn")  # channels, kernel_size, hidden, dropout, batch
 
 
 class SplitSpec(Schema):
-    train = fields.Float(metadata={"description": "default: 1 - val - test"})
-    val = fields.Float(metadata={"description": "in [0, 1); default 0.1 (or the rest when train is given)"})
-    test = fields.Float(metadata={"description": "in [0, 1); default 0.1 (or the rest when train is given)"})
+    train = StrictFloat(metadata={"description": "default: 1 - val - test"})
+    val = StrictFloat(metadata={"description": "in [0, 1); default 0.1 (or the rest when train is given)"})
+    test = StrictFloat(metadata={"description": "in [0, 1); default 0.1 (or the rest when train is given)"})
     method = fields.String(load_default="random", validate=validate.OneOf(["random", "scaffold"]))
 
     @validates_schema
@@ -49,26 +54,26 @@ class SplitSpec(Schema):
 
 class TrainSpec(Schema):
     model_name = fields.String(required=True, validate=MODEL_NAME)
-    dataset_id = fields.Integer(required=True, strict=True, validate=validate.Range(min=1, max=MAX_ID))
+    dataset_id = StrictInteger(required=True, validate=validate.Range(min=1, max=MAX_ID))
     arch = fields.String(required=True, validate=validate.OneOf(["cnn", "rnn"]))
     task = fields.String(
         load_default="classification", validate=validate.OneOf(["classification", "multilabel", "regression"])
     )
     target = fields.Raw(load_default=None, metadata={"description": "label column, or a list of columns"})
     model = fields.Dict(load_default=dict, metadata={"description": "architecture hyper-parameters"})
-    epochs = fields.Integer(load_default=10, validate=validate.Range(min=1, max=10_000))
-    batch_size = fields.Integer(load_default=64, validate=validate.Range(min=1, max=65_536))
-    lr = fields.Float(load_default=1e-3, validate=validate.Range(min=0, min_inclusive=False, max=10))
+    epochs = StrictInteger(load_default=10, validate=validate.Range(min=1, max=10_000))
+    batch_size = StrictInteger(load_default=64, validate=validate.Range(min=1, max=65_536))
+    lr = StrictFloat(load_default=1e-3, validate=validate.Range(min=0, min_inclusive=False, max=10))
     optimizer = fields.String(load_default="adamw", validate=validate.OneOf(["adam", "adamw", "sgd"]))
-    weight_decay = fields.Float(load_default=0.0, validate=validate.Range(min=0))
+    weight_decay = StrictFloat(load_default=0.0, validate=validate.Range(min=0))
     scheduler = fields.String(load_default="none", validate=validate.OneOf(["none", "cosine", "step", "plateau"]))
-    early_stopping_patience = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(min=1))
+    early_stopping_patience = StrictInteger(load_default=None, allow_none=True, validate=validate.Range(min=1))
     monitor = fields.String(load_default="loss")
-    grad_clip = fields.Float(load_default=None, allow_none=True, validate=validate.Range(min=0, min_inclusive=False))
-    seed = fields.Integer(load_default=0)
+    grad_clip = StrictFloat(load_default=None, allow_none=True, validate=validate.Range(min=0, min_inclusive=False))
+    seed = StrictInteger(load_default=0)
     split = fields.Nested(SplitSpec, load_default=None, allow_none=True)
     device = fields.String(load_default="auto", validate=validate.Regexp(r"^(auto|cpu|cuda(:\d+)?)$"))
-    max_len = fields.Integer(load_default=256, validate=validate.Range(min=8, max=10_000))
+    max_len = StrictInteger(load_default=256, validate=validate.Range(min=8, max=10_000))
     tokenizer = fields.String(load_default=None, allow_none=True, validate=validate.OneOf(["smiles", "whitespace"]))
     queue = fields.String(load_default=None, allow_none=True)
 
@@ -90,10 +95,21 @@ class TrainSpec(Schema):
             raise ValidationError(errors)
 
 
+def limits(settings: Settings) -> TrainLimits:
+    return TrainLimits(settings.max_epochs, settings.max_batch_size, settings.max_max_len, settings.max_epoch_rows)
+
+
 def check(spec: Spec, ctx: SubmitContext) -> Spec:
+    """Within the server's limits (epochs, batch_size, max_len, epochs x training rows); the
+    dataset must exist for this tenant and fit the architecture, task and target, with rows
+    enough for the split; device cuda needs a live GPU worker."""
     session, tenant_id = ctx.session, ctx.tenant_id
-    """The dataset must exist for this tenant and fit the architecture, task and target, with
-    rows enough for the split; device cuda needs a live GPU worker."""
+    bounds = limits(ctx.settings)
+    over = over_limits(spec, bounds)
+    if over:
+        raise SpecError(
+            "; ".join(f"{name}: {' '.join(msgs)}" for name, msgs in over.items()), "over_limit", {"spec": over}
+        )
     ds = session.scalar(select(Dataset).where(Dataset.id == spec["dataset_id"], Dataset.tenant_id == tenant_id))
     if ds is None:
         raise SpecError(
@@ -126,6 +142,7 @@ def check(spec: Spec, ctx: SubmitContext) -> Spec:
         spec = {**spec, "target": targets if len(targets) > 1 else targets[0]}
         labelled = _labelled_rows(ds, targets)
         problem = too_few_rows(labelled, split)
+        train_rows = carved_sizes(labelled, split)["train"]
     else:
         if spec["task"] == "regression" and ds.schema.get("label_kind") not in (None, "regression", "float"):
             raise SpecError(
@@ -143,8 +160,12 @@ def check(spec: Spec, ctx: SubmitContext) -> Spec:
         given = ds.schema.get("splits") or {"train": ds.rows}
         carve = [k for k in ("val", "test") if not given.get(k)]
         problem = too_few_rows(int(given.get("train", 0)), split, carve)
+        train_rows = carved_sizes(int(given.get("train", 0)), split, carve)["train"]
     if problem:
         raise SpecError(problem, "too_few_rows", {"spec": {"dataset_id": [problem]}})
+    budget = over_budget(spec["epochs"], train_rows, bounds)
+    if budget:
+        raise SpecError(budget, "over_limit", {"spec": {"epochs": [budget]}})
     note = gpu_worker_check(spec, ctx)  # 422 naming `device` when no GPU worker is connected
     out = {**spec, "split": split, "dataset_sha256": ds.sha256}
     if note:
@@ -186,9 +207,14 @@ def _labelled_rows(ds: Dataset, targets: list[str]) -> int:
 
 
 def route(spec: Spec, settings: Settings) -> str:
-    if spec.get("queue"):
-        return spec["queue"]
-    return settings.gpu_queue if spec["device"].startswith("cuda") else settings.default_queue
+    default = settings.gpu_queue if spec["device"].startswith("cuda") else settings.default_queue
+    return allowed_queue("train", queue_or_default(spec, default), settings)
 
 
-register(KindSpec("train", TrainSpec, route, "train a CNN or RNN and register a model version", check=check))
+def queues(settings: Settings) -> tuple[str, ...]:
+    return (settings.default_queue, settings.gpu_queue)
+
+
+register(
+    KindSpec("train", TrainSpec, route, "train a CNN or RNN and register a model version", check=check, queues=queues)
+)

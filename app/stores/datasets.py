@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from sqlalchemy import delete as delete_rows
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.artifacts import ArtifactStore, save_stream
 from app.config import Settings
 from app.ingest import KINDS, IngestLimits, ingest
+from app.ingest.deid import tenant_seed
 from app.models import Dataset
+from app.secret_key import secret_key
+from app.stores import erasure
 from app.stores.errors import Invalid, NotFound
 from app.stores.paging import cursor_page
 
@@ -85,18 +90,31 @@ def create_from_upload(
 ) -> Dataset:
     """Save the stream, validate it (ingest) and commit the dataset row. A bad file raises
     UploadTooLarge, Invalid (empty) or IngestError and leaves nothing behind; invalid rows
-    inside a good file are counted and sampled."""
+    inside a good file are counted and sampled.
+
+    Image uploads (which may hold DICOM files) are never kept: the upload is spooled to an
+    unlinked temporary file, DICOM files are de-identified on the way out of it, and only
+    the normalised data.npz (pixels and labels) is stored, under a file name that is not
+    the uploaded one."""
     filename = safe_filename(filename or "upload")
     options = dict(options)
-    store = ArtifactStore(settings.artifacts)
+    store = ArtifactStore.from_settings(settings)
     work = store.new_dir(tenant_id, "datasets")
+    limits = IngestLimits(max_members=settings.archive_max_members, max_bytes=settings.archive_max_bytes)
     try:
-        original = work / f"upload-{filename}"
-        size, sha256 = save_stream(stream, original, settings.max_upload_bytes)
-        if size == 0:
-            raise Invalid("The uploaded file is empty", "empty_file")
-        limits = IngestLimits(max_members=settings.archive_max_members, max_bytes=settings.archive_max_bytes)
-        report = ingest(kind, str(original), filename, str(work), options, limits)
+        if kind == "images":
+            with tempfile.TemporaryFile() as spool:
+                size, sha256 = _save_upload(stream, spool, settings)
+                seed = tenant_seed(secret_key(settings), tenant_id)
+                report = ingest(kind, spool, filename, str(work), options, limits, deid_seed=seed)
+            filename = f"images-{sha256[:12]}.{report.stats['source_format']}"
+            uri = data_uri = store.url(Path(str(report.data_path)))
+        else:
+            original = work / f"upload-{filename}"
+            size, sha256 = _save_upload(stream, original, settings)
+            report = ingest(kind, str(original), filename, str(work), options, limits)
+            uri = store.url(original)
+            data_uri = store.url(Path(report.data_path)) if report.data_path else uri
         ds = Dataset(
             tenant_id=tenant_id,
             name=name or filename,
@@ -110,8 +128,8 @@ def create_from_upload(
             schema=report.schema,
             stats={**report.stats, "warnings": report.warnings},
             options=options,
-            uri=store.url(original),
-            data_uri=store.url(Path(report.data_path)) if report.data_path else store.url(original),
+            uri=uri,
+            data_uri=data_uri,
         )
         session.add(ds)
         session.commit()
@@ -119,3 +137,34 @@ def create_from_upload(
         ArtifactStore.remove(work)  # nothing stored for a rejected upload
         raise
     return ds
+
+
+def _save_upload(stream: IO[bytes], dest: Path | IO[bytes], settings: Settings) -> tuple[int, str]:
+    size, sha256 = save_stream(stream, dest, settings.max_upload_bytes)
+    if size == 0:
+        raise Invalid("The uploaded file is empty", "empty_file")
+    return size, sha256
+
+
+def jobs_using(session: Session, tenant_id: int, dataset_id: int) -> list[int]:
+    """Ids of the queued or running jobs whose spec names the dataset (they block deleting it)."""
+    return erasure.jobs_using(
+        session, tenant_id, lambda _kind, spec: erasure.names_any(spec, erasure.DATASET_FIELDS, [dataset_id])
+    )
+
+
+def delete(session: Session, settings: Settings, tenant_id: int, dataset_id: int) -> None:
+    """Erase a dataset: its row, then its files (app.stores.erasure). Conflict naming the
+    queued or running jobs whose spec names it; model versions trained on it keep working
+    (their dataset_id becomes null)."""
+    if not erasure.lock(session, Dataset, Dataset.id == dataset_id, Dataset.tenant_id == tenant_id):
+        session.rollback()
+        raise NotFound(f"Dataset {dataset_id} not found")
+    erasure.refuse_while_used(session, f"Dataset {dataset_id}", jobs_using(session, tenant_id, dataset_id))
+    uri, data_uri = session.execute(select(Dataset.uri, Dataset.data_uri).where(Dataset.id == dataset_id)).one()
+    session.execute(delete_rows(Dataset).where(Dataset.id == dataset_id))
+    store = ArtifactStore(settings.artifacts)
+    trash = erasure.Trash(settings, tenant_id)
+    for entry in {erasure.area_entry(store, tenant_id, "datasets", u) for u in (uri, data_uri)}:
+        trash.move(entry)
+    erasure.commit(session, trash)

@@ -7,17 +7,20 @@ import time
 from typing import Any
 
 from marshmallow import ValidationError
+from sqlalchemy import delete as delete_rows
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import dispatch, workers_registry
 from app import jobs as state_machine
+from app.artifacts import job_dir
 from app.broker import queue_names
 from app.config import Settings
 from app.db import Database
 from app.kinds import KindSpec, SpecError, SubmitContext, all_kinds
-from app.models import TERMINAL_STATES, Job, JobEvent, JobState
+from app.models import TERMINAL_STATES, Dataset, Job, JobEvent, JobState, ModelVersion, ScoreShard, ShardState
 from app.notify import EventHub
+from app.stores import erasure
 from app.stores.errors import Conflict, NotFound
 from app.stores.paging import cursor_page
 
@@ -157,6 +160,11 @@ def create(
         if existing is not None:
             return existing, False
     _kind, normalised, queue = validate(session, settings, tenant_id, kind, spec)
+    try:
+        lock_references(session, tenant_id, normalised)
+    except SpecError:
+        session.rollback()
+        raise
     job, created = state_machine.submit(
         session,
         tenant_id=tenant_id,
@@ -219,3 +227,54 @@ def wait_finished(
             if state in TERMINAL_STATES or left <= 0:
                 return state, result, error
             watch.wait(min(left, safety_net_s))
+
+
+def lock_references(session: Session, tenant_id: int, spec: dict[str, Any]) -> None:
+    """For a job about to be inserted: lock the datasets and model versions its spec names
+    until the job commits (erasure.hold), so that they cannot be erased before; SpecError
+    (422) naming the field when one was erased since the kind's check read it. See
+    app.stores.erasure for the other side."""
+    for fields, model in ((erasure.DATASET_FIELDS, Dataset), (erasure.MODEL_VERSION_FIELDS, ModelVersion)):
+        for field in fields:
+            ref = erasure.as_id(spec.get(field))
+            if ref is None:
+                continue
+            if not erasure.hold(session, model, model.id == ref, model.tenant_id == tenant_id):
+                what = f"Dataset {ref}" if model is Dataset else f"Model {spec.get('model') or ref!r}"
+                message = f"{what} was deleted while this job was being submitted"
+                raise SpecError(message, "deleted", {"spec": {field: [message]}})
+
+
+def delete(session: Session, settings: Settings, tenant_id: int, job_id: int) -> None:
+    """Erase a finished job: its row, events and score shards, then its directory
+    (checkpoints, score files, scratch). Conflict while it is queued or running (cancel it
+    first). A model version it trained stays (its job_id becomes null)."""
+    job = get(session, tenant_id, job_id)
+    if session.scalar(select(ScoreShard.id).where(ScoreShard.job_id == job.id, ScoreShard.state == ShardState.running)):
+        session.rollback()
+        raise Conflict(
+            f"Job {job_id}'s scoring shards are still stopping; delete it again in a few seconds",
+            "in_use",
+            {"job_ids": [job_id]},
+        )
+    # Compare-and-set: terminal states never change, so a job deleted here was finished.
+    deleted = session.scalar(
+        delete_rows(Job)
+        .where(Job.id == job.id, Job.tenant_id == tenant_id, Job.state.in_(TERMINAL_STATES))
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    if deleted is None:
+        state = session.scalar(select(Job.state).where(Job.id == job.id))
+        session.rollback()
+        if state is None:
+            raise NotFound(f"Job {job_id} not found")
+        raise Conflict(
+            f"Job {job_id} is {state.value}; cancel it first (POST /api/v1/jobs/{job_id}/cancel), then delete it",
+            "job_active",
+            {"job_ids": [job_id], "state": state.value},
+        )
+    session.expunge(job)
+    trash = erasure.Trash(settings, tenant_id)
+    trash.move(job_dir(settings, tenant_id, job_id))
+    erasure.commit(session, trash)

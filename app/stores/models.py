@@ -3,11 +3,13 @@ or alias, aliases, bundle files. Resolution itself is app.registry's (the kinds 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import select
+from sqlalchemy import delete as delete_rows
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import registry
@@ -15,6 +17,7 @@ from app.artifacts import ArtifactStore
 from app.config import Settings
 from app.models import ModelAlias, ModelVersion, utcnow
 from app.registry import ModelNotFound
+from app.stores import erasure
 from app.stores.errors import Invalid, NotFound
 
 ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
@@ -126,7 +129,98 @@ def bundle_file(session: Session, settings: Settings, tenant_id: int, name: str,
     if which not in BUNDLE_FILES:
         raise NotFound(f"No file {which!r}; choose from {sorted(BUNDLE_FILES)}")
     mv = version(session, tenant_id, name, number)
-    path = ArtifactStore(settings.artifacts).path(mv.artifact_uri) / BUNDLE_FILES[which]
+    path = ArtifactStore.from_settings(settings).path(mv.artifact_uri) / BUNDLE_FILES[which]
     if not path.is_file():
         raise NotFound(f"{BUNDLE_FILES[which]} is missing from the artifact store")
     return BundleFile(path, f"{name}-v{number}-{BUNDLE_FILES[which]}")
+
+
+def jobs_using(session: Session, tenant_id: int, name: str, number: int | None = None) -> list[int]:
+    """Ids of the queued or running jobs that block deleting a version (number) or the whole
+    model (None): predict and score jobs using it, and for a whole model, training jobs that
+    would register a new version of it."""
+    q = select(ModelVersion.id).where(ModelVersion.tenant_id == tenant_id, ModelVersion.name == name)
+    if number is not None:
+        q = q.where(ModelVersion.version == number)
+    return _jobs_using_versions(session, tenant_id, name, list(session.scalars(q).all()), whole=number is None)
+
+
+def _jobs_using_versions(session: Session, tenant_id: int, name: str, ids: list[int], whole: bool) -> list[int]:
+    def uses(kind: str, spec: dict[str, Any]) -> bool:
+        trains_it = whole and kind == "train" and spec.get("model_name") == name
+        return trains_it or erasure.names_any(spec, erasure.MODEL_VERSION_FIELDS, ids)
+
+    return erasure.jobs_using(session, tenant_id, uses)
+
+
+def delete_version(session: Session, settings: Settings, tenant_id: int, name: str, number: int) -> None:
+    """Erase one version: its row, the aliases pointing at it, then its files. Conflict
+    naming the queued or running jobs (predict, score) that use it."""
+    ids = erasure.lock(
+        session,
+        ModelVersion,
+        ModelVersion.tenant_id == tenant_id,
+        ModelVersion.name == name,
+        ModelVersion.version == number,
+    )
+    if not ids:
+        session.rollback()
+        raise ModelNotFound(f"Model {name!r} version {number} not found; {how_to_list(name)}")
+    _erase_versions(session, settings, tenant_id, name, ids, f"Model {name!r} version {number}")
+
+
+def delete_model(session: Session, settings: Settings, tenant_id: int, name: str) -> None:
+    """Erase a whole model: every version, every alias, their files. Conflict naming the
+    queued or running jobs that use one of its versions or train a new one."""
+    ids = erasure.lock(session, ModelVersion, ModelVersion.tenant_id == tenant_id, ModelVersion.name == name)
+    if not ids:
+        session.rollback()
+        raise ModelNotFound(f"Model {name!r} not found; {LIST_MODELS_HINT}")
+    _erase_versions(session, settings, tenant_id, name, ids, f"Model {name!r}", whole=True)
+
+
+def _erase_versions(
+    session: Session, settings: Settings, tenant_id: int, name: str, ids: list[int], what: str, whole: bool = False
+) -> None:
+    """With the version rows `ids` locked: refuse while used, delete rows and aliases, commit,
+    remove the bundles."""
+    erasure.refuse_while_used(session, what, _jobs_using_versions(session, tenant_id, name, ids, whole))
+    rows = session.execute(
+        select(ModelVersion.version, ModelVersion.artifact_uri).where(ModelVersion.id.in_(ids))
+    ).all()
+    aliases = delete_rows(ModelAlias).where(ModelAlias.tenant_id == tenant_id, ModelAlias.name == name)
+    if not whole:
+        aliases = aliases.where(ModelAlias.version.in_([version for version, _uri in rows]))
+    session.execute(aliases)
+    session.execute(delete_rows(ModelVersion).where(ModelVersion.id.in_(ids)))
+    store = ArtifactStore(settings.artifacts)
+    trash = erasure.Trash(settings, tenant_id)
+    for _version, uri in rows:
+        trash.move(_bundle_dir(store, tenant_id, uri))
+    erasure.commit(session, trash)
+    _remove_if_empty(store.root / f"tenant-{tenant_id}" / "models", name)
+
+
+def _bundle_dir(store: ArtifactStore, tenant_id: int, uri: str) -> Path | None:
+    """A version's bundle directory (<root>/tenant-<id>/models/<name>/<dir>), else None."""
+    try:
+        path = store.path(uri)
+    except ValueError:
+        return None
+    models_dir = store.root / f"tenant-{tenant_id}" / "models"
+    return path if path.is_relative_to(models_dir) and len(path.relative_to(models_dir).parts) >= 2 else None
+
+
+def _remove_if_empty(models_dir: Path, name: str) -> None:
+    """The model's directory once its last bundle is gone (its name is data too)."""
+    path = models_dir / name
+    if path.resolve().parent != models_dir.resolve():
+        return
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+def version_count(session: Session, tenant_id: int, name: str) -> int:
+    """How many versions the tenant's model `name` has (0: none, or no such model)."""
+    q = select(func.count()).where(ModelVersion.tenant_id == tenant_id, ModelVersion.name == name)
+    return session.scalar(q) or 0

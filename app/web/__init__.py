@@ -22,7 +22,7 @@ def init_web(app: Flask) -> None:
     from app.web import filters
     from app.web.blueprint import bp
 
-    for module in ("session_auth", "jobs", "library"):  # each adds its routes to bp
+    for module in ("session_auth", "jobs", "library", "audit", "usage", "keys"):  # each adds its routes to bp
         importlib.import_module(f"app.web.{module}")
 
     filters.register(app)

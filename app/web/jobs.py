@@ -1,5 +1,5 @@
-"""Job pages: list (live), detail (live progress, ETA, metric curves, events), cancel, result
-download, and submit forms (any kind, train, score).
+"""Job pages: list (live), detail (live progress, ETA, metric curves, events), cancel, delete,
+result download, and submit forms (any kind, train, score).
 
 Queries, spec validation and submission are the jobs store's (app.stores.jobs), the
 serialisers and the SSE generator the API's (app.api.jobs); only authentication differs
@@ -12,16 +12,17 @@ import json
 import uuid
 from typing import Any
 
-from flask import Response, flash, jsonify, redirect, render_template, request, url_for
+from flask import Response, abort, flash, g, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from marshmallow import missing
+from sqlalchemy import select
 
 from app.api import celery, database, db_session, settings, tenant_id
 from app.api.jobs import EventListSchema, JobSchema, event_stream_response
 from app.errors import ApiError, as_api_error
 from app.jobs import IdempotencyKeyReused
 from app.kinds import SpecError, all_kinds, get_kind, submittable_kinds
-from app.models import TERMINAL_STATES, Job, JobState
+from app.models import TERMINAL_STATES, ApiKey, Job, JobState, KeyRole
 from app.stores import Conflict
 from app.stores import datasets as datasets_store
 from app.stores import jobs as jobs_store
@@ -496,3 +497,85 @@ def ui_job_events(job_id: int) -> ResponseReturnValue:
 def ui_job_stream(job_id: int) -> ResponseReturnValue:
     job = jobs_store.get(db_session(), tenant_id(), job_id)
     return event_stream_response(job.id)
+
+
+# -- erasure: a confirmation page, then a CSRF-checked POST (member role) -----------------
+
+
+def key_role() -> KeyRole:
+    """The signed-in key's role (as the API's `requires` checks it)."""
+    role = g.get("web_key_role")
+    if role is None:
+        role = db_session().scalar(select(ApiKey.role).where(ApiKey.id == g.api_key_id))
+    return KeyRole(role)
+
+
+def may_delete() -> bool:
+    """Whether the signed-in key may delete (the API's DELETE routes need member)."""
+    return key_role().allows(KeyRole.member)
+
+
+def require_delete_role() -> None:
+    if not may_delete():
+        abort(403, f"Deleting needs a member or admin key; you signed in with a {key_role().value} key.")
+
+
+@bp.app_context_processor
+def _erasure_globals() -> dict[str, Any]:
+    return {"may_delete": may_delete}
+
+
+USED_BY = "Queued or running jobs use it; wait for them to finish or cancel them, then delete it:"
+
+
+def confirm_delete_page(
+    *,
+    heading: str,
+    summary: str,
+    consequence: str,
+    action: str,
+    back: str,
+    back_label: str,
+    blocking: list[int],
+    blocked_text: str = USED_BY,
+) -> ResponseReturnValue:
+    """The confirmation step; while jobs block the deletion it names them instead."""
+    return render_template(
+        "confirm_delete.html",
+        blocked_text=blocked_text,
+        heading=heading,
+        summary=summary,
+        consequence=consequence,
+        action=action,
+        back=back,
+        back_label=back_label,
+        blocking=[{"id": i, "url": url_for("web.job_detail", job_id=i)} for i in blocking],
+    )
+
+
+@bp.get("/jobs/<id:job_id>/delete")
+def job_delete_confirm(job_id: int) -> ResponseReturnValue:
+    require_delete_role()
+    job = dump_job(jobs_store.get(db_session(), tenant_id(), job_id))
+    return confirm_delete_page(
+        heading=f"Delete job #{job_id}?",
+        summary=f"{job['kind']} · {job['state']}" + (f" · {job['model_name']}" if job["model_name"] else ""),
+        consequence="Its events, result, checkpoints and score files are erased; a model version it trained stays.",
+        action=url_for("web.job_delete", job_id=job_id),
+        back=job["url"],
+        back_label=f"Back to job #{job_id}",
+        blocking=[] if job["terminal"] else [job_id],
+        blocked_text=f"This job is {job['state']}; cancel it first, then delete it:",
+    )
+
+
+@bp.post("/jobs/<id:job_id>/delete")
+def job_delete(job_id: int) -> ResponseReturnValue:
+    require_delete_role()
+    try:
+        jobs_store.delete(db_session(), settings(), tenant_id(), job_id)
+    except Conflict as exc:
+        flash(exc.message, "error")
+        return redirect(url_for("web.job_detail", job_id=job_id))
+    flash(f"Job #{job_id} deleted.", "info")
+    return redirect(url_for("web.jobs"))

@@ -1,5 +1,5 @@
 """Dataset and model-registry pages: upload with validation report, versions with metrics,
-aliases, weights download.
+aliases, weights download, deletion.
 
 Uploads, look-ups and the registry rules (aliases, bundle files) are the stores'
 (app.stores.datasets, app.stores.models), as for the API; only authentication (session
@@ -19,15 +19,16 @@ from marshmallow import ValidationError
 
 from app.api import celery, database, db_session, settings, tenant_id
 from app.api.datasets import DatasetUploadForm
+from app.artifacts import sendable
 from app.errors import as_api_error, domain_errors
 from app.kinds.predict import MAX_INPUTS
 from app.models import JobState
-from app.stores import NotFound
+from app.stores import Conflict, NotFound
 from app.stores import datasets as datasets_store
 from app.stores import jobs as jobs_store
 from app.stores import models as models_store
 from app.web.blueprint import bp
-from app.web.jobs import first_line
+from app.web.jobs import confirm_delete_page, first_line, require_delete_role
 
 DATASET_KINDS = ("sequences", "images", "library")
 
@@ -294,4 +295,81 @@ def model_set_alias(name: str) -> ResponseReturnValue:
 def model_file(name: str, version: int, which: str) -> ResponseReturnValue:
     """Weights (safetensors) or config (JSON) download: the same file and name as the API's."""
     bundle = models_store.bundle_file(db_session(), settings(), tenant_id(), name, version, which)
-    return send_file(bundle.path, as_attachment=True, download_name=bundle.download_name)
+    return send_file(sendable(bundle.path), as_attachment=True, download_name=bundle.download_name)
+
+
+# -- erasure: confirmation pages, then CSRF-checked POSTs (member role) --------------------
+
+
+@bp.get("/datasets/<id:dataset_id>/delete")
+def dataset_delete_confirm(dataset_id: int) -> ResponseReturnValue:
+    require_delete_role()
+    ds = datasets_store.get(db_session(), tenant_id(), dataset_id)
+    trained = models_store.trained_on(db_session(), tenant_id(), ds.id)
+    keeps = f" The {len(trained)} model version(s) trained on it keep working." if trained else ""
+    return confirm_delete_page(
+        heading=f"Delete dataset #{ds.id} {ds.name}?",
+        summary=f"{ds.kind} · {ds.rows} rows · {ds.filename}",
+        consequence=f"The uploaded file and its validated data are erased.{keeps}",
+        action=url_for("web.dataset_delete", dataset_id=ds.id),
+        back=url_for("web.dataset_detail", dataset_id=ds.id),
+        back_label=f"Dataset #{ds.id}",
+        blocking=datasets_store.jobs_using(db_session(), tenant_id(), ds.id),
+    )
+
+
+@bp.post("/datasets/<id:dataset_id>/delete")
+def dataset_delete(dataset_id: int) -> ResponseReturnValue:
+    require_delete_role()
+    try:
+        datasets_store.delete(db_session(), settings(), tenant_id(), dataset_id)
+    except Conflict as exc:
+        flash(exc.message, "error")
+        return redirect(url_for("web.dataset_detail", dataset_id=dataset_id))
+    flash(f"Dataset #{dataset_id} deleted.", "info")
+    return redirect(url_for("web.datasets"))
+
+
+@bp.get("/models/<string:name>/delete")
+@bp.get("/models/<string:name>/versions/<id:version>/delete")
+def model_delete_confirm(name: str, version: int | None = None) -> ResponseReturnValue:
+    require_delete_role()
+    detail = models_store.detail(db_session(), tenant_id(), name)
+    if version is None:
+        what, heading = "every version, its weights and every alias", f"Delete model {name}?"
+        summary = f"{len(detail['versions'])} version(s)"
+    else:
+        mv = models_store.version(db_session(), tenant_id(), name, version)
+        aliases = sorted(a for a, v in detail["aliases"].items() if v == mv.version)
+        what, heading = "its weights and config", f"Delete {name} version {mv.version}?"
+        summary = f"{mv.arch} · {mv.task} · {mv.input_kind}" + (f" · aliases {', '.join(aliases)}" if aliases else "")
+        if aliases:
+            what += " and the aliases pointing at it"
+    return confirm_delete_page(
+        heading=heading,
+        summary=summary,
+        consequence=f"The registry forgets {what}; predictions with it answer 404 from then on.",
+        action=url_for("web.model_delete", name=name, version=version),
+        back=url_for("web.model_detail", name=name),
+        back_label=f"Model {name}",
+        blocking=models_store.jobs_using(db_session(), tenant_id(), name, version),
+    )
+
+
+@bp.post("/models/<string:name>/delete")
+@bp.post("/models/<string:name>/versions/<id:version>/delete")
+def model_delete(name: str, version: int | None = None) -> ResponseReturnValue:
+    require_delete_role()
+    try:
+        if version is None:
+            models_store.delete_model(db_session(), settings(), tenant_id(), name)
+        else:
+            models_store.delete_version(db_session(), settings(), tenant_id(), name, version)
+    except Conflict as exc:
+        flash(exc.message, "error")
+        return redirect(url_for("web.model_detail", name=name))
+    what = f"Model {name}" if version is None else f"{name} version {version}"
+    flash(f"{what} deleted.", "info")
+    if version is not None and models_store.version_count(db_session(), tenant_id(), name):
+        return redirect(url_for("web.model_detail", name=name))
+    return redirect(url_for("web.models"))

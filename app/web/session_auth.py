@@ -1,40 +1,44 @@
-"""Sign in with an API key, a signed session cookie, CSRF tokens, and error pages.
+"""Sign in with an API key, server-side web sessions, CSRF tokens, and error pages.
 
-The cookie (Flask's signed session) holds only the API key's id and its tenant id. Each
-request re-reads the key: a revoked key signs the browser out at its next click. The
-CSRF token is random per session, rendered into every form as a hidden field and compared
+Signing in opens a row in `web_sessions`; the cookie (Flask's signed session) carries only
+that session's random id (plus the CSRF token and flash messages), and the table only the
+id's sha256. Every request looks the session up: it ends on sign-out, when its key is revoked
+or expires, MEDMAAS_SESSION_LIFETIME_S after sign-in, or after MEDMAAS_SESSION_IDLE_TIMEOUT_S
+without a request. An ended session stays ended: a copy of the cookie replayed later finds
+the row ended and gets the sign-in page (pages) or 401 (the JSON twins).
+
+The CSRF token is random per cookie, rendered into every form as a hidden field and compared
 in constant time on every POST (or sent as X-CSRF-Token by scripts).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Response, abort, flash, g, redirect, render_template, request, session, url_for
+from flask import abort, flash, g, redirect, render_template, request, session, url_for
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
 from app import auth
-from app.api import db_session
+from app.api import auditing, db_session, settings
+from app.config import Settings
 from app.errors import ApiError, error_response
-from app.models import ApiKey, Tenant
+from app.models import ApiKey, Tenant, WebSession, utcnow
 from app.web.blueprint import UI_API_PREFIX, bp
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_ENDPOINTS = frozenset({"web.login"})
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
-
-# Pages load scripts, styles and data only from this origin; nothing inline.
-CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
-    "frame-ancestors 'none'"
-)
+SESSION_ID = "sid"  # the cookie's key for the web session's random id
+LAST_SEEN_EVERY_S = 60.0  # last_seen_at is written at most this often (not a write per click)
 
 
 def csrf_token() -> str:
@@ -54,22 +58,82 @@ def is_ui_api() -> bool:
     return request.path.startswith(UI_API_PREFIX)
 
 
-def _load_signed_in_key() -> tuple[ApiKey, Tenant] | None:
-    key_id, tenant = session.get("key_id"), session.get("tenant_id")
-    if not isinstance(key_id, int) or not isinstance(tenant, int):
-        return None
-    row = (
-        db_session()
-        .execute(
-            select(ApiKey, Tenant)
-            .join(Tenant, Tenant.id == ApiKey.tenant_id)
-            .where(ApiKey.id == key_id, ApiKey.tenant_id == tenant, ApiKey.revoked_at.is_(None))
+def _token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def open_web_session(db: Session, key: ApiKey, config: Settings) -> str:
+    """Record a new web session for `key`; returns its random id (for the cookie only)."""
+    token = secrets.token_urlsafe(32)
+    now = utcnow()
+    db.add(
+        WebSession(
+            token_sha256=_token_sha256(token),
+            key_id=key.id,
+            tenant_id=key.tenant_id,
+            created_at=now,
+            last_seen_at=now,
+            expires_at=now + timedelta(seconds=config.session_lifetime_s),
         )
-        .first()
     )
-    if row is None or auth.refusal(row[0]) is not None:  # revoked or expired since sign-in
+    db.flush()
+    return token
+
+
+def _why_ended(ws: WebSession, key: ApiKey, config: Settings) -> str | None:
+    now = utcnow()
+    refused = auth.refusal(key, now)
+    if refused is not None:
+        return f"the {refused}"  # "the API key revoked" / "... expired"
+    if ws.expires_at <= now:
+        return "it reached its lifetime"
+    idle = config.session_idle_timeout_s
+    if idle > 0 and (now - ws.last_seen_at).total_seconds() > idle:
+        return "it was idle too long"
+    return None
+
+
+def _load_signed_in_key() -> tuple[ApiKey, Tenant] | None:
+    """The signed-in key and tenant of this request's cookie, or None. A session found past its
+    end (expired, idle, key revoked or expired) is ended on the spot, and the reason flashed."""
+    token = session.get(SESSION_ID)
+    if not isinstance(token, str) or not token:
         return None
-    return row[0], row[1]
+    db = db_session()
+    row = db.execute(
+        select(WebSession, ApiKey, Tenant)
+        .join(ApiKey, ApiKey.id == WebSession.key_id)
+        .join(Tenant, Tenant.id == WebSession.tenant_id)
+        .where(WebSession.token_sha256 == _token_sha256(token), WebSession.ended_at.is_(None))
+    ).first()
+    if row is None:
+        return None
+    ws, key, tenant = row
+    config = settings()
+    why = _why_ended(ws, key, config)
+    if why is not None:
+        ws.ended_at = utcnow()
+        db.commit()
+        g.web_session_end = why
+        return None
+    now = utcnow()
+    idle = config.session_idle_timeout_s
+    if (now - ws.last_seen_at).total_seconds() > min(LAST_SEEN_EVERY_S, idle / 2 if idle > 0 else LAST_SEEN_EVERY_S):
+        ws.last_seen_at = now
+    g.web_session_id = ws.id
+    return key, tenant
+
+
+def end_web_session() -> None:
+    """Sign-out: the cookie's session ends server-side (a copy of the cookie is then useless)."""
+    token = session.get(SESSION_ID)
+    if isinstance(token, str) and token:
+        db = db_session()
+        ws = db.scalar(select(WebSession).where(WebSession.token_sha256 == _token_sha256(token)))
+        if ws is not None and ws.ended_at is None:
+            ws.ended_at = utcnow()
+            db.commit()
+    session.clear()
 
 
 def _safe_next(target: str | None) -> str | None:
@@ -98,32 +162,21 @@ def _guard() -> ResponseReturnValue | None:
         return None
     found = _load_signed_in_key()
     if found is None:
-        was_signed_in = "key_id" in session
-        session.pop("key_id", None)
-        session.pop("tenant_id", None)
+        was_signed_in = SESSION_ID in session
+        session.pop(SESSION_ID, None)
         if is_ui_api():
-            return error_response(401, "Not signed in (or the API key was revoked)", "unauthorized")
+            return error_response(401, "Not signed in (or the session ended)", "unauthorized")
         if was_signed_in:
-            flash("Your session ended: the API key is no longer valid. Sign in again.", "error")
+            why = g.get("web_session_end")
+            flash(f"Your session ended{': ' + why if why else ''}. Sign in again.", "error")
         nxt = request.full_path if request.method == "GET" else None
         return redirect(url_for("web.login", next=_safe_next(nxt.rstrip("?") if nxt else None)))
     key, tenant = found
     g.tenant_id, g.api_key_id = tenant.id, key.id
-    g.web_tenant_name, g.web_key_prefix = tenant.name, key.prefix
+    g.web_tenant_name, g.web_key_prefix, g.web_key_role = tenant.name, key.prefix, key.role
     auth.touch(db_session(), key)
     db_session().commit()
     return None
-
-
-@bp.after_request
-def _security_headers(response: Response) -> Response:
-    response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("X-Frame-Options", "DENY")
-    response.headers.setdefault("Referrer-Policy", "same-origin")
-    if response.mimetype == "text/html":
-        response.headers.setdefault("Cache-Control", "no-store")
-    return response
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -138,8 +191,11 @@ def login() -> ResponseReturnValue:
     if key is None:
         error = "Enter your API key." if not presented else "That API key is not valid or has been revoked."
         return render_template("login.html", next=nxt, error=error), 401
-    session.clear()  # a fresh session (and CSRF token) on every sign-in
-    session["key_id"], session["tenant_id"] = key.id, key.tenant_id
+    auditing.identify(key)  # the sign-in is recorded as this key's, with its commit below
+    end_web_session()  # a fresh session (and CSRF token) on every sign-in
+    token = open_web_session(db_session(), key, settings())
+    session.permanent = True  # the cookie expires with the session (PERMANENT_SESSION_LIFETIME)
+    session[SESSION_ID] = token
     csrf_token()
     auth.touch(db_session(), key)
     db_session().commit()
@@ -148,7 +204,7 @@ def login() -> ResponseReturnValue:
 
 @bp.route("/logout", methods=["POST"])
 def logout() -> ResponseReturnValue:
-    session.clear()
+    end_web_session()
     flash("Signed out.", "info")
     return redirect(url_for("web.login"))
 

@@ -105,7 +105,7 @@ def test_cancel_running_job_from_its_page(page, tenant, processes) -> None:  # n
     procs = processes()
     procs.worker()
     sign_in(page, tenant.key)
-    job = tenant.api.submit("sleep", {"seconds": 120, "steps": 120})
+    job = tenant.api.submit("sleep", {"seconds": 60, "steps": 60})
     page.goto(f"/jobs/{job['id']}")
     wait_js(page, "document.getElementById('job-state').textContent === 'running'", timeout=60_000)
     page.get_by_role("button", name="Cancel job").click()

@@ -102,7 +102,7 @@ def test_cancel_asks_first_in_a_dialog(page, tenant, processes, artifacts_dir) -
     procs = processes()
     procs.worker()
     sign_in(page, tenant.key)
-    job = tenant.api.submit("sleep", {"seconds": 120, "steps": 120})
+    job = tenant.api.submit("sleep", {"seconds": 60, "steps": 60})
     page.goto(f"/jobs/{job['id']}")
     wait_js(page, "document.getElementById('job-state').textContent === 'running'", timeout=60_000)
 

@@ -146,7 +146,7 @@ def test_cancel_from_the_cli_ends_a_watch_with_exit_code_2(cli, server, key, cli
     procs = processes()
     procs.worker()
     assert cli("login", server.url, "--key", key).returncode == 0
-    job = client.submit_job("sleep", {"seconds": 120, "steps": 120})
+    job = client.submit_job("sleep", {"seconds": 60, "steps": 60})
     wait_until(lambda: client.get_job(job["id"])["state"] == "running", 60, what="job to start")
     watcher = cli.popen("jobs", "watch", str(job["id"]))
     lines: list[str] = []

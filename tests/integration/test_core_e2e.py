@@ -68,7 +68,7 @@ def test_redis_flushall_loses_nothing_and_runs_nothing_twice(pg_api: ApiClient, 
 def test_cancel_running_job_stops_within_seconds(pg_api: ApiClient, processes) -> None:  # noqa: ANN001
     procs = processes()
     procs.worker()
-    job = pg_api.submit("sleep", {"seconds": 120, "steps": 120})
+    job = pg_api.submit("sleep", {"seconds": 60, "steps": 60})
     wait_until(lambda: pg_api.job(job["id"])["state"] == "running", 60, what="job to start")
     asked = time.monotonic()
     r = pg_api.post(f"/api/v1/jobs/{job['id']}/cancel")

@@ -395,6 +395,8 @@ def test_compose_commands_run_the_platform(compose: dict, fresh_pg_url: str, red
         "MEDMAAS_ARTIFACT_ROOT": str(tmp_path / "artifacts"), "MEDMAAS_HOME": str(tmp_path / "home"),
         # fast maintenance ticks so that the lost-message check below takes seconds
         "MEDMAAS_REAPER_INTERVAL_S": "0.5", "MEDMAAS_REQUEUE_GRACE_S": "2",
+        # the `sleep` test helper may use every queue here, to smoke-test each worker
+        "MEDMAAS_SLEEP_QUEUES": "cpu,gpu,inference",
         "PYTHONUNBUFFERED": "1",
     }
     work = tmp_path / "cwd"  # like the image's WORKDIR: not the source tree

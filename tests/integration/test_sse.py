@@ -71,7 +71,10 @@ class WebServer:
 
 @pytest.fixture(scope="module")
 def web(pg_settings, tmp_path_factory) -> WebServer:
-    server = WebServer(pg_settings, tmp_path_factory.mktemp("web"))
+    # 48 streams on one key and 10-minute sleep jobs: past the default fairness limits
+    # (tests/integration/test_limits_pg.py tests those)
+    settings = pg_settings.replace(sse_max_streams_per_key=100, sleep_max_s=600.0)
+    server = WebServer(settings, tmp_path_factory.mktemp("web"))
     yield server
     server.stop()
 

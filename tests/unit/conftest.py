@@ -181,3 +181,10 @@ def service_guard(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield refused
     if refused:
         pytest.fail("unit tests are service-free; this test tried: " + "; ".join(refused), pytrace=False)
+
+
+@pytest.fixture()
+def sqlite_settings(sqlite_settings):  # noqa: ANN001, ANN201
+    """Rate limits count in memory here: limits' Redis storage runs Lua scripts, which fakeredis
+    runs only with `lupa` (not installed). The integration tests count in a real Redis."""
+    return sqlite_settings.replace(rate_limit_storage_url="memory://")

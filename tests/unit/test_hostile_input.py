@@ -15,7 +15,7 @@ from app.api import MAX_ID
 from app.factory import MAX_JSON_DEPTH, json_depth
 from app.kinds.score import csv_from_parquet
 from app.models import ApiKey, Job
-from tests.conftest import ApiClient, create_tenant_key
+from tests.conftest import ApiClient, create_tenant_key, sign_in
 from workers.scoring import table as tbl
 
 BIG = [MAX_ID + 1, 2**63, 2**64 + 7, 10**40]
@@ -117,8 +117,7 @@ def web_session(app, client) -> None:  # noqa: ANN001
     tid, _key = create_tenant_key(app)
     with app.extensions["medmaas.db"].session() as s:
         key_id = s.scalar(select(ApiKey.id).where(ApiKey.tenant_id == tid))
-    with client.session_transaction() as sess:
-        sess["key_id"], sess["tenant_id"], sess["csrf"] = key_id, tid, "token"
+    sign_in(app, client, key_id)
 
 
 @pytest.mark.parametrize("priority", ["101", "-101", str(2**31), str(-(2**63)), "9" * 30])

@@ -9,7 +9,7 @@ from sqlalchemy import func, select, update
 
 from app import jobs as state_machine
 from app.models import ApiKey, Job
-from tests.conftest import ApiClient, create_tenant_key
+from tests.conftest import ApiClient, create_tenant_key, sign_in
 from tests.unit.test_api_jobs import assert_error
 
 SLEEP = {"kind": "sleep", "spec": {"seconds": 0, "steps": 2}}
@@ -79,8 +79,7 @@ def test_a_resubmitted_web_form_gives_the_same_job(app, client) -> None:  # noqa
     tid, _key = create_tenant_key(app)
     with app.extensions["medmaas.db"].session() as s:
         key_id = s.scalar(select(ApiKey.id).where(ApiKey.tenant_id == tid))
-    with client.session_transaction() as sess:
-        sess["key_id"], sess["tenant_id"], sess["csrf"] = key_id, tid, "token"
+    sign_in(app, client, key_id)
     form = {"csrf_token": "token", "kind": "sleep", "spec": '{"seconds": 0, "steps": 2}', "priority": "0",
             "form_id": "f" * 32}
     first = client.post("/jobs/new", data=form)

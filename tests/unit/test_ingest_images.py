@@ -126,11 +126,13 @@ def test_zip_png_jpeg_dicom(tmp_path):
     assert r.schema["shape"] == [32, 32, 3]  # most common size; colour because the JPEG is RGB
     assert r.schema["splits"] == {"train": 5}
     assert r.rows == 5 and r.invalid_rows == 3
+    # files are named by their position in the archive, never by their names
     reasons = {s["file"]: s["reason"] for s in r.invalid_samples}
-    assert "not a readable PNG" in reasons["study/normal/broken.png"]
-    assert "unsupported file type" in reasons["study/abnormal/notes.txt"]
-    assert "not inside a class folder" in reasons["study/README.md"]
+    assert "not a readable PNG" in reasons["file 4"]
+    assert "unsupported file type: '.txt'" in reasons["file 7"]
+    assert "not inside a class folder" in reasons["file 8"]
     assert "/w/" not in str(r.invalid_samples)  # no server paths leak into messages
+    assert not any(n in str(r.to_dict()) for n in ("broken", "notes", "README", "patient1"))
     assert r.stats["file_formats"] == {"PNG": 2, "JPEG": 1, "DICOM": 2}
     assert r.stats["label_counts"]["train"] == {"abnormal": 2, "normal": 3}
     json.dumps(r.to_dict(), allow_nan=False)
@@ -138,7 +140,12 @@ def test_zip_png_jpeg_dicom(tmp_path):
     assert out["train_images"].shape == (5, 32, 32, 3)
     np.testing.assert_array_equal(out["train_labels"][:, 0], [0, 0, 1, 1, 1])
     assert all(img.max() > img.min() for img in out["train_images"])  # every image has content
-    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["data.npz"]  # temp files cleaned up
+    assert r.stats["deidentification"] == {"profile": "PS3.15 Annex E basic", "tool": "dicognito 0.19.0",
+                                           "dicom_files": 2, "index": "dicom_index.jsonl"}
+    index = [json.loads(line) for line in (tmp_path / "w" / "dicom_index.jsonl").read_text().splitlines()]
+    assert [(x["split"], x["row"], x["file"]) for x in index] == [("train", 0, "file 5"), ("train", 1, "file 6")]
+    # temp files cleaned up
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["data.npz", "dicom_index.jsonl"]
 
 
 def test_zip_dicom_windowing_and_monochrome1(tmp_path):

@@ -24,6 +24,7 @@ from app.stores import Conflict, Invalid, NotFound
 from app.stores import datasets as datasets_store
 from app.stores import jobs as jobs_store
 from app.stores import models as models_store
+from tests.conftest import sign_in
 
 ROOT = Path(__file__).resolve().parents[2]
 CSV = b"smiles,activity\nCCO,1.5\nnot_a_smiles,2.0\nc1ccccc1,0.3\n"
@@ -336,8 +337,7 @@ def test_pages_render_store_errors_as_pages_and_the_json_twins_as_the_error_body
     auth.create_key(session, session.get(Tenant, b))
     session.commit()
     key_id = session.scalar(select(ApiKey.id).where(ApiKey.tenant_id == b))
-    with client.session_transaction() as cookie:
-        cookie["key_id"], cookie["tenant_id"] = key_id, b
+    sign_in(app, client, key_id)
     page = client.get(f"/jobs/{job.id}")
     assert page.status_code == 404 and page.mimetype == "text/html"
     twin = client.get(f"/ui/api/jobs/{job.id}")

@@ -11,6 +11,8 @@ import io
 from typing import TYPE_CHECKING, Any
 
 from app.kinds import Spec
+from app.models import UsageMetric
+from app.stores.usage import Quantity, model_of
 from workers.kinds import JobResult
 from workers.runtime import JobContext
 
@@ -71,7 +73,7 @@ def load_predictor(ctx: JobContext, model_version_id: int) -> Predictor:
         if mv is None or mv.tenant_id != ctx.tenant_id:
             raise ValueError(f"model version {model_version_id} no longer exists")
         uri = mv.artifact_uri
-    bundle = ArtifactStore(ctx.settings.artifacts).path(uri)
+    bundle = ArtifactStore.from_settings(ctx.settings).path(uri)
     return get_predictor(bundle, ctx.settings.model_cache_size)
 
 
@@ -84,3 +86,12 @@ def run(ctx: JobContext, spec: Spec) -> JobResult:
         "predictions": predictions,
         "outputs": predictor.output_names,
     }
+
+
+def metered_predictions(spec: Spec, result: JobResult | None) -> list[Quantity]:
+    """A succeeded predict job is one call with len(inputs) inputs for its model version."""
+    model, version = model_of(spec, result)
+    return [
+        Quantity(UsageMetric.predict_calls, 1, model, version),
+        Quantity(UsageMetric.predict_inputs, len(spec.get("inputs") or []), model, version),
+    ]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from app.artifacts import ArtifactStore
+from app.artifacts import ArtifactStore, open_read
 from app.kinds import Spec
 from app.modelconfig import resolve_split
 from app.models import Dataset, ModelVersion
@@ -33,16 +33,18 @@ def prepare_data(spec: Spec, dataset: Dataset, store: ArtifactStore) -> Prepared
     given = dict(spec.get("split") or {})
     split = {**resolve_split(given), "method": given.get("method", "random")}
     if dataset.kind == "images":
-        return mldata.load_image_npz(
-            str(path),
-            task=spec["task"],
-            split=split,
-            seed=spec["seed"],
-            class_names=dataset.schema.get("classes") if isinstance(dataset.schema.get("classes"), list) else None,
-        )
+        with open_read(path) as fh:
+            return mldata.load_image_npz(
+                fh,
+                task=spec["task"],
+                split=split,
+                seed=spec["seed"],
+                class_names=dataset.schema.get("classes") if isinstance(dataset.schema.get("classes"), list) else None,
+            )
     import pandas as pd
 
-    frame = pd.read_parquet(path)
+    with open_read(path) as fh:
+        frame = pd.read_parquet(fh)
     return mldata.load_sequence_frame(
         frame,
         text_column="text",
@@ -117,7 +119,7 @@ def run(ctx: JobContext, spec: Spec) -> JobResult:
     from workers.ml.training import TrainConfig, TrainingCancelled, fit, resolve_device, seed_everything
     from workers.runtime import JobCancelled
 
-    store = ArtifactStore(ctx.settings.artifacts)
+    store = ArtifactStore.from_settings(ctx.settings)
     with ctx.db.session() as s:
         dataset = s.scalar(select(Dataset).where(Dataset.id == spec["dataset_id"], Dataset.tenant_id == ctx.tenant_id))
     if dataset is None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from torch import nn
+
+from app.artifacts import open_read, open_write
 
 from .data import PreparedData
 from .models import arch_of, build_model, config_dict
@@ -49,10 +51,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _write(path: Path, data: bytes) -> None:
+    with open_write(path) as fh:  # atomic: the file appears whole or not at all
+        fh.write(data)
+
+
+def _read(path: Path) -> bytes:
+    with open_read(path) as fh:
+        return fh.read()
 
 
 def save_bundle(directory: str | os.PathLike[str], model: nn.Module, config: dict[str, Any]) -> Path:
@@ -61,14 +67,14 @@ def save_bundle(directory: str | os.PathLike[str], model: nn.Module, config: dic
     directory.mkdir(parents=True, exist_ok=True)
     config = {**config, "format_version": FORMAT_VERSION, "arch": arch_of(model), "model": config_dict(model)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _write(directory / WEIGHTS_FILE, safetensors_save(tensors, metadata={"format": "pt"}))
     text = json.dumps(_json_safe(config), indent=2, sort_keys=True, allow_nan=False)
-    _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(text, encoding="utf-8"))
+    _write(directory / CONFIG_FILE, text.encode("utf-8"))
     return directory
 
 
 def read_bundle_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    config = json.loads((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8"))
+    config = json.loads(_read(Path(directory) / CONFIG_FILE).decode("utf-8"))
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"unsupported bundle format_version {config.get('format_version')!r}")
     return config
@@ -80,7 +86,8 @@ def load_bundle(
     """Rebuild the module from config.json and load safetensors weights; returns (model in eval mode, config)."""
     config = read_bundle_config(directory)
     model = build_model(config["arch"], config["model"])
-    state = load_file(str(Path(directory) / WEIGHTS_FILE), device="cpu")
+    # weights are read whole (bundles are small); safetensors parses bytes without pickle
+    state = safetensors_load(_read(Path(directory) / WEIGHTS_FILE))
     model.load_state_dict(state, strict=True)
     device = resolve_device(device) if isinstance(device, str) else device
     return model.to(device).eval(), config

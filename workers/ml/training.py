@@ -23,6 +23,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
+from app.artifacts import open_read, open_write
+
 from .data import Batch, EpochBatchSampler, PreparedData, make_loader
 from .heads import Head, MetricMode
 
@@ -196,13 +198,13 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: dict[str, Any]) ->
     """Atomic save: a crash mid-write leaves the previous checkpoint intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    with open_write(path) as fh:
+        torch.save(checkpoint, fh)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with open_read(path) as fh:
+        return torch.load(fh, map_location="cpu", weights_only=True)
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

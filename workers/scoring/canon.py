@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import IO, Any
 
+from workers import metering
 from workers.scoring.rdkit_child import check_and_canonicalise
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,15 @@ def get_pool(size: int | None = None) -> RDKitPool | None:
             _pool, _pool_pid = RDKitPool(size), os.getpid()
             log.info("RDKit pool of %d processes", size)
         return _pool
+
+
+def pool_pids() -> list[int]:
+    """The running children of this process's pool (none before it exists or after a fork)."""
+    pool = _pool
+    return pool.pids() if pool is not None and _pool_pid == os.getpid() else []
+
+
+metering.count_child_processes(pool_pids)  # their CPU time is the scoring unit's
 
 
 def shutdown_pool() -> None:

@@ -32,12 +32,14 @@ import numpy as np
 from sqlalchemy import select
 
 from app import dispatch, leases
-from app.artifacts import ArtifactStore, job_dir
+from app.artifacts import ArtifactStore, job_dir, plaintext_size
 from app.config import Settings
 from app.ingest import IngestLimits, iter_library_rows, library_row_offsets
 from app.ingest.library import library_schema
 from app.kinds.score import score_files
-from app.models import TERMINAL_STATES, Dataset, Job, JobState, ModelVersion, ShardState
+from app.models import TERMINAL_STATES, Dataset, Job, JobState, ModelVersion, ShardState, UsageMetric
+from app.stores.usage import Quantity, model_of
+from workers import metering
 from workers.lease import Lease
 from workers.runtime import remove_scratch, scratch_dir
 from workers.scoring import canon, shards, source
@@ -86,7 +88,7 @@ class ScoreEnv:
 
     @property
     def store(self) -> ArtifactStore:
-        return ArtifactStore(self.settings.artifacts)
+        return ArtifactStore.from_settings(self.settings)
 
 
 def _limits(settings: Settings) -> IngestLimits:
@@ -110,7 +112,7 @@ def load_env(db: Any, settings: Settings, job_id: int, *, prepare: bool = False)
         raise LookupError(f"library {spec['library_id']} no longer exists")
     if mv is None or mv.tenant_id != tenant_id:
         raise LookupError(f"model version {spec['model_version_id']} no longer exists")
-    store = ArtifactStore(settings.artifacts)
+    store = ArtifactStore.from_settings(settings)
     scratch = scratch_dir(settings, tenant_id, job_id)
     schema = library_schema(dataset.schema, spec.get("text_column"), spec.get("id_column"))
     upload = store.path(dataset.uri)
@@ -334,6 +336,9 @@ def _score_shard(
                     output_uri=env.store.url(part),
                     stats=shard_stats,
                 )
+                if ok:  # metered with the shard's end: a shard finishes once
+                    scored = Quantity(UsageMetric.rows_scored, stats.rows, *model_of(env.spec))
+                    metering.record(s, env.tenant_id, [scored])
             if not ok:
                 part.unlink(missing_ok=True)
                 return "lost"
@@ -372,6 +377,20 @@ def run_shard_task(db: Any, settings: Settings, celery: Any, job_id: int, index:
         claim = shards.claim(s, job_id, index, worker)
     if claim is None:
         return "skipped"
+    with metering.metered() as meter:
+        outcome, tenant_id, spec = _run_claimed_shard(db, settings, job_id, index, claim)
+    if outcome != "lost" and tenant_id is not None:  # a lost attempt's work is not the tenant's
+        with db.session() as s:
+            metering.record(s, tenant_id, meter.stop().quantities(*model_of(spec)))
+    log.info("score job %s shard %s attempt %s: %s", job_id, index, claim.attempt, outcome)
+    return outcome
+
+
+def _run_claimed_shard(
+    db: Any, settings: Settings, job_id: int, index: int, claim: shards.Claim
+) -> tuple[str, int | None, dict[str, Any]]:
+    """Score a claimed shard: (outcome, the job's tenant, the job's spec); no tenant when the
+    job could not be loaded."""
     try:
         env = _envs.get(job_id)
         if env is None or env.settings is not settings:
@@ -382,7 +401,7 @@ def run_shard_task(db: Any, settings: Settings, celery: Any, job_id: int, index:
         log.exception("score job %s shard %s: cannot prepare", job_id, index)
         with db.session() as s:
             shards.release(s, claim.id, claim.attempt, error=f"{type(exc).__name__}: {exc}")
-        return "failed"
+        return "failed", None, {}
     outcome = score_shard(env, claim, lambda: False)
     if outcome in ("cancelled", "lost"):
         with db.session() as s:
@@ -391,8 +410,7 @@ def run_shard_task(db: Any, settings: Settings, celery: Any, job_id: int, index:
             # The job was cancelled and its parent deleted the scratch directory, possibly while
             # this shard was starting (which re-created it empty): remove what is left if empty.
             remove_scratch(settings, env.tenant_id, job_id, only_if_empty=True)
-    log.info("score job %s shard %s attempt %s: %s", job_id, index, claim.attempt, outcome)
-    return outcome
+    return outcome, env.tenant_id, env.spec
 
 
 # -- the parent job ---------------------------------------------------------------------------
@@ -587,7 +605,7 @@ def _merge(ctx: Any, env: ScoreEnv, spec: dict[str, Any], rank_by: str, info: di
     started = min((sh.started_at for sh in done if sh.started_at), default=None)
     finished = max((sh.finished_at for sh in done if sh.finished_at), default=None)
     scoring_s = (finished - started).total_seconds() if started and finished else 0.0
-    files = {f: {"bytes": p.stat().st_size} for f, p in paths.items() if p.exists() and (f == "parquet" or fmt == f)}
+    files = {f: {"bytes": plaintext_size(p)} for f, p in paths.items() if p.exists() and (f == "parquet" or fmt == f)}
     workers = sorted({sh.worker or "" for sh in done} - {""})
     return {
         "model": spec.get("model_name"),

@@ -12,12 +12,13 @@ job ends; disk cost = the uncompressed size) and every shard seeks in that copy.
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from app.artifacts import open_read, open_write
 
 
 def plain_copy_path(scratch: Path) -> Path:
@@ -41,22 +42,16 @@ def prepare_source(
         return path, plain_schema, None
     scratch.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with gzip.open(upload, "rb") as src, open(tmp, "wb") as dst:
-            copied = 0
-            while True:
-                chunk = src.read(1 << 20)
-                if not chunk:
-                    break
-                copied += len(chunk)
-                if copied > max_bytes:
-                    raise ValueError(f"the library expands to more than {max_bytes} bytes")
-                dst.write(chunk)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with open_read(upload) as raw, gzip.open(raw, "rb") as src, open_write(path) as dst:
+        copied = 0
+        while True:
+            chunk = src.read(1 << 20)
+            if not chunk:
+                break
+            copied += len(chunk)
+            if copied > max_bytes:
+                raise ValueError(f"the library expands to more than {max_bytes} bytes")
+            dst.write(chunk)
     return path, plain_schema, time.monotonic() - started
 
 

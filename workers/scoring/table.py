@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from app.artifacts import open_read, open_write
 from app.kinds.score import csv_safe
 
 FIXED_BEFORE = ("row", "id", "smiles", "canonical_smiles")
@@ -83,13 +83,13 @@ def build_batch(
 
 
 class PartWriter:
-    """A shard's Parquet part file, written to a temporary name and renamed on close()."""
+    """A shard's Parquet part file; it appears at `path` on close() (open_write)."""
 
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.path, self.schema = Path(path), schema
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self._writer = pq.ParquetWriter(self._tmp, schema)
+        self._sink = open_write(self.path)
+        self._writer = pq.ParquetWriter(self._sink, schema)
         self._buffer: list[pa.RecordBatch] = []
         self._buffered = 0
         self.rows = 0
@@ -109,15 +109,15 @@ class PartWriter:
     def close(self) -> Path:
         self._flush()
         self._writer.close()
-        os.replace(self._tmp, self.path)
+        self._sink.close()
         return self.path
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self._writer.close()
-        for p in (self._tmp, self.path):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        self._sink.discard()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
 
 
 # -- top-K ---------------------------------------------------------------------------------
@@ -166,24 +166,28 @@ class MergeError(RuntimeError):
     pass
 
 
+def _row_groups(path: Path, schema: pa.Schema) -> Iterator[pa.Table]:
+    with open_read(path) as fh:
+        pf = pq.ParquetFile(fh)
+        if pf.schema_arrow != schema:
+            raise MergeError(f"part {path.name} has another schema")
+        for rg in range(pf.num_row_groups):
+            yield pf.read_row_group(rg)
+
+
 def merge(
     parts: Iterable[tuple[Path, int, int]], schema: pa.Schema, parquet_path: Path, csv_path: Path | None, topk: TopK
 ) -> dict[str, int]:
     """Concatenate part files [(path, start_row, stop_row)] in order. Every part must hold
     exactly rows start_row..stop_row-1 in order; returns counts."""
-    tmp_parquet = parquet_path.with_name(f".{parquet_path.name}.tmp")
-    tmp_csv = csv_path.with_name(f".{csv_path.name}.tmp") if csv_path else None
     counts = {"rows": 0, "valid": 0}
-    pw = pq.ParquetWriter(tmp_parquet, schema)
-    cw = pacsv.CSVWriter(str(tmp_csv), schema) if tmp_csv else None
+    sinks = [open_write(parquet_path)] + ([open_write(csv_path)] if csv_path else [])
+    pw = pq.ParquetWriter(sinks[0], schema)
+    cw = pacsv.CSVWriter(sinks[1], schema) if csv_path else None
     try:
         for path, start, stop in parts:
             expected = start
-            pf = pq.ParquetFile(path)
-            if pf.schema_arrow != schema:
-                raise MergeError(f"part {path.name} has another schema")
-            for rg in range(pf.num_row_groups):
-                table = pf.read_row_group(rg)
+            for table in _row_groups(path, schema):
                 rows = table.column("row").to_numpy()
                 if not np.array_equal(rows, np.arange(expected, expected + len(rows))):
                     raise MergeError(f"part {path.name}: rows out of order near row {expected}")
@@ -207,11 +211,9 @@ def merge(
             if w is not None:
                 with contextlib.suppress(Exception):
                     w.close()
-        for p in (tmp_parquet, tmp_csv):
-            if p is not None and p.exists():
-                p.unlink()
+        for sink in sinks:
+            sink.discard()
         raise
-    os.replace(tmp_parquet, parquet_path)
-    if csv_path and tmp_csv:
-        os.replace(tmp_csv, csv_path)
+    for sink in sinks:
+        sink.close()
     return counts

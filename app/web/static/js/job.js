@@ -44,6 +44,8 @@
     }
     var cancelForm = document.getElementById("cancel-form");
     cancelForm.hidden = !!j.terminal;
+    var deleteLink = document.getElementById("delete-link");
+    if (deleteLink) deleteLink.hidden = !j.terminal;
     var cancelButton = document.getElementById("cancel-button");
     cancelButton.disabled = !!j.cancel_requested;
     cancelButton.textContent = j.cancel_requested ? "Cancelling…" : "Cancel job";

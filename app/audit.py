@@ -1,0 +1,350 @@
+"""The audit trail: who read or changed what, appended in the same transaction as the action.
+
+Each tenant's rows form a hash chain: a row's `hash` is the sha256 of a canonical JSON text
+of its fields, `prev_hash` included, so editing or deleting a row by hand breaks the chain at
+that row (`verify`). Appends serialise per tenant on the tenant's `audit_heads` row (an
+UPDATE ... RETURNING takes its row lock until the transaction ends), so concurrent requests
+never fork the chain.
+
+Requests record through the session: `attach(session, entry)` puts an Entry on the session,
+and the hooks `install` adds to a sessionmaker write it in the next commit of that session
+(after flushing, so the ids of rows the action created are known). A rolled-back action
+therefore leaves no row, and a committed one always has its row.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import event, insert, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.models import ApiKey, AuditEvent, AuditHead, Dataset, Job, ModelVersion, Tenant, utcnow
+
+GENESIS = "0" * 64  # the prev_hash of a tenant's first row
+
+# The fields a row's hash covers, in the canonical text (its `id` is not: ids are the
+# database's; `seq` orders the chain).
+HASHED_FIELDS = (
+    "tenant_id",
+    "seq",
+    "ts",
+    "actor",
+    "via",
+    "key_id",
+    "key_prefix",
+    "action",
+    "object_type",
+    "object_id",
+    "outcome",
+    "status",
+    "client_addr",
+    "request_id",
+    "details",
+    "prev_hash",
+)
+
+# Rows an action creates, named as audit object types: a request that creates one records
+# its id (the created object of the action's type becomes the row's object).
+CREATED_TYPES: dict[type, str] = {Job: "job", Dataset: "dataset", ApiKey: "key", ModelVersion: "model"}
+
+_PENDING = "medmaas.audit.pending"
+
+
+class Outcome(enum.StrEnum):
+    ok = "ok"  # committed with the action, or a read that answered
+    unchanged = "unchanged"  # a write request that answered < 400 but committed nothing
+    denied = "denied"  # 401 / 403 / 404: not this key's to read or change
+    failed = "failed"  # any other error
+
+
+def outcome_for(status: int, write_request: bool) -> Outcome:
+    """The outcome of a request whose row was not written with a commit of its action."""
+    if status in (401, 403, 404):
+        return Outcome.denied
+    if status >= 400:
+        return Outcome.failed
+    return Outcome.unchanged if write_request else Outcome.ok
+
+
+@dataclass(frozen=True)
+class Actor:
+    kind: str  # "key", "cli" or "system"
+    via: str  # "api", "web", "cli" or "system"
+    key_id: int | None = None
+    key_prefix: str | None = None
+
+
+CLI = Actor("cli", "cli")
+SYSTEM = Actor("system", "system")
+
+
+def key_actor(key: ApiKey, via: str) -> Actor:
+    return Actor("key", via, key.id, key.prefix)
+
+
+@dataclass
+class Entry:
+    """An audit row to write: filled in by the request (or a command), chained by `record`."""
+
+    tenant_id: int | None
+    actor: Actor | None
+    action: str
+    object_type: str | None = None
+    object_id: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    client_addr: str | None = None
+    request_id: str | None = None
+    outcome: Outcome = Outcome.ok
+    status: int | None = None
+    created: dict[str, list[int]] = field(default_factory=dict)
+    in_transaction: bool = False  # added to the session's open transaction
+    written: bool = False  # committed
+
+
+def sha256_json(value: Any) -> str:
+    """sha256 of a value's canonical JSON text: how inputs are recorded without storing them."""
+    return hashlib.sha256(canonical(value)).hexdigest()
+
+
+def canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def _ts_text(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def row_hash(ev: AuditEvent) -> str:
+    fields = {name: getattr(ev, name) for name in HASHED_FIELDS}
+    fields["ts"] = _ts_text(ev.ts)
+    return hashlib.sha256(canonical(fields)).hexdigest()
+
+
+def _lock_head(session: Session, tenant_id: int) -> tuple[int, str]:
+    """Take the tenant's head row lock and the next seq; returns (seq, prev_hash)."""
+    bump = (
+        update(AuditHead)
+        .where(AuditHead.tenant_id == tenant_id)
+        .values(seq=AuditHead.seq + 1)
+        .returning(AuditHead.seq, AuditHead.hash)
+        .execution_options(synchronize_session=False)
+    )
+    row = session.execute(bump).first()
+    if row is None:  # the tenant's first row: create its head (once, whoever races us)
+        head = {"tenant_id": tenant_id, "seq": 0, "hash": GENESIS}
+        dialect = session.get_bind().dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            session.execute(pg_insert(AuditHead).values(**head).on_conflict_do_nothing())
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            session.execute(sqlite_insert(AuditHead).values(**head).on_conflict_do_nothing())
+        else:
+            session.execute(insert(AuditHead).values(**head))
+        row = session.execute(bump).one()
+    return int(row[0]), str(row[1])
+
+
+def _text(value: str | None, length: int) -> str | None:
+    return value.replace("\x00", "\ufffd")[:length] if value else None
+
+
+def record(session: Session, entry: Entry) -> AuditEvent:
+    """Append `entry` to its tenant's chain in the session's transaction (not committed)."""
+    if entry.tenant_id is None or entry.actor is None:
+        raise ValueError("an audit entry needs a tenant and an actor")
+    seq, prev_hash = _lock_head(session, entry.tenant_id)
+    actor = entry.actor
+    ev = AuditEvent(
+        tenant_id=entry.tenant_id,
+        seq=seq,
+        ts=utcnow(),
+        actor=actor.kind,
+        via=actor.via,
+        key_id=actor.key_id,
+        key_prefix=actor.key_prefix,
+        action=entry.action,
+        object_type=entry.object_type,
+        object_id=_text(entry.object_id, 255),
+        outcome=Outcome(entry.outcome).value,
+        status=entry.status,
+        client_addr=_text(entry.client_addr, 64),
+        request_id=entry.request_id,
+        # Stored as it reads back (JSON types, sorted keys), so the hash is reproducible;
+        # NUL, which PostgreSQL text and jsonb refuse, becomes U+FFFD.
+        details=json.loads(canonical(entry.details).replace(b"\\u0000", b"\\ufffd")),
+        prev_hash=prev_hash,
+    )
+    ev.hash = row_hash(ev)
+    session.add(ev)
+    session.execute(
+        update(AuditHead)
+        .where(AuditHead.tenant_id == entry.tenant_id)
+        .values(hash=ev.hash)
+        .execution_options(synchronize_session=False)
+    )
+    session.flush([ev])
+    return ev
+
+
+# -- recording with the action's transaction ----------------------------------------------
+
+
+def attach(session: Session, entry: Entry) -> None:
+    """Write `entry` in the session's next successful commit (see `install`)."""
+    session.info[_PENDING] = entry
+
+
+def pending(session: Session) -> Entry | None:
+    return session.info.get(_PENDING)
+
+
+def install(factory: sessionmaker[Session]) -> None:
+    """Hooks on every session of `factory`: a session carrying an attached Entry writes it in
+    its next commit, once."""
+    event.listen(factory, "after_flush", _note_created)
+    event.listen(factory, "before_commit", _write_pending)
+    event.listen(factory, "after_commit", _committed)
+    event.listen(factory, "after_soft_rollback", _rolled_back)
+
+
+def _note_created(session: Session, _flush_context: Any) -> None:
+    entry = pending(session)
+    if entry is None or entry.written:
+        return
+    for obj in session.new:
+        name = CREATED_TYPES.get(type(obj))
+        if name is not None:
+            entry.created.setdefault(name, []).append(obj.id)
+
+
+def _write_pending(session: Session) -> None:
+    entry = pending(session)
+    if entry is None or entry.written or entry.in_transaction or entry.tenant_id is None or entry.actor is None:
+        return
+    session.flush()  # the action's own rows first: their ids name what it created
+    created = {k: sorted(set(v)) for k, v in entry.created.items()}
+    mine = created.get(entry.object_type or "")
+    if entry.object_id is None and mine:
+        entry.object_id = str(mine[0])
+        if len(mine) == 1:
+            created.pop(entry.object_type or "")
+    if created:
+        entry.details = {**entry.details, "created": created}
+    record(session, entry)
+    entry.in_transaction = True
+
+
+def _committed(session: Session) -> None:
+    entry = pending(session)
+    if entry is not None and entry.in_transaction:
+        entry.written = True
+
+
+def _rolled_back(session: Session, _previous_transaction: Any) -> None:
+    entry = pending(session)
+    if entry is not None and not entry.written:
+        entry.in_transaction = False
+        entry.created.clear()
+
+
+# -- verification --------------------------------------------------------------------------
+
+
+@dataclass
+class ChainReport:
+    tenant_id: int
+    tenant: str
+    rows: int = 0
+    last_seq: int = 0
+    broken_seq: int | None = None
+    problem: str | None = None
+
+    @property
+    def intact(self) -> bool:
+        return self.problem is None
+
+    def summary(self) -> str:
+        if self.intact:
+            return f"tenant {self.tenant}: {self.rows} audit rows, chain intact (last seq {self.last_seq})"
+        return f"tenant {self.tenant}: chain BROKEN at seq {self.broken_seq}: {self.problem}"
+
+
+def verify_tenant(session: Session, tenant: Tenant, batch: int = 1000) -> ChainReport:
+    """Walk the tenant's chain in seq order and name the first row that was edited (its hash
+    does not match its fields), deleted (a seq gap, or rows missing before the head's seq),
+    or re-linked (its prev_hash is not the previous row's hash)."""
+    report = ChainReport(tenant.id, tenant.name)
+    prev_hash, expected = GENESIS, 1
+    rows = session.scalars(
+        select(AuditEvent).where(AuditEvent.tenant_id == tenant.id).order_by(AuditEvent.seq),
+        execution_options={"yield_per": batch},
+    )
+    for ev in rows:
+        if ev.seq != expected:
+            gap = f"seq {expected}" if ev.seq == expected + 1 else f"seq {expected} to {ev.seq - 1}"
+            return _broken(report, expected, f"row {gap} is missing (deleted); the chain resumes at seq {ev.seq}")
+        if ev.prev_hash != prev_hash:
+            return _broken(
+                report,
+                ev.seq,
+                f"row seq {ev.seq} (id {ev.id}) does not follow the row before it: its prev_hash is not the "
+                f"hash of seq {ev.seq - 1} (that row was edited, or rows were replaced)",
+            )
+        if row_hash(ev) != ev.hash:
+            return _broken(
+                report, ev.seq, f"row seq {ev.seq} (id {ev.id}) was edited: its hash does not match its contents"
+            )
+        prev_hash, expected = ev.hash, expected + 1
+        report.rows, report.last_seq = report.rows + 1, ev.seq
+    head = session.get(AuditHead, tenant.id)
+    if head is not None and head.seq > report.last_seq:
+        first, last = report.last_seq + 1, head.seq
+        gap = f"seq {first}" if first == last else f"seq {first} to {last}"
+        return _broken(report, first, f"row {gap} is missing (deleted from the end of the trail)")
+    if head is not None and head.hash != prev_hash:
+        return _broken(
+            report, report.last_seq, f"row seq {report.last_seq} was edited: it does not match the trail's head"
+        )
+    return report
+
+
+def _broken(report: ChainReport, seq: int, problem: str) -> ChainReport:
+    report.broken_seq, report.problem = seq, problem
+    return report
+
+
+def verify(session: Session, tenant_name: str | None = None) -> list[ChainReport]:
+    """A report per tenant (or for the named one; LookupError when there is none)."""
+    query = select(Tenant).order_by(Tenant.id)
+    if tenant_name is not None:
+        query = query.where(Tenant.name == tenant_name)
+    tenants = list(session.scalars(query))
+    if tenant_name is not None and not tenants:
+        raise LookupError(f"no tenant named {tenant_name!r}")
+    return [verify_tenant(session, t) for t in tenants]
+
+
+def as_dict(ev: AuditEvent) -> dict[str, Any]:
+    """A row as exported (JSON lines, the API): every field, hashes included, so an export
+    can be checked on its own."""
+    return {
+        "id": ev.id,
+        **{name: getattr(ev, name) for name in HASHED_FIELDS},
+        "ts": _ts_text(ev.ts),
+        "hash": ev.hash,
+    }
+
+
+def export_lines(events: Iterator[AuditEvent]) -> Iterator[str]:
+    for ev in events:
+        yield json.dumps(as_dict(ev), sort_keys=True) + "\n"
