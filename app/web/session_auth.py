@@ -84,7 +84,7 @@ def _why_ended(ws: WebSession, key: ApiKey, config: Settings) -> str | None:
     now = utcnow()
     refused = auth.refusal(key, now)
     if refused is not None:
-        return f"the {refused}"  # "the API key revoked" / "... expired"
+        return f"the API key is no longer valid ({refused.removeprefix('API key ')})"  # revoked / expired
     if ws.expires_at <= now:
         return "it reached its lifetime"
     idle = config.session_idle_timeout_s

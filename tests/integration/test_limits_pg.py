@@ -67,6 +67,31 @@ def test_a_tenant_at_its_running_limit_waits_while_another_tenant_runs(pg_settin
     assert gap < 10, gap
 
 
+# -- request rate limits, counted in Redis ----------------------------------------------------
+
+
+def test_rate_limits_are_counted_in_redis_across_web_processes(pg_settings) -> None:
+    """Two apps stand for two web processes: a key's requests count once, wherever they land."""
+    from tests.conftest import _make_app, close_app
+
+    settings = pg_settings.replace(rate_limit="4 per minute")
+    one, two = _make_app(settings), _make_app(settings)
+    try:
+        key = create_tenant_key(one)[1]
+        a, b = ApiClient(one.test_client(), key), ApiClient(two.test_client(), key)
+        assert [c.get("/api/v1/jobs").status_code for c in (a, b, a, b)] == [200] * 4
+        over = b.get("/api/v1/jobs")
+        assert over.status_code == 429, over.get_json()
+        error = over.get_json()["error"]
+        assert error["code"] == "too_many_requests" and error["details"]["limit"] == "4 per 1 minute"
+        assert 1 <= int(over.headers["Retry-After"]) <= 60 and error["details"]["retry_after_s"] == int(
+            over.headers["Retry-After"])
+        assert ApiClient(one.test_client(), create_tenant_key(one)[1]).get("/api/v1/jobs").status_code == 200
+    finally:
+        close_app(one)
+        close_app(two)
+
+
 # -- event streams ------------------------------------------------------------------------------
 
 STREAMS = 100

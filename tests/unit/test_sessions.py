@@ -132,7 +132,7 @@ def test_a_key_that_expires_ends_the_session_at_the_next_request(app, client) ->
     with app.extensions["medmaas.db"].session() as s:
         s.execute(update(ApiKey).where(ApiKey.id == key_id).values(expires_at=utcnow() - timedelta(seconds=1)))
     r = client.get("/jobs", follow_redirects=True)
-    assert "/login" in r.request.path and "API key expired" in r.get_data(as_text=True)
+    assert "/login" in r.request.path and "the API key is no longer valid (expired)" in r.get_data(as_text=True)
     assert sessions(app)[0].ended_at is not None
 
 
