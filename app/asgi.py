@@ -94,7 +94,10 @@ def create_asgi_app(
         job_id, owner = handoff["job_id"], handoff.get("owner", "unknown")
         slot = await anyio.to_thread.run_sync(slots.acquire, owner, limiter=limiter)
         if slot is None:
-            return stream_limit_response(slots.max_per_key)
+            refused = stream_limit_response(slots.max_per_key)
+            # the Flask response's other headers (security headers, the session cookie) stay
+            refused.raw_headers += [(k, v) for k, v in raw if k not in (b"content-type", b"cache-control")]
+            return refused
         feed = EventFeed(db, job_id, handoff["after"], max_s=handoff["max_s"])
 
         async def events() -> AsyncIterator[str]:

@@ -122,8 +122,12 @@ def _ts_text(ts: datetime) -> str:
 
 
 def row_hash(ev: AuditEvent) -> str:
-    fields = {name: getattr(ev, name) for name in HASHED_FIELDS}
-    fields["ts"] = _ts_text(ev.ts)
+    return _digest({name: getattr(ev, name) for name in HASHED_FIELDS})
+
+
+def _digest(row: dict[str, Any]) -> str:
+    fields = {name: row[name] for name in HASHED_FIELDS}
+    fields["ts"] = _ts_text(row["ts"])
     return hashlib.sha256(canonical(fields)).hexdigest()
 
 
@@ -158,42 +162,43 @@ def _text(value: str | None, length: int) -> str | None:
     return value.replace("\x00", "\ufffd")[:length] if value else None
 
 
-def record(session: Session, entry: Entry) -> AuditEvent:
-    """Append `entry` to its tenant's chain in the session's transaction (not committed)."""
+def record(session: Session, entry: Entry) -> dict[str, Any]:
+    """Append `entry` to its tenant's chain in the session's transaction (not committed);
+    returns the row's values."""
     if entry.tenant_id is None or entry.actor is None:
         raise ValueError("an audit entry needs a tenant and an actor")
     seq, prev_hash = _lock_head(session, entry.tenant_id)
     actor = entry.actor
-    ev = AuditEvent(
-        tenant_id=entry.tenant_id,
-        seq=seq,
-        ts=utcnow(),
-        actor=actor.kind,
-        via=actor.via,
-        key_id=actor.key_id,
-        key_prefix=actor.key_prefix,
-        action=entry.action,
-        object_type=entry.object_type,
-        object_id=_text(entry.object_id, 255),
-        outcome=Outcome(entry.outcome).value,
-        status=entry.status,
-        client_addr=_text(entry.client_addr, 64),
-        request_id=entry.request_id,
+    row: dict[str, Any] = {
+        "tenant_id": entry.tenant_id,
+        "seq": seq,
+        "ts": utcnow(),
+        "actor": actor.kind,
+        "via": actor.via,
+        "key_id": actor.key_id,
+        "key_prefix": actor.key_prefix,
+        "action": entry.action,
+        "object_type": entry.object_type,
+        "object_id": _text(entry.object_id, 255),
+        "outcome": Outcome(entry.outcome).value,
+        "status": entry.status,
+        "client_addr": _text(entry.client_addr, 64),
+        "request_id": entry.request_id,
         # Stored as it reads back (JSON types, sorted keys), so the hash is reproducible;
         # NUL, which PostgreSQL text and jsonb refuse, becomes U+FFFD.
-        details=json.loads(canonical(entry.details).replace(b"\\u0000", b"\\ufffd")),
-        prev_hash=prev_hash,
-    )
-    ev.hash = row_hash(ev)
-    session.add(ev)
+        "details": json.loads(canonical(entry.details).replace(b"\\u0000", b"\\ufffd")),
+        "prev_hash": prev_hash,
+    }
+    row["hash"] = _digest(row)
+    # Core statements, not the unit of work: this runs on every request.
+    session.execute(insert(AuditEvent).values(**row))
     session.execute(
         update(AuditHead)
         .where(AuditHead.tenant_id == entry.tenant_id)
-        .values(hash=ev.hash)
+        .values(hash=row["hash"])
         .execution_options(synchronize_session=False)
     )
-    session.flush([ev])
-    return ev
+    return row
 
 
 # -- recording with the action's transaction ----------------------------------------------

@@ -100,9 +100,13 @@ def republish(celery: Celery, db: Database, settings: Settings) -> int:
     whose message the broker no longer holds (a Redis restart loses its queue; the DB does
     not). Units still in the broker just restart their grace clock. Returns how many went out."""
     with db.session() as s:
-        candidates = {kind: leases.to_publish(s, kind, settings.requeue_grace_s) for kind in leases.kinds()}
-        # jobs whose tenant is at its running limit on their queue wait for a free slot
-        candidates[jobs.LEASE] = jobs.startable(s, candidates[jobs.LEASE], settings.tenant_max_running_per_queue)
+        candidates = {
+            # jobs whose tenant is at its running limit on their queue wait for a free slot
+            kind: jobs.to_publish(s, settings.requeue_grace_s, settings.tenant_max_running_per_queue)
+            if kind.is_job
+            else leases.to_publish(s, kind, settings.requeue_grace_s)
+            for kind in leases.kinds()
+        }
     present: dict[str, set[leases.Key]] = {}
     if any(c.published for cs in candidates.values() for c in cs):
         import redis

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from app import leases, notify
 from app.broker import RUN_JOB
@@ -204,6 +204,24 @@ def claim_within_limit(session: Session, job_id: int, worker: str, max_running: 
             )
             return Waiting(message)
     return claim(session, job_id, worker)
+
+
+def to_publish(session: Session, grace_s: float, max_running: int) -> list[leases.Candidate]:
+    """leases.to_publish for jobs, less those that could not start now (`startable`): a tenant
+    at its limit has none, so its waiting jobs never crowd out other tenants' (the query is
+    capped)."""
+    where: tuple = ()
+    if max_running > 0:
+        other = aliased(Job)
+        running = (
+            select(func.count())
+            .select_from(other)
+            .where(other.tenant_id == Job.tenant_id, other.queue == Job.queue, other.state == R)
+            .correlate(Job)
+            .scalar_subquery()
+        )
+        where = (running < max_running,)
+    return startable(session, leases.to_publish(session, LEASE, grace_s, where=where), max_running)
 
 
 def startable(session: Session, candidates: list[leases.Candidate], max_running: int) -> list[leases.Candidate]:

@@ -371,9 +371,12 @@ class Candidate:
     published: bool  # False: never published since it became claimable, so publish without looking
 
 
-def to_publish(session: Session, kind: LeaseKind[Any], grace_s: float, limit: int = 10_000) -> list[Candidate]:
+def to_publish(
+    session: Session, kind: LeaseKind[Any], grace_s: float, limit: int = 10_000, where: tuple = ()
+) -> list[Candidate]:
     """Claimable units never published since they became claimable, or published longer ago than
-    the grace period (then their message may be lost: the caller checks the broker)."""
+    the grace period (then their message may be lost: the caller checks the broker); `where`
+    narrows them further."""
     cutoff = utcnow() - timedelta(seconds=grace_s)
     m = kind.model
     q = select(m.published_at, Job.queue, *kind.key)
@@ -381,7 +384,7 @@ def to_publish(session: Session, kind: LeaseKind[Any], grace_s: float, limit: in
         q = q.join(Job, Job.id == kind.job_id)
     if kind.publish_while is not None:
         q = q.where(Job.state.in_(kind.publish_while))
-    q = q.where(m.state == kind.claimable, m.published_at.is_(None) | (m.published_at < cutoff))
+    q = q.where(m.state == kind.claimable, m.published_at.is_(None) | (m.published_at < cutoff), *where)
     rows = session.execute(q.order_by(*kind.key).limit(limit)).all()
     return [Candidate(tuple(key), queue, published is not None) for published, queue, *key in rows]
 

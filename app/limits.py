@@ -69,7 +69,9 @@ def requester() -> str:
     key_id = _api_key_id()
     if key_id is not None:
         return f"key:{key_id}"
-    sid = session.get("sid")
+    from app.web.session_auth import SESSION_ID
+
+    sid = session.get(SESSION_ID)
     if isinstance(sid, str) and sid:
         return "web:" + hashlib.sha256(sid.encode()).hexdigest()[:24]
     return f"addr:{request.remote_addr or 'unknown'}"

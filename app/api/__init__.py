@@ -119,6 +119,7 @@ def require_api_key() -> None:
         session.commit()
     g.tenant_id = key.tenant_id
     g.api_key_id = key.id
+    g.api_key_prefix = key.prefix  # for the audit trail
     g.api_key_role = key.role
 
 

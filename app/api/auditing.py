@@ -19,7 +19,7 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from flask import Flask, Response, g, request
 
@@ -140,8 +140,20 @@ def _actor(via: str) -> audit.Actor | None:
     key_id = g.get("api_key_id")
     if key_id is None:
         return None
-    key = db_session().get(ApiKey, key_id)  # loaded by authentication: no query
-    return audit.Actor("key", via, key_id, key.prefix if key is not None else None)
+    prefix = g.get("api_key_prefix") or g.get("web_key_prefix")  # set by the API's and the pages' sign-in checks
+    if prefix is None:
+        key = db_session().get(ApiKey, key_id)
+        prefix = key.prefix if key is not None else None
+    return audit.Actor("key", via, key_id, prefix)
+
+
+def _file_sha256(stream: IO[bytes]) -> str:
+    """sha256 of an uploaded file, read in chunks; the stream is rewound for the view."""
+    digest = hashlib.sha256()
+    while chunk := stream.read(1 << 20):
+        digest.update(chunk)
+    stream.seek(0)
+    return digest.hexdigest()
 
 
 def _predict_inputs() -> dict[str, Any]:
@@ -152,9 +164,7 @@ def _predict_inputs() -> dict[str, Any]:
     else:
         text = request.form.get("inputs") or ""
         inputs = [line.strip() for line in text.splitlines() if line.strip()]
-        for f in request.files.getlist("files"):
-            inputs.append(hashlib.sha256(f.read()).hexdigest())
-            f.seek(0)
+        inputs += [_file_sha256(f.stream) for f in request.files.getlist("files")]  # images
     if not isinstance(inputs, list):
         return {}
     return {"inputs": len(inputs), "inputs_sha256": audit.sha256_json(inputs)}

@@ -4,8 +4,9 @@ submit training and scoring jobs, upload datasets and browse the model registry.
 Server-rendered Jinja templates with a little vanilla JavaScript; the only third-party
 browser code is uPlot, vendored under static/vendor (no CDN, no build step).
 
-Pages authenticate with a signed session cookie holding the API key's id and tenant id;
-the key is re-checked on every request, so revoking it signs the browser out. Every POST
+Pages authenticate with a server-side session (app.web.session_auth): the signed cookie
+holds its random id, checked against the database on every request, so signing out, revoking
+the key or the session's lifetime ends it for every copy of the cookie. Every POST
 carries a per-session CSRF token. The /api/v1 routes stay Bearer-only: the pages read JSON
 from session-authenticated GET twins under /ui/api/ that reuse the API's queries,
 serialisers and SSE generator.

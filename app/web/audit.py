@@ -27,6 +27,8 @@ def _begin_audit() -> None:
 
 
 def signed_in_role() -> KeyRole | None:
+    if g.get("web_key_role") is not None:  # set by the sign-in guard
+        return KeyRole(g.web_key_role)
     key_id = g.get("api_key_id")
     key = db_session().get(ApiKey, key_id) if key_id is not None else None
     return key.role if key is not None else None

@@ -116,11 +116,10 @@ def _load_signed_in_key() -> tuple[ApiKey, Tenant] | None:
         db.commit()
         g.web_session_end = why
         return None
-    now = utcnow()
-    idle = config.session_idle_timeout_s
-    if (now - ws.last_seen_at).total_seconds() > min(LAST_SEEN_EVERY_S, idle / 2 if idle > 0 else LAST_SEEN_EVERY_S):
-        ws.last_seen_at = now
-    g.web_session_id = ws.id
+    now, idle = utcnow(), config.session_idle_timeout_s
+    refresh_s = min(LAST_SEEN_EVERY_S, idle / 2) if idle > 0 else LAST_SEEN_EVERY_S
+    if (now - ws.last_seen_at).total_seconds() > refresh_s:
+        ws.last_seen_at = now  # committed by the guard
     return key, tenant
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 from app import auth, jobs
 from app.config import from_env
@@ -66,9 +67,40 @@ def seed(settings) -> dict[str, str]:  # noqa: ANN001
             victim, _ = auth.new_key(s, tenant.id, "victim", KeyRole.admin)
             job, _ = jobs.submit(s, tenant_id=tenant.id, kind="sleep", spec={"seconds": 0}, queue="cpu")
             jobs.request_cancel(s, job.id)  # queued: cancelled at once
-            return {"FUZZ_SECRET": secret, "FUZZ_OWN_KEY_ID": str(own.id), "FUZZ_VICTIM_KEY_ID": str(victim.id)}
+            return {"FUZZ_SECRET": secret, "FUZZ_OWN_KEY_ID": str(own.id), "FUZZ_VICTIM_KEY_ID": str(victim.id),
+                    "FUZZ_JOB_ID": str(job.id)}
     finally:
         db.dispose()
+
+
+def upload_examples(base_url: str, secret: str) -> list[int]:
+    """Two real datasets (the README's examples), so operations on a dataset id reach past 404."""
+    ids = []
+    for kind, name, extra in (("sequences", "solubility.csv", {"label_columns": "solubility"}),
+                              ("library", "library.smi", {})):
+        with open(ROOT / "examples" / name, "rb") as fh:
+            r = requests.post(f"{base_url}/api/v1/datasets", headers={"Authorization": f"Bearer {secret}"},
+                              data={"kind": kind, **extra}, files={"file": (name, fh)}, timeout=60)
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    return ids
+
+
+def schemathesis_config(dataset_ids: list[int], job_id: int) -> str:
+    """Known ids are drawn half of the time for their path parameters (the rest stay random),
+    and the relaxed check of SEMANTIC_422."""
+    lines = [
+        f"[dictionaries.datasets]\nvalues = {json.dumps(dataset_ids)}\n",
+        f"[dictionaries.jobs]\nvalues = [{job_id}]\n",
+        "[parameters]\n",
+        '"path.dataset_id" = { dictionary = "datasets", probability = 0.5 }\n',
+        '"path.job_id" = { dictionary = "jobs", probability = 0.5 }\n',
+    ]
+    for name in sorted(SEMANTIC_422):
+        lines.append(f'[[operations]]\ninclude-name = "{name}"\n'
+                     f"[operations.checks.positive_data_acceptance]\n"
+                     f"expected-statuses = {json.dumps(POSITIVE_EXPECTED + ['422'])}\n")
+    return "".join(lines)
 
 
 @pytest.mark.timeout(600)
@@ -77,18 +109,17 @@ def test_schemathesis_finds_nothing(fuzz_settings, tmp_path: Path) -> None:  # n
     server = WebServer(fuzz_settings, tmp_path, workers=1)
     report = tmp_path / "report"
     config = tmp_path / "schemathesis.toml"
-    config.write_text("".join(
-        f'[[operations]]\ninclude-name = "{name}"\n'
-        f"[operations.checks.positive_data_acceptance]\nexpected-statuses = {json.dumps(POSITIVE_EXPECTED + ['422'])}\n"
-        for name in sorted(SEMANTIC_422)))
     try:
-        env = {**os.environ, **ids, "FUZZ_BASE_URL": server.url, "SCHEMATHESIS_HOOKS": "tests.integration.fuzz_hooks", "PYTHONPATH": str(ROOT)}
+        config.write_text(schemathesis_config(upload_examples(server.url, ids["FUZZ_SECRET"]), int(ids["FUZZ_JOB_ID"])))
+        env = {**os.environ, **ids, "FUZZ_BASE_URL": server.url, "SCHEMATHESIS_HOOKS": "tests.integration.fuzz_hooks",
+               "PYTHONPATH": str(ROOT)}
         run = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
              f"{server.url}/api/v1/openapi.json",
-             "--checks", "all", "--max-examples", str(MAX_EXAMPLES), "--seed", SEED, "--workers", "1",
+             "--checks", "all", "--max-examples", str(MAX_EXAMPLES), "--seed", SEED,
              # one worker: Hypothesis parses lambdas with `ast`, which CPython 3.11 cannot do in
              # parallel threads ("AST constructor recursion depth mismatch", a runtime error)
+             "--workers", "1",
              "--header", f"Authorization: Bearer {ids['FUZZ_SECRET']}", "--request-timeout", "30",
              "--report", "junit,ndjson", "--report-dir", str(report), "--no-color"],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=540)

@@ -336,7 +336,8 @@ def test_every_api_route_is_audited(app, client) -> None:  # noqa: ANN001
 
 
 def _page_url(rule) -> str:  # noqa: ANN001
-    values = {a: ("1" if a.endswith("id") or a == "version" else ("weights" if a == "which" else "sol"))
+    """A concrete URL naming objects that do not exist (so a walked POST changes nothing)."""
+    values = {a: ("999999" if a.endswith("id") or a == "version" else ("weights" if a == "which" else "nosuch"))
               for a in rule.arguments}
     return re.sub(r"<(?:[^:>]+:)?([^>]+)>", lambda m: values[m.group(1)], rule.rule)
 
@@ -471,3 +472,21 @@ def test_hostile_path_values_are_recorded_safely(app, client) -> None:  # noqa: 
     assert client.get("/api/v1/audit?object_id=a%00b", headers=bearer(secret)).status_code == 422
     assert client.get("/api/v1/audit?action=mod%25.", headers=bearer(secret)).get_json()["items"] == []
     assert verify(app, "lab").intact
+
+
+def test_page_predict_records_hashed_inputs(app, client, monkeypatch) -> None:  # noqa: ANN001
+    from app.web import library
+
+    monkeypatch.setattr(library, "PREDICT_WAIT_S", 0.0)  # no worker here: the page links the job at once
+    tid, _, secret = new_tenant(app, "lab")
+    with app.extensions["medmaas.db"].session() as s:
+        s.add(ModelVersion(tenant_id=tid, name="sol", version=1, arch="rnn", task="regression", input_kind="smiles",
+                           spec={"arch": "rnn", "max_len": 64}, artifact_uri="file:///nowhere"))
+    sign_in(client, secret)
+    r = client.post("/models/sol/predict", data={"inputs": "CCO\nPATIENT-DOE-JANE\n", "ref": "",
+                                                 "csrf_token": csrf_of(client)})
+    assert r.status_code == 200, r.get_data(as_text=True)[:500]
+    row = last_row(app, tid)
+    assert (row.action, row.via, row.object_id) == ("model.predict", "web", "sol")
+    assert row.details["inputs_sha256"] == audit.sha256_json(["CCO", "PATIENT-DOE-JANE"])  # as the API hashes them
+    assert "PATIENT-DOE-JANE" not in json.dumps(row.details)

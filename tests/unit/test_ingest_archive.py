@@ -150,3 +150,23 @@ def test_extraction_never_follows_existing_links(tmp_path):
         extract_zip(str(z), str(out))
     assert not (tmp_path / "victim").exists()
     assert stat.S_ISLNK(os.lstat(out / "a" / "x.png").st_mode)
+
+
+def test_flat_extraction_and_rewrite_keep_names_and_originals_off_disk(tmp_path):
+    from app.ingest.archive import MemberRejected
+
+    z = make_zip(tmp_path / "ok.zip", {"DOE_JANE/a.png": b"1", "DOE_JANE/b.dcm": b"secret", "DOE_JANE/c.dcm": b"bad"})
+
+    def rewrite(name, head, size):
+        if not name.endswith(".dcm"):
+            return None
+        if head == b"bad":
+            raise MemberRejected("cannot be de-identified")
+        return lambda raw: raw.replace(b"secret", b"------")
+
+    files = extract_zip(str(z), str(tmp_path / "out"), flat=True, rewrite=rewrite)
+    assert [(f.name, f.position, f.rewritten, f.rejected) for f in files] == [
+        ("DOE_JANE/a.png", 1, False, None), ("DOE_JANE/b.dcm", 2, True, None),
+        ("DOE_JANE/c.dcm", 3, True, "cannot be de-identified")]
+    assert tree(tmp_path / "out") == {"0000001", "0000002"}  # no archive name reaches the disk
+    assert (tmp_path / "out" / "0000002").read_bytes() == b"------"

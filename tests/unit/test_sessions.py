@@ -196,3 +196,30 @@ def test_unset_secure_cookies_travels_to_child_processes_as_unset() -> None:
     assert env["MEDMAAS_SECURE_COOKIES"] == ""
     assert from_env(env).secure_cookies is None and from_env(env).cookies_secure
     assert from_env({"MEDMAAS_SECURE_COOKIES": "false", "MEDMAAS_WEB_HOST": "0.0.0.0"}).cookies_secure is False
+
+
+def test_migration_0010_creates_and_drops_web_sessions(tmp_path) -> None:  # noqa: ANN001
+    """SQLite: 0009 -> 0010 adds the table (hash unique, key index, cascades with its key);
+    the downgrade drops it and nothing else."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from app.migrate import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "0009")
+    engine = sa.create_engine(url)
+    before = set(sa.inspect(engine).get_table_names())
+    assert "web_sessions" not in before
+    command.upgrade(cfg, "0010")
+    inspector = sa.inspect(engine)
+    assert {c["name"] for c in inspector.get_columns("web_sessions")} == {
+        "id", "token_sha256", "key_id", "tenant_id", "created_at", "last_seen_at", "expires_at", "ended_at"}
+    assert [ix["column_names"] for ix in inspector.get_indexes("web_sessions")] == [["key_id"]]
+    assert [u["column_names"] for u in inspector.get_unique_constraints("web_sessions")] == [["token_sha256"]]
+    assert {fk["referred_table"]: fk["options"].get("ondelete") for fk in inspector.get_foreign_keys("web_sessions")
+            } == {"api_keys": "CASCADE", "tenants": "CASCADE"}
+    command.downgrade(cfg, "0009")
+    assert set(sa.inspect(engine).get_table_names()) == before
+    engine.dispose()
