@@ -18,7 +18,7 @@ import enum
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -83,10 +83,6 @@ class Actor:
 
 CLI = Actor("cli", "cli")
 SYSTEM = Actor("system", "system")
-
-
-def key_actor(key: ApiKey, via: str) -> Actor:
-    return Actor("key", via, key.id, key.prefix)
 
 
 @dataclass
@@ -237,15 +233,15 @@ def _write_pending(session: Session) -> None:
     if entry is None or entry.written or entry.in_transaction or entry.tenant_id is None or entry.actor is None:
         return
     session.flush()  # the action's own rows first: their ids name what it created
+    # Named on a copy: if this commit fails, the entry is written later as it was.
     created = {k: sorted(set(v)) for k, v in entry.created.items()}
-    mine = created.get(entry.object_type or "")
-    if entry.object_id is None and mine:
-        entry.object_id = str(mine[0])
+    object_id, mine = entry.object_id, created.get(entry.object_type or "")
+    if object_id is None and mine:
+        object_id = str(mine[0])
         if len(mine) == 1:
             created.pop(entry.object_type or "")
-    if created:
-        entry.details = {**entry.details, "created": created}
-    record(session, entry)
+    details = {**entry.details, "created": created} if created else entry.details
+    record(session, replace(entry, object_id=object_id, details=details))
     entry.in_transaction = True
 
 

@@ -41,6 +41,9 @@ class Settings:
     max_json_bytes: int = 1 * 1024**2
     archive_max_members: int = 200_000
     archive_max_bytes: int = 8 * 1024**3
+    # Text uploads (sequences, libraries) up to this size, and gzip ones that expand to no
+    # more, are parsed in the request (201); larger ones by an `ingest` job (202).
+    ingest_inline_max_bytes: int = 4 * 1024**2
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 60.0
     reaper_interval_s: float = 10.0

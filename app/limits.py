@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any
 
-from apispec import APISpec, BasePlugin
+from apispec import BasePlugin
 from flask import Flask, Response, current_app, g, make_response, request, session
 from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded
 from flask_smorest import Api
@@ -157,9 +157,6 @@ class _TooManyRequestsPlugin(BasePlugin):
         for operation in (operations or {}).values():
             if isinstance(operation, dict):
                 operation.setdefault("responses", {}).setdefault("429", "TooManyRequests")
-
-    def init_spec(self, spec: APISpec) -> None:
-        super().init_spec(spec)
 
 
 # -- open event streams per key ----------------------------------------------------------

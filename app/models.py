@@ -102,6 +102,12 @@ class KeyRole(enum.StrEnum):
         return self.rank >= needed.rank
 
 
+class DatasetStatus(enum.StrEnum):
+    ready = "ready"
+    processing = "processing"  # an ingest job is parsing the upload
+    failed = "failed"
+
+
 class Tenant(Base):
     __tablename__ = "tenants"
 
@@ -210,6 +216,13 @@ class Dataset(Base):
     uri: Mapped[str] = mapped_column(Text)
     data_uri: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # A large upload is parsed by an `ingest` job (job_id): `processing` until it ends, then
+    # `ready` (rows, schema, stats filled in) or `failed` with `error` in one sentence.
+    status: Mapped[DatasetStatus] = mapped_column(
+        _enum(DatasetStatus, "dataset_status"), default=DatasetStatus.ready, server_default="ready"
+    )
+    error: Mapped[str | None] = mapped_column(Text)
+    job_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class ModelVersion(Base):

@@ -67,8 +67,16 @@ ACTIONS: dict[str, str | dict[str, str]] = {
 OBJECT_TYPES = {"web.train_new": "job", "web.score_new": "job", "web.login": "key", "web.logout": "key"}
 # View arguments that qualify the object rather than name it (kept in details).
 DETAIL_ARGS = frozenset({"which"})
-# Form fields worth keeping (never inputs or files: those are hashed, see _predict_inputs).
-DETAIL_FORM_FIELDS = {"web.model_set_alias": ("alias", "version"), "web.job_cancel": ()}
+# Request fields (JSON body or form) that say what a write did; never inputs, files, specs
+# or secrets (predict inputs are hashed, see _predict_inputs).
+DETAIL_FIELDS = {
+    "jobs.submit": ("kind",),
+    "keys.create": ("role", "expires_in_days"),
+    "models.set_alias": ("version",),
+    "web.job_new": ("kind",),
+    "web.datasets": ("kind",),
+    "web.model_set_alias": ("alias", "version"),
+}
 # Routes that read no tenant data and change nothing (a redirect, static files, docs, probes).
 NOT_AUDITED = frozenset({"static", "web.index", "api-docs.openapi_json"})
 NOT_AUDITED_BLUEPRINTS = frozenset({"health"})
@@ -156,6 +164,15 @@ def _file_sha256(stream: IO[bytes]) -> str:
     return digest.hexdigest()
 
 
+def _request_fields(names: tuple[str, ...]) -> dict[str, Any]:
+    if not names or request.method in SAFE_METHODS:
+        return {}
+    body = request.get_json(silent=True) if request.is_json else None
+    source = body if isinstance(body, dict) else request.form
+    found = {name: source.get(name) for name in names}
+    return {k: v[:128] if isinstance(v, str) else v for k, v in found.items() if isinstance(v, str | int | float)}
+
+
 def _predict_inputs() -> dict[str, Any]:
     """How many inputs a predict request sent and their sha256, never the inputs."""
     body = request.get_json(silent=True) if request.is_json else None
@@ -177,9 +194,7 @@ def _entry(via: str) -> audit.Entry | None:
     assert request.endpoint is not None
     d = describe(request.endpoint, rule.rule, request.method, request.view_args or {})
     details = dict(d.details)
-    for name in DETAIL_FORM_FIELDS.get(request.endpoint, ()):
-        if request.form.get(name):
-            details[name] = request.form[name][:128]
+    details.update(_request_fields(DETAIL_FIELDS.get(request.endpoint, ())))
     if d.action == "model.predict":
         details.update(_predict_inputs())
     return audit.Entry(

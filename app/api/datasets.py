@@ -7,10 +7,11 @@ from typing import Any
 from flask_smorest import Blueprint
 from marshmallow import INCLUDE, Schema, fields, validate
 
-from app.api import MAX_ID, db_session, requires, settings, tenant_id
+from app import dispatch
+from app.api import MAX_ID, celery, database, db_session, requires, settings, tenant_id
 from app.api.openapi import body_doc, merged
 from app.ingest import KINDS
-from app.models import Dataset, KeyRole
+from app.models import Dataset, DatasetStatus, KeyRole
 from app.stores import datasets as datasets_store
 
 blp = Blueprint("datasets", __name__, url_prefix="/api/v1/datasets", description="Upload and inspect datasets")
@@ -45,6 +46,15 @@ class DatasetSchema(Schema):
     stats = fields.Dict()
     options = fields.Dict()
     created_at = fields.DateTime()
+    status = fields.String(
+        metadata={
+            "enum": [s.value for s in DatasetStatus],
+            "description": "ready; processing while an ingest job (job_id) parses a large upload (rows, schema and "
+            "stats are filled in then); failed, with error in one sentence",
+        }
+    )
+    error = fields.String(allow_none=True, metadata={"description": "why parsing failed (status failed)"})
+    job_id = fields.Integer(allow_none=True, metadata={"description": "the ingest job that parses the upload"})
     warnings = fields.Method(
         "_warnings",
         dump_only=True,
@@ -83,13 +93,24 @@ class DatasetListSchema(Schema):
 @blp.arguments(DatasetUploadForm, location="form")
 @blp.arguments(DatasetUploadFile, location="files")
 @blp.response(201, DatasetSchema)
+@blp.alt_response(
+    202,
+    schema=DatasetSchema,
+    description="A large text upload: stored and its start checked, status `processing`; an ingest job "
+    "(`job_id`) parses it. Poll the Location header (/api/v1/datasets/{id}) until status is ready or failed",
+)
 @requires(KeyRole.member)
-def upload(form: dict[str, Any], files: dict[str, Any]) -> Dataset:
+def upload(form: dict[str, Any], files: dict[str, Any]) -> tuple[Dataset, int, dict[str, str]] | Dataset:
     """Upload a dataset (multipart). Validated before it is stored: a bad file gets a 4xx
-    and leaves nothing behind; invalid rows inside a good file are counted and sampled."""
+    and leaves nothing behind; invalid rows inside a good file are counted and sampled.
+
+    Images, and sequences or libraries up to MEDMAAS_INGEST_INLINE_MAX_BYTES (4 MiB; gzip:
+    expanding to no more), are parsed in the request: 201 with the validation report. A
+    larger text upload gets the checks its first rows allow (a bad header or option is
+    still a 4xx) and 202 with the dataset `processing`; a worker parses the rest."""
     upload_file = files["file"]
     options = datasets_store.upload_options(form)
-    return datasets_store.create_from_upload(
+    ds = datasets_store.create_from_upload(
         db_session(),
         settings(),
         tenant_id(),
@@ -98,7 +119,11 @@ def upload(form: dict[str, Any], files: dict[str, Any]) -> Dataset:
         stream=upload_file.stream,
         filename=upload_file.filename,
         options=options,
+        publish=lambda items: dispatch.publish_jobs(celery(), database(), items, stamp=False),
     )
+    if ds.status == DatasetStatus.processing:
+        return ds, 202, {"Location": f"/api/v1/datasets/{ds.id}"}
+    return ds
 
 
 @blp.route("", methods=["GET"])

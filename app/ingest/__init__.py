@@ -44,13 +44,15 @@ def ingest(
     options: Mapping[str, Any] | None = None,
     limits: IngestLimits | Mapping[str, Any] | None = None,
     deid_seed: str | None = None,
+    scratch_dir: str | None = None,
 ) -> IngestReport:
     """Validate the uploaded file at ``path`` and, for images and sequences, write the
     normalised dataset under ``work_dir`` (``data.npz`` or ``data.parquet``). Images may
     come as an open binary file; their DICOM files are de-identified with ``deid_seed``
-    (app.ingest.deid.tenant_seed)."""
+    (app.ingest.deid.tenant_seed). Image scratch (extracted members, decoded pixels) goes
+    under ``scratch_dir`` (default: ``work_dir``)."""
     if kind == "images":
-        report = ingest_images(path, original_filename, work_dir, limits, options, deid_seed)
+        report = ingest_images(path, original_filename, work_dir, limits, options, deid_seed, scratch_dir)
     elif not isinstance(path, str):
         raise TypeError(f"{kind} datasets are read from a file name")
     elif kind == "sequences":

@@ -70,9 +70,12 @@ def ingest_images(
     limits: IngestLimits | Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
     deid_seed: str | None = None,
+    scratch_dir: str | None = None,
 ) -> IngestReport:
     """``path``: a file name or a seekable binary file. ``deid_seed``: the tenant's
-    de-identification seed (deid.tenant_seed); None de-identifies with a random one."""
+    de-identification seed (deid.tenant_seed); None de-identifies with a random one.
+    ``scratch_dir``: where a zip's members are extracted and its pixels decoded while it is
+    read (a private temporary directory is made in it and removed); default ``work_dir``."""
     limits = IngestLimits.of(limits)
     options = dict(options or {})
     check_option_names(options, OPTIONS, "images")
@@ -89,7 +92,7 @@ def ingest_images(
             "the .npz file contains non-array entries; expected only "
             "train_images, train_labels and optional val_*/test_* arrays",
         )
-    return _ingest_folders(path, work_dir, limits, size, class_names, Deidentifier(deid_seed))
+    return _ingest_folders(path, work_dir, limits, size, class_names, Deidentifier(deid_seed), scratch_dir or work_dir)
 
 
 def _opt_image_size(value: Any) -> tuple[int, int] | None:
@@ -396,10 +399,12 @@ def _ingest_folders(
     size: tuple[int, int] | None,
     class_names: list[str] | None,
     deid: Deidentifier,
+    scratch_dir: str,
 ) -> IngestReport:
     invalid = InvalidRows(limits.max_invalid_samples)
-    extract_dir = tempfile.mkdtemp(prefix="_extract-", dir=work_dir)
-    memmap_path = os.path.join(work_dir, "_images.u8")
+    scratch = tempfile.mkdtemp(prefix="_extract-", dir=scratch_dir)
+    extract_dir = os.path.join(scratch, "members")
+    memmap_path = os.path.join(scratch, "_images.u8")
     dicom_ids: dict[str, dict[str, str]] = {}
     try:
         files = extract_zip(
@@ -503,9 +508,7 @@ def _ingest_folders(
             },
         )
     finally:
-        shutil.rmtree(extract_dir, ignore_errors=True)
-        if os.path.exists(memmap_path):
-            os.unlink(memmap_path)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _write_dicom_index(

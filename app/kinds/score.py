@@ -20,6 +20,7 @@ from app.errors import ApiError
 from app.fields import StrictBoolean, StrictInteger
 from app.ingest.library import SchemaError, library_schema
 from app.kinds import KindSpec, Spec, SpecError, SubmitContext, allowed_queue, queue_or_default, register
+from app.kinds.ingest import require_ready
 from app.kinds.predict import unknown_model
 from app.models import MAX_ID, Dataset, Job
 from app.registry import ModelNotFound, resolve_ref
@@ -106,6 +107,7 @@ def check(spec: Spec, ctx: SubmitContext) -> Spec:
         raise SpecError(
             f"Dataset {spec['library_id']} not found", "unknown_dataset", {"spec": {"library_id": spec["library_id"]}}
         )
+    require_ready(ds, "library_id")
     if ds.kind != "library":
         raise SpecError(
             f"dataset {ds.id} is a {ds.kind} dataset; scoring reads a dataset of kind library",

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from app.config import Settings
 from app.fields import StrictFloat, StrictInteger
 from app.kinds import KindSpec, Spec, SpecError, SubmitContext, allowed_queue, queue_or_default, register
+from app.kinds.ingest import require_ready
 from app.modelconfig import (
     CONFIGS,
     DEFAULT_FRACTIONS,
@@ -115,6 +116,7 @@ def check(spec: Spec, ctx: SubmitContext) -> Spec:
         raise SpecError(
             f"Dataset {spec['dataset_id']} not found", "unknown_dataset", {"spec": {"dataset_id": spec["dataset_id"]}}
         )
+    require_ready(ds, "dataset_id")
     wanted = {"cnn": "images", "rnn": "sequences"}[spec["arch"]]
     if ds.kind != wanted:
         raise SpecError(f"arch {spec['arch']} trains on {wanted} datasets; dataset {ds.id} holds {ds.kind}")

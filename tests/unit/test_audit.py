@@ -211,6 +211,7 @@ def test_a_write_is_recorded_with_its_commit_naming_what_it_created(app, client)
     row = last_row(app, tid)
     assert (row.action, row.object_type, row.object_id) == ("job.create", "job", str(r.get_json()["id"]))
     assert row.outcome == "ok" and row.status is None  # written before the answer existed
+    assert row.details == {"kind": "sleep"}  # what was submitted, not the spec
 
     # the same Idempotency-Key again: nothing new committed, and the trail says so
     for _ in range(2):
@@ -221,21 +222,33 @@ def test_a_write_is_recorded_with_its_commit_naming_what_it_created(app, client)
     assert (row.action, row.outcome, row.status) == ("job.create", "unchanged", 200)
 
 
-def test_a_rolled_back_action_leaves_no_row_saying_it_happened(app, client) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("fail_at", ["flush", "commit"])
+def test_a_rolled_back_action_leaves_no_row_saying_it_happened(app, client, fail_at: str) -> None:  # noqa: ANN001
+    """The action fails while flushing its rows, or at commit after its audit row was added:
+    either way neither the job nor an `ok` row remains, only the failed attempt."""
     tid, _, secret = new_tenant(app, "lab")
     db = app.extensions["medmaas.db"]
+    failures = []
 
-    def refuse_jobs(session, _ctx, _instances) -> None:  # noqa: ANN001
-        if any(isinstance(o, Job) for o in session.new):
+    def refuse_jobs(session, *_args) -> None:  # noqa: ANN001
+        if fail_at == "flush" and any(isinstance(o, Job) for o in session.new):
+            raise RuntimeError("disk full")
+        entry = audit.pending(session)
+        if fail_at == "commit" and entry is not None and entry.in_transaction and not failures:
+            failures.append(entry.action)  # once: the failed attempt's own row may then be written
             raise RuntimeError("disk full")
 
-    event.listen(db.sessionmaker, "before_flush", refuse_jobs)
+    hook = "before_flush" if fail_at == "flush" else "before_commit"  # after the audit hook's
+    event.listen(db.sessionmaker, hook, refuse_jobs)
     try:
         r = client.post("/api/v1/jobs", json={"kind": "sleep", "spec": {"seconds": 0}}, headers=bearer(secret))
     finally:
-        event.remove(db.sessionmaker, "before_flush", refuse_jobs)
+        event.remove(db.sessionmaker, hook, refuse_jobs)
     assert r.status_code == 500 and job_count(app) == 0
-    assert [(x.action, x.outcome, x.status) for x in rows(app, tid)] == [("job.create", "failed", 500)]
+    assert failures == (["job.create"] if fail_at == "commit" else [])
+    assert [(x.action, x.outcome, x.status, x.object_id, x.details) for x in rows(app, tid)] == [
+        ("job.create", "failed", 500, None, {"kind": "sleep"})]  # names no job that never was
+    assert verify(app, "lab").intact
 
 
 def test_an_action_whose_audit_row_cannot_be_written_is_not_committed(app, client, monkeypatch) -> None:  # noqa: ANN001
@@ -300,6 +313,7 @@ def test_key_lifecycle_is_recorded(app, client) -> None:  # noqa: ANN001
         ("key.rotate", str(created["id"]), {"key": [rotated["id"]]}),
         ("key.revoke", str(rotated["id"]), None),
     ]
+    assert rows(app, tid)[0].details == {"role": "viewer"}
     assert all(created["secret"] not in json.dumps(r.details) for r in rows(app, tid))
 
 
