@@ -115,6 +115,11 @@ class ErrorResponsesPlugin(BasePlugin):
         super().init_spec(spec)
         self.spec = spec
 
+    def _error_content(self) -> dict[str, Any]:
+        from app.errors import ErrorBodySchema
+
+        return {"application/json": {"schema": schema_converter(self.spec).resolve_nested_schema(ErrorBodySchema)}}
+
     def operation_helper(self, path: str | None = None, operations: dict | None = None, **kwargs: Any) -> None:
         from app.api import required_role
 
@@ -128,6 +133,10 @@ class ErrorResponsesPlugin(BasePlugin):
                 build, content_type = declared
                 operation["requestBody"]["content"] = {content_type: {"schema": build(self.spec)}}
             responses = operation.setdefault("responses", {})
+            for code, response in responses.items():
+                # an error documented inline (a description only) still has the error body
+                if str(code).isdigit() and int(code) >= 400 and isinstance(response, dict):
+                    response.setdefault("content", self._error_content())
             present = {str(code) for code in responses}
             wanted = _statuses(method, operation, bool(rule is not None and rule.arguments), required_role(view))
             for status in sorted(wanted | declared_answers(view)):

@@ -141,7 +141,9 @@ def test_role_table(app) -> None:  # noqa: ANN001
         if rule.rule.startswith("/api/v1/") and rule.rule != "/api/v1/openapi.json":
             for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
                 roles[(method, rule.rule)] = declared_role(app.view_functions[rule.endpoint])
-    assert all(r == KeyRole.viewer for (m, _), r in roles.items() if m == "GET" and "/keys" not in _)
+    admin_only = ("/api/v1/keys", "/api/v1/audit")  # key management and the audit trail
+    assert all(r == KeyRole.viewer for (m, p), r in roles.items() if m == "GET" and not p.startswith(admin_only))
+    assert {r for (m, p), r in roles.items() if p.startswith("/api/v1/audit")} == {KeyRole.admin}
     assert roles[("POST", "/api/v1/jobs")] == roles[("POST", "/api/v1/datasets")] == KeyRole.member
     assert {r for (m, p), r in roles.items() if p.startswith("/api/v1/keys")} == {KeyRole.admin}
     assert [r for (m, p), r in roles.items() if "/aliases/" in p] == [KeyRole.admin]
