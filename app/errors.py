@@ -50,6 +50,12 @@ class ErrorBodySchema(Schema):
     error = fields.Nested(ErrorDetailSchema, required=True)
 
 
+# Text may not contain NUL (PostgreSQL cannot store it): refused by app.api.nul, documented
+# as a pattern on every string (app.api.openapi), and caught from the database (multipart).
+NUL_MESSAGE = "Text in the request contains a NUL character (\\u0000), which is not allowed"
+NO_NUL_PATTERN = "^[^\\u0000]*$"
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, details: Any = None) -> None:
         super().__init__(message)
@@ -146,6 +152,17 @@ def out_of_range(exc: Exception) -> bool:
     return isinstance(exc, OverflowError) and "SQLite INTEGER" in str(exc)
 
 
+def unstorable_text(exc: Exception) -> bool:
+    """Text PostgreSQL cannot hold: a NUL character (psycopg refuses it before sending) or a
+    \\u0000 escape in JSON (SQLSTATE 22P05, untranslatable_character)."""
+    from sqlalchemy.exc import DataError
+
+    if not isinstance(exc, DataError):
+        return False
+    orig = exc.orig
+    return "NUL (0x00)" in str(orig) or "22P05" in (getattr(orig, "sqlstate", None), getattr(orig, "pgcode", None))
+
+
 def _hostile_input(exc: Exception) -> ResponseReturnValue:
     # Safety nets behind the checks at the edge (id converters, bounded schema fields, the
     # JSON depth check in app.factory): hostile input is a 4xx, never a 500.
@@ -157,6 +174,9 @@ def _hostile_input(exc: Exception) -> ResponseReturnValue:
         return current_app.handle_user_exception(
             ApiError(422, "A number in the request is out of range", "validation_error")
         )
+    if unstorable_text(exc):
+        log.warning("text the database cannot store", exc_info=exc)
+        return current_app.handle_user_exception(ApiError(400, NUL_MESSAGE, "bad_request"))
     return _unhandled(exc)
 
 

@@ -407,7 +407,9 @@ class Client:
     ) -> dict:
         """Upload and validate a file (streamed from disk). kind: images, sequences or library.
         Options, e.g. {"text_column": "smiles", "label_columns": "logS"}. Returns the dataset
-        with rows, invalid_rows, invalid_samples, sha256, bytes and schema."""
+        with rows, invalid_rows, invalid_samples, sha256, bytes and schema; a large text upload
+        comes back with status `processing` (its rows still 0) and its `job_id`: wait_dataset
+        waits for it."""
         path = Path(path)
         if not path.is_file():
             raise MedmaasError(None, "no_such_file", f"{path} is not a file")
@@ -430,6 +432,18 @@ class Client:
 
     def get_dataset(self, dataset_id: int) -> dict:
         return self._json("GET", f"/api/v1/datasets/{int(dataset_id)}")
+
+    def wait_dataset(
+        self, dataset_id: int, *, timeout: float | None = None, on_event: Callable[[dict], None] | None = None
+    ) -> dict:
+        """The dataset once it is no longer `processing` (a large upload answers 202 and an
+        ingest job parses it): follows that job, calling on_event for each of its events, then
+        returns the dataset, `ready` or `failed` (with `error`)."""
+        ds = self.get_dataset(dataset_id)
+        if ds.get("status") == "processing" and ds.get("job_id"):
+            self.wait_for(ds["job_id"], timeout=timeout, on_event=on_event)
+            ds = self.get_dataset(dataset_id)
+        return ds
 
     def delete_dataset(self, dataset_id: int) -> None:
         """Erase a dataset: its row and files (409 `in_use`, naming `details.job_ids`, while

@@ -630,9 +630,19 @@ def datasets() -> None:
 @click.option("--name", default=None)
 @click.option("--option", "options", multiple=True, help="ingest option key=value, e.g. text_column=smiles")
 @click.option("--json", "as_json", is_flag=True, help="print the API's JSON")
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    help="a large upload is parsed by a worker job: wait for it (default) or return at once (status processing)",
+)
 @api_command
-def datasets_upload(file: str, kind: str, name: str | None, options: tuple[str, ...], as_json: bool) -> None:
-    """Upload FILE (streamed) and print its validation report."""
+def datasets_upload(
+    file: str, kind: str, name: str | None, options: tuple[str, ...], as_json: bool, wait: bool
+) -> None:
+    """Upload FILE (streamed) and print its validation report.
+
+    A large text upload is parsed by a worker job after the upload: by default this waits for
+    it (following the job). Exit code 1 when the server could not read the file."""
     client = get_client()
     opts = {}
     for pair in options:
@@ -656,14 +666,29 @@ def datasets_upload(file: str, kind: str, name: str | None, options: tuple[str, 
                 progress=lambda sent, total: bar.update(task, completed=sent, total=total),
             )
             bar.update(task, description="validating on the server")
+    if wait and ds.get("status") == "processing":
+        if as_json or not sys.stdout.isatty():
+            ds = client.wait_dataset(ds["id"])
+        else:
+            click.echo(f"Dataset {ds['id']} uploaded; job {ds['job_id']} parses it")
+            watch_job(client, ds["job_id"])
+            ds = client.get_dataset(ds["id"])
     if as_json:
         click.echo(json.dumps(ds, indent=2))
-        return
-    _print_dataset(ds)
+    else:
+        _print_dataset(ds)
+    if ds.get("status") == "failed":
+        sys.exit(1)
 
 
 def _print_dataset(ds: dict) -> None:
     click.echo(f"Dataset {ds['id']} · {ds['name']} · {ds['kind']}")
+    status = ds.get("status") or "ready"
+    if status == "processing":
+        me = command_name()
+        click.echo(f"  status        processing (job {ds.get('job_id')}: `{me} jobs watch {ds.get('job_id')}`)")
+    elif status == "failed":
+        click.echo(f"  status        failed: {ds.get('error')}")
     click.echo(f"  rows          {ds['rows']}")
     click.echo(f"  invalid rows  {ds['invalid_rows']}")
     click.echo(f"  bytes         {ds['bytes']}")
@@ -684,9 +709,9 @@ def datasets_list(kind: str | None) -> None:
     if not items:
         click.echo("no datasets")
     for ds in items:
-        click.echo(
-            f"{ds['id']:>5}  {ds['kind']:<9}  {ds['rows']:>9} rows  {ds['invalid_rows']:>6} invalid  {ds['name']}"
-        )
+        status = ds.get("status") or "ready"
+        counts = f"{ds['rows']:>9} rows  {ds['invalid_rows']:>6} invalid" if status == "ready" else f"{status:<31}"
+        click.echo(f"{ds['id']:>5}  {ds['kind']:<9}  {counts}  {ds['name']}")
 
 
 @datasets.command("show")

@@ -46,6 +46,7 @@ def _run(client: Client, url: str, epochs: int, console: Console) -> dict:
         ds = client.upload_dataset(
             csv_path, "sequences", name="aqueous-solubility", options={"label_columns": "solubility"}
         )
+    ds = client.wait_dataset(ds["id"])  # parsed by a worker when over the server's inline limit
     console.print(
         f"   dataset {ds['id']}: {ds['rows']} valid molecules, {ds['invalid_rows']} invalid, "
         f"sha256 {ds['sha256'][:12]}…",

@@ -147,11 +147,9 @@ def init_api(app: Flask) -> None:
             "security": [{"bearer": []}],
         },
     )
-    from app.api.openapi import ErrorResponsesPlugin
+    from app.api import openapi
 
-    errors_plugin = ErrorResponsesPlugin(app)
-    errors_plugin.init_spec(api.spec)
-    api.spec.plugins.append(errors_plugin)
+    openapi.install(api, app)
     from app.limits import init_limits
 
     # before the authentication hook below, so refused keys are counted by address
@@ -188,5 +186,8 @@ def init_api(app: Flask) -> None:
     from app.api import auditing
 
     auditing.install(app)  # after _authenticate_api: an audit entry knows its key
+    from app.api.nul import refuse_nul
+
+    app.before_request(refuse_nul)  # after auditing.install: the refusal is recorded with its key
     app.register_blueprint(health.bp)
     app.extensions["medmaas.api"] = api

@@ -98,6 +98,8 @@ class DatasetListSchema(Schema):
     schema=DatasetSchema,
     description="A large text upload: stored and its start checked, status `processing`; an ingest job "
     "(`job_id`) parses it. Poll the Location header (/api/v1/datasets/{id}) until status is ready or failed",
+    headers={"Location": {"description": "the dataset: /api/v1/datasets/{id}", "schema": {"type": "string"}}},
+    success=True,
 )
 @requires(KeyRole.member)
 def upload(form: dict[str, Any], files: dict[str, Any]) -> tuple[Dataset, int, dict[str, str]] | Dataset:

@@ -17,6 +17,7 @@ from apispec.ext.marshmallow import MarshmallowPlugin, OpenAPIConverter
 from flask import Flask
 from marshmallow import Schema
 
+from app.errors import NO_NUL_PATTERN
 from app.models import KeyRole
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -92,7 +93,8 @@ def response_name(status: int) -> str:
 
 
 def _statuses(method: str, operation: dict[str, Any], has_path_args: bool, role: KeyRole) -> set[int]:
-    statuses = {401}  # every /api/v1 operation needs a key
+    # every /api/v1 operation needs a key, and any text in a request may be unusable (a NUL)
+    statuses = {400, 401}
     if role != KeyRole.viewer:
         statuses.add(403)  # a key of a lesser role
     if has_path_args:
@@ -107,6 +109,22 @@ def _statuses(method: str, operation: dict[str, Any], has_path_args: bool, role:
     return statuses
 
 
+def _no_nul_pattern(_converter: Any, _field: Any, ret: dict[str, Any], **_kw: Any) -> dict[str, Any]:
+    """A string property without a pattern, enum or format gets the no-NUL pattern."""
+    if ret.get("type") == "string" and not {"pattern", "enum", "format"} & ret.keys():
+        return {"pattern": NO_NUL_PATTERN}
+    return {}
+
+
+def install(api: Any, app: Flask) -> None:
+    """Add the error statuses and bodies, the per-view body documents and the no-NUL pattern
+    to the Api's OpenAPI document (call before registering blueprints)."""
+    plugin = ErrorResponsesPlugin(app)
+    plugin.init_spec(api.spec)
+    api.spec.plugins.append(plugin)
+    schema_converter(api.spec).add_attribute_function(_no_nul_pattern)
+
+
 class ErrorResponsesPlugin(BasePlugin):
     def __init__(self, app: Flask) -> None:
         self.app = app
@@ -119,6 +137,19 @@ class ErrorResponsesPlugin(BasePlugin):
         from app.errors import ErrorBodySchema
 
         return {"application/json": {"schema": schema_converter(self.spec).resolve_nested_schema(ErrorBodySchema)}}
+
+    def path_helper(
+        self,
+        path: str | None = None,
+        operations: dict | None = None,
+        parameters: list[dict] | None = None,
+        **kwargs: Any,
+    ) -> str | None:
+        for parameter in parameters or []:
+            schema = parameter.get("schema") if isinstance(parameter, dict) else None
+            if isinstance(schema, dict) and schema.get("type") == "string" and "pattern" not in schema:
+                schema["pattern"] = NO_NUL_PATTERN
+        return None  # the path itself stays as it is
 
     def operation_helper(self, path: str | None = None, operations: dict | None = None, **kwargs: Any) -> None:
         from app.api import required_role

@@ -10,7 +10,7 @@ sampled in the report instead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from .common import MIN_DATASET_ROWS, IngestLimits, IngestReport
@@ -45,18 +45,20 @@ def ingest(
     limits: IngestLimits | Mapping[str, Any] | None = None,
     deid_seed: str | None = None,
     scratch_dir: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> IngestReport:
     """Validate the uploaded file at ``path`` and, for images and sequences, write the
     normalised dataset under ``work_dir`` (``data.npz`` or ``data.parquet``). Images may
     come as an open binary file; their DICOM files are de-identified with ``deid_seed``
     (app.ingest.deid.tenant_seed). Image scratch (extracted members, decoded pixels) goes
-    under ``scratch_dir`` (default: ``work_dir``)."""
+    under ``scratch_dir`` (default: ``work_dir``). ``progress(rows, offset)``: see
+    ingest_sequences (the only kind slow enough per row to need it)."""
     if kind == "images":
         report = ingest_images(path, original_filename, work_dir, limits, options, deid_seed, scratch_dir)
     elif not isinstance(path, str):
         raise TypeError(f"{kind} datasets are read from a file name")
     elif kind == "sequences":
-        report = ingest_sequences(path, original_filename, work_dir, options, limits)
+        report = ingest_sequences(path, original_filename, work_dir, options, limits, progress)
     elif kind == "library":
         return ingest_library(path, original_filename, options, limits)
     else:

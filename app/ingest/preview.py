@@ -13,17 +13,23 @@ more than ``inline_max_bytes``; that is measured by decompressing at most that m
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from app.artifacts import open_read
+
 from .common import IngestLimits
 from .errors import IngestError
-from .textio import base_name, open_binary, open_checked
+from .textio import GZIP_MAGIC, base_name, open_binary, open_checked
 
-HEAD_BYTES = 64 * 1024  # of uncompressed text, parsed at submit with the same code as the whole file
+# The start of the uncompressed text parsed at submit with the same code as the whole file:
+# enough for the header and the first rows, cheap enough to answer in well under a second.
+HEAD_BYTES = 64 * 1024
+HEAD_LINES = 1000
 # Errors a complete parse may find that the first rows alone cannot decide.
 _WHOLE_FILE_ONLY = frozenset({"no_valid_rows", "no_rows", "empty_file"})
 
@@ -31,7 +37,7 @@ _WHOLE_FILE_ONLY = frozenset({"no_valid_rows", "no_rows", "empty_file"})
 @dataclass(frozen=True)
 class Head:
     compressed: bool
-    text: bytes  # the first HEAD_BYTES of uncompressed text, cut after the last whole line
+    text: bytes  # the first HEAD_LINES whole lines of the first HEAD_BYTES of uncompressed text
     whole: bool  # the file expands to no more than the inline limit (parse it in the request)
 
 
@@ -58,7 +64,30 @@ def read_head(path: str, filename: str, inline_max_bytes: int) -> Head:
     if len(head) == HEAD_BYTES and expanded > HEAD_BYTES:
         cut = head.rfind(b"\n")
         head = head[: cut + 1] if cut >= 0 else bytearray()
-    return Head(compressed, bytes(head), whole)
+    return Head(compressed, _first_lines(bytes(head), HEAD_LINES), whole)
+
+
+def _first_lines(text: bytes, n: int) -> bytes:
+    end = -1
+    for _ in range(n):
+        end = text.find(b"\n", end + 1)
+        if end < 0:
+            return text
+    return text[: end + 1]
+
+
+def text_size(path: str) -> int | None:
+    """The uncompressed size of a stored text upload, for progress: its size, or for gzip the
+    size its trailer records (that of the last member, modulo 4 GiB: an estimate)."""
+    with open_read(path) as f:
+        magic = f.read(len(GZIP_MAGIC))
+        end = f.seek(0, io.SEEK_END)
+        if magic != GZIP_MAGIC:
+            return end
+        if end < 18:  # smaller than a gzip header and trailer
+            return None
+        f.seek(end - 4)
+        return int.from_bytes(f.read(4), "little") or None
 
 
 def check_head(

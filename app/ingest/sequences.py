@@ -15,7 +15,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,8 @@ OPTIONS = ("text_column", "tokenizer", "label_columns", "max_length", "delimiter
 TOKENIZERS = ("smiles", "whitespace")
 RESERVED = ("text", "source_row")
 _CHUNK_ROWS = 20_000
+_PROGRESS_ROWS = 20_000
+Progress = Callable[[int, int], None]
 _UNNAMED = "unnamed_"
 _MISSING = {"", "na", "n/a", "nan", "null", "none", "#n/a"}
 _INT_RE = r"[+-]?\d+"
@@ -71,7 +73,10 @@ def ingest_sequences(
     work_dir: str,
     options: Mapping[str, Any] | None = None,
     limits: IngestLimits | Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
 ) -> IngestReport:
+    """``progress(rows, offset)``, if given, is called every few thousand rows with the rows
+    read so far and the byte offset reached in the uncompressed text."""
     limits = IngestLimits.of(limits)
     options = dict(options or {})
     check_option_names(options, OPTIONS, "sequences")
@@ -97,7 +102,7 @@ def ingest_sequences(
             labels, ignored = _label_columns(header, text_column, wanted)
             col_stats = {c: _ColumnStats() for c in labels}
             rows, text_len = _first_pass(
-                records, header, text_column, tokenizer, max_length, labels, col_stats, invalid, raw_path
+                records, header, text_column, tokenizer, max_length, labels, col_stats, invalid, raw_path, progress
             )
         if rows == 0:
             raise IngestError(
@@ -299,6 +304,7 @@ def _first_pass(
     col_stats: dict[str, _ColumnStats],
     invalid: InvalidRows,
     raw_path: str,
+    progress: Progress | None = None,
 ) -> tuple[int, dict[str, float]]:
     ncols = len(header)
     ti = header.index(text_column)
@@ -325,7 +331,9 @@ def _first_pass(
         buf_row.clear()
 
     with open_write(raw_path) as sink, pq.ParquetWriter(sink, schema) as writer, quiet_rdkit():
-        for source_row, (_, line, fields) in enumerate(records):
+        for source_row, (offset, line, fields) in enumerate(records):
+            if progress is not None and source_row % _PROGRESS_ROWS == 0:
+                progress(source_row, offset)
             where = {"row": source_row, "line": line}
             if len(fields) > ncols:
                 invalid.add(f"wrong number of fields: {len(fields)}, the header has {ncols}", **where)

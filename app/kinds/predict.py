@@ -20,6 +20,7 @@ from typing import Any
 from marshmallow import Schema, ValidationError, fields, validate, validates
 
 from app.config import Settings
+from app.errors import NO_NUL_PATTERN
 from app.ingest.deid import Deidentifier, NotDeidentifiable, is_dicom, tenant_seed
 from app.kinds import KindSpec, Spec, SpecError, SubmitContext, allowed_queue, queue_or_default, register
 from app.models import ModelVersion
@@ -39,11 +40,22 @@ MAX_REPORTED = 20  # per-input errors listed in details
 # What one input may be (checked by PredictSpec._input_types), for the OpenAPI document.
 INPUT_DOC = {
     "anyOf": [
-        {"type": "string", "description": "a SMILES string or a whitespace-separated token sequence"},
+        {
+            "type": "string",
+            "pattern": NO_NUL_PATTERN,
+            "description": "a SMILES string or a whitespace-separated token sequence",
+        },
         {
             "type": "object",
-            "properties": {"image_base64": {"type": "string", "description": "a PNG, JPEG or DICOM file"}},
+            "properties": {
+                "image_base64": {
+                    "type": "string",
+                    "pattern": NO_NUL_PATTERN,
+                    "description": "a PNG, JPEG or DICOM file",
+                }
+            },
             "required": ["image_base64"],
+            "additionalProperties": False,
         },
     ]
 }
@@ -59,9 +71,9 @@ class PredictSpec(Schema):
         for i, item in enumerate(inputs):
             if isinstance(item, str):
                 continue
-            if isinstance(item, dict) and isinstance(item.get("image_base64"), str):
+            if isinstance(item, dict) and set(item) == {"image_base64"} and isinstance(item["image_base64"], str):
                 continue
-            raise ValidationError(f'input {i} must be a string or {{"image_base64": ...}}')
+            raise ValidationError(f'input {i} must be a string or {{"image_base64": ...}} (no other keys)')
 
 
 def unknown_model(exc: ModelNotFound, ref: str, field: str = "model") -> SpecError:

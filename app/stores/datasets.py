@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -21,7 +22,7 @@ from app.artifacts import ArtifactStore, save_stream
 from app.config import Settings
 from app.ingest import KINDS, IngestError, IngestLimits, IngestReport, ingest
 from app.ingest.deid import tenant_seed
-from app.ingest.preview import check_head, read_head
+from app.ingest.preview import check_head, read_head, text_size
 from app.models import TERMINAL_STATES, Dataset, DatasetStatus, Job
 from app.secret_key import secret_key
 from app.stores import erasure
@@ -31,6 +32,7 @@ from app.stores.paging import cursor_page
 # Upload form fields that are not ingest options.
 RESERVED_FIELDS = frozenset({"kind", "name", "file", "options"})
 INGEST_KIND = "ingest"  # app/kinds/ingest.py
+STALE_SCRATCH_S = 24 * 3600  # no upload is parsed in a request for this long
 # Publishes committed jobs to the broker: [(job id, queue)] (app.dispatch.publish_jobs).
 Publish = Callable[[list[tuple[int, str]]], object]
 
@@ -76,6 +78,8 @@ def upload_options(fields: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(options, dict):
             raise Invalid("options must be a JSON object")
     options.update({k: v for k, v in fields.items() if k not in RESERVED_FIELDS})
+    if not all(isinstance(name, str) for name in options):  # a form part whose name did not parse
+        raise Invalid("every option needs a name")
     return options
 
 
@@ -192,6 +196,10 @@ def scratch(settings: Settings) -> Iterator[str]:
     holds plaintext even when artifacts are encrypted, and is removed on the way out."""
     root = settings.home.resolve() / "scratch"
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in root.glob("ingest-*"):  # left by a process killed mid-upload
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > STALE_SCRATCH_S:
+                shutil.rmtree(stale, ignore_errors=True)
     path = tempfile.mkdtemp(prefix="ingest-", dir=root)
     try:
         yield path
@@ -199,12 +207,18 @@ def scratch(settings: Settings) -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def parse_stored(session: Session, settings: Settings, tenant_id: int, dataset_id: int) -> Dataset:
+def parse_stored(
+    session: Session,
+    settings: Settings,
+    tenant_id: int,
+    dataset_id: int,
+    progress: Callable[[float | None, int], None] | None = None,
+) -> Dataset:
     """Parse a `processing` dataset's stored upload (the ingest job's work) and commit it
     `ready`, or `failed` with the IngestError's one sentence (re-raised). Re-running it after
     a crash gives the same result: outputs are written with open_write (renamed into place)
     and the row changes in one commit. A dataset that is no longer processing is returned
-    as it is."""
+    as it is. ``progress(fraction or None when unknown, rows read)`` is called as it goes."""
     ds = get(session, tenant_id, dataset_id)
     if ds.status != DatasetStatus.processing:
         return ds
@@ -214,8 +228,17 @@ def parse_stored(session: Session, settings: Settings, tenant_id: int, dataset_i
         partial.unlink(missing_ok=True)
     kind, filename, options = ds.kind, ds.filename, dict(ds.options or {})
     session.commit()  # no transaction held open while parsing
+    on_rows = None
+    if progress is not None:
+        total = text_size(str(original))
+
+        def on_rows(rows: int, offset: int) -> None:
+            progress(min(offset / total, 0.99) if total and offset <= total else None, rows)
+
     try:
-        report = ingest(kind, str(original), filename, str(original.parent), options, ingest_limits(settings))
+        report = ingest(
+            kind, str(original), filename, str(original.parent), options, ingest_limits(settings), progress=on_rows
+        )
     except IngestError as exc:
         mark_failed(session, tenant_id, dataset_id, exc.message)
         raise

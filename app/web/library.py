@@ -17,12 +17,13 @@ from flask import abort, current_app, flash, redirect, render_template, request,
 from flask.typing import ResponseReturnValue
 from marshmallow import ValidationError
 
+from app import dispatch
 from app.api import celery, database, db_session, settings, tenant_id
 from app.api.datasets import DatasetUploadForm
 from app.artifacts import sendable
 from app.errors import as_api_error, domain_errors
 from app.kinds.predict import MAX_INPUTS
-from app.models import JobState
+from app.models import DatasetStatus, JobState
 from app.stores import Conflict, NotFound
 from app.stores import datasets as datasets_store
 from app.stores import jobs as jobs_store
@@ -83,6 +84,7 @@ def datasets() -> ResponseReturnValue:
                     stream=upload.stream,
                     filename=upload.filename or "upload",
                     options=datasets_store.upload_options(loaded),
+                    publish=lambda items: dispatch.publish_jobs(celery(), database(), items, stamp=False),
                 )
             except domain_errors() as exc:
                 # The API's rejection report: a message, and for row-level failures the
@@ -93,7 +95,10 @@ def datasets() -> ResponseReturnValue:
                     err.details if isinstance(err.details, dict) else {"details": err.details} if err.details else {}
                 )
             else:
-                flash(f"Dataset #{ds.id} uploaded: {ds.rows} rows, {ds.invalid_rows} invalid.", "info")
+                if ds.status == DatasetStatus.processing:
+                    flash(f"Dataset #{ds.id} uploaded; job #{ds.job_id} is reading it.", "info")
+                else:
+                    flash(f"Dataset #{ds.id} uploaded: {ds.rows} rows, {ds.invalid_rows} invalid.", "info")
                 return redirect(url_for("web.dataset_detail", dataset_id=ds.id))
     kind_filter = request.args.get("show") or ""
     items = datasets_store.of_kinds(

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
+import os
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
+from click.testing import CliRunner
 from sqlalchemy import func, select
 
 from app import artifacts
@@ -20,7 +26,9 @@ from app.crypto import HEADER_SIZE, is_encrypted, new_master_key
 from app.ingest import images as image_ingest
 from app.models import Dataset, Job
 from app.stores import datasets as datasets_store
-from tests.conftest import ApiClient
+from medmaas import commands
+from medmaas.client import Client
+from tests.conftest import ApiClient, wait_until
 from tests.unit.test_deid import patient_zip
 from workers.tasks import execute_job
 
@@ -223,3 +231,164 @@ def test_with_encryption_image_scratch_stays_outside_the_artifact_root(sqlite_se
     finally:
         close_app(app)
         artifacts.configure(settings.replace(encryption_key=""))
+
+
+class ToApp(requests.Session):
+    """A requests.Session answered by the Flask app in process. Before the client follows a
+    job, the queued ingest jobs run here (no worker, no broker)."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001
+        super().__init__()
+        self.app, self.flask = app, app.test_client()
+
+    def request(self, method: str, url: str, *args: Any, **kw: Any) -> requests.Response:  # type: ignore[override]
+        path = "/" + url.split("://", 1)[1].split("/", 1)[1]
+        if "/jobs/" in path:
+            with self.app.extensions["medmaas.db"].session() as s:
+                queued = s.scalars(select(Job.id).where(Job.kind == "ingest", Job.state == "queued")).all()
+            for job_id in queued:
+                run_job(self.app, job_id)
+        data = kw.get("data")
+        if data is not None and hasattr(data, "read"):
+            data = b"".join(iter(data))
+        headers = {**self.headers, **(kw.get("headers") or {})}
+        got = self.flask.open(path, method=method, data=data, json=kw.get("json"), headers=headers,
+                              query_string=kw.get("params") or {})
+        resp = requests.Response()
+        resp.status_code, resp.url, resp._content = got.status_code, url, got.get_data()
+        resp.headers.update(dict(got.headers))
+        resp.raw = io.BytesIO(resp._content)
+        return resp
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_cli_upload_waits_for_a_processing_dataset_unless_told_not_to(
+    app, api: ApiClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, wait: bool  # noqa: ANN001
+) -> None:
+    big = tmp_path / "big.csv"
+    big.write_bytes(csv_rows(20_000, bad_every=500))
+    client = Client("http://medmaas.test", api.key, session=ToApp(app))
+    monkeypatch.setattr(commands, "get_client", lambda: client)
+    args = ["datasets", "upload", str(big), "--kind", "sequences", "--option", "label_columns=solubility"]
+    out = CliRunner().invoke(commands.client, [*args, "--json"] + ([] if wait else ["--no-wait"]),
+                             catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    ds = json.loads(out.output)
+    if wait:
+        assert (ds["status"], ds["rows"], ds["invalid_rows"]) == ("ready", 19_960, 40)
+        shown = CliRunner().invoke(commands.client, ["datasets", "show", str(ds["id"])], catch_exceptions=False)
+        assert "rows          19960" in shown.output and "status" not in shown.output
+    else:
+        assert (ds["status"], ds["rows"]) == ("processing", 0)
+        shown = CliRunner().invoke(commands.client, ["datasets", "show", str(ds["id"])], catch_exceptions=False)
+        assert f"status        processing (job {ds['job_id']}" in shown.output
+
+
+def test_cli_upload_of_a_file_the_worker_cannot_read_exits_1_with_the_sentence(
+    app, api: ApiClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path  # noqa: ANN001
+) -> None:
+    whole = gzip.compress(csv_rows(40_000), compresslevel=1)
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(whole[: len(whole) * 3 // 4])
+    client = Client("http://medmaas.test", api.key, session=ToApp(app))
+    monkeypatch.setattr(commands, "get_client", lambda: client)
+    out = CliRunner().invoke(commands.client, ["datasets", "upload", str(cut), "--kind", "sequences"],
+                             catch_exceptions=False)
+    assert out.exit_code == 1
+    assert "status        failed: the gzip stream is corrupt or truncated" in out.output
+
+
+def test_the_dataset_page_shows_processing_then_the_report_or_the_failure(app, client) -> None:  # noqa: ANN001
+    from app.models import ApiKey
+    from tests.conftest import create_tenant_key, sign_in
+
+    tid, _ = create_tenant_key(app)
+    with app.extensions["medmaas.db"].session() as s:
+        key_id = s.scalar(select(ApiKey.id).where(ApiKey.tenant_id == tid))
+    sign_in(app, client, key_id)
+    form = {"csrf_token": "token", "kind": "sequences", "name": "big", "options": "label_columns=solubility",
+            "file": (io.BytesIO(csv_rows(20_000)), "big.csv")}
+    r = client.post("/datasets", data=form, content_type="multipart/form-data", follow_redirects=True)
+    assert r.status_code == 200
+    page = r.get_data(as_text=True)
+    with app.extensions["medmaas.db"].session() as s:
+        ds = s.scalars(select(Dataset).where(Dataset.tenant_id == tid)).one()
+    assert f"job #{ds.job_id} is reading it" in page
+    assert 'id="ds-status"' in page and "Processing…" in page and 'http-equiv="refresh"' in page
+    assert f'href="/jobs/{ds.job_id}"' in page and "Train on this dataset" not in page
+
+    assert run_job(app, ds.job_id) == "succeeded"
+    page = client.get(f"/datasets/{ds.id}").get_data(as_text=True)
+    assert 'id="ds-status"' not in page and 'http-equiv="refresh"' not in page
+    assert '<dd id="ds-rows">20000</dd>' in page and "Train on this dataset" in page
+
+    whole = gzip.compress(csv_rows(40_000), compresslevel=1)
+    form["file"] = (io.BytesIO(whole[: len(whole) * 3 // 4]), "cut.csv.gz")
+    client.post("/datasets", data=form, content_type="multipart/form-data")
+    with app.extensions["medmaas.db"].session() as s:
+        cut = s.scalars(select(Dataset).where(Dataset.tenant_id == tid).order_by(Dataset.id.desc())).first()
+    assert run_job(app, cut.job_id) == "failed"
+    page = client.get(f"/datasets/{cut.id}").get_data(as_text=True)
+    assert "The upload could not be read: the gzip stream is corrupt or truncated" in page
+
+
+def test_the_job_reports_rows_read_and_a_cancel_stops_it_mid_parse(api: ApiClient, app) -> None:  # noqa: ANN001
+    ds = processing(api, csv_rows(60_000), "big.csv", label_columns="solubility")
+    assert run_job(app, ds["job_id"]) == "succeeded"
+    steps = [e["data"] for e in api.events(ds["job_id"]) if e["type"] == "progress"]
+    assert steps[-1]["progress"] == 1.0 and steps[-1]["message"] == f"dataset {ds['id']} is ready: 60,000 rows"
+    read = [(int(s["message"].split()[0].replace(",", "")), s["progress"]) for s in steps
+            if s["message"].endswith(" rows read")]
+    assert read and all(rows in (20_000, 40_000) for rows, _ in read), steps
+    assert all(abs(fraction - rows / 60_000) < 0.02 for rows, fraction in read), read  # bytes read / file size
+
+    ds = processing(api, csv_rows(400_000), "bigger.csv", label_columns="solubility")
+    outcome: list[str] = []
+    worker = threading.Thread(target=lambda: outcome.append(run_job(app, ds["job_id"])))
+    worker.start()
+    wait_until(lambda: any(e["type"] == "progress" and "rows read" in e["data"]["message"]
+                           for e in api.events(ds["job_id"])), 60, what="the parse to start")
+    assert api.post(f"/api/v1/jobs/{ds['job_id']}/cancel").status_code in (200, 202)
+    worker.join(60)
+    assert outcome == ["cancelled"]
+    shown = api.get(f"/api/v1/datasets/{ds['id']}").get_json()
+    assert (shown["status"], shown["error"]) == ("failed", "its ingest job was cancelled.")
+
+
+def test_scratch_is_private_and_what_a_killed_process_left_is_swept_after_a_day(sqlite_settings) -> None:  # noqa: ANN001
+    root = sqlite_settings.home.resolve() / "scratch"
+    root.mkdir(parents=True)
+    old, recent = root / "ingest-old", root / "ingest-recent"
+    for d in (old, recent):
+        d.mkdir()
+        (d / "_images.u8").write_bytes(b"\0" * 10)
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+    with datasets_store.scratch(sqlite_settings) as tmp:
+        assert Path(tmp).parent == root and (os.stat(tmp).st_mode & 0o777) == 0o700
+        assert not Path(tmp).is_relative_to(sqlite_settings.artifacts)
+    assert not Path(tmp).exists() and not old.exists() and recent.exists()
+
+
+def test_migration_0011_makes_existing_datasets_ready_and_downgrades(tmp_path: Path) -> None:
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from app.migrate import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    command.upgrade(alembic_config(url), "0010")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES (1, 'lab', '2026-01-01 00:00:00')"))
+        conn.execute(text(
+            "INSERT INTO datasets (id, tenant_id, name, kind, filename, bytes, sha256, rows, invalid_rows,"
+            " invalid_samples, schema, stats, options, uri, data_uri, created_at) VALUES (1, 1, 'old', 'sequences',"
+            " 'a.csv', 10, 'x', 5, 0, '[]', '{}', '{}', '{}', 'file:///a', 'file:///b', '2026-01-01 00:00:00')"))
+    command.upgrade(alembic_config(url), "0011")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT status, error, job_id, rows FROM datasets")).one() == ("ready", None, None, 5)
+    command.downgrade(alembic_config(url), "0010")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT rows FROM datasets")).scalar() == 5
+    engine.dispose()

@@ -53,7 +53,7 @@ def test_each_operation_lists_the_statuses_it_can_answer(doc, app) -> None:  # n
     assert len(ops) >= 20
     for method, path, op in ops:
         statuses = set(op["responses"])
-        assert {"401", "429"} <= statuses, (method, path)
+        assert {"400", "401", "429"} <= statuses, (method, path)
         if "{" in path:
             assert "404" in statuses, (method, path)
         if method in ("POST", "PUT", "PATCH"):
@@ -120,3 +120,33 @@ def test_json_bodies_take_the_documented_types(api: ApiClient, body: dict, field
     assert r.status_code == 422 and field in str(r.get_json()["error"]["details"]), r.get_json()
     assert api.post("/api/v1/jobs", json={"kind": "sleep", "priority": 5, "spec": {"steps": 3, "seconds": 0,
                                                                                     "fail": False}}).status_code == 202
+
+
+def test_text_with_a_nul_character_is_refused_as_documented(doc, api: ApiClient) -> None:  # noqa: ANN001
+    """PostgreSQL cannot store NUL: every string in the document says so (a pattern), and the
+    API refuses it on any database (here SQLite, which would store it): a path with one names
+    nothing (404), a query or JSON field with one is invalid (422)."""
+    key_create = doc["components"]["schemas"]["KeyCreate"]["properties"]["name"]
+    path_name = doc["paths"]["/api/v1/models/{name}"]["parameters"][0]["schema"]
+    assert key_create["pattern"] == path_name["pattern"] == "^[^\\u0000]*$"
+    before = len(api.get("/api/v1/jobs?all=true").get_json()["items"])
+    for r, status in ((api.post("/api/v1/jobs", json={"kind": "sleep", "spec": {"queue": "cpu\u0000"}}), 422),
+                      (api.post("/api/v1/jobs", json={"kind": "sleep", "spec": {"k\u0000": 1}}), 422),
+                      (api.get("/api/v1/jobs?kind=sl%00eep"), 422),
+                      (api.get("/api/v1/models/m%00x"), 404)):
+        assert r.status_code == status, r.get_json()
+        validate(doc, r.get_json())
+    assert api.get("/api/v1/jobs?kind=sl%00eep").get_json()["error"]["details"] == {
+        "query": {"kind": ["Text in the request contains a NUL character (\\u0000), which is not allowed"]}}
+    assert len(api.get("/api/v1/jobs?all=true").get_json()["items"]) == before
+
+
+def test_an_upload_form_part_without_a_parsable_name_is_422(api: ApiClient) -> None:
+    """Found by the fuzz test: a part named `"*\\"` (the closing quote escaped) has no name once
+    parsed; sorting the option names then raised TypeError (a 500)."""
+    b = "XyZ"
+    body = (f'--{b}\r\nContent-Disposition: form-data; name="*\\"\r\n\r\nx\r\n'
+            f'--{b}\r\nContent-Disposition: form-data; name="kind"\r\n\r\nimages\r\n'
+            f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="a.npz"\r\n\r\nabc\r\n--{b}--\r\n')
+    r = api.post("/api/v1/datasets", data=body.encode(), headers={"Content-Type": f"multipart/form-data; boundary={b}"})
+    assert r.status_code == 422 and r.get_json()["error"]["message"] == "every option needs a name"
