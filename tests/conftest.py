@@ -298,3 +298,61 @@ def sign_in(app, client, key_id: int, csrf: str = "token") -> None:  # noqa: ANN
         s.commit()
     with client.session_transaction() as sess:
         sess[SESSION_ID], sess["csrf"] = token, csrf
+
+
+def seed_tiny_model_and_library(database: Any, artifacts: Path, tenant_id: int, smiles: list[str]) -> int:
+    """Register model "tiny" v1 (an untrained RNN over the first 50 SMILES) and a library of
+    `smiles` for a tenant; return the library's dataset id."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from app.artifacts import ArtifactStore
+    from app.ingest.library import ingest_library
+    from app.models import Dataset, ModelVersion
+    from workers.ml.bundle import bundle_config, save_bundle
+    from workers.ml.data import load_sequence_frame
+    from workers.ml.models import build_model
+
+    store = ArtifactStore(artifacts)
+    data = load_sequence_frame(
+        pd.DataFrame({"smiles": smiles[:50], "y": np.linspace(0, 1, 50)}), target_columns="y", task="regression"
+    )
+    torch.manual_seed(0)
+    model = build_model(
+        "rnn", {"vocab_size": data.tokenizer.vocab_size, "num_outputs": 1, "hidden_size": 8, "embedding_dim": 4}
+    )
+    bundle = save_bundle(store.tenant_dir(tenant_id, "models", "tiny"), model, bundle_config(model, data))
+    lib = store.tenant_dir(tenant_id, "datasets", "lib") / "lib.smi"
+    lib.write_text("\n".join(f"{smi} m{i}" for i, smi in enumerate(smiles)) + "\n")
+    report = ingest_library(str(lib), lib.name)
+    with database.session() as s:
+        ds = Dataset(
+            tenant_id=tenant_id,
+            name="lib",
+            kind="library",
+            filename=lib.name,
+            bytes=lib.stat().st_size,
+            sha256="0" * 64,
+            rows=report.rows,
+            schema=report.schema,
+            stats={},
+            options={},
+            uri=store.url(lib),
+            data_uri=store.url(lib),
+        )
+        s.add(ds)
+        s.add(
+            ModelVersion(
+                tenant_id=tenant_id,
+                name="tiny",
+                version=1,
+                arch="rnn",
+                task="regression",
+                input_kind="smiles",
+                spec={},
+                artifact_uri=store.url(bundle),
+            )
+        )
+        s.flush()
+        return ds.id

@@ -9,20 +9,16 @@ import itertools
 import os
 import threading
 
-import numpy as np
-import pandas as pd
 import pytest
 from sqlalchemy import select
 
 from app import auth
-from app.artifacts import ArtifactStore
 from app.db import Database
-from app.ingest.library import ingest_library
-from app.models import Dataset, Job, ModelVersion, Usage, UsageMetric
+from app.models import Job, Usage, UsageMetric
 from app.sample_data import moses_library
 from app.stores import usage as usage_store
 from app.stores.usage import Quantity
-from tests.conftest import ApiClient
+from tests.conftest import ApiClient, seed_tiny_model_and_library
 
 pytestmark = pytest.mark.integration
 
@@ -90,12 +86,6 @@ def test_concurrent_increments_from_many_connections_are_not_lost(pg_app) -> Non
 def lab(pg_app, pg_settings):  # noqa: ANN001, ANN201
     """(api client, tenant id, library dataset id): model "tiny" v1 (an untrained RNN) and a
     library of LIBRARY_ROWS MOSES molecules, registered for a fresh tenant."""
-    import torch
-
-    from workers.ml.bundle import bundle_config, save_bundle
-    from workers.ml.data import load_sequence_frame
-    from workers.ml.models import build_model
-
     db = pg_app.extensions["medmaas.db"]
     with db.session() as s:
         tenant = auth.create_tenant(s, "usage-lab")
@@ -103,48 +93,7 @@ def lab(pg_app, pg_settings):  # noqa: ANN001, ANN201
     with gzip.open(moses_library(), "rt") as fh:
         next(fh)
         smiles = [line.strip() for line in itertools.islice(fh, LIBRARY_ROWS)]
-    store = ArtifactStore(pg_settings.artifacts)
-    data = load_sequence_frame(
-        pd.DataFrame({"smiles": smiles[:50], "y": np.linspace(0, 1, 50)}), target_columns="y", task="regression"
-    )
-    torch.manual_seed(0)
-    model = build_model(
-        "rnn", {"vocab_size": data.tokenizer.vocab_size, "num_outputs": 1, "hidden_size": 8, "embedding_dim": 4}
-    )
-    bundle = save_bundle(store.tenant_dir(tenant_id, "models", "tiny"), model, bundle_config(model, data))
-    lib = store.tenant_dir(tenant_id, "datasets", "lib") / "lib.smi"
-    lib.write_text("\n".join(f"{smi} m{i}" for i, smi in enumerate(smiles)) + "\n")
-    report = ingest_library(str(lib), lib.name)
-    with db.session() as s:
-        ds = Dataset(
-            tenant_id=tenant_id,
-            name="lib",
-            kind="library",
-            filename=lib.name,
-            bytes=lib.stat().st_size,
-            sha256="0" * 64,
-            rows=report.rows,
-            schema=report.schema,
-            stats={},
-            options={},
-            uri=store.url(lib),
-            data_uri=store.url(lib),
-        )
-        s.add(ds)
-        s.add(
-            ModelVersion(
-                tenant_id=tenant_id,
-                name="tiny",
-                version=1,
-                arch="rnn",
-                task="regression",
-                input_kind="smiles",
-                spec={},
-                artifact_uri=store.url(bundle),
-            )
-        )
-        s.flush()
-        ds_id = ds.id
+    ds_id = seed_tiny_model_and_library(db, pg_settings.artifacts, tenant_id, smiles)
     return ApiClient(pg_app.test_client(), key), tenant_id, ds_id
 
 

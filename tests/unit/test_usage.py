@@ -15,8 +15,6 @@ import threading
 import time
 from datetime import date, timedelta
 
-import numpy as np
-import pandas as pd
 import psutil
 import pytest
 from click.testing import CliRunner
@@ -26,13 +24,12 @@ from app import auth, jobs
 from app.artifacts import ArtifactStore, job_dir
 from app.config import from_env
 from app.db import Database
-from app.ingest.library import ingest_library
 from app.kinds import SubmitContext, get_kind
 from app.models import Dataset, Job, KeyRole, ModelVersion, Usage, UsageMetric
 from app.sample_data import moses_library
 from app.stores import usage as usage_store
 from app.stores.usage import Quantity
-from tests.conftest import ApiClient, create_tenant_key, sign_in, use_template
+from tests.conftest import ApiClient, create_tenant_key, seed_tiny_model_and_library, sign_in, use_template
 from workers import metering
 from workers.scoring import canon, runner, shards
 from workers.tasks import execute_job
@@ -193,12 +190,6 @@ def moses_rows() -> list[str]:
 @pytest.fixture()
 def lab(tmp_path, moses_rows, sqlite_template):  # noqa: ANN001, ANN201
     """(settings, db, tenant id, library dataset id) with model "tiny" v1 (an untrained RNN)."""
-    import torch
-
-    from workers.ml.bundle import bundle_config, save_bundle
-    from workers.ml.data import load_sequence_frame
-    from workers.ml.models import build_model
-
     settings = from_env(
         {},
         home=tmp_path / "home",
@@ -209,50 +200,9 @@ def lab(tmp_path, moses_rows, sqlite_template):  # noqa: ANN001, ANN201
     )
     use_template(settings, sqlite_template)
     database = Database(settings.sqlalchemy_url)
-    store = ArtifactStore(settings.artifacts)
     with database.session() as s:
         tenant = auth.create_tenant(s, "lab").id
-    data = load_sequence_frame(
-        pd.DataFrame({"smiles": moses_rows[:50], "y": np.linspace(0, 1, 50)}), target_columns="y", task="regression"
-    )
-    torch.manual_seed(0)
-    model = build_model(
-        "rnn", {"vocab_size": data.tokenizer.vocab_size, "num_outputs": 1, "hidden_size": 8, "embedding_dim": 4}
-    )
-    bundle = save_bundle(store.tenant_dir(tenant, "models", "tiny"), model, bundle_config(model, data))
-    lib = store.tenant_dir(tenant, "datasets", "lib") / "lib.smi"
-    lib.write_text("\n".join(f"{smi} m{i}" for i, smi in enumerate(moses_rows)) + "\n")
-    report = ingest_library(str(lib), lib.name)
-    with database.session() as s:
-        ds = Dataset(
-            tenant_id=tenant,
-            name="lib",
-            kind="library",
-            filename=lib.name,
-            bytes=lib.stat().st_size,
-            sha256="0" * 64,
-            rows=report.rows,
-            schema=report.schema,
-            stats={},
-            options={},
-            uri=store.url(lib),
-            data_uri=store.url(lib),
-        )
-        s.add(ds)
-        s.add(
-            ModelVersion(
-                tenant_id=tenant,
-                name="tiny",
-                version=1,
-                arch="rnn",
-                task="regression",
-                input_kind="smiles",
-                spec={},
-                artifact_uri=store.url(bundle),
-            )
-        )
-        s.flush()
-        ds_id = ds.id
+    ds_id = seed_tiny_model_and_library(database, settings.artifacts, tenant, moses_rows)
     yield settings, database, tenant, ds_id
     database.dispose()
 
