@@ -430,6 +430,11 @@ def result_summary(job: dict) -> list[str]:
         ]
     if kind == "sleep":
         return [f"Done: {result.get('steps', '?')} steps in {human_duration(result.get('slept_s'))}"]
+    if kind == "ingest":
+        return [
+            f"Dataset {result.get('dataset_id')} {result.get('status')}: {result.get('rows')} rows, "
+            f"{result.get('invalid_rows')} invalid"
+        ]
     return [f"Result: {me} jobs show {job_id}"] if result else []
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import signal
 import time
 
 import pytest
 
 from tests.conftest import ApiClient, wait_until
+from tests.integration.test_cli_client import cli, key, server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
 N = 400_000  # rows of the upload a worker is killed while parsing
@@ -91,3 +93,21 @@ def test_migration_0011_matches_the_dataset_model_on_postgresql(pg_settings) -> 
         db.dispose()
     assert [d for d in diff if "datasets" in repr(d)] == []
     assert set(statuses) <= {"ready", "processing", "failed"}
+
+
+def test_cli_upload_of_a_large_file_waits_for_the_worker_and_prints_the_report(
+    cli, server, key, processes, tmp_path  # noqa: ANN001
+) -> None:
+    rows = [f"{smi},{i % 5}" for i, smi in enumerate(["CCO", "c1ccccc1O", "CC(=O)Nc1ccccc1", "C1CC("] * (N // 4))]
+    big = tmp_path / "big.csv.gz"
+    big.write_bytes(gzip.compress(("smiles,y\n" + "\n".join(rows) + "\n").encode(), compresslevel=6))
+    procs = processes()
+    procs.worker()
+    assert cli("login", server.url, "--key", key).returncode == 0
+    up = cli("datasets", "upload", str(big), "--kind", "sequences", "--json", timeout=900)
+    assert up.returncode == 0, (up.stderr, procs.logs())
+    ds = json.loads(up.stdout)
+    assert (ds["status"], ds["rows"], ds["invalid_rows"]) == ("ready", N * 3 // 4, N // 4)
+    assert ds["job_id"] and ds["invalid_samples"][0]["reason"].startswith("SMILES parse error")
+    shown = cli("datasets", "show", str(ds["id"]))
+    assert f"rows          {N * 3 // 4}" in shown.stdout and "status" not in shown.stdout

@@ -392,3 +392,8 @@ def test_migration_0011_makes_existing_datasets_ready_and_downgrades(tmp_path: P
     with engine.connect() as conn:
         assert conn.execute(text("SELECT rows FROM datasets")).scalar() == 5
     engine.dispose()
+
+
+def test_watching_an_ingest_job_ends_with_the_dataset_it_made() -> None:
+    job = {"id": 9, "kind": "ingest", "result": {"dataset_id": 4, "status": "ready", "rows": 19960, "invalid_rows": 40}}
+    assert commands.result_summary(job) == ["Dataset 4 ready: 19960 rows, 40 invalid"]
