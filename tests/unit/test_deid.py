@@ -275,7 +275,7 @@ def test_predict_stores_dicom_inputs_deidentified(app, tenants) -> None:  # noqa
     (tid, api), _ = tenants
     add_model(app, tid, name="cxr", input_kind="image")
     dicom = to_bytes(identified("MR_small.dcm"))
-    inputs = [{"image_base64": base64.b64encode(dicom).decode(), "name": "DOE_JANE_ZQXW.dcm"},
+    inputs = [{"image_base64": base64.b64encode(dicom).decode()},
               {"image_base64": base64.b64encode(png_bytes()).decode()}]
     r = api.post("/api/v1/models/cxr/predict", json={"inputs": inputs, "timeout": 0})
     assert r.status_code == 202, r.get_json()
