@@ -356,3 +356,14 @@ def seed_tiny_model_and_library(database: Any, artifacts: Path, tenant_id: int, 
         )
         s.flush()
         return ds.id
+
+
+def get_latencies(http: Any, url: str, n: int) -> list[float]:
+    """Seconds each of `n` GETs of `url` took (each must answer 200)."""
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        r = http.get(url, timeout=30)
+        out.append(time.perf_counter() - t)
+        assert r.status_code == 200, r.text
+    return out

@@ -67,7 +67,7 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-KIND_VERBS = {"train": "Training", "score": "Scoring", "predict": "Prediction"}
+KIND_VERBS = {"train": "Training", "score": "Scoring", "predict": "Prediction", "ingest": "Reading the dataset"}
 MAX_ERROR_CHARS = 500
 OPERATOR_TRACEBACK = "worker-error.log"  # in the job's directory; never served by the API
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import statistics
-import time
 
 import pytest
 import requests
 
-from tests.conftest import ApiClient, create_tenant_key, wait_until
+from tests.conftest import ApiClient, create_tenant_key, get_latencies, wait_until
 from tests.integration.test_sse import Stream, WebServer, open_stream, submit, wait_state
 
 pytestmark = pytest.mark.integration
@@ -117,16 +116,6 @@ class RawStream:
         self.sock.close()
 
 
-def _detail_latencies(http: requests.Session, url: str, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        r = http.get(url, timeout=30)
-        out.append(time.perf_counter() - t)
-        assert r.status_code == 200, r.text
-    return out
-
-
 @pytest.fixture(scope="module")
 def capped_web(pg_settings, tmp_path_factory) -> WebServer:
     # A high request rate limit: this test measures streams, not the request limiter (which
@@ -152,8 +141,8 @@ def test_streams_are_capped_per_key_and_100_open_streams_leave_the_api_responsiv
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{procs.logs()}\n{web.log()}") from None
     detail = f"{web.url}/api/v1/jobs/{probe['id']}"
-    _detail_latencies(tenant, detail, 10)  # warm every web process's pools
-    unloaded = _detail_latencies(tenant, detail, 60)
+    get_latencies(tenant, detail, 10)  # warm every web process's pools
+    unloaded = get_latencies(tenant, detail, 60)
 
     jobs = [submit(tenant, web, {"seconds": 60, "steps": 120}) for _ in range(n_jobs)]  # an event every 0.5 s
     streams: list[Stream] = []
@@ -168,8 +157,8 @@ def test_streams_are_capped_per_key_and_100_open_streams_leave_the_api_responsiv
         assert raw[0].status == 200, raw[0].head
         wait_until(lambda: all(s.of_type("progress") for s in streams), 60, 0.1,
                    "every stream to receive a progress event")
-        loaded = _detail_latencies(tenant, detail, 60)
-        health = _detail_latencies(requests.Session(), f"{web.url}/healthz", 20)
+        loaded = get_latencies(tenant, detail, 60)
+        health = get_latencies(requests.Session(), f"{web.url}/healthz", 20)
         assert all(s.error is None and s.status == 200 for s in streams)
 
         # one stream more than the key's cap: 429 with Retry-After and the error body

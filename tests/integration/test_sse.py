@@ -28,7 +28,7 @@ import requests
 
 from app.config import to_env
 from medmaas.standalone import free_port
-from tests.conftest import ROOT, create_tenant_key, wait_until
+from tests.conftest import ROOT, create_tenant_key, get_latencies, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -191,16 +191,6 @@ def test_progress_events_are_pushed_as_the_worker_commits_them(web, tenant, proc
 
 # -- many open streams do not tie up the server ---------------------------------------------
 
-def _detail_latencies(http: requests.Session, url: str, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        r = http.get(url, timeout=30)
-        out.append(time.perf_counter() - t)
-        assert r.status_code == 200, r.text
-    return out
-
-
 def test_many_open_streams_leave_the_api_responsive(web, tenant, processes) -> None:
     n_jobs, per_job = 4, 12  # 48 streams: three times the old server's 2 workers x 8 threads
     procs = processes()
@@ -208,8 +198,8 @@ def test_many_open_streams_leave_the_api_responsive(web, tenant, processes) -> N
     probe = submit(tenant, web, {"seconds": 0, "steps": 1})
     wait_state(tenant, web, probe["id"], TERMINAL)
     detail = f"{web.url}/api/v1/jobs/{probe['id']}"
-    _detail_latencies(tenant, detail, 10)  # warm every worker's pool
-    unloaded = _detail_latencies(tenant, detail, 60)
+    get_latencies(tenant, detail, 10)  # warm every worker's pool
+    unloaded = get_latencies(tenant, detail, 60)
 
     jobs = [submit(tenant, web, {"seconds": 600, "steps": 1200}) for _ in range(n_jobs)]  # an event every 0.5 s
     streams: list[Stream] = []
@@ -223,7 +213,7 @@ def test_many_open_streams_leave_the_api_responsive(web, tenant, processes) -> N
         wait_until(lambda: all(s.of_type("progress") for s in streams), 60, 0.1,
                    "every stream to receive a progress event")
         counts_before = [len(s.events) for s in streams]
-        loaded = _detail_latencies(tenant, detail, 60)
+        loaded = get_latencies(tenant, detail, 60)
         # every stream is still live: it received more events while we measured
         wait_until(lambda: all(len(s.events) > c for s, c in zip(streams, counts_before, strict=False)), 30, 0.1,
                    "every stream to keep receiving events")
