@@ -367,3 +367,17 @@ def get_latencies(http: Any, url: str, n: int) -> list[float]:
         out.append(time.perf_counter() - t)
         assert r.status_code == 200, r.text
     return out
+
+
+def usage_quantities(database: Any, tenant_id: int) -> dict[tuple[str, str, int], float]:
+    """A tenant's usage rows as {(metric, model, version): quantity summed over days}."""
+    from sqlalchemy import select
+
+    from app.models import Usage
+
+    out: dict[tuple[str, str, int], float] = {}
+    with database.session() as s:
+        for row in s.scalars(select(Usage).where(Usage.tenant_id == tenant_id)):
+            key = (row.metric.value, row.model, row.version)
+            out[key] = out.get(key, 0.0) + row.quantity
+    return out

@@ -10,28 +10,19 @@ import os
 import threading
 
 import pytest
-from sqlalchemy import select
 
 from app import auth
 from app.db import Database
-from app.models import Job, Usage, UsageMetric
+from app.models import Job, UsageMetric
 from app.sample_data import moses_library
 from app.stores import usage as usage_store
 from app.stores.usage import Quantity
 from tests.conftest import ApiClient, seed_tiny_model_and_library
+from tests.conftest import usage_quantities as totals
 
 pytestmark = pytest.mark.integration
 
 LIBRARY_ROWS = 400
-
-
-def totals(db: Database, tenant_id: int) -> dict[tuple[str, str, int], float]:
-    out: dict[tuple[str, str, int], float] = {}
-    with db.session() as s:
-        for row in s.scalars(select(Usage).where(Usage.tenant_id == tenant_id)):
-            key = (row.metric.value, row.model, row.version)
-            out[key] = out.get(key, 0.0) + row.quantity
-    return out
 
 
 def test_migration_0008_matches_the_usage_model(pg_settings) -> None:  # noqa: ANN001

@@ -29,23 +29,20 @@ from app.models import Dataset, Job, KeyRole, ModelVersion, Usage, UsageMetric
 from app.sample_data import moses_library
 from app.stores import usage as usage_store
 from app.stores.usage import Quantity
-from tests.conftest import ApiClient, create_tenant_key, seed_tiny_model_and_library, sign_in, use_template
+from tests.conftest import (
+    ApiClient,
+    create_tenant_key,
+    seed_tiny_model_and_library,
+    sign_in,
+    usage_quantities as quantities,
+    use_template,
+)
 from workers import metering
 from workers.scoring import canon, runner, shards
 from workers.tasks import execute_job
 
 M = UsageMetric
 DAY1, DAY2, DAY3 = date(2026, 11, 1), date(2026, 11, 2), date(2026, 11, 3)
-
-
-def quantities(db: Database, tenant_id: int) -> dict[tuple[str, str, int], float]:
-    """{(metric, model, version): quantity summed over days}"""
-    out: dict[tuple[str, str, int], float] = {}
-    with db.session() as s:
-        for row in s.scalars(select(Usage).where(Usage.tenant_id == tenant_id)):
-            key = (row.metric.value, row.model, row.version)
-            out[key] = out.get(key, 0.0) + row.quantity
-    return out
 
 
 @pytest.fixture()
