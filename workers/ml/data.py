@@ -125,6 +125,8 @@ class PreparedData:
     normalization: dict[str, list[float]] | None = None  # images: {"mean": [...], "std": [...]} per channel
     tokenizer: Tokenizer | None = None
     info: dict[str, Any] = field(default_factory=dict)  # rows per split, invalid rows, split method
+    # sequence data: each split's texts (canonical SMILES / token strings), row-aligned with its dataset
+    texts: dict[str, list[str]] = field(default_factory=dict)
 
     def splits(self) -> dict[str, BatchDataset]:
         return {k: v for k, v in (("train", self.train), ("val", self.val), ("test", self.test)) if v is not None}
@@ -444,6 +446,7 @@ def load_sequence_frame(
         input={"kind": "smiles" if tokenizer == "smiles" else "tokens", "max_len": max_len},
         tokenizer=tok,
         info=info,
+        texts={k: [texts[i] for i in idx[k]] for k in SPLITS if len(idx[k])},
     )
 
 
