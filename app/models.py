@@ -270,7 +270,12 @@ class ShardState(enum.StrEnum):
 class ScoreShard(Base):
     """One block of rows [start_row, stop_row) of a `score` job's library. Any worker on the
     job's queue claims a pending shard with a compare-and-set UPDATE fenced by `attempts`;
-    a finished shard keeps its part file (output_uri) until the parent job merges them."""
+    a finished shard keeps its part file (output_uri) until the parent job merges them.
+
+    A `train` job with `ensemble: N` reuses these rows for its members: member i is the row
+    with index=i and start_row=stop_row=i (no rows), rows_done its progress in thousandths,
+    output_uri its weights (member-{i}.safetensors in the job directory) and stats its metrics
+    (workers/kinds/train.py)."""
 
     __tablename__ = "score_shards"
     __table_args__ = (

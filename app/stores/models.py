@@ -22,7 +22,10 @@ from app.stores.errors import Invalid, NotFound
 
 ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 ALIAS_RULE = "letters, digits, '_' and '-', starting with a letter"
-BUNDLE_FILES = {"weights": "model.safetensors", "config": "config.json"}
+# reference.safetensors (the applicability-domain reference: training fingerprints or
+# embeddings) is optional: versions before it, and token-sequence models, have none.
+BUNDLE_FILES = {"weights": "model.safetensors", "config": "config.json", "reference": "reference.safetensors"}
+OPTIONAL_BUNDLE_FILES = {"reference": "this version has no applicability-domain reference"}
 
 
 class BundleFile(NamedTuple):
@@ -131,6 +134,8 @@ def bundle_file(session: Session, settings: Settings, tenant_id: int, name: str,
     mv = version(session, tenant_id, name, number)
     path = ArtifactStore.from_settings(settings).path(mv.artifact_uri) / BUNDLE_FILES[which]
     if not path.is_file():
+        if which in OPTIONAL_BUNDLE_FILES:
+            raise NotFound(OPTIONAL_BUNDLE_FILES[which])
         raise NotFound(f"{BUNDLE_FILES[which]} is missing from the artifact store")
     return BundleFile(path, f"{name}-v{number}-{BUNDLE_FILES[which]}")
 

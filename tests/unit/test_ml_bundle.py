@@ -93,7 +93,29 @@ def test_image_bundle_and_image_conversion(tmp_path):
     with torch.no_grad():
         expected = torch.softmax(model.eval()(x), 1)[0].tolist()
     assert list(out[0]["probabilities"].values()) == pytest.approx(expected, abs=1e-6)
-    assert set(out[1]) == {"label", "probabilities"} and set(out[2]) == {"label", "probabilities"}
+    assert {"label", "probabilities", "uncertainty"} == set(out[1]) == set(out[2])
     assert "error" in out[3]
     with pytest.raises(ValueError):
         p.predict_smiles(["CCO"])
+
+
+def test_ensemble_bundle_reference_and_member_checks(tmp_path):
+    from workers.ml.bundle import REFERENCE_FILE, load_reference
+    from workers.ml.ensemble import Ensemble
+
+    params = {"vocab_size": 10, "num_outputs": 2, "hidden_size": 4, "embedding_dim": 4}
+    seed_everything(0)
+    model = build_model("rnn", params, members=2)
+    config = {"task": {"type": "classification", "class_names": ["a", "b"]}}
+    ref = {"fingerprints": torch.zeros(3, 256, dtype=torch.uint8)}
+    save_bundle(tmp_path, model, config, reference=ref)
+    loaded, saved = load_bundle(tmp_path)
+    assert saved["members"] == 2 and isinstance(loaded, Ensemble)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name])
+    assert torch.equal(load_reference(tmp_path)["fingerprints"], ref["fingerprints"])
+    save_bundle(tmp_path, model, config)  # saved again without a reference: none is left behind
+    assert not (tmp_path / REFERENCE_FILE).exists() and load_reference(tmp_path) == {}
+    mixed = Ensemble([build_model("rnn", params), build_model("rnn", {**params, "hidden_size": 6})])
+    with pytest.raises(ValueError, match="share one architecture"):
+        save_bundle(tmp_path / "mixed", mixed, config)

@@ -1,4 +1,10 @@
-"""Model bundles: `model.safetensors` + `config.json` in one directory. No pickle anywhere."""
+"""Model bundles: `model.safetensors` + `config.json` (+ `reference.safetensors`, the
+applicability-domain reference) in one directory. No pickle anywhere.
+
+config.json may carry `members` (an ensemble's size; weights under `members.{i}.`),
+`calibration` (workers/ml/calibration.py) and `domain` (workers/ml/domain.py); bundles
+written before these keys existed load and predict as they always did.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +22,13 @@ from torch import nn
 from app.artifacts import open_read, open_write
 
 from .data import PreparedData
+from .ensemble import members_of
 from .models import arch_of, build_model, config_dict
 from .training import resolve_device
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+REFERENCE_FILE = "reference.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -61,13 +69,33 @@ def _read(path: Path) -> bytes:
         return fh.read()
 
 
-def save_bundle(directory: str | os.PathLike[str], model: nn.Module, config: dict[str, Any]) -> Path:
-    """Write the weights and config; `arch`/`model` in config are taken from the model itself."""
+def save_bundle(
+    directory: str | os.PathLike[str],
+    model: nn.Module,
+    config: dict[str, Any],
+    reference: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the weights and config (and the domain reference tensors when given);
+    `arch`/`model`/`members` in config are taken from the model itself."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {**config, "format_version": FORMAT_VERSION, "arch": arch_of(model), "model": config_dict(model)}
+    members = members_of(model)
+    if any(config_dict(m) != config_dict(members[0]) for m in members[1:]):
+        raise ValueError("ensemble members must share one architecture and hyper-parameters")
+    config = {
+        **config,
+        "format_version": FORMAT_VERSION,
+        "arch": arch_of(model),
+        "model": config_dict(model),
+        "members": len(members),
+    }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     _write(directory / WEIGHTS_FILE, safetensors_save(tensors, metadata={"format": "pt"}))
+    if reference:
+        ref = {k: v.detach().to("cpu").contiguous() for k, v in reference.items()}
+        _write(directory / REFERENCE_FILE, safetensors_save(ref, metadata={"format": "pt"}))
+    else:
+        (directory / REFERENCE_FILE).unlink(missing_ok=True)  # never a stale reference from an earlier save
     text = json.dumps(_json_safe(config), indent=2, sort_keys=True, allow_nan=False)
     _write(directory / CONFIG_FILE, text.encode("utf-8"))
     return directory
@@ -83,11 +111,20 @@ def read_bundle_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
 def load_bundle(
     directory: str | os.PathLike[str], device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the module from config.json and load safetensors weights; returns (model in eval mode, config)."""
+    """Rebuild the module from config.json and load safetensors weights; returns (model in
+    eval mode, config). An ensemble bundle (config `members` > 1) gives an Ensemble."""
     config = read_bundle_config(directory)
-    model = build_model(config["arch"], config["model"])
+    model = build_model(config["arch"], config["model"], members=int(config.get("members") or 1))
     # weights are read whole (bundles are small); safetensors parses bytes without pickle
     state = safetensors_load(_read(Path(directory) / WEIGHTS_FILE))
     model.load_state_dict(state, strict=True)
     device = resolve_device(device) if isinstance(device, str) else device
     return model.to(device).eval(), config
+
+
+def load_reference(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The bundle's applicability-domain reference tensors ({} when it has none)."""
+    path = Path(directory) / REFERENCE_FILE
+    if not path.exists():
+        return {}
+    return safetensors_load(_read(path))
