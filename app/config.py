@@ -83,7 +83,9 @@ class Settings:
     max_epochs: int = 1000
     max_batch_size: int = 4096
     max_max_len: int = 2048  # tokens per sequence a model may read
-    max_epoch_rows: int = 100_000_000  # epochs x training rows of one training job
+    max_epoch_rows: int = 100_000_000  # epochs x training rows (x ensemble members x augmented copies) of one job
+    max_ensemble: int = 10  # members of one `train` job's ensemble (each is a unit of work)
+    max_pretrain_rows: int = 2_000_000  # molecules one `pretrain` job may read
     testing: bool = False
 
     def __post_init__(self) -> None:

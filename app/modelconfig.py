@@ -301,7 +301,8 @@ class TrainLimits:
     max_epochs: int
     max_batch_size: int
     max_len: int
-    max_epoch_rows: int  # epochs x training rows
+    max_epoch_rows: int  # epochs x training rows (x members x augmented copies)
+    max_ensemble: int = 10  # ensemble members
 
 
 def over_limits(spec: Mapping[str, Any], limits: TrainLimits) -> dict[str, list[str]]:
@@ -311,6 +312,7 @@ def over_limits(spec: Mapping[str, Any], limits: TrainLimits) -> dict[str, list[
         ("epochs", limits.max_epochs, ""),
         ("batch_size", limits.max_batch_size, ""),
         ("max_len", limits.max_len, " tokens"),
+        ("ensemble", limits.max_ensemble, " members"),
     ):
         value = spec.get(name)
         if isinstance(value, int) and value > limit:
@@ -318,13 +320,47 @@ def over_limits(spec: Mapping[str, Any], limits: TrainLimits) -> dict[str, list[
     return c.errors
 
 
-def over_budget(epochs: int, train_rows: int, limits: TrainLimits) -> str | None:
-    """Why epochs x training rows exceeds the budget (naming the most epochs that fit), or None."""
-    if epochs * train_rows <= limits.max_epoch_rows:
+def over_budget(
+    epochs: int, train_rows: int, limits: TrainLimits, *, members: int = 1, random_smiles: int = 0
+) -> str | None:
+    """Why epochs x training rows exceeds the budget (naming the most epochs that fit), or None.
+    Each ensemble member trains on every row, and augmentation adds `random_smiles` copies of
+    each row per epoch: both multiply the rows an epoch costs."""
+    rows = train_rows * max(members, 1) * (1 + max(random_smiles, 0))
+    if epochs * rows <= limits.max_epoch_rows:
         return None
-    fits = limits.max_epoch_rows // max(train_rows, 1)
+    fits = limits.max_epoch_rows // max(rows, 1)
+    what = f"{train_rows} training rows"
+    if members > 1:
+        what += f" x {members} ensemble members"
+    if random_smiles > 0:
+        what += f" x {1 + random_smiles} (canonical + {random_smiles} random SMILES)"
     advice = f"use at most {fits} epochs on this dataset" if fits else "even one epoch of this dataset is too many"
     return (
-        f"{epochs} epochs x {train_rows} training rows = {epochs * train_rows} exceeds this server's budget of "
+        f"{epochs} epochs x {what} = {epochs * rows} exceeds this server's budget of "
         f"{limits.max_epoch_rows} epoch-rows per job; {advice}"
     )
+
+
+# --------------------------------------------------------------------------- init_from
+
+# The recurrent layers a language model (workers/ml/lm.py) shares with a SequenceRNN: a
+# fine-tune from it takes these from the pretrained model (and must not ask for others).
+PRETRAINED_SHAPE_PARAMS = ("cell", "embedding_dim", "hidden_size", "num_layers")
+
+
+def pretrained_conflicts(pretrained: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Errors per `model` field that contradicts the pretrained model's shape ({} when none);
+    a bidirectional fine-tune cannot start from a left-to-right language model."""
+    c = _Checker()
+    for name in PRETRAINED_SHAPE_PARAMS:
+        if name in model and model[name] != pretrained.get(name):
+            c.add(name, f"the pretrained model has {name} {pretrained.get(name)!r}, the spec asks {model[name]!r}")
+    if model.get("bidirectional"):
+        c.add("bidirectional", "a pretrained language model reads left to right; bidirectional must be false")
+    return c.errors
+
+
+def with_pretrained(pretrained: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec's `model` with the pretrained model's shape filled in where it says nothing."""
+    return {**{k: pretrained[k] for k in PRETRAINED_SHAPE_PARAMS if k in pretrained}, **model}

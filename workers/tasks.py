@@ -198,9 +198,21 @@ def register_tasks(celery: Celery, settings: Settings) -> None:
 
     @celery.task(name=SCORE_SHARD, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def score_shard(job_id: int, index: int, *extra: Any) -> str:
-        from workers.scoring.runner import run_shard_task
+        return run_unit(get_db(settings), settings, celery, int(job_id), int(index), worker_name())
 
-        return run_shard_task(get_db(settings), settings, celery, int(job_id), int(index), worker_name())
+
+def run_unit(db: Database, settings: Settings, celery: Celery, job_id: int, index: int, worker: str) -> str:
+    """One shard message: a `train` job's unit is an ensemble member (workers/kinds/train.py),
+    any other job's a block of library rows to score (workers/scoring/runner.py)."""
+    with db.session() as s:
+        kind = s.scalar(select(Job.kind).where(Job.id == job_id))
+    if kind == "train":
+        from workers.kinds.train import run_member_task
+
+        return run_member_task(db, settings, job_id, index, worker)
+    from workers.scoring.runner import run_shard_task
+
+    return run_shard_task(db, settings, celery, job_id, index, worker)
 
 
 def worker_celery(settings: Settings) -> Celery:

@@ -1,6 +1,11 @@
 """`train`: fit a CNN (images) or RNN (SMILES / token sequences) on an uploaded dataset
 (spec, submit-time check, route). The run is workers/kinds/train.py: it checkpoints every
-epoch and registers the result as a new model version."""
+epoch and registers the result as a new model version.
+
+`ensemble: N` trains N members (seed + i) as units of work any worker on the queue takes;
+`augment: {"random_smiles": n}` adds n random SMILES of each training molecule per epoch;
+`init_from: "name@version"` starts an RNN from a `pretrain` language model (its embedding,
+recurrent weights and vocabulary)."""
 
 from __future__ import annotations
 
@@ -22,11 +27,14 @@ from app.modelconfig import (
     check_params,
     over_budget,
     over_limits,
+    pretrained_conflicts,
     resolve_split,
     too_few_rows,
     user_params,
+    with_pretrained,
 )
 from app.models import MAX_ID, Dataset
+from app.registry import ModelNotFound, resolve_ref
 from app.workers_registry import gpu_worker_check
 
 MODEL_NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", error="letters, digits, '.', '_', '-' (max 128)")
@@ -53,6 +61,17 @@ class SplitSpec(Schema):
         return {**resolve_split(data), "method": data["method"]}
 
 
+class AugmentSpec(Schema):
+    random_smiles = StrictInteger(
+        load_default=0,
+        validate=validate.Range(min=0, max=20),
+        metadata={"description": "random SMILES per training molecule per epoch (SMILES datasets only)"},
+    )
+
+
+LANGUAGE_MODEL = "language_model"  # ModelVersion.task of a `pretrain` version
+
+
 class TrainSpec(Schema):
     model_name = fields.String(required=True, validate=MODEL_NAME)
     dataset_id = StrictInteger(required=True, validate=validate.Range(min=1, max=MAX_ID))
@@ -77,6 +96,26 @@ class TrainSpec(Schema):
     max_len = StrictInteger(load_default=256, validate=validate.Range(min=8, max=10_000))
     tokenizer = fields.String(load_default=None, allow_none=True, validate=validate.OneOf(["smiles", "whitespace"]))
     queue = fields.String(load_default=None, allow_none=True)
+    ensemble = StrictInteger(
+        load_default=1,
+        validate=validate.Range(min=1, max=10),
+        metadata={"description": "members trained with seeds seed..seed+N-1, registered as one version"},
+    )
+    augment = fields.Nested(AugmentSpec, load_default=None, allow_none=True)
+    init_from = fields.String(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Length(min=1, max=200),
+        metadata={"description": "a pretrain version (name@version) to start the RNN from"},
+    )
+    coverage = StrictFloat(
+        load_default=0.9,
+        validate=validate.Range(min=0.5, max=0.99),
+        metadata={"description": "coverage of the calibration metrics reported on the test split"},
+    )
+    explain_faithfulness = fields.Boolean(
+        load_default=True, metadata={"description": "measure attribution faithfulness after fit (SMILES, images)"}
+    )
 
     @validates_schema
     def _model_params(self, data: dict[str, Any], **_kw: Any) -> None:
@@ -92,12 +131,52 @@ class TrainSpec(Schema):
             isinstance(target, str) or (isinstance(target, list) and target and all(isinstance(t, str) for t in target))
         ):
             errors["target"] = ["target must be a column name or a list of column names"]
+        if arch == "cnn" and data.get("init_from"):
+            errors["init_from"] = ["init_from starts an RNN from a SMILES language model; arch cnn cannot use it"]
+        if arch == "cnn" and (data.get("augment") or {}).get("random_smiles"):
+            errors["augment"] = ["random-SMILES augmentation needs SMILES data; arch cnn trains on images"]
         if errors:
             raise ValidationError(errors)
 
 
 def limits(settings: Settings) -> TrainLimits:
-    return TrainLimits(settings.max_epochs, settings.max_batch_size, settings.max_max_len, settings.max_epoch_rows)
+    return TrainLimits(
+        settings.max_epochs,
+        settings.max_batch_size,
+        settings.max_max_len,
+        settings.max_epoch_rows,
+        settings.max_ensemble,
+    )
+
+
+def _field_error(field: str, message: str, code: str = "invalid_spec") -> SpecError:
+    return SpecError(f"{field}: {message}", code, {"spec": {field: [message]}})
+
+
+def check_init_from(spec: Spec, ctx: SubmitContext, ds: Dataset) -> Spec:
+    """init_from must name a language model of this tenant whose shape the spec's `model`
+    does not contradict, on a SMILES dataset; the spec gets the version's id and the
+    pretrained shape filled into `model`."""
+    ref = spec["init_from"]
+    if ds.kind != "sequences" or (spec["tokenizer"] or ds.schema.get("tokenizer", "smiles")) != "smiles":
+        raise _field_error("init_from", "a pretrained SMILES language model needs a SMILES dataset")
+    try:
+        mv = resolve_ref(ctx.session, ctx.tenant_id, ref)
+    except ModelNotFound as exc:
+        raise _field_error("init_from", str(exc), "unknown_model") from exc
+    if mv.task != LANGUAGE_MODEL:
+        raise _field_error("init_from", f"model {mv.name} v{mv.version} is a {mv.task} model, not a language model")
+    pretrained = dict(mv.spec.get("model") or {})
+    conflicts = pretrained_conflicts(pretrained, spec["model"])
+    if conflicts:
+        message = "; ".join(f"{k}: {' '.join(v)}" for k, v in conflicts.items())
+        raise SpecError(f"init_from: {message}", "invalid_spec", {"spec": {"init_from": [message], "model": conflicts}})
+    return {
+        **spec,
+        "model": with_pretrained(pretrained, spec["model"]),
+        "init_from_model_version_id": mv.id,
+        "init_from_version": f"{mv.name}@{mv.version}",
+    }
 
 
 def check(spec: Spec, ctx: SubmitContext) -> Spec:
@@ -120,6 +199,13 @@ def check(spec: Spec, ctx: SubmitContext) -> Spec:
     wanted = {"cnn": "images", "rnn": "sequences"}[spec["arch"]]
     if ds.kind != wanted:
         raise SpecError(f"arch {spec['arch']} trains on {wanted} datasets; dataset {ds.id} holds {ds.kind}")
+    random_smiles = (spec.get("augment") or {}).get("random_smiles", 0)
+    if random_smiles and (spec["tokenizer"] or ds.schema.get("tokenizer", "smiles")) != "smiles":
+        raise _field_error(
+            "augment", f"random-SMILES augmentation needs a SMILES dataset; dataset {ds.id} holds tokens"
+        )
+    if spec.get("init_from"):
+        spec = check_init_from(spec, ctx, ds)
     split = spec["split"] or {**DEFAULT_FRACTIONS, "method": "random"}
     if ds.kind == "sequences":
         label_types = ds.schema.get("label_types", {})
@@ -165,7 +251,9 @@ def check(spec: Spec, ctx: SubmitContext) -> Spec:
         train_rows = carved_sizes(int(given.get("train", 0)), split, carve)["train"]
     if problem:
         raise SpecError(problem, "too_few_rows", {"spec": {"dataset_id": [problem]}})
-    budget = over_budget(spec["epochs"], train_rows, bounds)
+    budget = over_budget(
+        spec["epochs"], train_rows, bounds, members=spec.get("ensemble", 1), random_smiles=random_smiles
+    )
     if budget:
         raise SpecError(budget, "over_limit", {"spec": {"epochs": [budget]}})
     note = gpu_worker_check(spec, ctx)  # 422 naming `device` when no GPU worker is connected

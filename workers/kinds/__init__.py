@@ -37,9 +37,16 @@ class Kind:
 
 
 def _runners() -> dict[str, Runner]:
-    from workers.kinds import ingest, predict, score, sleep, train
+    from workers.kinds import ingest, predict, pretrain, score, sleep, train
 
-    return {"sleep": sleep.run, "train": train.run, "predict": predict.run, "score": score.run, "ingest": ingest.run}
+    return {
+        "sleep": sleep.run,
+        "train": train.run,
+        "pretrain": pretrain.run,
+        "predict": predict.run,
+        "score": score.run,
+        "ingest": ingest.run,
+    }
 
 
 _KINDS: dict[str, Kind] = {}

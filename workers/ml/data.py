@@ -334,6 +334,9 @@ def load_sequence_frame(
     max_len: int | None = 256,
     min_freq: int = 1,
     canonicalize_smiles: bool = True,
+    augment: int = 0,
+    augment_seed: int | None = None,
+    vocabulary: Tokenizer | None = None,
 ) -> PreparedData:
     """Sequence data from a DataFrame of text + target column(s).
 
@@ -342,7 +345,15 @@ def load_sequence_frame(
     multilabel, or regression (standardised on train). split: fractions plus optional
     "method" ("random" default, "scaffold" for SMILES, or "column" with "column" naming
     a train/val/test column). The vocabulary is fitted on the training split only.
+
+    augment: n random SMILES per training molecule per epoch (workers/ml/augment.py; SMILES
+    only), drawn from the stream of `augment_seed` (default `seed`); the vocabulary then also
+    sees n random SMILES of each training molecule. vocabulary: a fitted tokenizer to use
+    instead of fitting one (a pretrained language model's, for `init_from`); its tokens are
+    kept as they are, and tokens it lacks read as <unk>.
     """
+    if augment and tokenizer != "smiles":
+        raise ValueError("random-SMILES augmentation needs SMILES input")
     targets = [target_columns] if isinstance(target_columns, str) else list(target_columns)
     for col in [text_column, *targets]:
         if col not in df.columns:
@@ -417,15 +428,33 @@ def load_sequence_frame(
 
     if isinstance(head, RegressionHead):
         head.fit(y[idx["train"]])
-    tok = make_tokenizer(tokenizer, max_len=max_len)
-    tok.fit((texts[i] for i in idx["train"]), min_freq=min_freq)
-    datasets: dict[str, SequenceDataset | None] = {}
+    train_texts = [texts[i] for i in idx["train"]]
+    if vocabulary is not None:
+        if vocabulary.kind != tokenizer or vocabulary.vocab is None:
+            raise ValueError(f"the given vocabulary must be a fitted {tokenizer} tokenizer")
+        tok = type(vocabulary)(vocabulary.vocab, max_len=max_len)
+    else:
+        tok = make_tokenizer(tokenizer, max_len=max_len)
+        if augment:
+            from .augment import vocabulary_texts
+
+            tok.fit(vocabulary_texts(train_texts, augment, seed), min_freq=min_freq)
+        else:
+            tok.fit(train_texts, min_freq=min_freq)
+    datasets: dict[str, BatchDataset | None] = {}
     for k in SPLITS:
         if len(idx[k]) == 0:
             datasets[k] = None
             continue
+        encoded = head.encode_targets(y[idx[k]])
+        if k == "train" and augment:
+            from .augment import AugmentedSequences
+
+            seed_k = seed if augment_seed is None else augment_seed
+            datasets[k] = AugmentedSequences(train_texts, encoded, tok, augment, seed_k)
+            continue
         ids, lengths = tok.encode_batch([texts[i] for i in idx[k]])
-        datasets[k] = SequenceDataset(torch.from_numpy(ids), torch.from_numpy(lengths), head.encode_targets(y[idx[k]]))
+        datasets[k] = SequenceDataset(torch.from_numpy(ids), torch.from_numpy(lengths), encoded)
     train_lengths = [len(tok.tokenize(texts[i])) for i in idx["train"]]
     info.update(
         {
@@ -433,6 +462,7 @@ def load_sequence_frame(
             "rows": {k: len(idx[k]) for k in SPLITS},
             "truncated_train_rows": int(sum(n > max_len for n in train_lengths)) if max_len else 0,
             "vocab_size": tok.vocab_size,
+            **({"augment": {"random_smiles": augment}} if augment else {}),
         }
     )
     train = datasets["train"]

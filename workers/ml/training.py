@@ -191,6 +191,34 @@ def evaluate(
     return {"loss": float(head.loss(outputs, targets)), **head.metrics(outputs.numpy(), targets.numpy())}
 
 
+def combine_members(outputs: torch.Tensor, head: Head) -> torch.Tensor:
+    """Raw outputs [M, N, K] of ensemble members -> the raw outputs [N, K] of their mean
+    prediction: mean values (regression), log of the mean class probabilities
+    (classification), logit of the mean label probabilities (multilabel)."""
+    if head.name == "classification":
+        return torch.log(torch.softmax(outputs.float(), dim=-1).mean(0).clamp_min(1e-12))
+    if head.name == "multilabel":
+        return torch.logit(torch.sigmoid(outputs.float()).mean(0), eps=1e-6)
+    return outputs.float().mean(0)
+
+
+def evaluate_members(
+    members: Sequence[nn.Module],
+    loader: Iterable[Batch],
+    head: Head,
+    device: torch.device,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, float | None]:
+    """`evaluate` of the members' mean prediction (combine_members)."""
+    per_member = [predict_outputs(m.to(device), loader, device, should_stop=should_stop) for m in members]
+    if not per_member or per_member[0][0].numel() == 0:
+        return {}
+    outputs = combine_members(torch.stack([o for o, _ in per_member]), head)
+    targets = per_member[0][1]
+    return {"loss": float(head.loss(outputs, targets)), **head.metrics(outputs.numpy(), targets.numpy())}
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -339,6 +367,9 @@ def fit(
         train_sampler = loaders["train"].batch_sampler
         if isinstance(train_sampler, EpochBatchSampler):  # always, as built by make_loader
             train_sampler.set_epoch(epoch)
+        set_data_epoch = getattr(data.train, "set_epoch", None)
+        if set_data_epoch is not None:  # augmented data draws this epoch's random SMILES
+            set_data_epoch(epoch)
 
         def on_batch(i: int, n: int, epoch: int = epoch) -> None:
             now = time.monotonic()
