@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from app.modelconfig import RNNConfig
 
@@ -51,11 +51,17 @@ class SequenceRNN(nn.Module):
         # pack_padded_sequence wants CPU lengths; an empty sequence is read as one <pad>.
         lengths = lengths.detach().to("cpu", torch.int64).clamp(min=1)
         x = self.dropout(self.embedding(ids))
-        packed = pack_padded_sequence(x.float(), lengths, batch_first=True, enforce_sorted=False)
+        # Rows that all fill the padded width need no packing, and the final states are the
+        # same: skipping it spares the CPU backward through a packed sequence, which grows
+        # with length squared (integrated gradients runs equal-length rows).
+        if bool((lengths == ids.shape[1]).all()):
+            sequence: torch.Tensor | PackedSequence = x.float()
+        else:
+            sequence = pack_padded_sequence(x.float(), lengths, batch_first=True, enforce_sorted=False)
         # The recurrence runs in fp32 even under bf16 autocast: cuDNN/fused RNN kernels
         # lack or mis-handle bf16 on some builds, and long recurrences lose precision.
         with torch.autocast(device_type=ids.device.type, enabled=False):
-            _, h = self.rnn(packed)  # h is returned in the batch's original order
+            _, h = self.rnn(sequence)  # h is returned in the batch's original order
         if isinstance(h, tuple):  # LSTM: (h_n, c_n)
             h = h[0]
         dirs = 2 if self.cfg.bidirectional else 1
