@@ -23,7 +23,8 @@ def init_web(app: Flask) -> None:
     from app.web import filters
     from app.web.blueprint import bp
 
-    for module in ("session_auth", "jobs", "library", "audit", "usage", "keys"):  # each adds its routes to bp
+    # Each module adds its routes to bp.
+    for module in ("session_auth", "jobs", "library", "explain", "audit", "usage", "keys"):
         importlib.import_module(f"app.web.{module}")
 
     filters.register(app)

@@ -27,6 +27,7 @@ from app.stores import Conflict
 from app.stores import datasets as datasets_store
 from app.stores import jobs as jobs_store
 from app.stores import models as models_store
+from app.web import trust
 from app.web.blueprint import bp
 from app.web.filters import percent
 
@@ -209,7 +210,9 @@ def jobs() -> ResponseReturnValue:
 @bp.get("/jobs/<id:job_id>")
 def job_detail(job_id: int) -> ResponseReturnValue:
     job = jobs_store.get(db_session(), tenant_id(), job_id)
-    return render_template("job.html", job=dump_job(job))
+    top = trust.top_table(job.result) if job.kind == "score" and job.state == JobState.succeeded else None
+    explained = job.kind == "predict" and bool((job.spec or {}).get("explain"))
+    return render_template("job.html", job=dump_job(job), top=top, explained=explained)
 
 
 @bp.get("/jobs/<id:job_id>/cancel")
@@ -423,6 +426,8 @@ def score_new() -> ResponseReturnValue:
         "model": request.args.get("model", ""),
         "library_id": request.args.get("library_id", ""),
         "top_k": "100",
+        "explain_top_k": "10",
+        "coverage": "0.9",
         "output": "csv",
         "form_id": uuid.uuid4().hex,
     }
@@ -437,6 +442,10 @@ def score_new() -> ResponseReturnValue:
             errors["model"] = ["Required."]
         _number(form, "library_id", int, errors, spec)
         _number(form, "top_k", int, errors, spec, required=False)
+        _number(form, "explain_top_k", int, errors, spec, required=False)
+        if isinstance(spec.get("explain_top_k"), int) and isinstance(spec.get("top_k"), int):
+            spec["explain_top_k"] = min(spec["explain_top_k"], spec["top_k"])  # "draw the best n of the top k"
+        _number(form, "coverage", float, errors, spec, required=False)
         if errors:
             error, status = "Please fix the marked fields.", 400
         else:

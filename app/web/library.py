@@ -22,12 +22,13 @@ from app.api import celery, database, db_session, settings, tenant_id
 from app.api.datasets import DatasetUploadForm
 from app.artifacts import sendable
 from app.errors import as_api_error, domain_errors
-from app.kinds.predict import MAX_INPUTS
+from app.kinds.predict import EXPLAINABLE_INPUTS, MAX_INPUTS
 from app.models import DatasetStatus, JobState
 from app.stores import Conflict, NotFound
 from app.stores import datasets as datasets_store
 from app.stores import jobs as jobs_store
 from app.stores import models as models_store
+from app.web import trust
 from app.web.blueprint import bp
 from app.web.jobs import confirm_delete_page, first_line, require_delete_role
 
@@ -131,6 +132,11 @@ def models() -> ResponseReturnValue:
     return render_template("models.html", models=models_store.summaries(db_session(), tenant_id(), with_latest=True))
 
 
+def explain_form_defaults() -> dict[str, str]:
+    """The "Explain a molecule / an image" form's fields (app.web.explain reads them)."""
+    return {"smiles": "", "ref": "", "coverage": "0.9", "uncertainty": "auto", "method": "gradcam", "sets": ""}
+
+
 def _model_page(name: str, status: int = 200, **extra: Any) -> ResponseReturnValue:
     try:
         detail = models_store.detail(db_session(), tenant_id(), name)
@@ -141,7 +147,14 @@ def _model_page(name: str, status: int = 200, **extra: Any) -> ResponseReturnVal
     by_version: dict[int, list[str]] = {}
     for alias, version in sorted(aliases.items()):
         by_version.setdefault(version, []).append(alias)
-    context: dict[str, Any] = {"predict_form": {"inputs": "", "ref": ""}, "predict_errors": {}, "predict_error": None}
+    context: dict[str, Any] = {
+        "predict_form": {"inputs": "", "ref": ""},
+        "predict_errors": {},
+        "predict_error": None,
+        "explain_form": explain_form_defaults(),
+        "explain_errors": {},
+        "explain_error": None,
+    }
     context.update(extra)
     return render_template(
         "model.html",
@@ -151,6 +164,10 @@ def _model_page(name: str, status: int = 200, **extra: Any) -> ResponseReturnVal
         by_version=by_version,
         form_id=uuid.uuid4().hex,  # a fresh one per render: a new submission is a new job
         image_model=bool(versions) and versions[0].input_kind == "image",
+        explainable=bool(versions) and versions[0].input_kind in EXPLAINABLE_INPUTS,
+        classifier=bool(versions) and versions[0].task == "classification",
+        version_trust=trust.version_trust(versions),
+        core_metrics=trust.core_metrics,
         max_inputs=MAX_INPUTS,
         **context,
     ), status

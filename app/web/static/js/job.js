@@ -50,6 +50,8 @@
     cancelButton.disabled = !!j.cancel_requested;
     cancelButton.textContent = j.cancel_requested ? "Cancelling…" : "Cancel job";
     document.getElementById("result-link").hidden = !j.result_url;
+    var ready = document.getElementById("results-ready"); // a score job finished while open
+    if (ready && j.state === "succeeded") ready.hidden = false;
     var errBox = document.getElementById("job-error");
     errBox.hidden = !j.error;
     text("job-error-text", j.error || "");
