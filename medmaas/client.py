@@ -513,6 +513,7 @@ class Client:
         timeout: float | None = None,
         wait: bool = False,
         wait_timeout: float | None = None,
+        **options: Any,
     ) -> dict:
         """Online prediction. model may carry its selector (`name@3`, `name@production`).
 
@@ -522,14 +523,19 @@ class Client:
         and returns its predictions the same way; otherwise it returns the job itself
         ({"id", "state", "kind": "predict", ...}, always with "id"): tell the two apart with
         `"predictions" in answer`. A failed prediction raises MedmaasError (422
-        prediction_failed) either way."""
+        prediction_failed) either way.
+
+        options (None = the server's default): explain, explain_method ("ig" | "gradcam"),
+        explain_steps, explain_format ("svg" | "png"), coverage, uncertainty ("auto" |
+        "mc_dropout" | "none"), tta, prediction_sets. With explain=True each prediction has
+        an `explanation` (atom_weights and an inline `svg`, or `png_base64`)."""
         name, _, selector = model.partition("@")
         if selector and version is None and alias is None:
             if selector.isdigit():
                 version = int(selector)
             else:
                 alias = selector
-        body: dict[str, Any] = {"inputs": list(inputs)}
+        body: dict[str, Any] = {"inputs": list(inputs), **{k: v for k, v in options.items() if v is not None}}
         if version is not None:
             body["version"] = int(version)
         if alias is not None:

@@ -419,6 +419,9 @@ def result_summary(job: dict) -> list[str]:
             lines.append("  invalid: " + "; ".join(f"{n}× {why}" for why, n in list(reasons.items())[:3]))
         fmt = result.get("format") or (job.get("spec") or {}).get("output") or "csv"
         lines.append(f"Download the scores: {me} download {job_id} -o scores.{fmt}")
+        drawn = [e for e in result.get("explanations") or [] if e.get("url")]
+        if drawn:
+            lines.append(f"Drawings of the top {len(drawn)} with their attributions: GET {drawn[0]['url']} ...")
         return lines
     if kind == "predict":
         predictions = result.get("predictions") or []
@@ -560,6 +563,15 @@ def train(
 @click.argument("library_id", type=int)
 @click.option("--top-k", type=click.IntRange(0, 10_000), default=None, help="best rows kept in the job result")
 @click.option("--output", "output_format", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True)
+@click.option(
+    "--explain-top-k",
+    type=click.IntRange(0, 100),
+    default=None,
+    help="draw this many of the best rows with their atom attributions (SVG files listed in the result)",
+)
+@click.option(
+    "--coverage", type=click.FloatRange(0.5, 0.99), default=None, help="interval coverage of a calibrated model"
+)
 @click.option("--watch", is_flag=True, help="follow the job until it ends (exit code as `jobs watch`)")
 @click.option(
     "-o",
@@ -570,10 +582,24 @@ def train(
     help="with --watch: save the score file here when done",
 )
 @api_command
-def score(model: str, library_id: int, top_k: int | None, output_format: str, watch: bool, save_to: str | None) -> None:
-    """Score library LIBRARY_ID with MODEL (name, name@version or name@alias)."""
+def score(
+    model: str,
+    library_id: int,
+    top_k: int | None,
+    output_format: str,
+    explain_top_k: int | None,
+    coverage: float | None,
+    watch: bool,
+    save_to: str | None,
+) -> None:
+    """Score library LIBRARY_ID with MODEL (name, name@version or name@alias).
+
+    The score file has one column per model output, then the model's spread, interval and
+    domain columns when it has them."""
     client = get_client()
-    job = client.score(model, library_id, top_k=top_k, output=output_format)
+    job = client.score(
+        model, library_id, top_k=top_k, output=output_format, explain_top_k=explain_top_k, coverage=coverage
+    )
     _after_submit(client, job, watch, save_to, output_format)
 
 
@@ -827,15 +853,61 @@ def models_delete(name: str, version: int | None, yes: bool) -> None:
     show_default=True,
     help="when the server answers with a job: follow it and print the predictions, or print the job id",
 )
+@click.option("--explain", is_flag=True, help="attributions per input, drawn (SMILES: on the molecule; images: PNG)")
+@click.option(
+    "-o",
+    "--output-dir",
+    type=click.Path(file_okay=False, writable=True),
+    default=None,
+    help="with --explain: write the drawings here as <i>.svg (<i>.png for images), i = the input's position from 1",
+)
+@click.option("--coverage", type=click.FloatRange(0.5, 0.99), default=None, help="interval coverage (default 0.9)")
+@click.option(
+    "--uncertainty",
+    type=click.Choice(["auto", "mc_dropout", "none"]),
+    default=None,
+    help="spread from the ensemble (auto), MC dropout, or none",
+)
+@click.option("--tta", type=click.IntRange(0, 32), default=None, help="SMILES: average over N random SMILES")
+@click.option("--prediction-sets", is_flag=True, default=None, help="classification: conformal prediction sets")
+@click.option(
+    "--json/--table",
+    "as_json",
+    default=None,
+    help="print the API's JSON or a table (default: a table on a terminal, JSON otherwise)",
+)
 @api_command
-def predict(model: str, inputs: tuple[str, ...], timeout: float | None, wait: bool) -> None:
+def predict(
+    model: str,
+    inputs: tuple[str, ...],
+    timeout: float | None,
+    wait: bool,
+    explain: bool,
+    output_dir: str | None,
+    coverage: float | None,
+    uncertainty: str | None,
+    tta: int | None,
+    prediction_sets: bool | None,
+    as_json: bool | None,
+) -> None:
     """Predict with MODEL (name, name@version, name@alias) for SMILES / token INPUTS.
 
-    Prints the predictions as JSON. A prediction slower than --timeout runs on as a job:
-    by default this waits for it; with --no-wait it prints the job id and how to get the
-    predictions later."""
+    Prints the predictions with their spread, interval and domain columns (a table on a
+    terminal, JSON when piped or with --json). With --explain -o DIR, each input's drawing
+    goes to DIR/<i>.svg (PNG for images). A prediction slower than --timeout runs on as a
+    job: by default this waits for it; with --no-wait it prints the job id and how to get
+    the predictions later."""
+    if output_dir and not explain:
+        raise click.BadParameter("-o DIR holds the drawings of --explain; add --explain", param_hint="-o")
     client = get_client()
-    answer = client.predict(model, list(inputs), timeout=timeout)
+    options: dict[str, Any] = {
+        "explain": explain or None,
+        "coverage": coverage,
+        "uncertainty": uncertainty,
+        "tta": tta,
+        "prediction_sets": prediction_sets,
+    }
+    answer = client.predict(model, list(inputs), timeout=timeout, **options)
     if "predictions" not in answer:
         job_id, me = answer["id"], command_name()
         if not wait:
@@ -846,4 +918,109 @@ def predict(model: str, inputs: tuple[str, ...], timeout: float | None, wait: bo
             return
         click.echo(f"Prediction job {job_id} is {answer.get('state', 'queued')}; waiting for it ...", err=True)
         answer = client.predict_result(job_id)
-    click.echo(json.dumps(answer, indent=2))
+    if output_dir:
+        written = save_drawings(answer.get("predictions") or [], Path(output_dir))
+        click.echo(f"Saved {len(written)} drawing(s) to {output_dir}", err=True)
+    if as_json is None:
+        as_json = not sys.stdout.isatty()
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    from rich.console import Console
+
+    Console().print(predictions_table(answer))
+
+
+def save_drawings(predictions: list[dict], directory: Path) -> list[Path]:
+    """Each explained prediction's drawing as directory/<i>.svg or <i>.png (i from 1, the
+    input's position); the prediction then names its file (`explanation.file`) in place of
+    the inline drawing."""
+    import base64
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, item in enumerate(predictions, start=1):
+        explanation = item.get("explanation") if isinstance(item, dict) else None
+        if not isinstance(explanation, dict):
+            continue
+        if "svg" in explanation:
+            path = directory / f"{i}.svg"
+            path.write_text(explanation.pop("svg"), encoding="utf-8")
+        elif "png_base64" in explanation:
+            path = directory / f"{i}.png"
+            path.write_bytes(base64.b64decode(explanation.pop("png_base64")))
+        else:
+            continue
+        for per_output in (explanation.get("outputs") or {}).values():  # the lead output's is saved above
+            per_output.pop("svg", None)
+            per_output.pop("png_base64", None)
+        explanation["file"] = str(path)
+        written.append(path)
+    return written
+
+
+def _values(item: dict) -> str:
+    """What was predicted, in a few words: the value(s), or the label and its probability."""
+    if "label" in item:
+        p = (item.get("probabilities") or {}).get(item["label"])
+        return f"{item['label']} ({_fmt(p)})" if p is not None else str(item["label"])
+    if "labels" in item:
+        return ", ".join(item["labels"]) or "none"
+    values = item.get("values") or {}
+    if len(values) == 1:
+        return _fmt(next(iter(values.values())))
+    return " · ".join(f"{k} {_fmt(v)}" for k, v in values.items())
+
+
+def _spread(item: dict) -> str:
+    unc = item.get("uncertainty") or {}
+    std = unc.get("std") or {}
+    if not std:
+        return ""
+    shown = _fmt(next(iter(std.values()))) if len(std) == 1 else " · ".join(f"{k} {_fmt(v)}" for k, v in std.items())
+    return f"±{shown} ({unc.get('method')})" if unc.get("method") else f"±{shown}"
+
+
+def _interval(item: dict) -> str:
+    interval = item.get("interval") or {}
+    values = interval.get("values") or {}
+    spans = [f"[{_fmt(lo)}, {_fmt(hi)}]" for lo, hi in values.values()]
+    if "prediction_set" in item:
+        spans.append("{" + ", ".join(map(str, item["prediction_set"])) + "}")
+    return " · ".join(spans)
+
+
+def _domain(item: dict) -> str:
+    domain = item.get("domain") or {}
+    if "in_domain" not in domain:
+        return ""
+    measure = domain.get("nn_similarity", domain.get("nn_distance"))
+    return f"{'in' if domain['in_domain'] else 'OUT'} ({_fmt(measure)})"
+
+
+def predictions_table(answer: dict) -> Any:
+    """The predictions as a rich Table: input, canonical SMILES, prediction, spread,
+    interval (or prediction set), domain, drawing file, error; columns nobody has are left out."""
+    from rich.table import Table
+
+    items = [p if isinstance(p, dict) else {} for p in answer.get("predictions") or []]
+    coverage = next((p["interval"].get("coverage") for p in items if isinstance(p.get("interval"), dict)), None)
+    columns: list[tuple[str, Callable[[dict], str]]] = [
+        ("#", lambda p: ""),
+        ("input", lambda p: str(p.get("input", ""))),
+        ("SMILES", lambda p: str(p.get("smiles", ""))),
+        ("prediction", lambda p: "" if "error" in p else _values(p)),
+        ("spread", _spread),
+        (f"{round(100 * coverage)}% interval" if coverage else "interval / set", _interval),
+        ("domain", _domain),
+        ("drawing", lambda p: str((p.get("explanation") or {}).get("file", ""))),
+        ("error", lambda p: str(p.get("error", ""))),
+    ]
+    cells = [[get(p) for _, get in columns] for p in items]
+    keep = [j for j in range(len(columns)) if j < 2 or any(row[j] for row in cells)]
+    table = Table(header_style="bold", title=f"{answer.get('model')} v{answer.get('version')}")
+    for j in keep:
+        table.add_column(columns[j][0], overflow="fold", justify="right" if j == 0 else "left")
+    for i, row in enumerate(cells, start=1):
+        table.add_row(*[str(i) if j == 0 else row[j] for j in keep])
+    return table

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from apispec import APISpec
-from flask import Response, current_app, request, stream_with_context
+from flask import Response, current_app, request, send_file, stream_with_context
 from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
@@ -16,9 +16,11 @@ from sqlalchemy import select
 
 from app.api import MAX_ID, celery, database, db_session, requires, settings, tenant_id
 from app.api.openapi import answers, body_doc, schema_converter
+from app.artifacts import job_dir, sendable
 from app.errors import ApiError
 from app.fields import StrictInteger
 from app.kinds import get_kind, submittable_kinds
+from app.kinds.score import explanation_file
 from app.models import TERMINAL_STATES, Job, JobEvent, JobState, KeyRole
 from app.stores import jobs as jobs_store
 
@@ -340,6 +342,28 @@ def result(job_id: int) -> ResponseReturnValue:
     if kind is not None and kind.render_result is not None:
         return kind.render_result(job, request.args, settings())
     return jsonify(job.result or {})
+
+
+@blp.route("/<id:job_id>/files/explain/<id:rank>.svg", methods=["GET"])
+@answers(409)  # not succeeded (yet)
+@blp.doc(
+    responses={
+        200: {
+            "description": "the molecule of the score job's top-K row of this rank, its atoms coloured "
+            "by their attribution (image/svg+xml; listed in the result's `explanations`)",
+            "content": {"image/svg+xml": {"schema": {"type": "string"}}},
+        }
+    }
+)
+@requires(KeyRole.viewer)
+def explanation_drawing(job_id: int, rank: int) -> ResponseReturnValue:
+    """A drawing a score job made with `explain_top_k`; 404 for a rank it did not draw."""
+    job = jobs_store.succeeded(db_session(), tenant_id(), job_id)
+    listed = {e.get("rank") for e in (job.result or {}).get("explanations") or [] if e.get("file")}
+    path = explanation_file(job_dir(settings(), job.tenant_id, job.id), rank)
+    if job.kind != "score" or rank not in listed or not path.exists():
+        raise ApiError(404, f"Job {job_id} has no drawing of rank {rank}", "not_found")
+    return send_file(sendable(path), mimetype="image/svg+xml", max_age=0)
 
 
 @blp.route("/<id:job_id>", methods=["DELETE"])

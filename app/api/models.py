@@ -15,7 +15,7 @@ from app.artifacts import sendable
 from app.errors import ApiError
 from app.fields import StrictFloat, StrictInteger
 from app.kinds import SpecError
-from app.kinds.predict import INPUT_DOC
+from app.kinds.predict import INPUT_DOC, PredictOptions
 from app.models import JobState, KeyRole, ModelVersion
 from app.stores import jobs as jobs_store
 from app.stores import models as models_store
@@ -64,7 +64,7 @@ class AliasSchema(Schema):
     version = StrictInteger(required=True, validate=validate.Range(min=1, max=MAX_ID))
 
 
-class PredictRequest(Schema):
+class PredictRequest(PredictOptions):
     inputs = fields.List(fields.Raw(metadata=INPUT_DOC), required=True, validate=validate.Length(min=1, max=10_000))
     version = StrictInteger(validate=validate.Range(min=1, max=MAX_ID))
     alias = fields.String(validate=ALIAS)
@@ -144,7 +144,19 @@ def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
 
     Text inputs longer than 4 x the model's `max_len` (tokens) characters are refused with
     422 naming the input index; an input the worker tokenises to more than `max_len` tokens
-    gets its own `error` item instead of being truncated."""
+    gets its own `error` item instead of being truncated.
+
+    Each prediction carries, where the model has them, `uncertainty` (method, samples, std
+    per output; entropy for classification), `interval` (calibrated regression: coverage and
+    [lo, hi] per target), `prediction_set` (classification, with `prediction_sets`) and
+    `domain` (nearest-neighbour similarity to the training set, in_domain, threshold).
+    With `explain`, each item that could be predicted also has `explanation`: method
+    (integrated_gradients or grad_cam), steps, the explained `output`, `atom_weights` (atom
+    index -> signed weight, max |w| = 1) and the molecule drawn as inline `svg` (or
+    `png_base64`), or for images `heatmap_shape` and the heat map over the image as
+    `png_base64`; a multi-output model adds `outputs` with the same per output. An input
+    that cannot be read keeps its `error` and the rest of the batch is explained. 422 naming
+    `explain` for a model that cannot be explained (token sequences, language models)."""
     mv = models_store.version(db_session(), tenant_id(), name, body.get("version"), body.get("alias"))
     auditing.note(object_id=f"{mv.name}@{mv.version}")  # the inputs are recorded hashed (app.api.auditing)
     try:
@@ -155,7 +167,7 @@ def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
             settings(),
             tenant_id(),
             "predict",
-            {"model": f"{mv.name}@{mv.version}", "inputs": body["inputs"]},
+            {"model": f"{mv.name}@{mv.version}", "inputs": body["inputs"], **predict_options(body)},
         )
     except SpecError as exc:  # the spec is built here: its problems are this request body's
         details = exc.details
@@ -177,6 +189,11 @@ def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
     response.status_code = 202
     response.headers["Location"] = f"/api/v1/jobs/{job.id}"
     return response
+
+
+def predict_options(body: dict[str, Any]) -> dict[str, Any]:
+    """The PredictOptions fields of a predict body, for the predict job's spec."""
+    return {name: body[name] for name in PredictOptions().fields if name in body}
 
 
 @blp.route("/<string:name>", methods=["DELETE"])

@@ -7,6 +7,14 @@ model's tokenizer, which only the worker loads, so the submit-time check refuses
 is far too long: a SMILES longer than MAX_CHARS_PER_TOKEN x max_len characters, a token
 sequence of more than that many whitespace-separated tokens.
 
+Options (PredictOptions, shared with the POST /models/{name}/predict body): `explain`
+draws per-item attributions (SMILES: integrated gradients on the molecule; images: Grad-CAM
+or integrated gradients over the picture), `coverage` sets the level of a calibrated
+model's prediction intervals / sets, `uncertainty`, `tta` and `prediction_sets` choose
+what the spread is computed from. A model that cannot honour an option is a 422 naming
+that option (`explain` of a token-sequence model, `prediction_sets` of a regression model);
+a SMILES language model (pretrain) is refused for prediction altogether.
+
 Unknown models: a model named inside a spec (`model` here and in `score`) is a 422 naming
 the field (`details: {"spec": {"model": [...]}}`); a model named in a URL path is a 404
 (app.stores.models). Both messages name the model and say how to list models.
@@ -21,6 +29,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates
 
 from app.config import Settings
 from app.errors import NO_NUL_PATTERN
+from app.fields import StrictBoolean, StrictFloat, StrictInteger
 from app.ingest.deid import Deidentifier, NotDeidentifiable, is_dicom, tenant_seed
 from app.kinds import KindSpec, Spec, SpecError, SubmitContext, allowed_queue, queue_or_default, register
 from app.models import ModelVersion
@@ -35,6 +44,11 @@ MAX_INPUTS = 10_000
 MAX_CHARS_PER_TOKEN = 4
 DEFAULT_MAX_LEN = 256  # the train spec's default, for versions whose spec lacks max_len
 MAX_REPORTED = 20  # per-input errors listed in details
+# Integrated gradients runs `explain_steps` forward and backward passes per input: an
+# explained call takes at most this many inputs (a score job's explain_top_k has the same cap).
+MAX_EXPLAINED_INPUTS = 100
+EXPLAINABLE_INPUTS = ("smiles", "image")  # as workers/ml/explain.py (the app may not import it)
+LANGUAGE_MODEL = "language_model"  # the task of a `pretrain` version
 
 
 # What one input may be (checked by PredictSpec._input_types), for the OpenAPI document.
@@ -61,7 +75,57 @@ INPUT_DOC = {
 }
 
 
-class PredictSpec(Schema):
+class PredictOptions(Schema):
+    """What a prediction carries besides the values: the predict kind's spec and the body of
+    POST /models/{name}/predict both take these."""
+
+    explain = StrictBoolean(
+        load_default=False,
+        metadata={
+            "description": "per input, the attributions: `explanation` with atom_weights (atom index -> "
+            f"signed weight, SMILES) or a heat map (images), and the drawing; at most {MAX_EXPLAINED_INPUTS} "
+            "inputs; 422 for a model that cannot be explained (token sequences)"
+        },
+    )
+    explain_method = fields.String(
+        load_default=None,
+        allow_none=True,
+        validate=validate.OneOf(["ig", "gradcam"]),
+        metadata={"description": "ig (integrated gradients) or gradcam (images only; the default for images)"},
+    )
+    explain_steps = StrictInteger(
+        load_default=32,
+        validate=validate.Range(min=4, max=256),
+        metadata={"description": "integrated-gradients steps"},
+    )
+    explain_format = fields.String(
+        load_default=None,
+        allow_none=True,
+        validate=validate.OneOf(["svg", "png"]),
+        metadata={"description": "svg (inline, the default for SMILES) or png (base64; always for images)"},
+    )
+    coverage = StrictFloat(
+        load_default=0.9,
+        validate=validate.Range(min=0.5, max=0.99),
+        metadata={"description": "coverage of the prediction intervals and sets of a calibrated model"},
+    )
+    uncertainty = fields.String(
+        load_default="auto",
+        validate=validate.OneOf(["auto", "mc_dropout", "none"]),
+        metadata={"description": "auto: the ensemble's spread when the model has members; mc_dropout; none"},
+    )
+    tta = StrictInteger(
+        load_default=0,
+        validate=validate.Range(min=0, max=32),
+        metadata={"description": "SMILES models: average over this many random SMILES of each input"},
+    )
+    prediction_sets = StrictBoolean(
+        load_default=False,
+        metadata={"description": "classification: the conformal prediction set at `coverage`"},
+    )
+
+
+class PredictSpec(PredictOptions):
     model = fields.String(required=True, metadata={"description": "name, name@version or name@alias"})
     inputs = fields.List(fields.Raw(metadata=INPUT_DOC), required=True, validate=validate.Length(min=1, max=MAX_INPUTS))
     queue = fields.String(load_default=None, allow_none=True)
@@ -127,12 +191,59 @@ def check_lengths(inputs: list[Any], mv: ModelVersion) -> None:
     )
 
 
+def option_error(field: str, message: str, code: str = "invalid_option") -> SpecError:
+    return SpecError(message, code, {"spec": {field: [message]}})
+
+
+def refuse_language_model(mv: ModelVersion, field: str = "model") -> None:
+    """A SMILES language model predicts next tokens, not properties: refused (422)."""
+    if mv.task == LANGUAGE_MODEL:
+        raise option_error(
+            field,
+            f"model {mv.name} v{mv.version} is a SMILES language model (pretrain); it does not predict "
+            f'properties: fine-tune it with init_from ("init_from": "{mv.name}@{mv.version}" in a train spec)',
+            "language_model",
+        )
+
+
+def check_options(spec: Spec, mv: ModelVersion) -> None:
+    """SpecError (422) naming the option a model cannot honour."""
+    label = f"model {mv.name} v{mv.version}"
+    if spec.get("explain"):
+        if mv.input_kind not in EXPLAINABLE_INPUTS:
+            raise option_error(
+                "explain",
+                f"{label} takes {mv.input_kind} input and cannot be explained; attributions are drawn for "
+                "SMILES and image models",
+                "not_explainable",
+            )
+        if len(spec["inputs"]) > MAX_EXPLAINED_INPUTS:
+            raise option_error(
+                "inputs",
+                f"explain takes at most {MAX_EXPLAINED_INPUTS} inputs per call, got {len(spec['inputs'])}",
+                "too_many_inputs",
+            )
+    if mv.input_kind != "image" and spec.get("explain_method") == "gradcam":
+        raise option_error("explain_method", f"{label} takes {mv.input_kind} input; gradcam is for image models")
+    if mv.input_kind == "image" and spec.get("explain_format") == "svg":
+        raise option_error("explain_format", f"{label} takes images; their explanations are PNG heat maps")
+    if spec.get("tta") and mv.input_kind != "smiles":
+        raise option_error("tta", f"{label} takes {mv.input_kind} input; test-time augmentation is for SMILES")
+    params = (mv.spec or {}).get("model")
+    if spec.get("uncertainty") == "mc_dropout" and isinstance(params, dict) and params.get("dropout") == 0:
+        raise option_error("uncertainty", f"{label} was trained without dropout; mc_dropout needs some (use auto)")
+    if spec.get("prediction_sets") and mv.task != "classification":
+        raise option_error("prediction_sets", f"{label} is a {mv.task} model; prediction sets are for classification")
+
+
 def check(spec: Spec, ctx: SubmitContext) -> Spec:
     session, tenant_id = ctx.session, ctx.tenant_id
     try:
         mv = resolve_ref(session, tenant_id, spec["model"])
     except ModelNotFound as exc:
         raise unknown_model(exc, spec["model"]) from exc
+    refuse_language_model(mv, "explain" if spec.get("explain") else "model")
+    check_options(spec, mv)
     wants_images = mv.input_kind == "image"
     if any(isinstance(x, dict) for x in spec["inputs"]) != wants_images or (
         wants_images and not all(isinstance(x, dict) for x in spec["inputs"])

@@ -1,7 +1,14 @@
 """`score`: batch-score a drug library with a registered SMILES model (spec, check, route,
 and the score file download). The run is workers/scoring/runner.py: the library is cut
 into shards that any worker on the job's queue scores; the parent merges them in input
-order into one CSV or Parquet file with one row per library row."""
+order into one CSV or Parquet file with one row per library row.
+
+Besides one column per model output, the table has the trust columns the model supports
+(workers/ml/predict.py Predictor.score_columns): `{output}_std` (ensembles), `{target}_lo` /
+`{target}_hi` (calibrated regression, at the spec's `coverage`), `nn_similarity` and
+`in_domain` (a domain reference). With `explain_top_k`, the best rows are drawn with their
+atom attributions as SVG files in the job's directory (`explain/{rank}.svg`), listed in the
+result's `explanations` and served by GET /api/v1/jobs/{id}/files/explain/{rank}.svg."""
 
 from __future__ import annotations
 
@@ -17,11 +24,11 @@ from sqlalchemy import select
 from app.artifacts import job_dir, open_read, sendable
 from app.config import Settings
 from app.errors import ApiError
-from app.fields import StrictBoolean, StrictInteger
+from app.fields import StrictBoolean, StrictFloat, StrictInteger
 from app.ingest.library import SchemaError, library_schema
 from app.kinds import KindSpec, Spec, SpecError, SubmitContext, allowed_queue, queue_or_default, register
 from app.kinds.ingest import require_ready
-from app.kinds.predict import unknown_model
+from app.kinds.predict import MAX_EXPLAINED_INPUTS, refuse_language_model, unknown_model
 from app.models import MAX_ID, Dataset, Job
 from app.registry import ModelNotFound, resolve_ref
 from app.workers_registry import gpu_worker_check
@@ -30,9 +37,21 @@ FORMATS = ("csv", "parquet")
 MEDIA_TYPES = {"csv": "text/csv", "parquet": "application/vnd.apache.parquet"}
 
 
+EXPLAIN_DIR = "explain"  # the top-K drawings, inside the job's directory
+
+
 def score_files(directory: Path) -> dict[str, Path]:
     """Where a score job's merged outputs live inside its job directory."""
     return {"parquet": directory / "scores.parquet", "csv": directory / "scores.csv"}
+
+
+def explanation_file(directory: Path, rank: int) -> Path:
+    """The drawing of the top-K row of this rank (from 1) inside a job's directory."""
+    return directory / EXPLAIN_DIR / f"{rank}.svg"
+
+
+def explanation_url(job_id: int, rank: int) -> str:
+    return f"/api/v1/jobs/{job_id}/files/{EXPLAIN_DIR}/{rank}.svg"
 
 
 class ScoreSpec(Schema):
@@ -50,6 +69,19 @@ class ScoreSpec(Schema):
         load_default=100,
         validate=validate.Range(min=0, max=10_000),
         metadata={"description": "rows with the highest scores kept in the job result"},
+    )
+    explain_top_k = StrictInteger(
+        load_default=0,
+        validate=validate.Range(min=0, max=MAX_EXPLAINED_INPUTS),
+        metadata={
+            "description": "draw this many of the top-K rows with their atom attributions (SVG files "
+            "listed in the result's `explanations`); at most top_k"
+        },
+    )
+    coverage = StrictFloat(
+        load_default=0.9,
+        validate=validate.Range(min=0.5, max=0.99),
+        metadata={"description": "coverage of the {target}_lo / {target}_hi columns of a calibrated model"},
     )
     output = fields.String(load_default="csv", validate=validate.OneOf(FORMATS))
     text_column = fields.String(
@@ -102,6 +134,12 @@ def check(spec: Spec, ctx: SubmitContext) -> Spec:
             "invalid_model",
             {"spec": {"model": spec["model"]}},
         )
+    refuse_language_model(mv)
+    explain_top_k = spec.get("explain_top_k", 0)
+    top_k = spec.get("top_k", 100)
+    if explain_top_k > top_k:
+        message = f"explain_top_k ({explain_top_k}) draws rows of the top-K: it may not exceed top_k ({top_k})"
+        raise SpecError(message, "invalid_spec", {"spec": {"explain_top_k": [message]}})
     ds = session.scalar(select(Dataset).where(Dataset.id == spec["library_id"], Dataset.tenant_id == tenant_id))
     if ds is None:
         raise SpecError(

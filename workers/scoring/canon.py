@@ -13,6 +13,7 @@ is restarted for the next one.
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import json
 import logging
@@ -26,8 +27,12 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import IO, Any
 
+import numpy as np
+
 from workers import metering
-from workers.scoring.rdkit_child import check_and_canonicalise
+from workers.scoring.rdkit_child import check_and_canonicalise, handle
+
+__all__ = ["Canonicalised", "RDKitPool", "canonicalise", "check_and_canonicalise", "get_pool", "shutdown_pool"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +98,7 @@ class _Child:
         except (BrokenPipeError, EOFError, OSError) as exc:
             self.stop()
             raise ChildDied(f"the RDKit child process died ({type(exc).__name__})") from None
-        return tuple(json.loads(reply))  # (canonical, errors), as check_and_canonicalise returns
+        return tuple(json.loads(reply))  # (canonical, errors[, packed fingerprints]), as rdkit_child.handle
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -139,9 +144,13 @@ class RDKitPool:
             except BaseException as exc:
                 fut.set_exception(exc)
 
-    def submit(self, texts: list[str], validate: str, max_length: int) -> Future:
+    def submit(
+        self, texts: list[str], validate: str, max_length: int, fingerprint: dict[str, Any] | None = None
+    ) -> Future:
+        """fingerprint ({"radius", "nbits"}): the reply also holds the packed Morgan bits."""
         fut: Future = Future()
-        self._queue.put((fut, (texts, validate, max_length)))
+        payload = (texts, validate, max_length) if fingerprint is None else (texts, validate, max_length, fingerprint)
+        self._queue.put((fut, payload))
         return fut
 
     def pids(self) -> list[int]:
@@ -194,25 +203,53 @@ atexit.register(shutdown_pool)
 
 class Canonicalised:
     """A batch being canonicalised: in the pool (one chunk per process) or, without a
-    pool, in line when result() is called."""
+    pool, in line when result() is called. With `fingerprint` ({"radius", "nbits"}: the
+    model has a domain reference) the same processes also compute the packed Morgan bits
+    of each canonical SMILES (fingerprints())."""
 
-    def __init__(self, texts: list[str], validate: str, max_length: int, pool: RDKitPool | None) -> None:
+    def __init__(
+        self,
+        texts: list[str],
+        validate: str,
+        max_length: int,
+        pool: RDKitPool | None,
+        fingerprint: dict[str, Any] | None = None,
+    ) -> None:
         self._texts, self._validate, self._max_length = texts, validate, max_length
+        self._fingerprint = fingerprint
         self._futures: list[Future] = []
+        self._done: list[Any] | None = None
         if pool is not None and validate != "none" and len(texts) > 1:
             step = max(1, -(-len(texts) // pool.size))
-            self._futures = [pool.submit(texts[i : i + step], validate, max_length) for i in range(0, len(texts), step)]
+            self._futures = [
+                pool.submit(texts[i : i + step], validate, max_length, fingerprint) for i in range(0, len(texts), step)
+            ]
+
+    def _replies(self) -> list[Any]:
+        if self._done is None:
+            if self._futures:
+                self._done = [fut.result() for fut in self._futures]
+            else:
+                request = [self._texts, self._validate, self._max_length, self._fingerprint]
+                self._done = [handle(request)]
+        return self._done
 
     def result(self) -> tuple[list[str | None], list[str | None]]:
-        if not self._futures:
-            return check_and_canonicalise(self._texts, self._validate, self._max_length)
         canon: list[str | None] = []
         errors: list[str | None] = []
-        for fut in self._futures:
-            c, e = fut.result()
-            canon.extend(c)
-            errors.extend(e)
+        for reply in self._replies():
+            canon.extend(reply[0])
+            errors.extend(reply[1])
         return canon, errors
+
+    def fingerprints(self) -> np.ndarray | None:
+        """uint8 [N, nbits / 8] packed Morgan bits (zero rows where there is no molecule), or
+        None when none were asked for."""
+        if self._fingerprint is None:
+            return None
+        width = int(self._fingerprint["nbits"]) // 8
+        packed = b"".join(base64.b64decode(reply[2]) for reply in self._replies())
+        return np.frombuffer(packed, dtype=np.uint8).reshape(-1, width)
 
     def cancel(self) -> None:
         for fut in self._futures:

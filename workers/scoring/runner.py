@@ -4,8 +4,15 @@ Per shard, in constant memory (two batches in flight):
 
     read rows (seek to the shard's byte offset) --> batch of score_batch_size rows
       --> checks + RDKit canonicalisation (pool; overlaps with the previous batch's model work)
+          (+ packed Morgan fingerprints, in the same pool, when the model has a domain reference)
       --> tokenise (one regex pass per batch) --> forward (length-bucketed batches, bf16 on CUDA)
+          (+ spread, interval and domain columns when the model has them: score_smiles_full)
       --> Arrow record batch --> Parquet part file
+
+A model without an ensemble, calibration or domain reference takes the plain path
+(score_smiles), doing no extra work. After the merge, `explain_top_k` of the top-K rows are
+drawn with their atom attributions (workers/ml/explain.py, workers/ml/draw.py) as SVG files
+in the job's directory.
 
 The parent job never waits idly on shards it could run itself: it claims pending shards
 with the same compare-and-set as the shard task, so one worker finishes a job alone and
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 import traceback
 from collections import Counter, deque
@@ -32,11 +40,11 @@ import numpy as np
 from sqlalchemy import select
 
 from app import dispatch, leases
-from app.artifacts import ArtifactStore, job_dir, plaintext_size
+from app.artifacts import ArtifactStore, job_dir, open_write, plaintext_size
 from app.config import Settings
 from app.ingest import IngestLimits, iter_library_rows, library_row_offsets
 from app.ingest.library import library_schema
-from app.kinds.score import score_files
+from app.kinds.score import EXPLAIN_DIR, explanation_file, explanation_url, score_files
 from app.models import TERMINAL_STATES, Dataset, Job, JobState, ModelVersion, ShardState, UsageMetric
 from app.stores.usage import Quantity, model_of
 from workers import metering
@@ -81,6 +89,15 @@ class ScoreEnv:
     table_schema: Any
     scratch: Path
     limits: IngestLimits = field(default_factory=IngestLimits)
+    # The trust columns: the Predictor's names for them (score_smiles_full's extras), in
+    # the order their columns follow the outputs in score_cols; none on the plain path.
+    extra_keys: list[str] = field(default_factory=list)
+    coverage: float = 0.9
+    fingerprint: dict[str, int] | None = None  # Morgan parameters of the domain reference
+
+    @property
+    def output_cols(self) -> list[str]:
+        return self.score_cols[: len(self.score_cols) - len(self.extra_keys)]
 
     @property
     def parts_dir(self) -> Path:
@@ -128,7 +145,12 @@ def load_env(db: Any, settings: Settings, job_id: int, *, prepare: bool = False)
     predictor = get_predictor(store.path(mv.artifact_uri), settings.model_cache_size, spec.get("device") or "auto")
     if predictor.input["kind"] != "smiles":
         raise ValueError(f"model {mv.name} v{mv.version} takes {predictor.input['kind']}, not SMILES")
-    cols = tbl.score_columns(predictor.output_names)
+    coverage = float(spec.get("coverage", 0.9))
+    extra_keys = list(predictor.score_columns(coverage))
+    cols = tbl.score_columns([*predictor.output_names, *extra_keys])
+    flags = {
+        col for key, col in zip(extra_keys, cols[len(predictor.output_names) :], strict=True) if key == "in_domain"
+    }
     env = ScoreEnv(
         db=db,
         settings=settings,
@@ -141,11 +163,33 @@ def load_env(db: Any, settings: Settings, job_id: int, *, prepare: bool = False)
         schema=schema,
         predictor=predictor,
         score_cols=cols,
-        table_schema=tbl.table_schema(cols),
+        table_schema=tbl.table_schema(cols, flags),
         scratch=scratch,
         limits=_limits(settings),
+        extra_keys=extra_keys,
+        coverage=coverage,
+        fingerprint=domain_fingerprint(predictor) if "nn_similarity" in extra_keys else None,
     )
     return env, info
+
+
+def domain_fingerprint(predictor: Any) -> dict[str, int]:
+    """The Morgan parameters the model's domain reference was built with (workers/ml/domain.py)."""
+    domain = predictor.config.get("domain") or {}
+    return {"radius": int(domain.get("radius", 2)), "nbits": int(domain.get("nbits", 2048))}
+
+
+def model_scores(env: ScoreEnv, texts: list[str], fingerprints: np.ndarray | None, batch_size: int) -> np.ndarray:
+    """float32 [len(texts), len(score_cols)] for canonical SMILES: the outputs, then the trust
+    columns (in_domain as 0 / 1). Without trust columns, the plain score_smiles path."""
+    predictor = env.predictor
+    if not env.extra_keys:
+        return predictor.score_smiles(texts, batch_size=batch_size, canonical=True)[0]
+    scores, _errors, extras = predictor.score_smiles_full(
+        texts, canonical=True, coverage=env.coverage, fingerprints=fingerprints, batch_size=batch_size
+    )
+    columns = [np.asarray(extras[key], dtype=np.float32).reshape(-1, 1) for key in env.extra_keys]
+    return np.concatenate([np.asarray(scores, dtype=np.float32), *columns], axis=1)
 
 
 # -- the per-shard pipeline -------------------------------------------------------------------
@@ -202,12 +246,14 @@ def score_batches(rows: Iterator[tuple[int, str | None, str]], env: ScoreEnv, st
     batch_size = env.settings.score_batch_size
     pool = canon.get_pool() if validate != "none" else None
     predictor, n_out = env.predictor, len(env.score_cols)
+    fingerprint = env.fingerprint if validate != "none" else None  # else score_smiles_full computes them
     on_gpu = getattr(getattr(predictor, "device", None), "type", "cpu") == "cuda"
     forward_batch = batch_size if on_gpu else min(batch_size, CPU_FORWARD_BATCH)
     seen: dict[str, np.ndarray] | None = {} if dedupe else None  # per shard: bounded by score_shard_rows
 
     def finish(chunk: list, handle: canon.Canonicalised) -> Any:
         canonical, errors = handle.result()
+        fingerprints = handle.fingerprints()  # None unless the model has a domain reference
         n = len(chunk)
         scores = np.full((n, n_out), np.nan, dtype=np.float32)
         # a row without an error has its canonical SMILES
@@ -215,19 +261,19 @@ def score_batches(rows: Iterator[tuple[int, str | None, str]], env: ScoreEnv, st
         valid_idx = [i for i, _ in valid]
         if valid:
             if seen is None:
-                scores[valid_idx] = predictor.score_smiles(
-                    [c for _, c in valid], batch_size=forward_batch, canonical=True
-                )[0]
+                fps = fingerprints[valid_idx] if fingerprints is not None else None
+                scores[valid_idx] = model_scores(env, [c for _, c in valid], fps, forward_batch)
             else:
-                new: dict[str, int] = {}
-                for _, c in valid:
+                new: dict[str, int] = {}  # canonical SMILES -> the row (in this chunk) scoring it
+                for i, c in valid:
                     if c in seen or c in new:
                         stats.duplicates += 1
                     else:
-                        new[c] = len(new)
+                        new[c] = i
                 if new:
-                    fresh = predictor.score_smiles(list(new), batch_size=forward_batch, canonical=True)[0]
-                    for c, j in new.items():
+                    fps = fingerprints[list(new.values())] if fingerprints is not None else None
+                    fresh = model_scores(env, list(new), fps, forward_batch)
+                    for j, c in enumerate(new):
                         seen[c] = fresh[j]
                 scores[valid_idx] = np.stack([seen[c] for _, c in valid])
         return tbl.build_batch(
@@ -244,7 +290,7 @@ def score_batches(rows: Iterator[tuple[int, str | None, str]], env: ScoreEnv, st
     pending: tuple[list, canon.Canonicalised] | None = None
     try:
         for chunk in _chunks(rows, batch_size):
-            handle = canon.Canonicalised([r[2] for r in chunk], validate, max_length, pool)
+            handle = canon.Canonicalised([r[2] for r in chunk], validate, max_length, pool, fingerprint)
             if pending is not None:
                 yield finish(*pending)
             pending = (chunk, handle)
@@ -488,8 +534,9 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
         ctx.progress(0.0, "preparing the library", force=True)
         env, info = load_env(db, settings, ctx.job_id, prepare=True)
         rank_by = spec.get("rank_by") or (env.score_cols[0] if env.score_cols else None)
-        if rank_by not in env.score_cols:
-            raise ValueError(f"rank_by {rank_by!r} is not one of the model's outputs {env.score_cols}")
+        rankable = [c for c in env.score_cols if str(env.table_schema.field(c).type) != "bool"]
+        if rank_by not in rankable:
+            raise ValueError(f"rank_by {rank_by!r} is not one of the score columns {rankable}")
         with db.session() as s:
             rows = s.scalar(select(Dataset.rows).where(Dataset.id == spec["library_id"]))
             existing = shards.shards_of(s, ctx.job_id)
@@ -568,8 +615,10 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
                 shards.cancel_shards(s, ctx.job_id)
         finally:
             remove_scratch(settings, ctx.tenant_id, ctx.job_id)
-            for p in score_files(job_dir(settings, ctx.tenant_id, ctx.job_id)).values():
+            directory = job_dir(settings, ctx.tenant_id, ctx.job_id)
+            for p in score_files(directory).values():
                 p.unlink(missing_ok=True)
+            shutil.rmtree(directory / EXPLAIN_DIR, ignore_errors=True)
         raise
     remove_scratch(settings, ctx.tenant_id, ctx.job_id)
     return result
@@ -607,12 +656,16 @@ def _merge(ctx: Any, env: ScoreEnv, spec: dict[str, Any], rank_by: str, info: di
     scoring_s = (finished - started).total_seconds() if started and finished else 0.0
     files = {f: {"bytes": plaintext_size(p)} for f, p in paths.items() if p.exists() and (f == "parquet" or fmt == f)}
     workers = sorted({sh.worker or "" for sh in done} - {""})
+    top = topk.rows()
+    explanations = draw_top_k(ctx, env, top[: int(spec.get("explain_top_k") or 0)], rank_by)
     return {
         "model": spec.get("model_name"),
         "version": spec.get("version"),
         "model_version_id": spec["model_version_id"],
         "library_id": spec["library_id"],
-        "outputs": env.score_cols,
+        "outputs": env.output_cols,
+        "columns": env.score_cols,
+        "coverage": env.coverage if any(k.endswith(("_lo", "_hi")) for k in env.extra_keys) else None,
         "rank_by": rank_by,
         "rows": counts["rows"],
         "valid": counts["valid"],
@@ -620,7 +673,8 @@ def _merge(ctx: Any, env: ScoreEnv, spec: dict[str, Any], rank_by: str, info: di
         "duplicates": duplicates if spec.get("dedupe") else None,
         "invalid_reasons": dict(reasons.most_common()),
         "invalid_samples": samples,
-        "top_k": topk.rows(),
+        "top_k": top,
+        "explanations": explanations,
         "format": fmt,
         "files": files,
         "shards": {
@@ -634,3 +688,62 @@ def _merge(ctx: Any, env: ScoreEnv, spec: dict[str, Any], rank_by: str, info: di
         "molecules_per_s": round(counts["rows"] / scoring_s, 1) if scoring_s > 0 else None,
         "source": info,
     }
+
+
+# -- the top-K drawings -----------------------------------------------------------------------
+
+EXPLAIN_STEPS = 32
+
+
+def explained_output(env: ScoreEnv, rank_by: str) -> int:
+    """The model output the drawings attribute: rank_by when it is an output, else the first."""
+    outputs = env.output_cols
+    return outputs.index(rank_by) if rank_by in outputs else 0
+
+
+def draw_top_k(ctx: Any, env: ScoreEnv, rows: list[dict[str, Any]], rank_by: str) -> list[dict[str, Any]]:
+    """Integrated-gradients attributions of the best rows (in rank order), drawn on each
+    molecule as explain/{rank}.svg in the job's directory; one entry per row for the
+    result. A row that cannot be drawn gets an `error` instead of a file."""
+    if not rows:
+        return []
+    from workers.ml.draw import molecule_svg
+    from workers.ml.explain import explain_smiles
+
+    ctx.progress(0.995, f"drawing the top {len(rows)} molecules", force=True)
+    target = explained_output(env, rank_by)
+    output = env.predictor.output_names[target]
+    smiles = [r.get("canonical_smiles") or r["smiles"] for r in rows]
+    attributions = explain_smiles(env.predictor, smiles, steps=EXPLAIN_STEPS, target=target)
+    directory = ctx.job_dir()
+    entries = []
+    for rank, (row, smi, attribution) in enumerate(zip(rows, smiles, attributions, strict=True), start=1):
+        score = row.get(rank_by)
+        entry: dict[str, Any] = {"rank": rank, "row": row["row"], "id": row.get("id"), "smiles": smi, "score": score}
+        if "error" in attribution:
+            entries.append({**entry, "error": attribution["error"]})
+            continue
+        try:
+            weights = {int(i): float(w) for i, w in attribution["outputs"][output]["atom_weights"].items()}
+            legend = f"#{rank}  {rank_by} = {score:.3g}" if isinstance(score, float) else f"#{rank}"
+            svg = molecule_svg(smi, atom_weights=weights, legend=legend)
+            path = explanation_file(directory, rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open_write(path) as fh:
+                fh.write(svg.encode("utf-8"))
+        except Exception as exc:  # one molecule RDKit cannot draw must not fail the scored job
+            log.exception("score job %s: drawing rank %s (row %s) failed", ctx.job_id, rank, row["row"])
+            entries.append({**entry, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        entries.append(
+            {
+                **entry,
+                "output": output,
+                "atom_weights": {str(i): round(w, 4) for i, w in sorted(weights.items())},
+                "file": f"{EXPLAIN_DIR}/{rank}.svg",
+                "media_type": "image/svg+xml",
+                "url": explanation_url(ctx.job_id, rank),
+            }
+        )
+    ctx.log(f"drew the top {len(rows)} molecules with their attributions", explanations=len(entries))
+    return entries

@@ -1,7 +1,8 @@
 """The score table: one row per library row, in input order.
 
 Columns: row (input row number from 0), id, smiles (as in the file), canonical_smiles,
-one float column per model output, valid, error. Shards write Parquet part files;
+one float column per model output, then the model's trust columns (Predictor.score_columns:
+spread, interval bounds, nn_similarity as floats, in_domain as a boolean), valid, error. Shards write Parquet part files;
 merge() concatenates them in shard order into the final Parquet file (and CSV when that
 is the job's output), checking that every input row appears exactly once, and keeps a
 running top-K, all in constant memory (one record batch at a time).
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +44,15 @@ def score_columns(output_names: Sequence[str]) -> list[str]:
     return cols
 
 
-def table_schema(score_cols: Sequence[str]) -> pa.Schema:
+def table_schema(score_cols: Sequence[str], bool_cols: Collection[str] = ()) -> pa.Schema:
+    """score_cols are float32 columns except those in bool_cols (flags such as in_domain)."""
     return pa.schema(
         [
             ("row", pa.int64()),
             ("id", pa.string()),
             ("smiles", pa.string()),
             ("canonical_smiles", pa.string()),
-            *[(c, pa.float32()) for c in score_cols],
+            *[(c, pa.bool_() if c in bool_cols else pa.float32()) for c in score_cols],
             ("valid", pa.bool_()),
             ("error", pa.string()),
         ]
@@ -67,7 +69,8 @@ def build_batch(
     scores: np.ndarray,
     errors: Sequence[str | None],
 ) -> pa.RecordBatch:
-    """scores: float32 [N, len(score_cols)], NaN where the row is invalid (stored as null)."""
+    """scores: float32 [N, len(score_cols)], NaN where the row is invalid (stored as null);
+    a boolean column of the schema takes its values as 0 / 1."""
     valid = np.fromiter((e is None for e in errors), dtype=bool, count=len(errors))
     invalid_mask = ~valid
     arrays = [
@@ -76,8 +79,11 @@ def build_batch(
         pa.array(texts, pa.string()),
         pa.array(canon, pa.string()),
     ]
-    for j, _ in enumerate(score_cols):
-        arrays.append(pa.array(scores[:, j], pa.float32(), mask=invalid_mask))
+    for j, col in enumerate(score_cols):
+        if schema.field(col).type == pa.bool_():
+            arrays.append(pa.array(scores[:, j] > 0.5, pa.bool_(), mask=invalid_mask))
+        else:
+            arrays.append(pa.array(scores[:, j], pa.float32(), mask=invalid_mask))
     arrays += [pa.array(valid, pa.bool_()), pa.array(errors, pa.string())]
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
