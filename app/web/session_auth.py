@@ -30,11 +30,21 @@ from app import auth
 from app.api import auditing, db_session, settings
 from app.config import Settings
 from app.errors import ApiError, error_response
-from app.models import ApiKey, Tenant, WebSession, utcnow
+from app.models import ApiKey, KeyRole, Tenant, WebSession, utcnow
 from app.web.blueprint import UI_API_PREFIX, bp
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_ENDPOINTS = frozenset({"web.login"})
+# The role a form POST needs, as its API twin requires it: member by default (submit, upload,
+# predict, cancel, delete); admin to point an alias. Signing out needs none; the key pages
+# check admin themselves (with a page that says so).
+FORM_ROLES: dict[str, KeyRole | None] = {
+    "web.logout": None,
+    "web.model_set_alias": KeyRole.admin,
+    "web.key_create": None,
+    "web.key_revoke": None,
+    "web.key_rotate": None,
+}
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 SESSION_ID = "sid"  # the cookie's key for the web session's random id
@@ -175,6 +185,14 @@ def _guard() -> ResponseReturnValue | None:
     g.web_tenant_name, g.web_key_prefix, g.web_key_role = tenant.name, key.prefix, key.role
     auth.touch(db_session(), key)
     db_session().commit()
+    if request.method not in SAFE_METHODS:
+        needed = FORM_ROLES.get(request.endpoint or "", KeyRole.member)
+        if needed is not None and not KeyRole(key.role).allows(needed):
+            article = "an" if needed == KeyRole.admin else "a"
+            abort(
+                403,
+                f"This needs {article} {needed.value} key or higher; you signed in with a {KeyRole(key.role).value} key.",
+            )
     return None
 
 

@@ -166,3 +166,28 @@ def test_another_tenants_key_is_not_found(app, client, admin) -> None:  # noqa: 
                         ("post", f"/keys/{stranger}/rotate")]:
         assert getattr(client, method)(url, data={"csrf_token": "token"}).status_code == 404
     assert key_row(app, stranger).revoked_at is None and api_status(app, secret) == 200
+
+
+def test_a_viewer_sign_in_cannot_submit_upload_or_point_aliases_from_the_pages(app, client) -> None:  # noqa: ANN001
+    """The pages' forms need the role their API twins need: member to submit, upload, predict,
+    cancel; admin to point an alias. A viewer still signs out."""
+    from app.models import Job
+
+    tenant = make_tenant(app)
+    viewer_id, _ = make_key(app, tenant, "viewer")
+    member_id, _ = make_key(app, tenant, "member")
+    sign_in(app, client, viewer_id)
+    form = {"csrf_token": "token", "kind": "sleep", "spec": '{"seconds": 0}', "model_name": "m", "dataset_id": "1"}
+    for url in ("/jobs/new", "/train/new", "/score/new", "/datasets", "/models/m/predict", "/models/m/explain"):
+        r = client.post(url, data=form)
+        assert r.status_code == 403, url
+        assert "viewer key" in r.get_data(as_text=True), url
+    with app.extensions["medmaas.db"].session() as s:
+        assert s.query(Job).count() == 0
+    sign_in(app, client, member_id)
+    r = client.post("/models/m/aliases", data={"csrf_token": "token", "alias": "prod", "version": "1"})
+    assert r.status_code == 403
+    assert "needs a admin key" not in r.get_data(as_text=True)
+    assert "admin key" in r.get_data(as_text=True)
+    sign_in(app, client, viewer_id)
+    assert client.post("/logout", data={"csrf_token": "token"}).status_code in (302, 303)
