@@ -52,7 +52,7 @@ def minimal_request(path: str, op: dict[str, Any], key_id: int) -> tuple[str, di
             return str(key_id)
         if name == "which":
             return "config"
-        return str(MISSING) if name.endswith("id") or name == "version" else "nosuch"
+        return str(MISSING) if name.endswith("id") or name in ("version", "rank") else "nosuch"
 
     url = re.sub(r"\{(\w+)\}", fill, path)
     kw: dict[str, Any] = {}
