@@ -257,7 +257,8 @@ def test_an_action_whose_audit_row_cannot_be_written_is_not_committed(app, clien
     def broken(session, entry) -> None:  # noqa: ANN001
         raise RuntimeError("audit table unavailable")
 
-    monkeypatch.setattr(audit, "record", broken)
+    monkeypatch.setattr(audit, "record", broken)  # a write's row, chained with its commit
+    monkeypatch.setattr(audit, "append_unsealed", broken)  # a read's (or a failure's) row
     r = client.post("/api/v1/jobs", json={"kind": "sleep", "spec": {"seconds": 0}}, headers=bearer(secret))
     assert r.status_code >= 500 and job_count(app) == 0
     read = client.get("/api/v1/jobs", headers=bearer(secret))
@@ -351,7 +352,7 @@ def test_every_api_route_is_audited(app, client) -> None:  # noqa: ANN001
 
 def _page_url(rule) -> str:  # noqa: ANN001
     """A concrete URL naming objects that do not exist (so a walked POST changes nothing)."""
-    values = {a: ("999999" if a.endswith("id") or a == "version" else ("weights" if a == "which" else "nosuch"))
+    values = {a: ("999999" if a.endswith("id") or a in ("version", "index", "rank") else ("weights" if a == "which" else "nosuch"))
               for a in rule.arguments}
     return re.sub(r"<(?:[^:>]+:)?([^>]+)>", lambda m: values[m.group(1)], rule.rule)
 
