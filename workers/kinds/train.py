@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from app.modelconfig import resolve_split
 from app.models import Dataset, ModelVersion
 from workers.kinds import JobResult
 from workers.runtime import JobContext
+from workers.units import UnitJob, claim_for_message, drive_units, publish_pending, release_failed
 
 if TYPE_CHECKING:
     import torch
@@ -336,8 +336,6 @@ def run_single(ctx: JobContext, spec: Spec) -> JobResult:
 
 # A running member's ScoreShard.rows_done is its progress in thousandths (a member has no rows).
 MEMBER_SCALE = 1000
-# The parent waits for member notifications; this is the safety net and the progress pace.
-FANIN_WAIT_S = 2.0
 
 
 def member_checkpoint(job_dir: Path, index: int) -> Path:
@@ -361,15 +359,9 @@ def job_event(db: Any, job_id: int, type_: str, data: dict[str, Any]) -> None:
 
 
 @dataclass
-class MemberJob:
+class MemberJob(UnitJob):
     """What training a member of one job needs (read once per member)."""
 
-    db: Any
-    settings: Settings
-    job_id: int
-    tenant_id: int
-    queue: str
-    max_attempts: int
     spec: Spec
     store: ArtifactStore
     job_dir: Path
@@ -473,25 +465,16 @@ def train_member(
             log.exception("train job %s member %s attempt %s failed", job.job_id, index, claim.attempt)
             if lease.lost:
                 return "lost"
-            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
-            with db.session() as s:  # a retry is published by the reconciler (or claimed by the parent)
-                shards.release(s, claim.id, claim.attempt, error=error)
-            return "failed"
+            return release_failed(db, claim, exc)
 
 
 def run_member_task(db: Any, settings: Settings, job_id: int, index: int, worker: str) -> str:
     """One member message (the shard task of a `train` job): claim the member (a duplicate or
     late delivery loses and returns 'skipped'), train it, meter it."""
-    from app.models import Job, JobState
     from app.stores.usage import model_of
     from workers import metering
-    from workers.scoring import shards
 
-    with db.session() as s:
-        row = s.execute(select(Job.state, Job.cancel_requested).where(Job.id == job_id)).first()
-        if row is None or row[1] or row[0] not in (JobState.queued, JobState.running):
-            return "skipped"
-        claim = shards.claim(s, job_id, index, worker)
+    claim = claim_for_message(db, job_id, index, worker)
     if claim is None:
         return "skipped"
     with metering.metered() as meter:
@@ -499,9 +482,7 @@ def run_member_task(db: Any, settings: Settings, job_id: int, index: int, worker
             job = MemberJob.load(db, settings, job_id)
         except Exception as exc:
             log.exception("train job %s member %s: cannot prepare", job_id, index)
-            with db.session() as s:
-                shards.release(s, claim.id, claim.attempt, error=f"{type(exc).__name__}: {exc}")
-            return "failed"
+            return release_failed(db, claim, exc, trace=False)
         outcome = train_member(job, claim, lambda: False)
     if outcome != "lost":  # a lost attempt's work is not the tenant's
         with db.session() as s:
@@ -538,25 +519,18 @@ def run_ensemble(ctx: JobContext, spec: Spec) -> JobResult:
     """The parent of an ensemble: create the members (once), publish all but one, train
     members itself until none is pending, wait for the others' (their notifications wake it),
     then assemble, package and register one version."""
-    from app import dispatch, leases
-    from app.models import ShardState
     from workers.runtime import JobLost
     from workers.scoring import shards
 
-    db, settings, n = ctx.db, ctx.settings, int(spec["ensemble"])
+    db, n = ctx.db, int(spec["ensemble"])
     started = time.monotonic()
     try:
         ctx.progress(0.0, f"training {n} ensemble members", force=True)
-        job = MemberJob.load(db, settings, ctx.job_id)
+        job = MemberJob.load(db, ctx.settings, ctx.job_id)
         with db.session() as s:
             created = shards.create_shards(s, ctx.job_id, [(i, i, None) for i in range(n)])
         ctx.log(f"{n} ensemble members, seeds {spec['seed']}..{spec['seed'] + n - 1}", members=n, created=created)
-        with db.session() as s:
-            leases.reap(s, leases.SHARDS, settings.heartbeat_timeout_s, job_id=ctx.job_id)
-            pending = [sh.index for sh in shards.shards_of(s, ctx.job_id) if sh.state == ShardState.pending]
-        if ctx.celery is not None and len(pending) > 1:
-            # the first one is ours; the rest are for any worker on the queue
-            dispatch.publish(ctx.celery, db, leases.SHARDS, [((ctx.job_id, i), job.queue) for i in pending[1:]])
+        publish_pending(ctx, job.queue)
 
         def report(force: bool = False) -> dict[str, Any]:
             summ = member_summary(db, ctx.job_id)
@@ -575,34 +549,14 @@ def run_ensemble(ctx: JobContext, spec: Spec) -> JobResult:
                 report()
 
         report(force=True)
-        worker = ctx.worker or "parent"
-        hub = getattr(ctx, "hub", None)
-        # Watch before reading: a member that finishes between a read and the wait still wakes us.
-        with hub.watch(ctx.job_id) if hub is not None else contextlib.nullcontext() as watch:
-            while True:
-                ctx.check_cancel()
-                with db.session() as s:
-                    leases.reap(s, leases.SHARDS, settings.heartbeat_timeout_s, job_id=ctx.job_id)
-                    claim = shards.claim_next(s, ctx.job_id, worker)
-                if claim is not None:
-                    outcome = train_member(job, claim, ctx.should_stop, on_progress=on_member_progress)
-                    if outcome in ("stopped", "cancelled"):
-                        ctx.check_cancel(poll_s=0)
-                    continue
-                summ = report()
-                if summ["failed"]:
-                    index, error = summ["error"]
-                    raise RuntimeError(f"ensemble member {index} failed after {job.max_attempts} attempts: {error}")
-                if summ["cancelled"]:
-                    ctx.check_cancel(poll_s=0)
-                    raise RuntimeError("members of this job were cancelled without a cancel request")
-                if summ["done"] == summ["members"]:
-                    break
-                if watch is not None:
-                    if watch.wait(FANIN_WAIT_S):
-                        ctx.check_cancel(poll_s=0.25)
-                else:  # no event hub (a context built outside a worker): the safety-net pace
-                    time.sleep(FANIN_WAIT_S)
+        drive_units(
+            ctx,
+            run_claimed=lambda claim: train_member(job, claim, ctx.should_stop, on_progress=on_member_progress),
+            summary=report,
+            unit="ensemble member",
+            units="members",
+            max_attempts=job.max_attempts,
+        )
         report(force=True)
         return assemble_ensemble(ctx, job, started)
     except JobLost:

@@ -102,18 +102,9 @@ def molecule_png(
 def _rgb(image: np.ndarray) -> np.ndarray:
     """An image (H,W), (H,W,C) or (C,H,W), C <= 4, any numeric dtype -> float [H, W, 3] in [0, 1]."""
     from .data import unit_scale
+    from .predict import channels_last
 
-    a = np.asarray(image)
-    if a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    if a.dtype.kind not in "uif":
-        raise ValueError(f"unsupported image dtype {a.dtype}")
-    if a.ndim == 2:
-        a = a[:, :, None]
-    elif a.ndim == 3 and a.shape[-1] not in (1, 2, 3, 4) and a.shape[0] in (1, 3, 4):
-        a = a.transpose(1, 2, 0)
-    if a.ndim != 3 or a.shape[-1] not in (1, 2, 3, 4) or min(a.shape[:2]) < 1:
-        raise ValueError(f"expected an image of shape (H,W), (H,W,C) or (C,H,W) with C<=4, got {a.shape}")
+    a = channels_last(image)
     if a.shape[-1] in (2, 4):  # drop alpha
         a = a[..., :-1]
     x = a.astype(np.float32)

@@ -14,7 +14,6 @@ augmentation finds the ring-closure digits random SMILES use.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -36,14 +35,15 @@ from app.modelconfig import RNNConfig
 
 from .augment import vocabulary_texts
 from .data import Batch, BatchDataset, make_loader
-from .rnn import CELLS
+from .rnn import build_encoder
 from .tokenizers import PAD_ID, SmilesTokenizer, Tokenizer, Vocab
 from .training import (
     TrainConfig,
     TrainingCancelled,
-    load_checkpoint,
+    epoch_checkpoint,
     make_optimizer,
     resolve_device,
+    resume_checkpoint,
     save_checkpoint,
     seed_everything,
 )
@@ -74,14 +74,7 @@ class SmilesLM(nn.Module):
     def __init__(self, cfg: RNNConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim, padding_idx=0)
-        self.rnn = CELLS[cfg.cell](
-            cfg.embedding_dim,
-            cfg.hidden_size,
-            num_layers=cfg.num_layers,
-            batch_first=True,
-            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
-        )
+        self.embedding, self.rnn = build_encoder(cfg)  # unidirectional: lm_config
         self.dropout = nn.Dropout(cfg.dropout)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
 
@@ -200,13 +193,10 @@ def fit_lm(
     eval_bs = cfg.eval_batch_size or cfg.batch_size * 4
     state: dict[str, Any] = {"epoch": 0, "best_loss": None, "best_epoch": 0, "history": []}
     best: dict[str, torch.Tensor] | None = None
-    if checkpoint_path is not None and os.path.exists(checkpoint_path):
-        ckpt = load_checkpoint(checkpoint_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    ckpt = resume_checkpoint(checkpoint_path, model, optimizer, None, device)
+    if ckpt is not None:
         state = {k: ckpt[k] for k in state}
         best = ckpt.get("best_model")
-        torch.set_rng_state(ckpt["rng"])
     last = [0.0]
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         started = time.monotonic()
@@ -247,17 +237,7 @@ def fit_lm(
         state["epoch"] = epoch
         state["history"].append(metrics)
         if checkpoint_path is not None:
-            save_checkpoint(
-                checkpoint_path,
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "best_model": best,
-                    **state,
-                    "config": dataclasses.asdict(cfg),
-                    "rng": torch.get_rng_state(),
-                },
-            )
+            save_checkpoint(checkpoint_path, epoch_checkpoint(model, optimizer, None, best, state, cfg, device))
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if on_progress is not None:

@@ -43,12 +43,9 @@ from .training import _autocast, autocast_dtype_for, resolve_device
 _LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
 
 
-def preprocess_image(image: np.ndarray, channels: int, size: Sequence[int]) -> torch.Tensor:
-    """One image (H,W), (H,W,C) or (C,H,W) of any dtype -> float [channels, H, W] in [0, 1].
-
-    Alpha is dropped, grayscale <-> RGB converted, and the image resized (bilinear,
-    antialiased) to the model's size.
-    """
+def channels_last(image: np.ndarray) -> np.ndarray:
+    """One image (H,W), (H,W,C) or (C,H,W), C <= 4, of a numeric or bool dtype -> [H, W, C]
+    in its own dtype (bool as uint8 0/255); ValueError for any other shape or dtype."""
     a = np.asarray(image)
     if a.dtype == bool:
         a = a.astype(np.uint8) * 255
@@ -60,6 +57,16 @@ def preprocess_image(image: np.ndarray, channels: int, size: Sequence[int]) -> t
         a = a.transpose(1, 2, 0)  # channels-first input
     if a.ndim != 3 or a.shape[-1] not in (1, 2, 3, 4) or min(a.shape[:2]) < 1:
         raise ValueError(f"expected an image of shape (H,W), (H,W,C) or (C,H,W) with C<=4, got {a.shape}")
+    return a
+
+
+def preprocess_image(image: np.ndarray, channels: int, size: Sequence[int]) -> torch.Tensor:
+    """One image (H,W), (H,W,C) or (C,H,W) of any dtype -> float [channels, H, W] in [0, 1].
+
+    Alpha is dropped, grayscale <-> RGB converted, and the image resized (bilinear,
+    antialiased) to the model's size.
+    """
+    a = channels_last(image)
     x = to_unit_range(torch.from_numpy(np.ascontiguousarray(a))).permute(2, 0, 1)
     if x.shape[0] in (2, 4):  # gray+alpha, RGBA
         x = x[:-1]

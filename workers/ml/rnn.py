@@ -12,13 +12,29 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from app.modelconfig import RNNConfig
 
-__all__ = ["CELLS", "RNNConfig", "SequenceRNN"]
+__all__ = ["CELLS", "RNNConfig", "SequenceRNN", "build_encoder"]
 
 CELLS: dict[str, Any] = {
     "rnn": nn.RNN,
     "gru": nn.GRU,
     "lstm": nn.LSTM,
 }  # app.modelconfig.CELLS names these
+
+
+def build_encoder(cfg: RNNConfig) -> tuple[nn.Embedding, nn.Module]:
+    """The token embedding (0 = padding) and the recurrent layer of `cfg`, batch first. A model
+    keeps them as `embedding` and `rnn`: the language model (workers/ml/lm.py) and SequenceRNN
+    share these state-dict keys, which is how `init_from` copies one into the other."""
+    embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim, padding_idx=0)
+    rnn = CELLS[cfg.cell](
+        cfg.embedding_dim,
+        cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        batch_first=True,
+        bidirectional=cfg.bidirectional,
+        dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
+    )
+    return embedding, rnn
 
 
 class SequenceRNN(nn.Module):
@@ -35,15 +51,7 @@ class SequenceRNN(nn.Module):
     def __init__(self, cfg: RNNConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim, padding_idx=0)
-        self.rnn = CELLS[cfg.cell](
-            cfg.embedding_dim,
-            cfg.hidden_size,
-            num_layers=cfg.num_layers,
-            batch_first=True,
-            bidirectional=cfg.bidirectional,
-            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
-        )
+        self.embedding, self.rnn = build_encoder(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.hidden_size * (2 if cfg.bidirectional else 1), cfg.num_outputs)
 

@@ -12,7 +12,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -235,6 +235,55 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         return torch.load(fh, map_location="cpu", weights_only=True)
 
 
+def epoch_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+    best_model: dict[str, torch.Tensor] | None,
+    state: Mapping[str, Any],
+    cfg: TrainConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """What a training loop saves after each epoch: weights, optimizer (and scheduler), the best
+    weights so far, the loop's own `state` (epoch, best score, history...), the config and the
+    RNG states, so that a resumed run draws what an uninterrupted one would."""
+    return {
+        "version": CHECKPOINT_VERSION,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "best_model": best_model,
+        **state,
+        "config": dataclasses.asdict(cfg),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+        },
+    }
+
+
+def resume_checkpoint(
+    path: str | os.PathLike[str] | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+    device: torch.device,
+) -> dict[str, Any] | None:
+    """Load an `epoch_checkpoint` at `path` into the model, optimizer (and scheduler) and the
+    RNGs, and return it (for the loop's state and best weights); None when there is none."""
+    if path is None or not os.path.exists(path):
+        return None
+    ckpt = load_checkpoint(path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and ckpt["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt
+
+
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
@@ -329,12 +378,8 @@ def fit(
 
     state = _FitState(epoch=0, best_score=None, best_epoch=0, bad_epochs=0, stopped_early=False, history=[])
     best_state: dict[str, torch.Tensor] | None = None
-    if checkpoint_path is not None and os.path.exists(checkpoint_path):
-        ckpt = load_checkpoint(checkpoint_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt.get("scheduler") is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
+    ckpt = resume_checkpoint(checkpoint_path, model, optimizer, scheduler, device)
+    if ckpt is not None:
         state = _FitState(
             epoch=ckpt["epoch"],
             best_score=ckpt["best_score"],
@@ -344,9 +389,6 @@ def fit(
             history=ckpt["history"],
         )
         best_state = ckpt.get("best_model")
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
 
     start_epoch, t_start = state["epoch"], time.monotonic()
     total_epochs = cfg.epochs
@@ -422,20 +464,7 @@ def fit(
         state["history"].append(metrics)
         if checkpoint_path is not None:
             save_checkpoint(
-                checkpoint_path,
-                {
-                    "version": CHECKPOINT_VERSION,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "best_model": best_state,
-                    **state,
-                    "config": dataclasses.asdict(cfg),
-                    "rng": {
-                        "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                    },
-                },
+                checkpoint_path, epoch_checkpoint(model, optimizer, scheduler, best_state, state, cfg, device)
             )
         if on_epoch is not None:
             on_epoch(epoch, metrics)

@@ -27,10 +27,9 @@ import contextlib
 import logging
 import shutil
 import time
-import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -39,19 +38,20 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from app import dispatch, leases
+from app import leases
 from app.artifacts import ArtifactStore, job_dir, open_write, plaintext_size
 from app.config import Settings
 from app.ingest import IngestLimits, iter_library_rows, library_row_offsets
 from app.ingest.library import library_schema
 from app.kinds.score import EXPLAIN_DIR, explanation_file, explanation_url, score_files
-from app.models import TERMINAL_STATES, Dataset, Job, JobState, ModelVersion, ShardState, UsageMetric
+from app.models import TERMINAL_STATES, Dataset, Job, ModelVersion, ShardState, UsageMetric
 from app.stores.usage import Quantity, model_of
 from workers import metering
 from workers.lease import Lease
 from workers.runtime import remove_scratch, scratch_dir
 from workers.scoring import canon, shards, source
 from workers.scoring import table as tbl
+from workers.units import UnitJob, claim_for_message, drive_units, publish_pending, release_failed
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,6 @@ MAX_INVALID_SAMPLES = 20
 # forward, ~3,550 at 1,024, ~4,000 at 256; the transient activations of a 4,096-row forward
 # are ~300 MB, which is most of a CPU worker's RSS swing).
 CPU_FORWARD_BATCH = 512
-# The parent waits for notifications while other workers hold the last shards; this is only
-# the safety net for a missed one (and the pace at which it reaps their stale leases).
-FANIN_WAIT_S = 2.0
 
 
 class _Stopped(Exception):
@@ -72,15 +69,9 @@ class _Stopped(Exception):
 
 
 @dataclass
-class ScoreEnv:
+class ScoreEnv(UnitJob):
     """What scoring a shard of one job needs; built once per job and process."""
 
-    db: Any
-    settings: Settings
-    job_id: int
-    tenant_id: int
-    queue: str
-    max_attempts: int
     spec: dict[str, Any]
     source: Path
     schema: dict[str, Any]
@@ -401,10 +392,7 @@ def _score_shard(
             log.exception("score job %s shard %s attempt %s failed", env.job_id, claim.index, claim.attempt)
             if writer is not None:
                 writer.abort()
-            error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
-            with env.db.session() as s:  # a retry is published by the reconciler (or claimed by the parent)
-                shards.release(s, claim.id, claim.attempt, error=error)
-            return "failed"
+            return release_failed(env.db, claim, exc)
 
 
 # -- the shard task (any worker on the job's queue) ---------------------------------------------
@@ -416,11 +404,7 @@ def run_shard_task(db: Any, settings: Settings, celery: Any, job_id: int, index:
     """One shard message: claim the shard (a duplicate or late delivery loses and returns
     'skipped'), score it, record it. The job may be running or re-queued (its parent died);
     only a cancel or the job's end stops shard work (the shard's lease reports it)."""
-    with db.session() as s:
-        row = s.execute(select(Job.state, Job.cancel_requested).where(Job.id == job_id)).first()
-        if row is None or row[1] or row[0] not in (JobState.queued, JobState.running):
-            return "skipped"
-        claim = shards.claim(s, job_id, index, worker)
+    claim = claim_for_message(db, job_id, index, worker)
     if claim is None:
         return "skipped"
     with metering.metered() as meter:
@@ -445,9 +429,7 @@ def _run_claimed_shard(
             _envs[job_id] = env
     except Exception as exc:
         log.exception("score job %s shard %s: cannot prepare", job_id, index)
-        with db.session() as s:
-            shards.release(s, claim.id, claim.attempt, error=f"{type(exc).__name__}: {exc}")
-        return "failed", None, {}
+        return release_failed(db, claim, exc, trace=False), None, {}
     outcome = score_shard(env, claim, lambda: False)
     if outcome in ("cancelled", "lost"):
         with db.session() as s:
@@ -558,51 +540,22 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
                 f"resuming: {sum(sh.state == ShardState.done for sh in existing)}/{len(existing)} shards done",
                 shards=len(existing),
             )
-        with db.session() as s:
-            leases.reap(s, leases.SHARDS, settings.heartbeat_timeout_s, job_id=ctx.job_id)
-            pending = [sh.index for sh in shards.shards_of(s, ctx.job_id) if sh.state == ShardState.pending]
-        if ctx.celery is not None and len(pending) > 1:
-            # the first one is ours; the rest are for any worker on the queue
-            dispatch.publish(ctx.celery, db, leases.SHARDS, [((ctx.job_id, i), env.queue) for i in pending[1:]])
+        publish_pending(ctx, env.queue)
         report = ProgressReporter(ctx)
         report(force=True)
-        worker = ctx.worker or "parent"
 
         def on_batch() -> None:
             with contextlib.suppress(JobLost):  # ctx.should_stop() is now True: the shard stops and is released
                 report()
 
-        hub = getattr(ctx, "hub", None)
-        # Watch before reading: a shard that finishes between a read and the wait still wakes us.
-        with hub.watch(ctx.job_id) if hub is not None else nullcontext() as watch:
-            while True:
-                ctx.check_cancel()
-                with db.session() as s:
-                    # stale shards of dead workers: pending again (we claim them; the reconciler
-                    # publishes them for the others)
-                    leases.reap(s, leases.SHARDS, settings.heartbeat_timeout_s, job_id=ctx.job_id)
-                    claim = shards.claim_next(s, ctx.job_id, worker)
-                if claim is not None:
-                    outcome = score_shard(env, claim, ctx.should_stop, on_batch=on_batch)
-                    if outcome in ("stopped", "cancelled"):
-                        ctx.check_cancel(poll_s=0)
-                    continue
-                summ = report(refresh=True)
-                if summ.get("failed"):
-                    index, error = summ["error"]
-                    raise RuntimeError(f"shard {index} failed after {env.max_attempts} attempts: {error}")
-                if summ.get("cancelled"):
-                    ctx.check_cancel(poll_s=0)
-                    raise RuntimeError("shards of this job were cancelled without a cancel request")
-                if summ["done"] == summ["shards"]:
-                    break
-                # Other workers hold the remaining shards: sleep until one of them finishes, is
-                # released or fails (each commits a notification for this job), or a cancel.
-                if watch is not None:
-                    if watch.wait(FANIN_WAIT_S):
-                        ctx.check_cancel(poll_s=0.25)
-                else:  # no event hub (a context built outside a worker): the safety-net pace
-                    time.sleep(FANIN_WAIT_S)
+        drive_units(
+            ctx,
+            run_claimed=lambda claim: score_shard(env, claim, ctx.should_stop, on_batch=on_batch),
+            summary=lambda: report(refresh=True),
+            unit="shard",
+            units="shards",
+            max_attempts=env.max_attempts,
+        )
         report(force=True)
         ctx.progress(0.99, "merging shard outputs", force=True)
         result = _merge(ctx, env, spec, rank_by, info)
