@@ -2,12 +2,21 @@
 
 Each tenant's rows form a hash chain: a row's `hash` is the sha256 of a canonical JSON text
 of its fields, `prev_hash` included, so editing or deleting a row by hand breaks the chain at
-that row (`verify`). Appends serialise per tenant on the tenant's `audit_heads` row (an
-UPDATE ... RETURNING takes its row lock until the transaction ends), so concurrent requests
-never fork the chain.
+that row (`verify`). Chaining serialises per tenant on the tenant's `audit_heads` row (an
+UPDATE ... RETURNING or SELECT ... FOR UPDATE takes its row lock until the transaction
+ends), so concurrent requests never fork the chain.
+
+Requests append their rows unsealed (`append_unsealed`: one INSERT, no lock; seq,
+prev_hash and hash NULL): a write's in its action's transaction, a read's (or a refusal's,
+a failure's) before its response leaves. The sealer (`seal`) chains unsealed rows in id
+order, in batches, under the head lock: the maintenance tick runs it, `verify` and the
+exports run it first (so they prove the whole trail), and a web process seals a tenant
+inline, after the response, once it has appended SEAL_AFTER rows for it since its last
+seal. Until sealed (about one maintenance tick), a row is written but not yet protected by
+the chain. `record` (the CLI's entries) chains at once.
 
 Requests record through the session: `attach(session, entry)` puts an Entry on the session,
-and the hooks `install` adds to a sessionmaker write it in the next commit of that session
+and the hooks `install` adds to a sessionmaker append it in the next commit of that session
 (after flushing, so the ids of rows the action created are known). A rolled-back action
 therefore leaves no row, and a committed one always has its row.
 """
@@ -17,15 +26,21 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import logging
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import event, insert, select, update
+from sqlalchemy import Table, bindparam, event, insert, select, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import ApiKey, AuditEvent, AuditHead, Dataset, Job, ModelVersion, Tenant, utcnow
+
+log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64  # the prev_hash of a tenant's first row
 
@@ -127,47 +142,68 @@ def _digest(row: dict[str, Any]) -> str:
     return hashlib.sha256(canonical(fields)).hexdigest()
 
 
-def _lock_head(session: Session, tenant_id: int) -> tuple[int, str]:
-    """Take the tenant's head row lock and the next seq; returns (seq, prev_hash)."""
+def _create_head(session: Session, tenant_id: int) -> None:
+    """The tenant's head row, created once, whoever races us."""
+    head = {"tenant_id": tenant_id, "seq": 0, "hash": GENESIS}
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        session.execute(pg_insert(AuditHead).values(**head).on_conflict_do_nothing())
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        session.execute(sqlite_insert(AuditHead).values(**head).on_conflict_do_nothing())
+    else:
+        session.execute(insert(AuditHead).values(**head))
+
+
+def _lock_head(session: Session, tenant_id: int, step: int = 1) -> tuple[int, str]:
+    """Take the tenant's head row lock and move its seq on by `step` (0: just lock it);
+    returns (the new seq, the head's hash)."""
     bump = (
         update(AuditHead)
         .where(AuditHead.tenant_id == tenant_id)
-        .values(seq=AuditHead.seq + 1)
+        .values(seq=AuditHead.seq + step)
         .returning(AuditHead.seq, AuditHead.hash)
         .execution_options(synchronize_session=False)
     )
     row = session.execute(bump).first()
-    if row is None:  # the tenant's first row: create its head (once, whoever races us)
-        head = {"tenant_id": tenant_id, "seq": 0, "hash": GENESIS}
-        dialect = session.get_bind().dialect.name
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            session.execute(pg_insert(AuditHead).values(**head).on_conflict_do_nothing())
-        elif dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            session.execute(sqlite_insert(AuditHead).values(**head).on_conflict_do_nothing())
-        else:
-            session.execute(insert(AuditHead).values(**head))
+    if row is None:  # the tenant's first row
+        _create_head(session, tenant_id)
         row = session.execute(bump).one()
     return int(row[0]), str(row[1])
+
+
+def _try_lock_head(session: Session, tenant_id: int) -> tuple[int, str] | None:
+    """The head's (seq, hash) under its row lock, or None when another transaction holds it
+    (PostgreSQL: SKIP LOCKED; SQLite serialises writers, so there it waits)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return _lock_head(session, tenant_id, 0)
+    locked = (
+        select(AuditHead.seq, AuditHead.hash).where(AuditHead.tenant_id == tenant_id).with_for_update(skip_locked=True)
+    )
+    row = session.execute(locked).first()
+    if row is None:
+        exists = session.scalar(select(AuditHead.tenant_id).where(AuditHead.tenant_id == tenant_id))
+        if exists is not None:
+            return None  # locked: someone is chaining this tenant now
+        _create_head(session, tenant_id)
+        row = session.execute(locked).first()
+    return None if row is None else (int(row[0]), str(row[1]))
 
 
 def _text(value: str | None, length: int) -> str | None:
     return value.replace("\x00", "\ufffd")[:length] if value else None
 
 
-def record(session: Session, entry: Entry) -> dict[str, Any]:
-    """Append `entry` to its tenant's chain in the session's transaction (not committed);
-    returns the row's values."""
+def _row(entry: Entry) -> dict[str, Any]:
+    """The columns of `entry`'s row, but for seq, prev_hash and hash."""
     if entry.tenant_id is None or entry.actor is None:
         raise ValueError("an audit entry needs a tenant and an actor")
-    seq, prev_hash = _lock_head(session, entry.tenant_id)
     actor = entry.actor
-    row: dict[str, Any] = {
+    return {
         "tenant_id": entry.tenant_id,
-        "seq": seq,
         "ts": utcnow(),
         "actor": actor.kind,
         "via": actor.via,
@@ -183,10 +219,17 @@ def record(session: Session, entry: Entry) -> dict[str, Any]:
         # Stored as it reads back (JSON types, sorted keys), so the hash is reproducible;
         # NUL, which PostgreSQL text and jsonb refuse, becomes U+FFFD.
         "details": json.loads(canonical(entry.details).replace(b"\\u0000", b"\\ufffd")),
-        "prev_hash": prev_hash,
     }
+
+
+def record(session: Session, entry: Entry) -> dict[str, Any]:
+    """Append `entry` to its tenant's chain in the session's transaction (not committed);
+    returns the row's values."""
+    row = _row(entry)
+    seq, prev_hash = _lock_head(session, row["tenant_id"])
+    row.update(seq=seq, prev_hash=prev_hash)
     row["hash"] = _digest(row)
-    # Core statements, not the unit of work: this runs on every request.
+    # Core statements, not the unit of work: this runs on every write request.
     session.execute(insert(AuditEvent).values(**row))
     session.execute(
         update(AuditHead)
@@ -195,6 +238,125 @@ def record(session: Session, entry: Entry) -> dict[str, Any]:
         .execution_options(synchronize_session=False)
     )
     return row
+
+
+def append_unsealed(session: Session, entry: Entry) -> dict[str, Any]:
+    """Append `entry` unsealed (one INSERT, no lock) in the session's transaction (not
+    committed); `seal` chains it later. The entry counts as added to the transaction, so the
+    commit hooks (`install`) do not write it a second time. Returns the row's values."""
+    row = _row(entry)
+    session.execute(insert(AuditEvent).values(**row))
+    entry.in_transaction = True
+    return row
+
+
+# -- sealing: chaining the unsealed rows ------------------------------------------------------
+
+SEAL_BATCH = 1000  # rows chained per transaction
+SEAL_AFTER = 500  # a web process seals a tenant inline after appending this many rows for it
+
+_SEALED_FIELDS = [getattr(AuditEvent, name) for name in HASHED_FIELDS if name not in ("seq", "prev_hash")]
+_EVENTS = cast(Table, AuditEvent.__table__)
+_SEAL = (
+    update(_EVENTS)
+    .where(_EVENTS.c.id == bindparam("row_id"))
+    .values(seq=bindparam("new_seq"), prev_hash=bindparam("new_prev"), hash=bindparam("new_hash"))
+)
+
+
+def seal_tenant(session: Session, tenant_id: int, limit: int = SEAL_BATCH, *, wait: bool = True) -> int:
+    """Chain up to `limit` of the tenant's unsealed rows, oldest id first, under its head lock,
+    in the session's transaction (not committed). wait=False: return 0 at once if another
+    transaction holds the lock (PostgreSQL). Returns how many rows were sealed."""
+    head = _lock_head(session, tenant_id, 0) if wait else _try_lock_head(session, tenant_id)
+    if head is None:
+        return 0
+    seq, prev_hash = head
+    rows = session.execute(
+        select(AuditEvent.id, *_SEALED_FIELDS)
+        .where(AuditEvent.tenant_id == tenant_id, AuditEvent.seq.is_(None))
+        .order_by(AuditEvent.id)
+        .limit(limit)
+    ).all()
+    if not rows:
+        return 0
+    sealed = []
+    for r in rows:
+        seq += 1
+        fields = {**r._mapping, "seq": seq, "prev_hash": prev_hash}
+        prev_hash = _digest(fields)
+        sealed.append({"row_id": r.id, "new_seq": seq, "new_prev": fields["prev_hash"], "new_hash": prev_hash})
+    session.connection().execute(_SEAL, sealed)
+    session.execute(
+        update(AuditHead)
+        .where(AuditHead.tenant_id == tenant_id)
+        .values(seq=seq, hash=prev_hash)
+        .execution_options(synchronize_session=False)
+    )
+    return len(sealed)
+
+
+def _engine(bind: Engine | Connection | Session) -> Engine:
+    if isinstance(bind, Session):
+        bound = bind.get_bind()
+        return bound if isinstance(bound, Engine) else bound.engine
+    return bind if isinstance(bind, Engine) else bind.engine
+
+
+def seal(bind: Engine | Connection | Session, tenant_id: int | None = None, *, batch: int = SEAL_BATCH) -> int:
+    """Chain every unsealed row committed so far, of one tenant or of all, in transactions of
+    at most `batch` rows that commit on their own (a session passed in is only used to find
+    the engine: its own transaction is left alone). Returns how many rows were sealed."""
+    engine = _engine(bind)
+    with Session(engine) as s:
+        if tenant_id is not None:
+            tenants = [tenant_id]
+        else:
+            tenants = list(s.scalars(select(AuditEvent.tenant_id).where(AuditEvent.seq.is_(None)).distinct()))
+        s.rollback()
+        total = 0
+        for tid in tenants:
+            while True:
+                n = seal_tenant(s, tid, batch)
+                s.commit()
+                total += n
+                if n < batch:
+                    break
+    return total
+
+
+class SealSchedule:
+    """Counts the unsealed rows this process appended per tenant; `due` says when a tenant
+    reached SEAL_AFTER of them (and starts its count again)."""
+
+    def __init__(self, after: int = SEAL_AFTER) -> None:
+        self.after = after
+        self._counts: Counter[int] = Counter()
+        self._lock = threading.Lock()
+
+    def due(self, tenant_id: int) -> bool:
+        with self._lock:
+            self._counts[tenant_id] += 1
+            if self._counts[tenant_id] < self.after:
+                return False
+            del self._counts[tenant_id]
+            return True
+
+
+def seal_inline(engine: Engine, tenant_id: int, batch: int = SEAL_BATCH) -> int:
+    """One bounded seal of a tenant by a web process (after a response): at most `batch`
+    rows, and none if another process is sealing it right now. Never raises: the rows stay
+    for the next seal."""
+    try:
+        with Session(engine) as s:
+            n = seal_tenant(s, tenant_id, batch, wait=False)
+            s.commit()
+            return n
+    except Exception:
+        log.warning(
+            "sealing the audit rows of tenant %s failed; the maintenance tick retries", tenant_id, exc_info=True
+        )
+        return 0
 
 
 # -- recording with the action's transaction ----------------------------------------------
@@ -241,7 +403,7 @@ def _write_pending(session: Session) -> None:
         if len(mine) == 1:
             created.pop(entry.object_type or "")
     details = {**entry.details, "created": created} if created else entry.details
-    record(session, replace(entry, object_id=object_id, details=details))
+    append_unsealed(session, replace(entry, object_id=object_id, details=details))
     entry.in_transaction = True
 
 
@@ -281,32 +443,35 @@ class ChainReport:
 
 
 def verify_tenant(session: Session, tenant: Tenant, batch: int = 1000) -> ChainReport:
-    """Walk the tenant's chain in seq order and name the first row that was edited (its hash
+    """Seal the tenant's unsealed rows (in transactions of their own), then walk its chain in
+    seq order and name the first row that was edited (its hash
     does not match its fields), deleted (a seq gap, or rows missing before the head's seq),
     or re-linked (its prev_hash is not the previous row's hash)."""
+    seal(session, tenant.id)  # the unsealed rows committed so far join the chain first
     report = ChainReport(tenant.id, tenant.name)
     prev_hash, expected = GENESIS, 1
     rows = session.scalars(
-        select(AuditEvent).where(AuditEvent.tenant_id == tenant.id).order_by(AuditEvent.seq),
+        select(AuditEvent)
+        .where(AuditEvent.tenant_id == tenant.id, AuditEvent.seq.is_not(None))
+        .order_by(AuditEvent.seq),
         execution_options={"yield_per": batch},
     )
     for ev in rows:
-        if ev.seq != expected:
-            gap = f"seq {expected}" if ev.seq == expected + 1 else f"seq {expected} to {ev.seq - 1}"
-            return _broken(report, expected, f"row {gap} is missing (deleted); the chain resumes at seq {ev.seq}")
+        seq = ev.seq or 0  # never None here: only sealed rows are read
+        if seq != expected:
+            gap = f"seq {expected}" if seq == expected + 1 else f"seq {expected} to {seq - 1}"
+            return _broken(report, expected, f"row {gap} is missing (deleted); the chain resumes at seq {seq}")
         if ev.prev_hash != prev_hash:
             return _broken(
                 report,
-                ev.seq,
-                f"row seq {ev.seq} (id {ev.id}) does not follow the row before it: its prev_hash is not the "
-                f"hash of seq {ev.seq - 1} (that row was edited, or rows were replaced)",
+                seq,
+                f"row seq {seq} (id {ev.id}) does not follow the row before it: its prev_hash is not the "
+                f"hash of seq {seq - 1} (that row was edited, or rows were replaced)",
             )
         if row_hash(ev) != ev.hash:
-            return _broken(
-                report, ev.seq, f"row seq {ev.seq} (id {ev.id}) was edited: its hash does not match its contents"
-            )
-        prev_hash, expected = ev.hash, expected + 1
-        report.rows, report.last_seq = report.rows + 1, ev.seq
+            return _broken(report, seq, f"row seq {seq} (id {ev.id}) was edited: its hash does not match its contents")
+        prev_hash, expected = ev.hash or "", expected + 1
+        report.rows, report.last_seq = report.rows + 1, seq
     head = session.get(AuditHead, tenant.id)
     if head is not None and head.seq > report.last_seq:
         first, last = report.last_seq + 1, head.seq

@@ -1,14 +1,26 @@
-"""API keys: random, shown once, stored as a SHA-256 hash behind a visible prefix."""
+"""API keys: random, shown once, stored as a SHA-256 hash behind a visible prefix.
+
+`verify` answers from a per-process cache (KEYS) for a short time (KeyCache.ttl_s, 5 s by
+default) after a key's row was read, so an authenticated request does not pay a database
+round trip for its key. A revocation (or rotation) made by this process takes effect at once;
+one made by another process, or a row edited by hand, within ttl_s. Expiry is checked on
+every use against the cached expires_at.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import func, inspect, select, update
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from app.models import ApiKey, KeyRole, Tenant, WebSession, utcnow
 
@@ -93,6 +105,70 @@ def refusal(key: ApiKey, now: datetime | None = None) -> str | None:
     return None
 
 
+class KeyCache:
+    """Key rows by key hash, each trusted for ttl_s after it was read (0: no caching), at most
+    max_entries (least recently used dropped first). Thread-safe; one per process."""
+
+    def __init__(
+        self, ttl_s: float = 5.0, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl_s, self.max_entries, self.clock = ttl_s, max_entries, clock
+        self._rows: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> dict[str, Any] | None:
+        with self._lock:
+            hit = self._rows.get(key_hash)
+            if hit is None:
+                return None
+            if self.clock() - hit[0] >= self.ttl_s:
+                del self._rows[key_hash]
+                return None
+            self._rows.move_to_end(key_hash)
+            return hit[1]
+
+    def put(self, key: ApiKey) -> None:
+        if self.ttl_s <= 0:
+            return
+        row = {attr.key: getattr(key, attr.key) for attr in inspect(ApiKey).column_attrs}
+        with self._lock:
+            self._rows[key.key_hash] = (self.clock(), row)
+            self._rows.move_to_end(key.key_hash)
+            while len(self._rows) > self.max_entries:
+                self._rows.popitem(last=False)
+
+    def used(self, key_hash: str, at: datetime) -> None:
+        """Record a last_used_at written for the key, so the cached row does not ask again."""
+        with self._lock:
+            hit = self._rows.get(key_hash)
+            if hit is not None:
+                hit[1]["last_used_at"] = at
+
+    def forget(self, key_hash: str) -> None:
+        with self._lock:
+            self._rows.pop(key_hash, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rows.clear()
+
+
+KEYS = KeyCache()
+
+
+def configure_cache(ttl_s: float) -> None:
+    """Set this process's key cache lifetime (0 turns the cache off)."""
+    KEYS.ttl_s = ttl_s
+    KEYS.clear()
+
+
+def _from_cache(session: Session, row: dict[str, Any]) -> ApiKey:
+    """The cached row as a persistent ApiKey of `session`, without a SELECT."""
+    key = ApiKey(**row)
+    make_transient_to_detached(key)
+    return session.merge(key, load=False)
+
+
 def verify(session: Session, presented: str) -> ApiKey:
     """The usable ApiKey for a presented secret (constant-time hash comparison), or KeyRefused."""
     if not presented.startswith(KEY_PREFIX):
@@ -100,9 +176,16 @@ def verify(session: Session, presented: str) -> ApiKey:
     prefix = presented[len(KEY_PREFIX) :].split("_", 1)[0]
     if len(prefix) != 12:
         raise KeyRefused("Invalid API key")
-    key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
-    if key is None or not hmac.compare_digest(key.key_hash, _hash(presented)):
-        raise KeyRefused("Invalid API key")
+    digest = _hash(presented)
+    cached = KEYS.get(digest)
+    if cached is not None:
+        key = _from_cache(session, cached)  # found by the full hash: it is this secret's row
+    else:
+        found = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+        if found is None or not hmac.compare_digest(found.key_hash, digest):
+            raise KeyRefused("Invalid API key")
+        key = found
+        KEYS.put(key)
     reason = refusal(key)
     if reason is not None:
         raise KeyRefused(reason)
@@ -147,6 +230,7 @@ def revoke(session: Session, key: ApiKey, force: bool = False) -> None:
         if (active_admins or 0) <= 1:
             raise LastAdminKey()
     key.revoked_at = now
+    KEYS.forget(key.key_hash)
     end_web_sessions(session, key)
     session.flush()
 
@@ -160,6 +244,7 @@ def rotate(session: Session, key: ApiKey) -> tuple[ApiKey, str]:
     new, secret = new_key(session, key.tenant_id, key.name, key.role)
     new.expires_at = key.expires_at
     key.revoked_at = utcnow()
+    KEYS.forget(key.key_hash)
     end_web_sessions(session, key)
     session.flush()
     return new, secret
@@ -180,3 +265,4 @@ def touch(session: Session, key: ApiKey) -> None:
     # Avoid a write per request: last_used_at is only refreshed once a minute.
     if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
         key.last_used_at = now
+        KEYS.used(key.key_hash, now)

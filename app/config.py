@@ -53,8 +53,21 @@ class Settings:
     gpu_queue: str = "gpu"
     inference_queue: str = "inference"
     model_cache_size: int = 8
+    # seconds an API key row is trusted per process (revocation elsewhere takes effect within it; 0 = off)
+    api_key_cache_s: float = 5.0
     torch_threads: int = 0  # intra-op threads per worker process; 0 = torch's default (all cores)
     predict_default_timeout_s: float = 10.0
+    # Online predictions (app/inference.py, workers/inference/): a predict call with at most
+    # inference_max_inputs inputs (inference_max_explained_inputs with `explain`) is handed to an
+    # inference worker over Redis and answered directly; larger ones, and those no worker takes
+    # or answers within inference_wait_s (or the caller's timeout), become predict jobs.
+    inference_online: bool = True
+    inference_max_inputs: int = 1000
+    inference_max_explained_inputs: int = 8
+    inference_wait_s: float = 2.0
+    inference_batch_window_ms: float = 3.0  # how long a batch waits for more calls to the same model
+    inference_max_batch: int = 256  # inputs run in one forward pass (a bigger call runs alone)
+    inference_threads: int = 1  # batching loops per inference worker process
     score_shard_rows: int = 100_000
     score_batch_size: int = 4096
     web_host: str = "127.0.0.1"

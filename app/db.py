@@ -45,6 +45,8 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
+    # pool_pre_ping: a connection the server dropped (a restart, a fail-over) is replaced on
+    # checkout instead of failing the request or job that draws it; it costs ~45 us a checkout.
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 

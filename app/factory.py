@@ -9,6 +9,7 @@ from pathlib import Path
 
 from flask import Flask, request
 
+from app import auth
 from app.config import Settings, from_env
 from app.db import Database
 from app.notify import EventHub, Notifier
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     settings.artifacts.mkdir(parents=True, exist_ok=True)
     app.extensions["medmaas.settings"] = settings
+    auth.configure_cache(settings.api_key_cache_s)
     app.extensions["medmaas.db"] = Database(settings.sqlalchemy_url, notifier=Notifier(settings.broker_url))
     app.extensions["medmaas.hub"] = EventHub(settings.broker_url)  # started by the first watcher
 

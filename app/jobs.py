@@ -1,8 +1,10 @@
 """The job state machine: the only code that changes jobs.state.
 
 queued -> running -> succeeded | failed | cancelled, plus running -> queued when a worker is
-lost. Every transition is a single compare-and-set UPDATE guarded in SQL (`transition`), and
-appends a job_events row in the same transaction. A job is a leased unit like any other
+lost. Every transition is a single compare-and-set UPDATE guarded in SQL (`transition`) that
+also takes the event's sequence number, and the INSERT of its job_events row, in one
+statement on PostgreSQL (`update_with_event`) and always in the same transaction. A job is
+a leased unit like any other
 (app/leases.py): claim, heartbeat, attempt fencing and reaping are the shared lease code,
 which changes a job's state only through `transition` here (the job lease's hook).
 """
@@ -13,29 +15,85 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, insert, literal, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from app import leases, notify
 from app.broker import RUN_JOB
-from app.models import TERMINAL_STATES, Job, JobEvent, JobState, Tenant, utcnow
+from app.models import TERMINAL_STATES, Job, JobEvent, JobState, Tenant, UTCDateTime, utcnow
 from app.stores.errors import Invalid
 
 Q, R = JobState.queued, JobState.running
 
 
-def append_event(session: Session, job_id: int, type_: str, data: dict[str, Any]) -> int:
-    """Append an event with the job's next sequence number; returns the seq."""
-    seq = session.execute(
-        update(Job).where(Job.id == job_id).values(event_seq=Job.event_seq + 1).returning(Job.event_seq)
-    ).scalar_one()
-    session.add(JobEvent(job_id=job_id, seq=seq, ts=utcnow(), type=type_, data=data))
-    session.flush()
+NEXT_SEQ = {"event_seq": Job.event_seq + 1}  # an UPDATE of jobs that also numbers the event it appends
+
+
+def add_event(session: Session, job_id: int, seq: int, type_: str, data: dict[str, Any]) -> int:
+    """Insert event `seq` (already taken from jobs.event_seq by the caller's UPDATE) and wake
+    the job's watchers after commit; returns the seq."""
+    session.execute(insert(JobEvent).values(job_id=job_id, seq=seq, ts=utcnow(), type=type_, data=data))
     notify.touch(session, job_id)
     return seq
+
+
+def append_event(session: Session, job_id: int, type_: str, data: dict[str, Any]) -> int:
+    """Append an event with the job's next sequence number; returns the seq."""
+    seq = session.execute(update(Job).where(Job.id == job_id).values(**NEXT_SEQ).returning(Job.event_seq)).scalar_one()
+    return add_event(session, job_id, seq, type_, data)
+
+
+def update_with_event(
+    session: Session,
+    job_id: int,
+    where: Sequence[Any],
+    values: dict[str, Any],
+    type_: str,
+    data: dict[str, Any],
+    *,
+    returning: tuple = (),
+    with_attempt: bool = False,
+) -> tuple[Any, ...] | None:
+    """UPDATE the job (if `where` holds) and append its event numbered by that same UPDATE;
+    `data` gains the job's "attempt" (after the update) when with_attempt. Returns (attempts,
+    *returning), or None when nothing matched (and no event was added).
+
+    On PostgreSQL this is ONE statement, a data-modifying CTE: WITH moved AS (UPDATE ...
+    RETURNING ...), event AS (INSERT INTO job_events SELECT ... FROM moved) SELECT ... FROM
+    moved. Elsewhere (SQLite) the UPDATE ... RETURNING and the INSERT are two statements."""
+    moved_stmt = (
+        update(Job).where(*where).values(**values, **NEXT_SEQ).returning(Job.attempts, Job.event_seq, *returning)
+    )
+    if session.get_bind().dialect.name != "postgresql":
+        row = session.execute(moved_stmt).first()
+        if row is None:
+            return None
+        attempts, seq, *rest = row
+        add_event(session, job_id, seq, type_, {**data, "attempt": attempts} if with_attempt else data)
+        return (attempts, *rest)
+    moved = moved_stmt.cte("moved")
+    payload: Any = bindparam("event_data", data, type_=JSONB())
+    if with_attempt:
+        payload = payload.op("||")(func.jsonb_build_object("attempt", moved.c.attempts))
+    event = (
+        insert(JobEvent)
+        .from_select(
+            ["job_id", "seq", "ts", "type", "data"],
+            select(literal(job_id), moved.c.event_seq, literal(utcnow(), UTCDateTime()), literal(type_), payload),
+        )
+        .cte("event")
+    )
+    columns = [moved.c.attempts, *(moved.c[col.key] for col in returning)]
+    row = session.execute(select(*columns).add_cte(event)).first()
+    if row is None:
+        return None
+    notify.touch(session, job_id)
+    return tuple(row)
 
 
 def transition(
@@ -57,14 +115,16 @@ def transition(
     where = [Job.id == job_id, Job.state.in_(from_states), *extra_where]
     if attempt is not None:
         where.append(Job.attempts == attempt)
-    row = session.execute(
-        update(Job).where(*where).values(state=to, **(values or {})).returning(Job.attempts, *returning)
-    ).first()
-    if row is None:
-        return None
-    data = {"to": to.value, "attempt": row[0], **(event or {})}
-    append_event(session, job_id, "state", data)
-    return tuple(row)
+    return update_with_event(
+        session,
+        job_id,
+        where,
+        {"state": to, **(values or {})},
+        "state",
+        {"to": to.value, **(event or {})},
+        returning=returning,
+        with_attempt=True,
+    )
 
 
 def _transition(session: Session, job_id: int, **kw: Any) -> bool:
@@ -142,22 +202,26 @@ def submit(
         idempotency_key=idempotency_key,
         request_sha256=request_sha256 if idempotency_key else None,
         created_at=utcnow(),
-        event_seq=0,
+        event_seq=1,  # its first event, appended below
         # Stamped now, published right after commit: if that publish fails, the reconciler
         # finds no broker message once the grace period has passed and publishes again.
         published_at=utcnow(),
     )
-    try:
-        with session.begin_nested():
-            session.add(job)
-            session.flush()
-    except IntegrityError:
-        # Lost a race with a concurrent submit carrying the same key.
-        existing = find_idempotent(session, tenant_id, idempotency_key, request_sha256) if idempotency_key else None
-        if existing is None:
-            raise
-        return existing, False
-    append_event(session, job.id, "state", {"to": Q.value, "attempt": 0})
+    if not idempotency_key:
+        session.add(job)
+        session.flush()
+    else:
+        try:
+            with session.begin_nested():
+                session.add(job)
+                session.flush()
+        except IntegrityError:
+            # Lost a race with a concurrent submit carrying the same key.
+            existing = find_idempotent(session, tenant_id, idempotency_key, request_sha256)
+            if existing is None:
+                raise
+            return existing, False
+    add_event(session, job.id, 1, "state", {"to": Q.value, "attempt": 0})
     return job, True
 
 
@@ -166,6 +230,19 @@ def claim(session: Session, job_id: int, worker: str) -> int | None:
     delivery (or a cancel) got there first."""
     row = leases.claim(session, LEASE, job_id, worker)
     return None if row is None else int(row[0])
+
+
+# What a worker needs of the job it claimed, returned by the claim itself (no re-select).
+CLAIMED_COLUMNS = (Job.tenant_id, Job.kind, Job.spec, Job.queue, Job.max_attempts, Job.started_at)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A claim won: the attempt number and a detached snapshot of the job as claimed (id,
+    tenant_id, kind, spec, queue, max_attempts, started_at, attempts); never added to a session."""
+
+    attempt: int
+    job: Job
 
 
 # -- fairness: a tenant's running jobs per queue ---------------------------------------------
@@ -182,28 +259,65 @@ def waiting_message(limit: int, queue: str) -> str:
     return f"waiting: tenant at its limit of {limit} running jobs on queue {queue}"
 
 
-def claim_within_limit(session: Session, job_id: int, worker: str, max_running: int) -> int | Waiting | None:
-    """`claim`, unless the job's tenant already runs `max_running` jobs on its queue (0: no
-    limit). Then the job stays queued with the reason as its message and published_at cleared,
-    so the maintenance tick's republish (`startable`) sends it again once a slot is free."""
+def claim_job(session: Session, job_id: int, worker: str, max_running: int) -> Claimed | Waiting | None:
+    """queued -> running for a worker, unless the job's tenant already runs `max_running` jobs
+    on its queue (0: no limit). Then the job stays queued with the reason as its message and
+    published_at cleared, so the maintenance tick's republish (`startable`) sends it again once
+    a slot is free. None: another delivery (or a cancel) got there first.
+
+    Without a limit this is one UPDATE ... RETURNING (plus its event's INSERT); with one, a
+    tenant row lock comes first, and the running count is a condition of that same UPDATE."""
+    within: tuple = ()
+    queue: str | None = None
     if max_running > 0:
-        row = session.execute(select(Job.tenant_id, Job.queue).where(Job.id == job_id, Job.state == Q)).first()
+        # One claim per tenant at a time (a row lock; SQLite serialises writers anyway), so two
+        # workers never both take the tenant's last free slot. The count below is a later
+        # statement, so under READ COMMITTED it sees the claims committed while we waited.
+        row = session.execute(
+            select(Tenant.id, Job.queue)
+            .join(Job, Job.tenant_id == Tenant.id)
+            .where(Job.id == job_id, Job.state == Q)
+            .with_for_update(of=Tenant)
+        ).first()
         if row is None:
             return None
         tenant_id, queue = row
-        # One claim per tenant at a time (a row lock; SQLite serialises writers anyway), so two
-        # workers never both take the tenant's last free slot.
-        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
-        running = session.scalar(
-            select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.queue == queue, Job.state == R)
+        other = aliased(Job)
+        running = (
+            select(func.count())
+            .select_from(other)
+            .where(other.tenant_id == tenant_id, other.queue == queue, other.state == R)
+            .scalar_subquery()
         )
-        if (running or 0) >= max_running:
-            message = waiting_message(max_running, queue)
-            session.execute(
-                update(Job).where(Job.id == job_id, Job.state == Q).values(message=message, published_at=None)
-            )
-            return Waiting(message)
-    return claim(session, job_id, worker)
+        within = (running < max_running,)
+    got = leases.claim(session, LEASE, job_id, worker, returning=CLAIMED_COLUMNS, extra_where=within)
+    if got is not None:
+        attempt, tenant, kind, spec, job_queue, max_attempts, started_at = got
+        job = Job(
+            id=job_id,
+            tenant_id=tenant,
+            kind=kind,
+            spec=spec,
+            queue=job_queue,
+            max_attempts=max_attempts,
+            started_at=started_at,
+            attempts=attempt,
+            state=R,
+        )
+        return Claimed(int(attempt), job)
+    if queue is None:
+        return None
+    message = waiting_message(max_running, queue)
+    still_queued = session.execute(
+        update(Job).where(Job.id == job_id, Job.state == Q).values(message=message, published_at=None).returning(Job.id)
+    ).first()
+    return Waiting(message) if still_queued is not None else None
+
+
+def claim_within_limit(session: Session, job_id: int, worker: str, max_running: int) -> int | Waiting | None:
+    """`claim_job`, returning just the attempt number of a claim won."""
+    got = claim_job(session, job_id, worker, max_running)
+    return got.attempt if isinstance(got, Claimed) else got
 
 
 def to_publish(session: Session, grace_s: float, max_running: int) -> list[leases.Candidate]:
@@ -260,58 +374,67 @@ def report_progress(
     session: Session, job_id: int, attempt: int, progress: float, message: str = "", **data: Any
 ) -> bool:
     progress = min(max(float(progress), 0.0), 1.0)
-    owned = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.state == R, Job.attempts == attempt)
-        .values(progress=progress, message=message[:2000], heartbeat_at=utcnow())
-        .returning(Job.id)
-    ).first()
-    if owned is None:
-        return False
-    append_event(session, job_id, "progress", {"progress": progress, "message": message, **data})
-    return True
+    return (
+        update_with_event(
+            session,
+            job_id,
+            (Job.id == job_id, Job.state == R, Job.attempts == attempt),
+            {"progress": progress, "message": message[:2000], "heartbeat_at": utcnow()},
+            "progress",
+            {"progress": progress, "message": message, **data},
+        )
+        is not None
+    )
 
 
 def report_event(session: Session, job_id: int, attempt: int, type_: str, data: dict[str, Any]) -> bool:
     """A metric or log event from the running attempt."""
-    owned = session.scalar(select(Job.id).where(Job.id == job_id, Job.state == R, Job.attempts == attempt))
-    if owned is None:
-        return False
-    append_event(session, job_id, type_, data)
-    return True
+    owned = (Job.id == job_id, Job.state == R, Job.attempts == attempt)
+    return update_with_event(session, job_id, owned, {}, type_, data) is not None
 
 
-def _finish_values(session: Session, job_id: int) -> dict[str, Any]:
+def _finish_values(session: Session, job_id: int, started_at: datetime | None = None) -> dict[str, Any]:
+    """finished_at and duration_s. The worker knows started_at from its claim (`Claimed.job`);
+    others (the reaper) have it read here."""
     now = utcnow()
-    started = session.scalar(select(Job.started_at).where(Job.id == job_id))
+    started = started_at or session.scalar(select(Job.started_at).where(Job.id == job_id))
     return {"finished_at": now, "duration_s": (now - started).total_seconds() if started else None}
 
 
-def succeed(session: Session, job_id: int, attempt: int, result: dict[str, Any]) -> bool:
+def succeed(
+    session: Session, job_id: int, attempt: int, result: dict[str, Any], *, started_at: datetime | None = None
+) -> bool:
     return _transition(
         session,
         job_id,
         from_states=[R],
         to=JobState.succeeded,
         attempt=attempt,
-        values={"result": result, "progress": 1.0, "message": "succeeded", **_finish_values(session, job_id)},
+        values={
+            "result": result,
+            "progress": 1.0,
+            "message": "succeeded",
+            **_finish_values(session, job_id, started_at),
+        },
         event={"from": R.value},
     )
 
 
-def fail(session: Session, job_id: int, attempt: int, error: str) -> bool:
+def fail(session: Session, job_id: int, attempt: int, error: str, *, started_at: datetime | None = None) -> bool:
     return _transition(
         session,
         job_id,
         from_states=[R],
         to=JobState.failed,
         attempt=attempt,
-        values={"error": error[:10000], "message": "failed", **_finish_values(session, job_id)},
+        values={"error": error[:10000], "message": "failed", **_finish_values(session, job_id, started_at)},
         event={"from": R.value, "error": error[:2000]},
     )
 
 
-def mark_cancelled(session: Session, job_id: int, attempt: int, result: dict | None = None) -> bool:
+def mark_cancelled(
+    session: Session, job_id: int, attempt: int, result: dict | None = None, *, started_at: datetime | None = None
+) -> bool:
     """The running attempt stopped cooperatively after a cancel request."""
     return _transition(
         session,
@@ -319,7 +442,7 @@ def mark_cancelled(session: Session, job_id: int, attempt: int, result: dict | N
         from_states=[R],
         to=JobState.cancelled,
         attempt=attempt,
-        values={"message": "cancelled", "result": result, **_finish_values(session, job_id)},
+        values={"message": "cancelled", "result": result, **_finish_values(session, job_id, started_at)},
         event={"from": R.value},
     )
 
@@ -337,14 +460,10 @@ def request_cancel(session: Session, job_id: int) -> JobState:
         event={"from": Q.value, "reason": "cancel requested"},
     ):
         return JobState.cancelled
-    flagged = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.state == R, Job.cancel_requested.is_(False))
-        .values(cancel_requested=True, message="cancel requested")
-        .returning(Job.id)
-    ).first()
-    if flagged is not None:
-        append_event(session, job_id, "cancel_requested", {})
+    running = (Job.id == job_id, Job.state == R, Job.cancel_requested.is_(False))
+    values = {"cancel_requested": True, "message": "cancel requested"}
+    if update_with_event(session, job_id, running, values, "cancel_requested", {}) is not None:
+        return R
     return session.execute(select(Job.state).where(Job.id == job_id)).scalar_one()
 
 

@@ -190,10 +190,15 @@ def _leave_values(
 
 
 def claim(
-    session: Session, kind: LeaseKind[Any], unit_id: int, worker: str, returning: tuple = ()
+    session: Session,
+    kind: LeaseKind[Any],
+    unit_id: int,
+    worker: str,
+    returning: tuple = (),
+    extra_where: tuple = (),
 ) -> Sequence[Any] | None:
     """claimable -> running, atomically, attempts+1. Returns (attempt, *returning), or None if
-    another delivery (or a cancel) got there first."""
+    another delivery (or a cancel) got there first, or `extra_where` did not hold."""
     now = utcnow()
     m = kind.model
     return move(
@@ -202,6 +207,7 @@ def claim(
         unit_id,
         from_states=[kind.claimable],
         to=kind.running,
+        extra_where=extra_where,
         values={
             "attempts": m.attempts + 1,
             "worker": worker[:255],

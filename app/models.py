@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -373,7 +374,9 @@ class AuditEvent(Base):
     """One entry of a tenant's append-only audit trail: who (key, or `cli` / `system`), what
     (action, object), when, from where (client address, request id), and how it ended.
     Rows are hash-chained per tenant (`hash` covers the row's fields and `prev_hash`); see
-    app/audit.py. Key ids are plain columns, not foreign keys: the trail outlives its keys."""
+    app/audit.py. A read's row is first written unsealed (seq, prev_hash and hash NULL) and
+    chained later by the sealer, in id order. Key ids are plain columns, not foreign keys:
+    the trail outlives its keys."""
 
     __tablename__ = "audit_events"
     __table_args__ = (
@@ -381,11 +384,19 @@ class AuditEvent(Base):
         Index("ix_audit_events_tenant_action", "tenant_id", "action"),
         Index("ix_audit_events_tenant_object", "tenant_id", "object_type", "object_id"),
         Index("ix_audit_events_tenant_ts", "tenant_id", "ts"),
+        # the rows the sealer has still to chain (few: it runs every maintenance tick)
+        Index(
+            "ix_audit_events_unsealed",
+            "tenant_id",
+            "id",
+            postgresql_where=text("seq IS NULL"),
+            sqlite_where=text("seq IS NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
-    seq: Mapped[int] = mapped_column(BigInteger)
+    seq: Mapped[int | None] = mapped_column(BigInteger)  # None until sealed
     ts: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     actor: Mapped[str] = mapped_column(String(32))  # "key", "cli" or "system"
     via: Mapped[str] = mapped_column(String(16))  # "api", "web", "cli", "system"
@@ -399,8 +410,8 @@ class AuditEvent(Base):
     client_addr: Mapped[str | None] = mapped_column(String(64))
     request_id: Mapped[str | None] = mapped_column(String(64))
     details: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
-    prev_hash: Mapped[str] = mapped_column(String(64))
-    hash: Mapped[str] = mapped_column(String(64))
+    prev_hash: Mapped[str | None] = mapped_column(String(64))  # None until sealed
+    hash: Mapped[str | None] = mapped_column(String(64))  # None until sealed
 
 
 class AuditHead(Base):

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from app import artifacts, jobs
 from app.config import Settings
 from app.db import Database
@@ -66,6 +68,7 @@ class JobContext:
         self.hub = hub  # wakes a job waiting on others' work (a scoring parent on its shards)
         self.lease = Lease(db, jobs.LEASE, job_id, attempt, settings.heartbeat_interval_s, name=f"heartbeat-{job_id}")
         self._last_progress = 0.0
+        self._final_progress: tuple[float, str, dict[str, Any]] | None = None
 
     @property
     def lost(self) -> bool:
@@ -79,7 +82,12 @@ class JobContext:
 
     # -- reporting ---------------------------------------------------------------------
     def progress(self, fraction: float, message: str = "", *, force: bool = False, **data: Any) -> None:
-        """Record progress; throttled to a few writes a second unless forced or complete."""
+        """Record progress; throttled to a few writes a second unless forced. A report of
+        completion (fraction 1.0) is held back and written in the transaction that records the
+        job's outcome (`write_final_progress`), not in a transaction of its own."""
+        if fraction >= 1.0:
+            self._final_progress = (fraction, message, data)
+            return
         now = time.monotonic()
         if not force and fraction < 1.0 and now - self._last_progress < 0.25:
             return
@@ -88,6 +96,14 @@ class JobContext:
             ok = jobs.report_progress(s, self.job_id, self.attempt, fraction, message, **data)
         if not ok:
             self._on_not_owned()
+
+    def write_final_progress(self, session: Session) -> None:
+        """In the session recording the job's outcome: the completion report `progress` held
+        back, if any (its event comes before the outcome's)."""
+        if self._final_progress is not None:
+            fraction, message, data = self._final_progress
+            self._final_progress = None
+            jobs.report_progress(session, self.job_id, self.attempt, fraction, message, **data)
 
     def event(self, type_: str, data: dict[str, Any]) -> None:
         with self.db.session() as s:

@@ -1,6 +1,7 @@
 """Celery entry points (claim a job, run its kind under a lease, record the outcome; score
 one shard), plus the maintenance tick that `medmaas beat` runs: reap stale leases of every
-kind, clean up ended jobs' scratch, republish what the broker lost."""
+kind, clean up ended jobs' scratch, republish what the broker lost, seal the audit rows of
+reads (app.audit.seal)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from typing import Any
 
 from celery import Celery, signals
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
-from app import dispatch, jobs, leases, workers_registry
+from app import audit, dispatch, jobs, leases, workers_registry
 from app.artifacts import open_read, open_write
 from app.broker import RUN_JOB, SCORE_SHARD, create_celery
 from app.config import Settings
@@ -24,6 +26,7 @@ from app.db import Database
 from app.models import TERMINAL_STATES, Job
 from app.notify import EventHub, Notifier
 from workers import metering
+from workers.inference import attach as attach_inference
 from workers.kinds import kind_for
 from workers.runtime import JobCancelled, JobContext, JobLost, remove_scratch
 
@@ -106,25 +109,36 @@ def save_operator_traceback(ctx: JobContext, attempt: int) -> None:
         log.warning("could not write the traceback of job %s to its directory", ctx.job_id, exc_info=True)
 
 
+def lost_database_connection(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a database connection dropped under the statement."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DBAPIError) and seen.connection_invalidated:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -> str:
     """Run one delivery of a job. Returns what happened (for logs and tests)."""
     worker = worker_name()
     with db.session() as s:
-        attempt = jobs.claim_within_limit(s, job_id, worker, settings.tenant_max_running_per_queue)
-        job = s.get(Job, job_id) if isinstance(attempt, int) else None
-    if isinstance(attempt, jobs.Waiting):
-        log.info("job %s: %s; left queued until a slot frees", job_id, attempt.message)
+        claimed = jobs.claim_job(s, job_id, worker, settings.tenant_max_running_per_queue)
+    if isinstance(claimed, jobs.Waiting):
+        log.info("job %s: %s; left queued until a slot frees", job_id, claimed.message)
         return "waiting"
-    if attempt is None or job is None:
+    if claimed is None:
         log.info("job %s: not claimable (duplicate delivery or cancelled); skipping", job_id)
         return "skipped"
+    attempt, job = claimed.attempt, claimed.job  # the claim returned what the job needs: no re-select
+    started_at = job.started_at
     kind = kind_for(job.kind)
     ctx = JobContext(
         db, settings, job_id, attempt, job.tenant_id, job.spec, celery=celery, worker=worker, hub=get_hub(settings)
     )
     if kind is None:
         with db.session() as s:
-            jobs.fail(s, job_id, attempt, f"no handler for job kind {job.kind!r} on this worker")
+            jobs.fail(s, job_id, attempt, f"no handler for job kind {job.kind!r} on this worker", started_at=started_at)
         return "failed"
     meter = metering.Meter().start()  # usage (CPU, GPU seconds) is recorded with the job's end
     ctx.start_heartbeat()
@@ -132,13 +146,21 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
         result = kind.run(ctx, job.spec)
     except JobCancelled:
         with db.session() as s:
-            if jobs.mark_cancelled(s, job_id, attempt):
+            ctx.write_final_progress(s)
+            if jobs.mark_cancelled(s, job_id, attempt, started_at=started_at):
                 metering.record_job(s, job, meter.stop())
         return "cancelled"
     except JobLost:
         log.warning("job %s attempt %s was taken over; dropping this attempt", job_id, attempt)
         return "lost"
     except Exception as exc:
+        if lost_database_connection(exc):
+            # A database restart or fail-over is not the job's fault: give the attempt back (the
+            # next one resumes from the last checkpoint) instead of failing the job.
+            log.warning("job %s attempt %s: the database connection was lost; giving the attempt back", job_id, attempt)
+            with db.session() as s:
+                leases.release(s, jobs.LEASE, job_id, attempt, error="the database connection was lost")
+            return "released"
         # The traceback is for the operator (this log, and a file in the job's directory the
         # API never serves); the tenant reads one sentence in job.error.
         log.exception("job %s (%s) attempt %s failed", job_id, job.kind, attempt)
@@ -146,11 +168,12 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
         message = failure_message(job.kind, exc)
         cancelled = ctx.should_stop(poll_s=0) and not ctx.lost  # cancelled while failing: cancel wins
         with db.session() as s:
+            ctx.write_final_progress(s)
             if cancelled:
-                if jobs.mark_cancelled(s, job_id, attempt):
+                if jobs.mark_cancelled(s, job_id, attempt, started_at=started_at):
                     metering.record_job(s, job, meter.stop())
                 return "cancelled"
-            if jobs.fail(s, job_id, attempt, message):
+            if jobs.fail(s, job_id, attempt, message, started_at=started_at):
                 metering.record_job(s, job, meter.stop())
         return "failed"
     finally:
@@ -158,7 +181,8 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
         free_accelerator_memory()
         meter.stop()
     with db.session() as s:
-        if jobs.succeed(s, job_id, attempt, result):
+        ctx.write_final_progress(s)  # the kind's last progress report, with its outcome
+        if jobs.succeed(s, job_id, attempt, result, started_at=started_at):
             metering.record_job(s, job, meter.stop(), result)
             return "succeeded"
     return "lost"
@@ -223,6 +247,7 @@ def worker_celery(settings: Settings) -> Celery:
     celery.medmaas_settings = settings  # read by the presence signals
     signals.worker_ready.connect(_start_presence, weak=False, dispatch_uid="medmaas-presence-start")
     signals.worker_shutdown.connect(_stop_presence, weak=False, dispatch_uid="medmaas-presence-stop")
+    attach_inference(celery)  # online predict calls, on workers that consume the inference queue
     return celery
 
 
@@ -299,8 +324,9 @@ def _stop_presence(**_kw: Any) -> None:
 
 
 def run_maintenance_forever(settings: Settings, stop: Any = None) -> None:
-    """The `beat` loop, every reaper_interval_s: reap stale leases, then republish (and,
-    hourly, measure each tenant's bytes stored). Runs as its own process (or a thread in standalone); both steps are idempotent, so
+    """The `beat` loop, every reaper_interval_s: reap stale leases, then republish, then chain
+    the audit rows appended unsealed since the last tick (and, hourly, measure each tenant's
+    bytes stored). Runs as its own process (or a thread in standalone); both steps are idempotent, so
     running two by mistake is harmless."""
     import threading
 
@@ -312,6 +338,7 @@ def run_maintenance_forever(settings: Settings, stop: Any = None) -> None:
         try:
             reap(db, settings)
             reconcile(db, settings, celery)
+            audit.seal(db.engine)
             storage_snapshots.maybe_run(db, settings)
         except Exception:
             log.warning("maintenance tick failed", exc_info=True)

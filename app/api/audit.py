@@ -47,7 +47,7 @@ class AuditListArgs(AuditFilterArgs):
 
 class AuditEventSchema(Schema):
     id = fields.Integer()
-    seq = fields.Integer()
+    seq = fields.Integer(allow_none=True, metadata={"description": "null until the row is sealed into the chain"})
     ts = fields.DateTime()
     actor = fields.String(metadata={"description": "key, cli or system"})
     via = fields.String(metadata={"description": "api, web, cli or system"})
@@ -61,8 +61,8 @@ class AuditEventSchema(Schema):
     client_addr = fields.String(allow_none=True)
     request_id = fields.String(allow_none=True)
     details = fields.Dict()
-    prev_hash = fields.String()
-    hash = fields.String()
+    prev_hash = fields.String(allow_none=True)
+    hash = fields.String(allow_none=True)
 
 
 class AuditListSchema(Schema):

@@ -2,9 +2,11 @@
 
 Once a request is authenticated, `begin` attaches an audit entry (actor, action, object,
 client address, request id) to the request's database session: the view's first commit
-writes it in the same transaction as the change. `finish` (after the response is made)
-writes the entries of requests that committed nothing (reads, refusals, failures) in a
-small transaction of their own, with the response status; it also sets X-Request-ID.
+writes it (unsealed) in the same transaction as the change. `finish` (after the response is
+made) appends the entries of requests that committed nothing (reads, refusals, failures)
+with the response status, unsealed (one INSERT, then the commit; app.audit seals them
+later), before the response leaves: a row that cannot be written turns a success into a
+503. It also sets X-Request-ID.
 
 Actions and objects come from the route by default (`describe`): the first path segment
 names the object type, the view arguments its id, the method the verb (GET read or list,
@@ -22,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from flask import Flask, Response, g, request
+from sqlalchemy.orm import Session
 
 from app import audit
-from app.api import db_session
+from app.api import database, db_session
 from app.errors import error_response
 from app.models import ApiKey
 
@@ -253,8 +256,9 @@ def finish(response: Response) -> Response:
     entry.outcome = audit.outcome_for(response.status_code, request.method not in SAFE_METHODS)
     session = db_session()
     try:
-        session.rollback()  # whatever the view left uncommitted is not part of this row
-        audit.attach(session, entry)
+        if _may_have_changed(session, response):
+            session.rollback()  # whatever the view left uncommitted is not part of this row
+        audit.append_unsealed(session, entry)
         session.commit()
     except Exception:
         log.exception("could not write the audit row of %s %s", request.method, request.path)
@@ -264,7 +268,29 @@ def finish(response: Response) -> Response:
             failed.status_code = status
             failed.headers[REQUEST_ID_HEADER] = request_id()
             return failed
+        return response
+    if _SEALS.due(entry.tenant_id):
+        _seal_after(response, entry.tenant_id)
     return response
+
+
+def _may_have_changed(session: Session, response: Response) -> bool:
+    """Whether the request may have left changes in its session that must not be committed
+    with its audit row: a write method, an error, or pending ORM changes. A successful read
+    only read, so its transaction commits with the row (no ROLLBACK and new BEGIN)."""
+    if request.method not in SAFE_METHODS or response.status_code >= 400:
+        return True
+    return bool(session.new or session.dirty or session.deleted)
+
+
+# Unsealed rows this process appended, per tenant: every SEAL_AFTER of them, one bounded seal.
+_SEALS = audit.SealSchedule()
+
+
+def _seal_after(response: Response, tenant_id: int) -> None:
+    """Seal the tenant's unsealed rows (a bounded batch) once the response has been sent."""
+    engine = database().engine
+    response.call_on_close(lambda: audit.seal_inline(engine, tenant_id))
 
 
 def install(app: Flask) -> None:

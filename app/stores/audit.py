@@ -1,5 +1,6 @@
 """The audit trail's queries: a tenant's rows filtered (action, object, key, time), as a
-cursor page (newest first) or in chain order for an export."""
+cursor page (newest first, rows not yet sealed included) or in chain order for an export
+(sealed first)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
+from app import audit
 from app.models import AuditEvent
 from app.stores.paging import cursor_page
 
@@ -61,5 +63,8 @@ def list_page(
 
 
 def in_order(session: Session, tenant_id: int, f: AuditFilter, batch: int = 1000) -> Iterator[AuditEvent]:
-    """The tenant's matching rows in chain order (seq), read in batches."""
-    yield from session.scalars(query(tenant_id, f).order_by(AuditEvent.seq), execution_options={"yield_per": batch})
+    """The tenant's matching rows in chain order (seq), read in batches, once the rows still
+    unsealed have been chained (app.audit.seal, committed on its own)."""
+    audit.seal(session, tenant_id)
+    chained = query(tenant_id, f).where(AuditEvent.seq.is_not(None)).order_by(AuditEvent.seq)
+    yield from session.scalars(chained, execution_options={"yield_per": batch})

@@ -63,13 +63,25 @@ def test_concurrent_requests_keep_one_unbroken_chain(pg_app) -> None:  # noqa: A
             with lock:
                 statuses.append(r.status_code)
 
+    engine = pg_app.extensions["medmaas.db"].engine
+    done = threading.Event()
+
+    def sealer() -> None:  # the maintenance tick chaining reads while writes chain themselves
+        while not done.wait(0.005):
+            audit.seal(engine, tenant_id, batch=7)
+
     pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    sealing = threading.Thread(target=sealer)
+    sealing.start()
     for t in pool:
         t.start()
     for t in pool:
         t.join(120)
+    done.set()
+    sealing.join(60)
     assert sorted(set(statuses)) == [200, 202] and len(statuses) == threads * per_thread
 
+    audit.seal(engine, tenant_id)  # the reads appended after the sealer's last pass
     rows = chain(pg_app, tenant_id)
     assert len(rows) == 1 + threads * per_thread  # every request, none lost
     assert [r.seq for r in rows] == list(range(1, len(rows) + 1))
@@ -88,7 +100,9 @@ def test_verify_cli_names_rows_edited_or_deleted_in_sql(pg_app) -> None:  # noqa
     for secret in (edited_secret, deleted_secret):
         for _ in range(4):
             assert client.get("/api/v1/jobs", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    # verify seals the reads' rows first; tampering is detectable once they are chained
     assert verify_cli(settings, edited_name).returncode == 0
+    assert verify_cli(settings, deleted_name).returncode == 0
 
     target = chain(pg_app, edited_id)[2]
     with engine.begin() as conn:  # someone covering their tracks: the key that read becomes another
