@@ -236,8 +236,15 @@ def test_readme_walkthrough_runs_verbatim(tmp_path: Path) -> None:
         assert weights[8:9] == b"{" and 8 + header_len < len(weights), context
         preds = [d for d in _json_lines(out) if "predictions" in d]
         assert preds, f"predict did not answer with predictions (a 202 means it was slower than its timeout)\n{context}"
-        items = preds[-1]["predictions"]
+        assert len(preds) == 2, context
+        items = preds[0]["predictions"]
         assert len(items) == 3 and all("value" in p for p in items[:2]) and "error" in items[2], context
+        explained = preds[1]["predictions"][0]  # why, how sure, like the training data?
+        lo, hi = explained["interval"]["values"]["solubility"]
+        assert lo < explained["value"] < hi and explained["interval"]["coverage"] == 0.9, context
+        assert 0 < explained["domain"]["nn_similarity"] <= 1 and "in_domain" in explained["domain"], context
+        drawing = explained["explanation"]
+        assert drawing["svg"].startswith("<svg") and len(drawing["atom_weights"]) == 7, context
 
         # -- block 3: the CLI: login, image dataset, CNN training, predict, score, download
         out, v = run(blocks[2])
@@ -249,6 +256,9 @@ def test_readme_walkthrough_runs_verbatim(tmp_path: Path) -> None:
         assert cnn["spec"]["model_name"] == "digits" and cnn["state"] == "succeeded", context
         assert re.search(r"Job \d+ succeeded", out) and "Model digits version 1 registered" in out, context
         assert '"predictions"' in out and out.count('"value"') >= 2, context  # `medmaas predict` pretty-prints
+        drawn = sorted(p.name for p in (work / "drawings").iterdir())
+        assert drawn == ["1.svg", "2.svg"], context
+        assert all((work / "drawings" / n).read_text().startswith("<svg") for n in drawn), context
         lib = get(f"/datasets/{v['LIB']}")
         assert lib["kind"] == "library" and lib["rows"] == 1504, context
         score = get(f"/jobs/{v['SCORE']}")
