@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from app import artifacts, jobs
@@ -21,6 +22,16 @@ from workers.lease import Lease
 log = logging.getLogger(__name__)
 
 SCRATCH = "scratch"
+
+
+def lost_database_connection(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a database connection dropped under the statement."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DBAPIError) and seen.connection_invalidated:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def scratch_dir(settings: Settings, tenant_id: int, job_id: int) -> Path:

@@ -16,7 +16,6 @@ from typing import Any
 
 from celery import Celery, signals
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
 
 from app import audit, dispatch, jobs, leases, workers_registry
 from app.artifacts import open_read, open_write
@@ -28,7 +27,7 @@ from app.notify import EventHub, Notifier
 from workers import metering
 from workers.inference import attach as attach_inference
 from workers.kinds import kind_for
-from workers.runtime import JobCancelled, JobContext, JobLost, remove_scratch
+from workers.runtime import JobCancelled, JobContext, JobLost, lost_database_connection, remove_scratch
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +108,6 @@ def save_operator_traceback(ctx: JobContext, attempt: int) -> None:
         log.warning("could not write the traceback of job %s to its directory", ctx.job_id, exc_info=True)
 
 
-def lost_database_connection(exc: BaseException) -> bool:
-    """Whether `exc` (or what caused it) is a database connection dropped under the statement."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, DBAPIError) and seen.connection_invalidated:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -> str:
     """Run one delivery of a job. Returns what happened (for logs and tests)."""
     worker = worker_name()
@@ -182,10 +171,15 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
         meter.stop()
     with db.session() as s:
         ctx.write_final_progress(s)  # the kind's last progress report, with its outcome
-        if jobs.succeed(s, job_id, attempt, result, started_at=started_at):
+        succeeded = jobs.succeed(s, job_id, attempt, result, started_at=started_at)
+        if succeeded:
             metering.record_job(s, job, meter.stop(), result)
-            return "succeeded"
-    return "lost"
+    if not succeeded:
+        return "lost"
+    # Only now that the success is committed: a kill before it leaves the scratch (a score
+    # job's shard parts) for the next attempt to merge.
+    remove_scratch(settings, job.tenant_id, job_id)
+    return "succeeded"
 
 
 def reap(db: Database, settings: Settings) -> list[leases.Reaped]:

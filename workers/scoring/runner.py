@@ -48,7 +48,7 @@ from app.models import TERMINAL_STATES, Dataset, Job, ModelVersion, ShardState, 
 from app.stores.usage import Quantity, model_of
 from workers import metering
 from workers.lease import Lease
-from workers.runtime import remove_scratch, scratch_dir
+from workers.runtime import lost_database_connection, remove_scratch, scratch_dir
 from workers.scoring import canon, shards, source
 from workers.scoring import table as tbl
 from workers.units import UnitJob, claim_for_message, drive_units, publish_pending, release_failed
@@ -561,7 +561,9 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
         result = _merge(ctx, env, spec, rank_by, info)
     except JobLost:
         raise
-    except Exception:
+    except Exception as exc:
+        if lost_database_connection(exc):
+            raise  # the attempt is given back (workers/tasks.py): keep the shards and parts for the next
         # cancelled or failed: stop outstanding shards, delete partial outputs
         try:
             with db.session() as s:
@@ -573,8 +575,7 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
                 p.unlink(missing_ok=True)
             shutil.rmtree(directory / EXPLAIN_DIR, ignore_errors=True)
         raise
-    remove_scratch(settings, ctx.tenant_id, ctx.job_id)
-    return result
+    return result  # the scratch (shard parts) goes once the success is committed (workers/tasks.py)
 
 
 def _merge(ctx: Any, env: ScoreEnv, spec: dict[str, Any], rank_by: str, info: dict[str, Any]) -> dict[str, Any]:
