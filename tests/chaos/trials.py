@@ -1,0 +1,102 @@
+"""One chaos run: a seeded workload and fault plan against a deployment, then the oracle, and
+the figures (trials, faults per kind, jobs checked, violations, worst recovery per kind)."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from tests.chaos.deployment import Deployment, reaper_bound_s
+from tests.chaos.faults import KINDS, RECOVERY_TIMEOUT_S, Injector
+from tests.chaos.observe import Observer
+from tests.chaos.oracle import Verdict, judge
+from tests.chaos.workload import make_workload
+
+DEFAULT_MIXES = 1  # by default: every fault kind alone once, then this many mixes of two
+# Kinds whose trials still find a product violation, each proven by a strict xfail test of its
+# own (tests/chaos/test_chaos.py); the CI run leaves them out of its random plan until fixed.
+KNOWN_VIOLATIONS: dict[str, str] = {}  # none open: pg_terminate's (a fail-over failed running jobs) is fixed
+CI_KINDS = tuple(k for k in KINDS if k not in KNOWN_VIOLATIONS)
+SETTLE_S = 150.0  # after the last fault: every accepted job must be terminal by then
+STALE_SLACK_S = 5.0  # on top of the reaper's bound: a loaded machine's late heartbeat or reaper tick
+
+
+def seed_from_env() -> int:
+    raw = os.environ.get("MEDMAAS_CHAOS_SEED", "")
+    return int(raw) if raw else random.SystemRandom().randrange(1, 2**31)
+
+
+def trials_from_env(kinds: tuple[str, ...] = KINDS) -> int:
+    raw = os.environ.get("MEDMAAS_CHAOS_TRIALS", "")
+    return int(raw) if raw else len(kinds) + DEFAULT_MIXES
+
+
+@dataclass
+class ChaosRun:
+    seed: int
+    trials: int
+    plan: list[tuple[str, ...]]
+    injector: Injector
+    verdict: Verdict
+    seconds: float
+    workload_retries: int
+
+    @property
+    def violations(self) -> list[str]:
+        unrecovered = [
+            f"{f.kind} in trial {f.trial}: job {f.job_id} not running again within {RECOVERY_TIMEOUT_S:.0f}s"
+            for f in self.injector.injected
+            if f.recovery_s is None
+        ]
+        return self.injector.problems + unrecovered + self.verdict.violations
+
+    def figures(self) -> dict[str, Any]:
+        worst: dict[str, float | None] = {}
+        for f in self.injector.injected:
+            if f.recovery_s is None:
+                worst[f.kind] = None  # never recovered: worse than any number
+            elif f.kind not in worst or (worst[f.kind] is not None and f.recovery_s > (worst[f.kind] or 0.0)):
+                worst[f.kind] = f.recovery_s
+        return {
+            "seed": self.seed,
+            "trials": self.trials,
+            "plan": ["+".join(kinds) for kinds in self.plan],
+            "faults": dict(Counter(f.kind for f in self.injector.injected)),
+            "jobs_checked": self.verdict.jobs_checked,
+            "job_states": self.verdict.states,
+            "retried_jobs": self.verdict.retried_jobs,
+            "resumed_train_attempts": self.verdict.resumed_train_attempts,
+            "submit_retries": self.workload_retries,
+            "violations": self.violations,
+            "worst_recovery_s": worst,
+            "settle_s": self.verdict.settle_s,
+            "seconds": round(self.seconds, 1),
+            "injected": [
+                {"kind": f.kind, "trial": f.trial, "job": f.job_id, "recovery_s": f.recovery_s, **f.detail}
+                for f in self.injector.injected
+            ],
+        }
+
+
+def run_chaos(dep: Deployment, seed: int, trials: int, tenants: int = 3, kinds: tuple[str, ...] = KINDS) -> ChaosRun:
+    """The trials (plan from the seed: each kind alone, then mixes), then the oracle over every job."""
+    print(f"chaos: MEDMAAS_CHAOS_SEED={seed} MEDMAAS_CHAOS_TRIALS={trials} kinds={','.join(kinds)}", flush=True)
+    started = time.monotonic()
+    rng = random.Random(seed)
+    workload = make_workload(dep.app, dep.settings, rng, tenants)
+    observer = Observer(dep.settings.sqlalchemy_url)
+    injector = Injector(dep, workload, observer, rng)
+    plan = injector.plan(trials, kinds)
+    try:
+        for trial, kinds in enumerate(plan):
+            print(f"chaos: trial {trial}: {' + '.join(kinds)}", flush=True)
+            injector.run(trial, kinds)
+        verdict = judge(observer, dep.settings, workload, SETTLE_S, STALE_SLACK_S + reaper_bound_s(dep.settings))
+    finally:
+        injector.close()
+        observer.close()
+    return ChaosRun(seed, trials, plan, injector, verdict, time.monotonic() - started, workload.submit_retries)
