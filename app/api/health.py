@@ -21,6 +21,7 @@ from sqlalchemy import case, func, select, text
 from app.broker import queue_names
 from app.config import is_loopback
 from app.errors import error_response
+from app.inference import LatencyCollector
 from app.jobs import count_by_state
 from app.models import Job, JobState, Tenant
 
@@ -154,4 +155,5 @@ def metrics() -> Response | tuple[Response, int]:
         )
     registry = CollectorRegistry()
     registry.register(_JobCollector(_db(), settings, per_tenant=with_token))
+    registry.register(LatencyCollector(_redis(), _db(), per_tenant=with_token))  # online predict calls
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from flask import current_app, jsonify, send_file
@@ -9,6 +10,7 @@ from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
+from app import inference
 from app.api import MAX_ID, auditing, celery, database, db_session, requires, settings, tenant_id
 from app.api.jobs import JobSchema
 from app.artifacts import sendable
@@ -123,7 +125,7 @@ def set_alias(body: dict[str, Any], name: str, alias: str) -> dict[str, Any]:
 
 
 @blp.route("/<string:name>/predict", methods=["POST"])
-@blp.arguments(PredictRequest)
+@blp.arguments(PredictRequest())  # an instance: webargs would build one per request from the class
 @blp.response(200, PredictResponse)
 @blp.alt_response(
     202,
@@ -136,6 +138,12 @@ def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
     """Predict with a registered model. Answers 200 with predictions when the inference
     worker finishes within `timeout` seconds, else 202 with the job to follow (body: the
     job, header `Location: /api/v1/jobs/{id}`); its result then holds the predictions.
+
+    A call of at most MEDMAAS_INFERENCE_MAX_INPUTS inputs (MEDMAAS_INFERENCE_MAX_EXPLAINED_INPUTS
+    with `explain`) is handed to an inference worker directly and batched with concurrent
+    calls to the same model version: no job, and the answer has no `job_id`. Larger calls,
+    `timeout` 0, and calls no inference worker takes (or answers) in time run as a predict
+    job as before: the 200 answer then carries its `job_id`, or the answer is the 202.
 
     Unknown models: the model named in this path (`name`, with `version` or `alias`) that
     does not exist is a 404; a model referenced inside a submitted job spec (POST /jobs,
@@ -159,22 +167,26 @@ def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
     `explain` for a model that cannot be explained (token sequences, language models)."""
     mv = models_store.version(db_session(), tenant_id(), name, body.get("version"), body.get("alias"))
     auditing.note(object_id=f"{mv.name}@{mv.version}")  # the inputs are recorded hashed (app.api.auditing)
+    spec = {"model": f"{mv.name}@{mv.version}", "inputs": body["inputs"], **predict_options(body)}
+    timeout = body.get("timeout", settings().predict_default_timeout_s)
+    started = time.monotonic()
     try:
-        job, _ = jobs_store.submit(
-            db_session(),
-            celery(),
-            database(),
-            settings(),
-            tenant_id(),
-            "predict",
-            {"model": f"{mv.name}@{mv.version}", "inputs": body["inputs"], **predict_options(body)},
+        # The online path first (app/inference.py): answered by an inference worker, no job.
+        reply = inference.predict_online(
+            db_session(), settings(), inference.client_of(current_app), tenant_id(), mv, spec, timeout
         )
+        if reply is None:  # too big, no worker, or not answered in time: a predict job, as before
+            job, _ = jobs_store.submit(db_session(), celery(), database(), settings(), tenant_id(), "predict", spec)
     except SpecError as exc:  # the spec is built here: its problems are this request body's
         details = exc.details
         if isinstance(details, dict) and isinstance(details.get("spec"), dict):
             details = {**{k: v for k, v in details.items() if k != "spec"}, "json": details["spec"]}
         raise ApiError(422, exc.message, exc.code, details) from exc
-    timeout = body.get("timeout", settings().predict_default_timeout_s)
+    if reply is not None:
+        if reply.error is not None:
+            raise ApiError(422, f"Prediction failed: {reply.error}", "prediction_failed")
+        return reply.result
+    timeout = max(0.0, timeout - (time.monotonic() - started))
     state, result, error = jobs_store.wait_finished(database(), current_app.extensions["medmaas.hub"], job.id, timeout)
     if state == JobState.succeeded:
         return {**result, "job_id": job.id}
@@ -191,9 +203,12 @@ def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
     return response
 
 
+PREDICT_OPTIONS = tuple(PredictOptions().fields)  # built once: a schema instance costs ~1 ms
+
+
 def predict_options(body: dict[str, Any]) -> dict[str, Any]:
     """The PredictOptions fields of a predict body, for the predict job's spec."""
-    return {name: body[name] for name in PredictOptions().fields if name in body}
+    return {name: body[name] for name in PREDICT_OPTIONS if name in body}
 
 
 @blp.route("/<string:name>", methods=["DELETE"])

@@ -1,4 +1,6 @@
 """`predict`: online inference for POST /models/{name}/predict, on the inference queue.
+A call small enough is served without a job (app/inference.py) but validated by the same
+check (`check_version`, for the version the URL resolved); the rest run as this kind.
 
 Inputs are SMILES / token strings, or images as {"image_base64": "..."} (PNG, JPEG or
 DICOM; a DICOM input is de-identified before the job is stored). The run is workers/kinds/predict.py; each invalid input gets its own error there,
@@ -237,11 +239,17 @@ def check_options(spec: Spec, mv: ModelVersion) -> None:
 
 
 def check(spec: Spec, ctx: SubmitContext) -> Spec:
-    session, tenant_id = ctx.session, ctx.tenant_id
     try:
-        mv = resolve_ref(session, tenant_id, spec["model"])
+        mv = resolve_ref(ctx.session, ctx.tenant_id, spec["model"])
     except ModelNotFound as exc:
         raise unknown_model(exc, spec["model"]) from exc
+    return check_version(spec, ctx, mv)
+
+
+def check_version(spec: Spec, ctx: SubmitContext, mv: ModelVersion) -> Spec:
+    """`check` for the version `spec["model"]` names, already resolved (online predictions
+    resolve it from the URL: app/inference.py)."""
+    tenant_id = ctx.tenant_id
     refuse_language_model(mv, "explain" if spec.get("explain") else "model")
     check_options(spec, mv)
     wants_images = mv.input_kind == "image"

@@ -17,7 +17,7 @@ from app.models import Job, UsageMetric
 from app.sample_data import moses_library
 from app.stores import usage as usage_store
 from app.stores.usage import Quantity
-from tests.conftest import ApiClient, seed_tiny_model_and_library
+from tests.conftest import ApiClient, seed_tiny_model_and_library, wait_until
 from tests.conftest import usage_quantities as totals
 
 pytestmark = pytest.mark.integration
@@ -108,7 +108,9 @@ def test_a_worker_meters_sleep_predict_and_score_jobs(pg_app, lab, processes) ->
         json={"inputs": ["CCO", "c1ccccc1", "not-a-molecule"], "version": 1, "timeout": 90},
     )
     assert r.status_code == 200, (r.get_json(), procs.logs())
-    got = totals(db, tenant)
+    # an online call's usage is written by the inference worker in batches, just after the answer
+    got = wait_until(lambda: (t := totals(db, tenant)).get(("predict_calls", "tiny", 1)) == 1 and t, 10,
+                     what="the inference worker's batched usage row")
     assert got[("predict_calls", "tiny", 1)] == 1 and got[("predict_inputs", "tiny", 1)] == 3
     predict_cpu = got[("cpu_seconds", "tiny", 1)]
     assert predict_cpu > 0
