@@ -140,7 +140,13 @@ class RDKitPool:
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(child.call(payload))
+                try:
+                    reply = child.call(payload)
+                except ChildDied:
+                    # Killed from outside (the OOM killer, a SIGKILL) or crashed: once more on a
+                    # fresh child; an input that crashes RDKit every time fails the second try.
+                    reply = child.call(payload)
+                fut.set_result(reply)
             except BaseException as exc:
                 fut.set_exception(exc)
 
