@@ -594,5 +594,15 @@ def write_result(name: str, result: dict[str, Any], directory: Optional[Path] = 
     return path
 
 
+def write_and_print(result: dict[str, Any], out: Path) -> None:
+    """A benchmark's result JSON at `out` (atomically), and its rows on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_result(out.stem, result, out.parent)
+    for r in result["rows"]:
+        ratio = f" = {r['ratio']}" if r.get("ratio") is not None else ""
+        print(f"{r['metric']}: {r['platform']} vs {r['bare']}{ratio} [{r['target']}] {r['met']}")
+    print(f"wrote {out}")
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, ROOT, Api, Stack, log, machine_info, now_iso, row, thread_env
+from bench.common import RESULTS, ROOT, Api, Stack, log, machine_info, now_iso, row, thread_env, write_and_print
 
 NAME = "ensemble_scoring"
 MEMBERS = 5
@@ -463,11 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         with_platform=not args.no_platform,
         bundles=args.bundles,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    for r in result["rows"]:
-        print(f"{r['metric']}: {r['platform']} vs {r['bare']} = {r['ratio']} [{r['target']}] {r['met']}")
-    print(f"wrote {args.out}")
+    write_and_print(result, args.out)
     return 0
 
 

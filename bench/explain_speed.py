@@ -24,7 +24,6 @@ Torch runs one intra-op thread everywhere (see bench/README.md on threads).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, Api, Stack, log, machine_info, now_iso, row, summary, thread_env
+from bench.common import RESULTS, Api, Stack, log, machine_info, now_iso, row, summary, thread_env, write_and_print
 from bench.ensemble_scoring import MODEL, TRAIN, in_child, train_bundle
 
 NAME = "explain_speed"
@@ -307,11 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         with_ensemble=not args.no_ensemble,
         bundles=args.bundles,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    for r in result["rows"]:
-        print(f"{r['metric']}: {r['platform']} vs {r['bare']} = {r['ratio']} [{r['target']}] {r['met']}")
-    print(f"wrote {args.out}")
+    write_and_print(result, args.out)
     return 0
 
 

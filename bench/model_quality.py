@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, log, machine_info, now_iso, row
+from bench.common import RESULTS, log, machine_info, now_iso, row, write_and_print
 
 NAME = "model_quality"
 CELLS = Path(os.environ.get("MEDMAAS_BENCH_QUALITY_CELLS", "/tmp/medmaas-bench-model-quality"))
@@ -709,11 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         cached_only=args.cached_only,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    for r in result["rows"]:
-        print(f"{r['metric']}: {r['platform']} vs {r['bare']} [{r['target']}] {r['met']}")
-    print(f"wrote {args.out}")
+    write_and_print(result, args.out)
     return 0
 
 
