@@ -207,7 +207,12 @@ def test_scores_a_library_in_input_order_with_invalid_rows_reported(scoring, pg_
     r = api.get(f"/api/v1/jobs/{job['id']}/result?format=parquet")
     assert r.status_code == 200 and f'job-{job["id"]}-scores.parquet' in r.headers["Content-Disposition"]
     pt = pq.read_table(io.BytesIO(r.data))
-    assert pt.column_names == ["row", "id", "smiles", "canonical_smiles", "solubility", "valid", "error"]
+    # every trained version carries its calibration and domain reference: intervals and similarity
+    assert pt.column_names == ["row", "id", "smiles", "canonical_smiles", "solubility", "solubility_lo",
+                               "solubility_hi", "nn_similarity", "in_domain", "valid", "error"]
+    valid = pt.filter(pt.column("valid")).to_pydict()
+    assert all(lo <= y <= hi for lo, y, hi in zip(valid["solubility_lo"], valid["solubility"], valid["solubility_hi"]))
+    assert all(0 <= sim <= 1 for sim in valid["nn_similarity"])
     assert pt.column("row").to_pylist() == list(range(N_ROWS))
     assert api.get(f"/api/v1/jobs/{job['id']}/result?format=xlsx").status_code == 400
 
