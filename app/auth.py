@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import func, inspect, select, update
 from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.models import ApiKey, KeyRole, Tenant, WebSession, utcnow
 
@@ -162,11 +163,12 @@ def configure_cache(ttl_s: float) -> None:
     KEYS.clear()
 
 
-def _from_cache(session: Session, row: dict[str, Any]) -> ApiKey:
-    """The cached row as a persistent ApiKey of `session`, without a SELECT."""
+def _from_cache(row: dict[str, Any]) -> ApiKey:
+    """The cached row as a detached ApiKey: no SELECT, and no session work at all (`touch`
+    writes last_used_at with an UPDATE of its own)."""
     key = ApiKey(**row)
     make_transient_to_detached(key)
-    return session.merge(key, load=False)
+    return key
 
 
 def verify(session: Session, presented: str) -> ApiKey:
@@ -179,7 +181,7 @@ def verify(session: Session, presented: str) -> ApiKey:
     digest = _hash(presented)
     cached = KEYS.get(digest)
     if cached is not None:
-        key = _from_cache(session, cached)  # found by the full hash: it is this secret's row
+        key = _from_cache(cached)  # found by the full hash: it is this secret's row
     else:
         found = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
         if found is None or not hmac.compare_digest(found.key_hash, digest):
@@ -260,9 +262,15 @@ def end_web_sessions(session: Session, key: ApiKey) -> None:
     )
 
 
-def touch(session: Session, key: ApiKey) -> None:
+def touch(session: Session, key: ApiKey) -> bool:
+    """Record that the key was used, at most once a minute (not a write per request): an
+    UPDATE in the session's transaction, not committed. Returns whether it wrote."""
     now = utcnow()
-    # Avoid a write per request: last_used_at is only refreshed once a minute.
-    if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
-        key.last_used_at = now
-        KEYS.used(key.key_hash, now)
+    if key.last_used_at is not None and (now - key.last_used_at).total_seconds() <= 60:
+        return False
+    session.execute(
+        update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now).execution_options(synchronize_session=False)
+    )
+    set_committed_value(key, "last_used_at", now)
+    KEYS.used(key.key_hash, now)
+    return True

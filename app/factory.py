@@ -14,6 +14,7 @@ from app.config import Settings, from_env
 from app.db import Database
 from app.notify import EventHub, Notifier
 from app.secret_key import secret_key
+from app.stores import models as models_store
 
 MAX_JSON_DEPTH = 100  # objects/arrays inside one another; real specs need a handful
 _LONG_NUMBER = re.compile(rb"[0-9]{4000}")  # near Python's int digit limit (4300): a ValueError in json.loads
@@ -89,6 +90,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings.artifacts.mkdir(parents=True, exist_ok=True)
     app.extensions["medmaas.settings"] = settings
     auth.configure_cache(settings.api_key_cache_s)
+    models_store.SERVING.ttl_s = settings.model_cache_s
+    models_store.SERVING.clear()
     app.extensions["medmaas.db"] = Database(settings.sqlalchemy_url, notifier=Notifier(settings.broker_url))
     app.extensions["medmaas.hub"] = EventHub(settings.broker_url)  # started by the first watcher
 

@@ -52,6 +52,20 @@ def version(
         raise ModelNotFound(f"{exc.message}; {how_to_list(name)}", exc.code, exc.details) from exc
 
 
+SERVING = registry.VersionCache()  # this process's look-ups for the online predict route
+
+
+def serving_version(
+    session: Session, tenant_id: int, name: str, version: int | None = None, alias: str | None = None
+) -> ModelVersion:
+    """`version` for the online predict route: read through SERVING (Settings.model_cache_s),
+    so a warm route reaches no database. The copy is detached and read-only."""
+    try:
+        return SERVING.resolve(session, tenant_id, name, version=version, alias=alias)
+    except ModelNotFound as exc:
+        raise ModelNotFound(f"{exc.message}; {how_to_list(name)}", exc.code, exc.details) from exc
+
+
 def resolve_ref(session: Session, tenant_id: int, ref: str) -> ModelVersion:
     """`name`, `name@7` or `name@alias`."""
     return registry.resolve_ref(session, tenant_id, ref)
@@ -124,6 +138,7 @@ def set_alias(session: Session, tenant_id: int, name: str, alias: str, to_versio
     else:
         row.version, row.updated_at = to_version, utcnow()
     session.commit()
+    SERVING.clear()
     return detail(session, tenant_id, name)
 
 
@@ -203,6 +218,7 @@ def _erase_versions(
     for _version, uri in rows:
         trash.move(_bundle_dir(store, tenant_id, uri))
     erasure.commit(session, trash)
+    SERVING.clear()
     _remove_if_empty(store.root / f"tenant-{tenant_id}" / "models", name)
 
 

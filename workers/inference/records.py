@@ -123,9 +123,8 @@ class Recorder:
         with self.db.session() as s:
             for tenant_id in sorted(per_tenant):  # key order: concurrent flushes lock alike
                 usage_store.add(s, tenant_id, per_tenant[tenant_id])
-            for r in batch:
-                if r.audit is not None:
-                    audit.append_unsealed(s, online.audit_entry(r.audit, r.status))  # chained by the sealer
+            # chained by the sealer
+            audit.append_unsealed(s, *(online.audit_entry(r.audit, r.status) for r in batch if r.audit is not None))
 
     def _add_latencies(self, batch: list[Answered]) -> None:
         pipe = self.redis.pipeline(transaction=False)
