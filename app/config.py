@@ -48,6 +48,9 @@ class Settings:
     heartbeat_timeout_s: float = 60.0
     reaper_interval_s: float = 10.0
     requeue_grace_s: float = 30.0
+    # how long Redis keeps a delivered, unacked job message before handing it to another worker;
+    # long by default: a lost worker is the reaper's business, not a redelivery's
+    broker_visibility_timeout_s: float = 7 * 24 * 3600.0
     default_max_attempts: int = 3
     default_queue: str = "cpu"
     gpu_queue: str = "gpu"
@@ -55,6 +58,9 @@ class Settings:
     model_cache_size: int = 8
     # seconds an API key row is trusted per process (revocation elsewhere takes effect within it; 0 = off)
     api_key_cache_s: float = 5.0
+    # seconds a model version looked up by the online predict route is trusted per web process
+    # (an alias moved or a version deleted elsewhere reaches that route within it; 0 = off)
+    model_cache_s: float = 2.0
     torch_threads: int = 0  # intra-op threads per worker process; 0 = torch's default (all cores)
     predict_default_timeout_s: float = 10.0
     # Online predictions (app/inference.py, workers/inference/): a predict call with at most

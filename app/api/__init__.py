@@ -114,8 +114,7 @@ def require_api_key() -> None:
         key = auth.verify(session, token.strip())
     except auth.KeyRefused as exc:
         raise ApiError(401, str(exc), "unauthorized") from None
-    auth.touch(session, key)
-    if session.dirty:  # last_used_at moved (at most once a minute); otherwise no extra round trip
+    if auth.touch(session, key):  # last_used_at moved (at most once a minute); otherwise no extra round trip
         session.commit()
     g.tenant_id = key.tenant_id
     g.api_key_id = key.id

@@ -43,6 +43,14 @@ class ModelVersionSchema(Schema):
     artifacts = fields.Function(
         lambda mv: {k: f"/api/v1/models/{mv.name}/versions/{mv.version}/files/{k}" for k in BUNDLE_FILES}
     )
+    tags = fields.List(fields.String())  # app/api/lifecycle.py sets them
+    card = fields.Function(
+        lambda mv: {
+            "json": f"/api/v1/models/{mv.name}/versions/{mv.version}/card",
+            "markdown": f"/api/v1/models/{mv.name}/versions/{mv.version}/card.md",
+        },
+        metadata={"description": "the model card (app/api/cards.py)"},
+    )
 
 
 class ModelSummarySchema(Schema):
@@ -165,7 +173,7 @@ def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
     `png_base64`; a multi-output model adds `outputs` with the same per output. An input
     that cannot be read keeps its `error` and the rest of the batch is explained. 422 naming
     `explain` for a model that cannot be explained (token sequences, language models)."""
-    mv = models_store.version(db_session(), tenant_id(), name, body.get("version"), body.get("alias"))
+    mv = models_store.serving_version(db_session(), tenant_id(), name, body.get("version"), body.get("alias"))
     auditing.note(object_id=f"{mv.name}@{mv.version}")  # the inputs are recorded hashed (app.api.auditing)
     spec = {"model": f"{mv.name}@{mv.version}", "inputs": body["inputs"], **predict_options(body)}
     timeout = body.get("timeout", settings().predict_default_timeout_s)
