@@ -171,14 +171,20 @@ def kind_quantities(job: Job, result: dict[str, Any] | None) -> list[Quantity]:
     return []
 
 
-def record_job(session: Session, job: Job, reading: Reading, result: dict[str, Any] | None = None) -> None:
+def record_job(
+    session: Session, job: Job, reading: Reading, result: dict[str, Any] | None = None, *, guarded: bool = True
+) -> None:
     """At a job attempt's end, in the transaction that ended it: its CPU and GPU seconds (and,
-    with the result of a succeeded job, its kind's quantities) into the tenant's usage."""
+    with the result of a succeeded job, its kind's quantities) into the tenant's usage.
+    guarded=False: no savepoint (the caller redoes its transaction without usage if this fails)."""
     model, version = usage_store.model_of(job.spec, result)
     quantities = reading.quantities(model, version)
     if result is not None:
         quantities += kind_quantities(job, result)
-    record(session, job.tenant_id, quantities)
+    if guarded:
+        record(session, job.tenant_id, quantities)
+    else:
+        usage_store.add(session, job.tenant_id, quantities)
 
 
 def record(session: Session, tenant_id: int, quantities: list[Quantity]) -> None:

@@ -110,10 +110,10 @@ class JobContext:
 
     def write_final_progress(self, session: Session) -> None:
         """In the session recording the job's outcome: the completion report `progress` held
-        back, if any (its event comes before the outcome's)."""
+        back, if any (its event comes before the outcome's). Kept, so that a transaction
+        that is rolled back and written again writes it again."""
         if self._final_progress is not None:
             fraction, message, data = self._final_progress
-            self._final_progress = None
             jobs.report_progress(session, self.job_id, self.attempt, fraction, message, **data)
 
     def event(self, type_: str, data: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from app.artifacts import ArtifactStore, job_dir
 from app.config import from_env
 from app.db import Database
 from app.kinds import SubmitContext, get_kind
-from app.models import Dataset, Job, KeyRole, ModelVersion, Usage, UsageMetric
+from app.models import Dataset, Job, JobEvent, KeyRole, ModelVersion, Usage, UsageMetric
 from app.sample_data import moses_library
 from app.stores import usage as usage_store
 from app.stores.usage import Quantity
@@ -172,6 +172,24 @@ def test_a_job_records_its_cpu_seconds_and_no_gpu_seconds_when_it_ends(app, db) 
     assert ("gpu_seconds", "", 0) not in got
     assert execute_job(db, settings, None, ok) == "skipped"  # a duplicate delivery meters nothing
     assert quantities(db, tid) == got
+
+
+def test_a_metering_failure_never_undoes_the_job_it_meters(app, db, monkeypatch) -> None:  # noqa: ANN001
+    settings = app.extensions["medmaas.settings"]
+    tid, _ = create_tenant_key(app)
+    job_id = sleep_job(db, tid, seconds=0.0)
+
+    def broken(*_args, **_kwargs) -> None:  # noqa: ANN002, ANN003
+        raise RuntimeError("usage table unavailable")
+
+    monkeypatch.setattr(usage_store, "add", broken)
+    assert execute_job(db, settings, None, job_id) == "succeeded"
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.state.value == "succeeded" and job.progress == 1.0
+        types = list(s.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)))
+    assert types.count("progress") == 2 and types[-1] == "state"  # the last report kept, written once
+    assert quantities(db, tid) == {}
 
 
 # -- predict and score jobs (tiny untrained RNN, in process) ---------------------------------------
