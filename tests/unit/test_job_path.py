@@ -2,6 +2,7 @@
 event, a claim that returns what the worker needs, API keys cached for a few seconds with
 revocation still effective, reads audited by one INSERT and sealed into the chain later,
 and a dropped database connection that gives the job's attempt back instead of failing it."""
+
 from __future__ import annotations
 
 import time
@@ -57,8 +58,9 @@ def new_job(database: Database) -> tuple[int, int]:
 
 def events(database: Database, job_id: int) -> list[tuple[int, str, dict[str, Any]]]:
     with database.session() as s:
-        rows = s.execute(select(JobEvent.seq, JobEvent.type, JobEvent.data).where(JobEvent.job_id == job_id)
-                         .order_by(JobEvent.seq)).all()
+        rows = s.execute(
+            select(JobEvent.seq, JobEvent.type, JobEvent.data).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)
+        ).all()
         return [(seq, type_, data) for seq, type_, data in rows]
 
 
@@ -93,8 +95,12 @@ def test_a_claim_is_one_update_and_its_event_and_returns_the_job(db: Database) -
     with statements(db) as sent, db.session() as s:
         claimed = jobs.claim_job(s, job_id, "w1", max_running=0)
     assert isinstance(claimed, jobs.Claimed) and claimed.attempt == 1
-    assert (claimed.job.id, claimed.job.kind, claimed.job.spec["seconds"], claimed.job.queue) == (job_id, "sleep", 0,
-                                                                                                   "cpu")
+    assert (claimed.job.id, claimed.job.kind, claimed.job.spec["seconds"], claimed.job.queue) == (
+        job_id,
+        "sleep",
+        0,
+        "cpu",
+    )
     assert claimed.job.started_at is not None
     assert [x for x in sent if x not in ("BEGIN", "COMMIT")] == ["UPDATE", "INSERT"]  # no re-select
     assert events(db, job_id)[-1][1:] == ("state", {"to": "running", "attempt": 1, "from": "queued", "worker": "w1"})
@@ -116,7 +122,10 @@ def test_finishing_needs_no_select_when_the_worker_knows_its_start(db: Database)
         assert job.state == JobState.succeeded and job.duration_s is not None and job.duration_s >= 0
     # the events are numbered without gaps, each committed with its transition
     assert [(seq, data.get("to")) for seq, _type, data in events(db, job_id)] == [
-        (1, "queued"), (2, "running"), (3, "succeeded")]
+        (1, "queued"),
+        (2, "running"),
+        (3, "succeeded"),
+    ]
 
 
 def test_progress_and_events_of_a_lost_attempt_are_refused(db: Database) -> None:
@@ -168,7 +177,8 @@ def key_cache(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 def test_a_cached_key_needs_no_select_and_a_revocation_elsewhere_counts_within_the_ttl(
-    app, key_cache: Clock  # noqa: ANN001
+    app,
+    key_cache: Clock,  # noqa: ANN001
 ) -> None:
     database = app.extensions["medmaas.db"]
     _tid, _name, secret = new_tenant(app)
@@ -315,7 +325,9 @@ def test_a_job_whose_database_connection_drops_gives_its_attempt_back(db: Databa
 
     class Dropped:
         def run(self, ctx: Any, spec: Any) -> Any:
-            raise OperationalError("UPDATE jobs ...", {}, Exception("terminating connection"), connection_invalidated=True)
+            raise OperationalError(
+                "UPDATE jobs ...", {}, Exception("terminating connection"), connection_invalidated=True
+            )
 
     _tenant, job_id = new_job(db)
     monkeypatch.setattr(tasks, "kind_for", lambda kind: Dropped())
@@ -344,7 +356,86 @@ def test_a_report_of_completion_is_written_with_the_outcome(db: Database, tmp_pa
         ctx.write_final_progress(s)
         assert jobs.succeed(s, job_id, claimed.attempt, {}, started_at=claimed.job.started_at)
     assert [(t, data.get("progress"), data.get("to")) for _seq, t, data in events(db, job_id)][2:] == [
-        ("progress", 0.5, None), ("progress", 1.0, None), ("state", None, "succeeded")]
+        ("progress", 0.5, None),
+        ("progress", 1.0, None),
+        ("state", None, "succeeded"),
+    ]
     with db.session() as s:
         ctx.write_final_progress(s)  # written once
     assert len(events(db, job_id)) == 5
+
+
+# -- the online predict route's model look-up ------------------------------------------------
+
+
+def add_version(database: Database, tenant_id: int, name: str, number: int, alias: str | None = None) -> None:
+    from app.models import ModelAlias, ModelVersion
+
+    with database.session() as s:
+        s.add(
+            ModelVersion(
+                tenant_id=tenant_id,
+                name=name,
+                version=number,
+                arch="rnn",
+                task="regression",
+                input_kind="smiles",
+                artifact_uri=f"models/{name}/v{number}",
+            )
+        )
+        if alias is not None:
+            s.add(ModelAlias(tenant_id=tenant_id, name=name, alias=alias, version=number))
+
+
+def test_a_warm_version_look_up_sends_no_sql_and_an_alias_moved_elsewhere_counts_within_the_ttl(db) -> None:  # noqa: ANN001
+    from app.models import ModelAlias
+    from app.registry import ModelNotFound, VersionCache
+
+    clock = Clock()
+    cache = VersionCache(ttl_s=2.0, clock=clock)
+    with db.session() as s:
+        tenant_id = auth.create_tenant(s, "lab").id
+    add_version(db, tenant_id, "sol", 1, alias="prod")
+    add_version(db, tenant_id, "sol", 2)
+    with db.session() as s:
+        assert cache.resolve(s, tenant_id, "sol", alias="prod").version == 1
+    with statements(db) as sent, db.session() as s:
+        mv = cache.resolve(s, tenant_id, "sol", alias="prod")
+    assert sent == [] and (mv.version, mv.artifact_uri) == (1, "models/sol/v1")
+    # moved by another process (a row changed behind this one's back)
+    with db.engine.begin() as conn:
+        conn.execute(update(ModelAlias).where(ModelAlias.alias == "prod").values(version=2))
+    clock.now += 1.9
+    with db.session() as s:
+        assert cache.resolve(s, tenant_id, "sol", alias="prod").version == 1  # still trusted
+    clock.now += 0.2
+    with db.session() as s:
+        assert cache.resolve(s, tenant_id, "sol", alias="prod").version == 2
+        with pytest.raises(ModelNotFound):
+            cache.resolve(s, tenant_id, "sol", version=3)
+        with pytest.raises(ModelNotFound):  # another tenant's model: never from the cache
+            cache.resolve(s, tenant_id + 1000, "sol", alias="prod")
+
+
+def test_the_predict_route_sees_an_alias_moved_or_a_version_deleted_in_its_process_at_once(app, client) -> None:  # noqa: ANN001
+    database = app.extensions["medmaas.db"]
+    tenant_id, _name, secret = new_tenant(app)
+    add_version(database, tenant_id, "sol", 1, alias="prod")
+    add_version(database, tenant_id, "sol", 2)
+
+    def predicted_with() -> str:
+        body = {"inputs": ["CCO"], "alias": "prod", "timeout": 0}  # timeout 0: a job, whose spec names the version
+        r = client.post("/api/v1/models/sol/predict", json=body, headers=bearer(secret))
+        assert r.status_code == 202, r.get_json()
+        job = r.get_json()
+        assert client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=bearer(secret)).status_code in (200, 202)
+        return job["spec"]["model"]
+
+    assert predicted_with() == "sol@1"
+    assert predicted_with() == "sol@1"  # now from the cache
+    r = client.put("/api/v1/models/sol/aliases/prod", json={"version": 2}, headers=bearer(secret))
+    assert r.status_code == 200
+    assert predicted_with() == "sol@2"
+    assert client.delete("/api/v1/models/sol/versions/2", headers=bearer(secret)).status_code == 204
+    r = client.post("/api/v1/models/sol/predict", json={"inputs": ["CCO"], "alias": "prod"}, headers=bearer(secret))
+    assert r.status_code == 404 and "prod" in r.get_json()["error"]["message"]
