@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn_worker import UvicornWorker
 from werkzeug.test import run_wsgi_app
 
+from app import inference
 from app.api.jobs import SSE_MIMETYPE, STREAM_HANDOFF, EventFeed
 from app.limits import StreamSlots, too_many_requests
 
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from a2wsgi.wsgi_typing import WSGIApp
 
 STREAM_PATHS = ("/api/v1/jobs/{job_id:int}/stream", "/ui/api/jobs/{job_id:int}/stream")
+PREDICT_PATH = "/api/v1/models/{name}/predict"
 STREAM_LIMIT_RETRY_AFTER_S = 5
 
 
@@ -72,14 +74,7 @@ def create_asgi_app(
     limiter = anyio.CapacityLimiter(stream_threads)
 
     def flask_preamble(environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
-        app_iter, status, headers = run_wsgi_app(flask_app, environ, buffered=True)
-        try:
-            body = b"".join(app_iter)
-        finally:
-            close = getattr(app_iter, "close", None)
-            if close is not None:
-                close()
-        return int(status.split(" ", 1)[0]), list(headers.items()), body
+        return run_flask(flask_app, environ)
 
     async def stream(request: Request) -> Response:
         environ: dict[str, Any] = dict(build_environ(request.scope, io.BytesIO(b"")))  # type: ignore[arg-type]
@@ -120,21 +115,130 @@ def create_asgi_app(
         response.raw_headers = raw
         return response
 
+    online_predict = OnlinePredict(flask_app, None, wsgi_threads)
+
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         yield
         hub.close()
+        if online_predict._client is not None:
+            await online_predict._client.close()
 
-    routes: list[BaseRoute] = [Route(path, stream, methods=["GET"]) for path in STREAM_PATHS]
-    # Everything else, and other methods on the stream paths (Flask answers 401/405 as ever).
     # (a2wsgi and Starlette spell the WSGI and ASGI callable types differently; they agree at run time)
     wsgi = WSGIMiddleware(cast("WSGIApp", flask_app), workers=wsgi_threads)
+    routes: list[BaseRoute] = [Route(path, stream, methods=["GET"]) for path in STREAM_PATHS]
+    online_predict.wsgi = cast(ASGIApp, wsgi)
+    if settings.inference_online and settings.inference_async_front:
+        routes.append(Route(PREDICT_PATH, online_predict, methods=["POST"]))
+    # Everything else, and other methods on these paths (Flask answers 401/405 as ever).
     routes.append(Mount("/", app=cast(ASGIApp, wsgi)))
     asgi = Starlette(routes=routes, lifespan=lifespan)
     # Paths the Mount's pattern cannot match (a %0A in the path) go to Flask too, for its JSON 404.
     asgi.router.default = cast(ASGIApp, wsgi)
     asgi.state.flask_app = flask_app
     return asgi
+
+
+class OnlinePredict:
+    """`POST /api/v1/models/{name}/predict` without a thread held while the model runs.
+
+    The request goes through the Flask app on a thread as any other (authentication, the
+    view's validation and model look-up, the audit entry, the response headers); the view,
+    seeing the HANDOFF key (app.inference), puts the validated call there instead of
+    waiting for it. The call is then pushed and its reply awaited on the event loop
+    (AsyncInferenceClient), so the number of calls in flight (and the inference worker's
+    batches) is not capped by the web threads. A call no worker answered in time goes through
+    Flask once more, marked GIVEN_UP, and runs as a predict job exactly as before. Anything
+    else (an error, a call too big for the online path, a body without a length or over the
+    JSON limit) is Flask's own answer."""
+
+    def __init__(self, flask_app: Flask, wsgi: ASGIApp | None, threads: int) -> None:
+        from app.api.models import PredictResponse
+
+        self.flask_app, self.wsgi = flask_app, wsgi
+        self.max_body = flask_app.extensions["medmaas.settings"].max_json_bytes
+        self.limiter = anyio.CapacityLimiter(threads)
+        self.response_schema = PredictResponse()
+        self._client: Any = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if not length.isdigit() or int(length) > self.max_body:
+            assert self.wsgi is not None
+            await self.wsgi(scope, receive, send)  # chunked or too big: Flask refuses it as ever
+            return
+        body = await self._read_body(receive)
+        if body is None:
+            return  # the client went away
+        started = time.monotonic()
+        handoff: dict[str, Any] = {}
+        status, headers, answer = await self._flask(scope, body, {inference.HANDOFF: handoff})
+        if handoff and status == 200:
+            reply = await self.client().call(handoff["queue"], handoff["msg"], handoff["wait_s"])
+            if reply is None:  # not answered in time: a predict job, as before
+                given_up = {inference.GIVEN_UP: time.monotonic() - started}
+                status, headers, answer = await self._flask(scope, body, given_up)
+            elif reply.error is not None:
+                status, answer = (
+                    422,
+                    self._json(
+                        {
+                            "error": {
+                                "code": "prediction_failed",
+                                "message": f"Prediction failed: {reply.error}",
+                                "details": None,
+                            }
+                        }
+                    ),
+                )
+            else:
+                answer = self._json(self.response_schema.dump(reply.result))
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers if k.lower() != "content-length"]
+        response = Response(answer, status_code=status)
+        response.raw_headers = [*raw, (b"content-length", str(len(answer)).encode())]
+        await response(scope, receive, send)
+
+    def client(self) -> inference.AsyncInferenceClient:
+        if self._client is None:  # made on the event loop that uses it
+            self._client = inference.AsyncInferenceClient(self.flask_app.extensions["medmaas.settings"])
+        return self._client
+
+    def _json(self, value: Any) -> bytes:
+        return (self.flask_app.json.dumps(value) + "\n").encode()
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:  # more than its Content-Length said: cut off as Flask would
+                return b"".join(chunks)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _flask(
+        self, scope: Scope, body: bytes, marks: dict[str, Any]
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        environ: dict[str, Any] = dict(build_environ(scope, io.BytesIO(body)))  # type: ignore[arg-type]
+        environ.update(marks)
+        return await anyio.to_thread.run_sync(run_flask, self.flask_app, environ, limiter=self.limiter)
+
+
+def run_flask(flask_app: Flask, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:
+    """One request through the Flask app: (status, headers, body)."""
+    app_iter, status, headers = run_wsgi_app(flask_app, environ, buffered=True)
+    try:
+        body = b"".join(app_iter)
+    finally:
+        close = getattr(app_iter, "close", None)
+        if close is not None:
+            close()
+    return int(status.split(" ", 1)[0]), list(headers.items()), body
 
 
 class HeldStream(StreamingResponse):

@@ -68,6 +68,8 @@ class Settings:
     # inference worker over Redis and answered directly; larger ones, and those no worker takes
     # or answers within inference_wait_s (or the caller's timeout), become predict jobs.
     inference_online: bool = True
+    # behind `medmaas web`, online calls are awaited on the event loop, not on a web thread
+    inference_async_front: bool = True
     inference_max_inputs: int = 1000
     inference_max_explained_inputs: int = 8
     inference_wait_s: float = 2.0

@@ -57,6 +57,12 @@ WAIT_SLICE_S = 0.25  # between two liveness checks while waiting for a reply
 ANSWERED_GRACE_S = 2.0  # a reply the worker has claimed is pushed right after; wait this long for it
 STATE_TTL_S = 60.0  # state and reply keys outlive the caller's deadline by this much
 HELD, ANSWERED, ABANDONED = "held:", "answered", "abandoned"
+# WSGI environ keys of the ASGI front's predict route (app/asgi.py): the route's Flask request
+# hands its validated call over instead of waiting on a thread (HANDOFF: a dict the view fills
+# with queue, msg and wait_s), and a call the front gave up on runs again as a job (GIVEN_UP:
+# the seconds already spent, taken off the caller's timeout).
+HANDOFF = "medmaas.inference.handoff"
+GIVEN_UP = "medmaas.inference.given_up_after_s"
 # Latency histogram buckets (seconds) of answered online calls, per model version.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -164,6 +170,9 @@ class Reply:
     error: str | None = None
 
 
+HANDED_OFF = Reply({})  # predict_online's answer when the ASGI front pushes and awaits the call
+
+
 # -- the client -------------------------------------------------------------------------------
 
 
@@ -243,6 +252,61 @@ class InferenceClient:
         except redis.RedisError:
             return None
         return None if popped is None else parse_reply(popped[1])
+
+
+class AsyncInferenceClient:
+    """InferenceClient.call for the ASGI front (app/asgi.py): the same protocol on redis.asyncio,
+    so a waiting call holds no thread. One per web process and event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        import redis.asyncio
+
+        self.redis = redis.asyncio.Redis.from_url(
+            settings.broker_url, socket_connect_timeout=2, socket_timeout=WAIT_SLICE_S + 3
+        )
+
+    async def call(self, queue: str, msg: dict[str, Any], wait_s: float) -> Reply | None:
+        call_id = msg["id"]
+        deadline_mono = time.monotonic() + max(0.0, msg["deadline"] - time.time())
+        take_by = time.monotonic() + wait_s
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.rpush(requests_key(queue), json.dumps(msg, separators=(",", ":")))
+            pipe.blpop([reply_key(call_id)], timeout=InferenceClient._slice(deadline_mono))
+            popped = (await pipe.execute())[1]
+            while popped is None:
+                if await self._give_up(call_id, take_by, deadline_mono):
+                    return await self._abandon(call_id, msg["deadline"])
+                popped = await self.redis.blpop([reply_key(call_id)], timeout=InferenceClient._slice(deadline_mono))
+        except redis.RedisError:
+            log.warning("online predict call %s: Redis failed; running it as a job", call_id, exc_info=True)
+            return await self._abandon(call_id, msg["deadline"])
+        return parse_reply(popped[1])
+
+    async def _give_up(self, call_id: str, take_by: float, deadline_mono: float) -> bool:
+        now = time.monotonic()
+        if now >= deadline_mono:
+            return True
+        state = _text(await self.redis.get(state_key(call_id)))
+        if state is None:
+            return now >= take_by
+        if state.startswith(HELD):
+            return not await self.redis.exists(consumer_live_key(state[len(HELD) :]))
+        return False
+
+    async def _abandon(self, call_id: str, deadline: float) -> Reply | None:
+        ttl_ms = int((max(0.0, deadline - time.time()) + STATE_TTL_S) * 1000)
+        try:
+            previous = _text(await self.redis.set(state_key(call_id), ABANDONED, px=ttl_ms, get=True))
+            if previous != ANSWERED:
+                return None
+            popped = await self.redis.blpop([reply_key(call_id)], timeout=ANSWERED_GRACE_S)
+        except redis.RedisError:
+            return None
+        return None if popped is None else parse_reply(popped[1])
+
+    async def close(self) -> None:
+        await self.redis.aclose()  # type: ignore[attr-defined]  # (types-redis predates aclose)
 
 
 def parse_reply(raw: bytes | str) -> Reply:
@@ -330,12 +394,15 @@ def predict_online(
     mv: ModelVersion,
     spec: dict[str, Any],
     timeout: float,
+    handoff: dict[str, Any] | None = None,
 ) -> Reply | None:
     """Validate a predict spec for the version `mv` (resolved from the URL by the caller) as
     a predict job's spec is validated (the kind's schema and check: SpecError, a 422), hand
     it to an inference worker and wait up to `timeout`. None: not taken on the online path
     (too big, no live consumer, not answered in time); the caller then submits the job,
-    which validates the spec again."""
+    which validates the spec again. With `handoff` (the ASGI front's route), the call is not
+    pushed here: queue, msg and wait_s go into it for the front to push and await without a
+    thread, and the Reply is HANDED_OFF."""
     from marshmallow import ValidationError
 
     from app.api import auditing
@@ -354,9 +421,15 @@ def predict_online(
         return None
     entry = auditing.current()
     msg = message(normalised, tenant_id, mv.artifact_uri, time.time() + timeout, audit_payload(entry))
-    reply = client.call(queue, msg, min(timeout, settings.inference_wait_s))
+    wait_s = min(timeout, settings.inference_wait_s)
+    if handoff is not None:
+        handoff.update(queue=queue, msg=msg, wait_s=wait_s)
+        reply: Reply | None = HANDED_OFF
+    else:
+        reply = client.call(queue, msg, wait_s)
     if reply is not None and entry is not None and msg["audit"] is not None:
-        # The worker writes this request's audit row with its usage (records.py), batched.
+        # The worker writes this request's audit row with its usage (records.py), batched. (A
+        # handed-off call the worker never answers runs again as a job: that request's row.)
         entry.written = True
     return reply
 

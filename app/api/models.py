@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import current_app, jsonify, send_file
+from flask import current_app, jsonify, request, send_file
 from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
@@ -178,11 +178,21 @@ def predict(body: dict[str, Any], name: str) -> ResponseReturnValue:
     spec = {"model": f"{mv.name}@{mv.version}", "inputs": body["inputs"], **predict_options(body)}
     timeout = body.get("timeout", settings().predict_default_timeout_s)
     started = time.monotonic()
+    # Behind the ASGI front (app/asgi.py) the online call is handed over and awaited there
+    # without a thread; a call it gave up on comes back here to run as a job.
+    given_up_after = request.environ.get(inference.GIVEN_UP)
+    handoff = request.environ.get(inference.HANDOFF)
     try:
         # The online path first (app/inference.py): answered by an inference worker, no job.
-        reply = inference.predict_online(
-            db_session(), settings(), inference.client_of(current_app), tenant_id(), mv, spec, timeout
-        )
+        reply = None
+        if given_up_after is None:
+            reply = inference.predict_online(
+                db_session(), settings(), inference.client_of(current_app), tenant_id(), mv, spec, timeout, handoff
+            )
+        else:
+            started -= given_up_after
+        if reply is inference.HANDED_OFF:
+            return {}  # the front answers with the worker's reply
         if reply is None:  # too big, no worker, or not answered in time: a predict job, as before
             job, _ = jobs_store.submit(db_session(), celery(), database(), settings(), tenant_id(), "predict", spec)
     except SpecError as exc:  # the spec is built here: its problems are this request body's
