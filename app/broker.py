@@ -12,10 +12,6 @@ from app.config import Settings
 RUN_JOB = "medmaas.run_job"
 SCORE_SHARD = "medmaas.score_shard"
 
-# A message must outlive the longest job in the queue: lost workers are handled by the
-# DB-side reaper, not by broker redelivery.
-VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
-
 
 def queue_names(settings: Settings) -> list[str]:
     return [settings.gpu_queue, settings.default_queue, settings.inference_queue]
@@ -33,7 +29,10 @@ def create_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         task_default_queue=settings.default_queue,
         task_queues=[Queue(n, Exchange(n, type="direct"), routing_key=n) for n in queue_names(settings)],
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        # A message should outlive the longest job (settings.broker_visibility_timeout_s, a week by
+        # default): lost workers are handled by the DB-side reaper. A redelivery of a job still
+        # running elsewhere finds it claimed and is dropped (the claim is a compare-and-set).
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
         # A down broker must not hold an API request for long: the job row is already

@@ -56,6 +56,9 @@ class Settings:
     gpu_queue: str = "gpu"
     inference_queue: str = "inference"
     model_cache_size: int = 8
+    # how workers run sequence models on the CPU: auto (ONNX Runtime where the version has a
+    # checked model.onnx, else PyTorch), onnx, or torch (workers/ml/onnx_runtime.py)
+    scoring_backend: str = "auto"
     # seconds an API key row is trusted per process (revocation elsewhere takes effect within it; 0 = off)
     api_key_cache_s: float = 5.0
     # seconds a model version looked up by the online predict route is trusted per web process
@@ -114,6 +117,8 @@ class Settings:
             from app.crypto import parse_master_key
 
             parse_master_key(self.encryption_key)  # a malformed key stops startup with the reason
+        if self.scoring_backend not in ("auto", "onnx", "torch"):
+            raise ValueError(f"MEDMAAS_SCORING_BACKEND must be auto, onnx or torch, not {self.scoring_backend!r}")
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -179,6 +179,10 @@ class Job(Base):
     # Last allocated job_events.seq; bumped atomically so concurrent reporters never collide.
     event_seq: Mapped[int] = mapped_column(Integer, default=0)
     duration_s: Mapped[float | None] = mapped_column(Float)
+    # Short labels (app/stores/tags.py) and the job a "run again with changes" copied (no
+    # foreign key: that job may be erased later); see migration 0013.
+    tags: Mapped[list[str]] = mapped_column(JSONType, default=list, server_default=text("'[]'"))
+    cloned_from: Mapped[int | None] = mapped_column(Integer)
 
 
 class JobEvent(Base):
@@ -246,6 +250,10 @@ class ModelVersion(Base):
     artifact_uri: Mapped[str] = mapped_column(Text)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    tags: Mapped[list[str]] = mapped_column(JSONType, default=list, server_default=text("'[]'"))
+    # The model card's written parts (intended use, out of scope, limitations) and the software
+    # versions recorded at training time; app/cards.py renders the whole card. Migration 0013.
+    card: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict, server_default=text("'{}'"))
 
 
 class ModelAlias(Base):

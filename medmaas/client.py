@@ -261,12 +261,20 @@ class Client:
         return self._json("GET", f"/api/v1/jobs/{int(job_id)}")
 
     def list_jobs(
-        self, state: str | None = None, kind: str | None = None, limit: int = 50, cursor: int | None = None
+        self,
+        state: str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: int | None = None,
+        *,
+        tag: str | None = None,
+        model: str | None = None,
+        search: str | None = None,
     ) -> dict:
-        """One page: {"items": [...], "next_cursor": id or None}, newest first."""
-        return self._json(
-            "GET", "/api/v1/jobs", params={"state": state, "kind": kind, "limit": limit, "cursor": cursor}
-        )
+        """One page: {"items": [...], "next_cursor": id or None}, newest first; filtered by
+        state, kind, tag, model (registry name) and text in the spec."""
+        params = {"state": state, "kind": kind, "limit": limit, "cursor": cursor, "tag": tag, "model": model}
+        return self._json("GET", "/api/v1/jobs", params={**params, "search": search})
 
     def iter_jobs(self, state: str | None = None, kind: str | None = None, page_size: int = 100) -> Iterator[dict]:
         cursor = None

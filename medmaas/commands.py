@@ -233,12 +233,23 @@ def jobs() -> None:
 @jobs.command("list")
 @click.option("--state", type=click.Choice(STATES))
 @click.option("--kind")
+@click.option("--tag", default=None, help="only jobs with this tag")
+@click.option("--model", default=None, help="only jobs that train or use this model (registry name)")
+@click.option("--search", default=None, help="only jobs whose spec contains this text")
 @click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the API's JSON")
 @api_command
-def jobs_list(state: str | None, kind: str | None, limit: int, as_json: bool) -> None:
+def jobs_list(
+    state: str | None,
+    kind: str | None,
+    tag: str | None,
+    model: str | None,
+    search: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
     """Your jobs, newest first."""
-    page = get_client().list_jobs(state=state, kind=kind, limit=limit)
+    page = get_client().list_jobs(state=state, kind=kind, limit=limit, tag=tag, model=model, search=search)
     if as_json:
         click.echo(json.dumps(page, indent=2))
         return
@@ -1024,3 +1035,7 @@ def predictions_table(answer: dict) -> Any:
     for i, row in enumerate(cells, start=1):
         table.add_row(*[str(i) if j == 0 else row[j] for j in keep])
     return table
+
+
+import medmaas.cmd_lifecycle  # noqa: E402, F401  (jobs tag/compare/clone, models tag/card)
+from medmaas import cmd_onnx  # noqa: E402, F401  (registers `models export` on the models group)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 _lock = threading.Lock()
-_cache: OrderedDict[tuple[Path, str], Any] = OrderedDict()
+_cache: OrderedDict[tuple[Path, str, str], Any] = OrderedDict()
 stats = {"hits": 0, "loads": 0}
 
 
@@ -21,17 +21,18 @@ def _drop_erased() -> None:
         del _cache[key]
 
 
-def get_predictor(bundle_dir: Path, capacity: int, device: str = "auto") -> Any:
+def get_predictor(bundle_dir: Path, capacity: int, device: str = "auto", backend: str = "auto") -> Any:
+    """The bundle's Predictor on `device` with `backend` (Settings.scoring_backend), loaded once."""
     from workers.ml.predict import Predictor
 
-    key = (Path(bundle_dir), device)
+    key = (Path(bundle_dir), device, backend)
     with _lock:
         _drop_erased()
         if key in _cache:
             _cache.move_to_end(key)
             stats["hits"] += 1
             return _cache[key]
-    predictor = Predictor.from_bundle(bundle_dir, device=device)  # outside the lock: loads can be slow
+    predictor = Predictor.from_bundle(bundle_dir, device=device, backend=backend)  # outside the lock: loads can be slow
     with _lock:
         stats["loads"] += 1
         _cache[key] = predictor

@@ -252,6 +252,10 @@ def run_unit(db: Database, settings: Settings, celery: Celery, job_id: int, inde
         from workers.kinds.train import run_member_task
 
         return run_member_task(db, settings, job_id, index, worker)
+    if kind == "search":  # a trial slot of a hyper-parameter search (workers/kinds/search.py)
+        from workers.kinds.search import run_trial_task
+
+        return run_trial_task(db, settings, job_id, index, worker)
     from workers.scoring.runner import run_shard_task
 
     return run_shard_task(db, settings, celery, job_id, index, worker)

@@ -163,7 +163,7 @@ def init_api(app: Flask) -> None:
     from app.api import audit, health, jobs, keys
 
     blueprints = [jobs.blp, keys.blp, audit.blp]
-    for name in ("datasets", "models", "scoring", "usage"):
+    for name in ("datasets", "models", "onnx", "scoring", "usage"):
         try:
             module = __import__(f"app.api.{name}", fromlist=["blp"])
         except ModuleNotFoundError as exc:
@@ -171,6 +171,8 @@ def init_api(app: Flask) -> None:
                 raise
             continue
         blueprints.append(module.blp)
+    blueprints.append(__import__("app.api.lifecycle", fromlist=["blp"]).blp)  # tags, compare, clone
+    blueprints.append(__import__("app.api.cards", fromlist=["blp"]).blp)  # model cards
     for blp in blueprints:
         api.register_blueprint(blp)
 

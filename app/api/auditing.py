@@ -45,6 +45,8 @@ ACTIONS: dict[str, str | dict[str, str]] = {
     "jobs.result": "result.read",
     "datasets.upload": "dataset.create",
     "models.version_file": "model.weights.download",
+    "onnx.version_onnx": "model.onnx.download",
+    "web.model_onnx": "model.onnx.download",
     "models.set_alias": "alias.set",
     "keys.revoke": "key.revoke",
     "audit.list_events": "audit.read",

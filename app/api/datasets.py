@@ -9,7 +9,6 @@ from marshmallow import INCLUDE, Schema, fields, validate
 
 from app import dispatch
 from app.api import MAX_ID, celery, database, db_session, requires, settings, tenant_id
-from app.api.openapi import body_doc, merged
 from app.ingest import KINDS
 from app.models import Dataset, DatasetStatus, KeyRole
 from app.stores import datasets as datasets_store
@@ -89,7 +88,7 @@ class DatasetListSchema(Schema):
 
 
 @blp.route("", methods=["POST"])
-@body_doc(merged(DatasetUploadForm, DatasetUploadFile), "multipart/form-data")
+# one multipart/form-data body in the document (app.api.openapi folds the form fields into it)
 @blp.arguments(DatasetUploadForm, location="form")
 @blp.arguments(DatasetUploadFile, location="files")
 @blp.response(201, DatasetSchema)

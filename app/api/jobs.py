@@ -15,14 +15,16 @@ from marshmallow import Schema, fields, validate
 from sqlalchemy import select
 
 from app.api import MAX_ID, celery, database, db_session, requires, settings, tenant_id
-from app.api.openapi import answers, body_doc, schema_converter
+from app.api.openapi import answers, body_doc, camel_case, component_ref, schema_converter
 from app.artifacts import job_dir, sendable
 from app.errors import ApiError
 from app.fields import StrictInteger
-from app.kinds import get_kind, submittable_kinds
+from app.kinds import all_kinds, get_kind, submittable_kinds
 from app.kinds.score import explanation_file
 from app.models import TERMINAL_STATES, Job, JobEvent, JobState, KeyRole
 from app.stores import jobs as jobs_store
+from app.stores.lifecycle import MAX_SEARCH, MODEL_PATTERN
+from app.stores.tags import TAG_PATTERN, TAG_RULE
 
 blp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs", description="Submit and follow jobs")
 
@@ -37,7 +39,7 @@ class JobSubmitSchema(Schema):
 class JobSchema(Schema):
     id = fields.Integer()
     kind = fields.String()
-    state = fields.Function(lambda j: j.state.value)
+    state = fields.Function(lambda j: j.state.value, metadata={"type": "string", "enum": [s.value for s in JobState]})
     spec = fields.Dict()
     queue = fields.String()
     priority = fields.Integer()
@@ -55,6 +57,8 @@ class JobSchema(Schema):
     cancel_requested = fields.Boolean()
     idempotency_key = fields.String(allow_none=True)
     duration_s = fields.Float(allow_none=True)
+    tags = fields.List(fields.String())  # app/api/lifecycle.py sets them
+    cloned_from = fields.Integer(allow_none=True, metadata={"description": "the job this one was cloned from"})
 
 
 class JobListArgs(Schema):
@@ -71,6 +75,18 @@ class JobListArgs(Schema):
     cursor = fields.Integer(
         validate=validate.Range(min=0, max=MAX_ID),
         metadata={"description": "return jobs with id below this (next_cursor)"},
+    )
+    # filters of app.stores.lifecycle
+    tag = fields.String(
+        validate=validate.Regexp(TAG_PATTERN, error=TAG_RULE), metadata={"description": "only jobs with this tag"}
+    )
+    model = fields.String(
+        validate=validate.Regexp(MODEL_PATTERN, error="a model name: letters, digits, '.', '_', '-'"),
+        metadata={"description": "only jobs that train or use this model (registry name)"},
+    )
+    search = fields.String(
+        validate=validate.Length(min=1, max=MAX_SEARCH),
+        metadata={"description": "only jobs whose spec contains this text (case-insensitive)"},
     )
 
 
@@ -98,28 +114,34 @@ class EventListSchema(Schema):
 
 
 def submit_body_doc(spec: APISpec) -> dict[str, Any]:
-    """The submit body in OpenAPI: one variant per kind, each with that kind's spec schema."""
+    """The submit body in OpenAPI: one variant per submittable kind (a component named
+    `<Kind>JobSubmit`, e.g. TrainJobSubmit) with that kind's spec schema (e.g. TrainSpec),
+    told apart by `kind`. Every registered kind's spec schema is published, submittable or not
+    (a job's `spec` is one of them), so a kind registered later appears without edits here."""
     converter = schema_converter(spec)
+    for kind in all_kinds().values():
+        converter.resolve_nested_schema(kind.schema)
     common = {name: converter.field2property(field) for name, field in JobSubmitSchema().fields.items()}
-    variants = []
+    mapping = {}
     for name, kind in submittable_kinds().items():
         properties = {
             **common,
             "kind": {"type": "string", "enum": [name]},
             "spec": converter.resolve_nested_schema(kind.schema),
         }
-        variants.append(
-            {
-                "type": "object",
-                "title": name,
-                "description": kind.description,
-                "properties": properties,
-                # a spec may be left out only where every field of it has a default
-                "required": ["kind", "spec"] if any(f.required for f in kind.schema().fields.values()) else ["kind"],
-                "additionalProperties": False,
-            }
-        )
-    return {"oneOf": variants, "discriminator": {"propertyName": "kind"}}
+        variant = {
+            "type": "object",
+            "description": kind.description,
+            "properties": properties,
+            # a spec may be left out only where every field of it has a default
+            "required": ["kind", "spec"] if any(f.required for f in kind.schema().fields.values()) else ["kind"],
+            "additionalProperties": False,
+        }
+        mapping[name] = component_ref(spec, f"{camel_case(name)}JobSubmit", variant)
+    return {
+        "oneOf": [{"$ref": ref} for ref in mapping.values()],
+        "discriminator": {"propertyName": "kind", "mapping": mapping},
+    }
 
 
 @blp.route("", methods=["POST"])
@@ -167,6 +189,9 @@ def list_jobs(args: dict[str, Any]) -> dict[str, Any]:
         limit=args["limit"],
         cursor=args.get("cursor"),
         include_hidden=args["all"],
+        tag=args.get("tag"),
+        model=args.get("model"),
+        search=args.get("search"),
     )
 
 

@@ -41,7 +41,10 @@ class ModelVersionSchema(Schema):
     job_id = fields.Integer(allow_none=True)
     created_at = fields.DateTime()
     artifacts = fields.Function(
-        lambda mv: {k: f"/api/v1/models/{mv.name}/versions/{mv.version}/files/{k}" for k in BUNDLE_FILES}
+        lambda mv: {
+            **{k: f"/api/v1/models/{mv.name}/versions/{mv.version}/files/{k}" for k in BUNDLE_FILES},
+            "onnx": f"/api/v1/models/{mv.name}/versions/{mv.version}/onnx",  # app/api/onnx.py
+        }
     )
     tags = fields.List(fields.String())  # app/api/lifecycle.py sets them
     card = fields.Function(

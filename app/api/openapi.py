@@ -4,10 +4,17 @@ lists the statuses it can answer with instead of a catch-all `default`.
 
 Most statuses follow from what an operation is (the rules in `_statuses`); a view adds the
 rest with `@answers(409, ...)`. Schemathesis (tests/integration/test_fuzz.py) checks every
-answer of a live server against this document."""
+answer of a live server against this document.
+
+It is valid OpenAPI 3.0 (openapi-spec-validator, tests/unit/test_openapi.py) so other tools can
+consume it: form fields and files become one multipart/form-data body (no Swagger 2 formData
+parameters), each operation has an operationId (`<blueprint>_<view>`), and every job kind's
+spec schema is a component (app.api.jobs.submit_body_doc). A standard generator
+(openapi-python-client) builds a working client from it (tests/integration/test_generated_client.py)."""
 
 from __future__ import annotations
 
+import copy
 import http
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -15,12 +22,17 @@ from typing import Any, TypeVar
 from apispec import APISpec, BasePlugin
 from apispec.ext.marshmallow import MarshmallowPlugin, OpenAPIConverter
 from flask import Flask
-from marshmallow import Schema
 
 from app.errors import NO_NUL_PATTERN
 from app.models import KeyRole
 
 F = TypeVar("F", bound=Callable[..., Any])
+# Where OpenAPI 3 parameters may be; anything else (apispec's formData) belongs in the body.
+PARAMETER_LOCATIONS = frozenset({"path", "query", "header", "cookie"})
+MULTIPART = "multipart/form-data"
+URLENCODED = "application/x-www-form-urlencoded"
+FORM_CONTENT_TYPES = frozenset({MULTIPART, URLENCODED})
+_SCHEMA_REF = "#/components/schemas/"
 _ANSWERS_ATTR = "_medmaas_error_statuses"
 _BODY_ATTR = "_medmaas_body_doc"
 BodyDoc = Callable[[APISpec], dict[str, Any]]
@@ -48,19 +60,16 @@ def body_doc(build: BodyDoc, content_type: str = "application/json") -> Callable
     return decorate
 
 
-def merged(*schemas: type[Schema]) -> BodyDoc:
-    """One object with the fields of several schemas: a multipart body read by two arguments
-    decorators (form fields and files), which flask-smorest documents only one of."""
+def camel_case(name: str) -> str:
+    """`onnx_export` -> `OnnxExport` (a kind's name in a component's name)."""
+    return "".join(part[:1].upper() + part[1:] for part in name.replace("-", "_").split("_"))
 
-    def build(spec: APISpec) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": "object", "properties": {}, "required": []}
-        for schema in schemas:
-            part = schema_converter(spec).schema2jsonschema(schema)
-            out["properties"].update(part.get("properties", {}))
-            out["required"] += part.get("required", [])
-        return out
 
-    return build
+def component_ref(spec: APISpec, name: str, schema: dict[str, Any]) -> str:
+    """Register `schema` as components/schemas/`name` (once per document) and return its $ref."""
+    if name not in spec.components.schemas:
+        spec.components.schema(name, component=schema)
+    return _SCHEMA_REF + name
 
 
 def _declared(view: Callable[..., Any] | None, attr: str) -> Any:
@@ -109,6 +118,14 @@ def _statuses(method: str, operation: dict[str, Any], has_path_args: bool, role:
     return statuses
 
 
+def _described(parameter: dict[str, Any]) -> dict[str, Any]:
+    return {"description": parameter["description"]} if "description" in parameter else {}
+
+
+def _is_file(prop: dict[str, Any]) -> bool:
+    return prop.get("format") == "binary" or (prop.get("type") == "array" and _is_file(prop.get("items", {})))
+
+
 def _no_nul_pattern(_converter: Any, _field: Any, ret: dict[str, Any], **_kw: Any) -> dict[str, Any]:
     """A string property without a pattern, enum or format gets the no-NUL pattern."""
     if ret.get("type") == "string" and not {"pattern", "enum", "format"} & ret.keys():
@@ -138,6 +155,53 @@ class ErrorResponsesPlugin(BasePlugin):
 
         return {"application/json": {"schema": schema_converter(self.spec).resolve_nested_schema(ErrorBodySchema)}}
 
+    def _inline(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """A copy of an object schema with a component reference resolved (one level)."""
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith(_SCHEMA_REF):
+            schema = self.spec.components.schemas[ref[len(_SCHEMA_REF) :]]
+        return copy.deepcopy(schema)
+
+    def _fold_form_parameters(self, operation: dict[str, Any], documented: bool) -> None:
+        """OpenAPI 3 has no `in: formData` parameters (Swagger 2 had): flask-smorest makes the
+        first body-like arguments of a view the requestBody and apispec turns the others (a
+        `form` schema next to a `files` one) into formData parameters. Fold those into the
+        body's object schema, multipart/form-data where there is a file, else urlencoded;
+        drop them where a `body_doc` already documents the whole body."""
+        parameters = operation.get("parameters")
+        if not isinstance(parameters, list):
+            return
+        # (a {"$ref": ...} to a components/parameters entry has no `in` and stays)
+        form = [p for p in parameters if isinstance(p, dict) and p.get("in", "path") not in PARAMETER_LOCATIONS]
+        if not form:
+            return
+        operation["parameters"] = [p for p in parameters if p not in form]
+        if not operation["parameters"]:
+            del operation["parameters"]
+        if documented:
+            return
+        properties = {p["name"]: {**p.get("schema", {}), **_described(p)} for p in form}
+        required = [p["name"] for p in form if p.get("required")]
+        body = operation.setdefault("requestBody", {"required": bool(required), "content": {}})
+        content = body["content"]
+        files = any(_is_file(prop) for prop in properties.values())
+        if not content:
+            content[MULTIPART if files else URLENCODED] = {"schema": {"type": "object", "properties": {}}}
+        for content_type in list(content):
+            schema = self._inline(content[content_type].get("schema", {"type": "object"}))
+            schema.setdefault("type", "object")
+            schema.setdefault("properties", {}).update(properties)
+            # parts read by several schemas: what one of them would refuse another may take
+            # (the form's extra fields, files beyond those named), so the body is not closed
+            schema.pop("additionalProperties", None)
+            schema["required"] = sorted(set(schema.get("required", [])) | set(required))
+            if not schema["required"]:
+                del schema["required"]
+            media = content.pop(content_type)
+            media["schema"] = schema
+            # form fields next to files are one multipart body
+            content[MULTIPART if files and content_type in FORM_CONTENT_TYPES else content_type] = media
+
     def path_helper(
         self,
         path: str | None = None,
@@ -156,13 +220,19 @@ class ErrorResponsesPlugin(BasePlugin):
 
         rule = kwargs.get("rule")
         view = self.app.view_functions.get(rule.endpoint) if rule is not None else None
+        methods = [m for m, op in (operations or {}).items() if isinstance(op, dict)]
         for method, operation in (operations or {}).items():
             if not isinstance(operation, dict):
                 continue
+            if rule is not None:
+                # unique (endpoints are), stable names for generated clients: jobs_submit, datasets_upload
+                suffix = f"_{method}" if len(methods) > 1 else ""
+                operation.setdefault("operationId", rule.endpoint.replace(".", "_") + suffix)
             declared = _declared(view, _BODY_ATTR)
             if declared is not None:
                 build, content_type = declared
                 operation["requestBody"]["content"] = {content_type: {"schema": build(self.spec)}}
+            self._fold_form_parameters(operation, documented=declared is not None)
             responses = operation.setdefault("responses", {})
             for code, response in responses.items():
                 # an error documented inline (a description only) still has the error body

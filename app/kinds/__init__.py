@@ -118,4 +118,4 @@ def allowed_queue(kind: str, queue: str, settings: Settings) -> str:
 
 
 # The built-in kinds register themselves on import.
-from app.kinds import ingest, predict, pretrain, score, sleep, train  # noqa: E402,F401
+from app.kinds import ingest, predict, pretrain, score, search, sleep, train  # noqa: E402,F401

@@ -69,6 +69,17 @@ class AugmentSpec(Schema):
     )
 
 
+CARD_TEXT = validate.Length(max=10_000)
+
+
+class CardSpec(Schema):
+    """The written parts of the model card (app/cards.py); editable later."""
+
+    intended_use = fields.String(validate=CARD_TEXT, metadata={"description": "what the model is for"})
+    out_of_scope = fields.String(validate=CARD_TEXT, metadata={"description": "uses it is not for"})
+    limitations = fields.String(validate=CARD_TEXT, metadata={"description": "known limitations"})
+
+
 LANGUAGE_MODEL = "language_model"  # ModelVersion.task of a `pretrain` version
 
 
@@ -115,6 +126,12 @@ class TrainSpec(Schema):
     )
     explain_faithfulness = fields.Boolean(
         load_default=True, metadata={"description": "measure attribution faithfulness after fit (SMILES, images)"}
+    )
+    card = fields.Nested(
+        CardSpec,
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "the model card's intended use, out-of-scope use and limitations"},
     )
 
     @validates_schema

@@ -57,13 +57,20 @@ def list_page(
     limit: int = 50,
     cursor: int | None = None,
     include_hidden: bool = False,
+    tag: str | None = None,
+    model: str | None = None,
+    search: str | None = None,
 ) -> dict[str, Any]:
-    """{"items", "next_cursor"}: the tenant's jobs newest first, filtered by state and kind.
-    Without a kind, online predict jobs (HIDDEN_KINDS) are left out unless include_hidden."""
+    """{"items", "next_cursor"}: the tenant's jobs newest first, filtered by state and kind
+    (and by tag, model and a search in the spec: app.stores.lifecycle.filtered). Without a
+    kind, online predict jobs (HIDDEN_KINDS) are left out unless include_hidden."""
+    from app.stores.lifecycle import filtered
+
     q = select(Job).where(Job.tenant_id == tenant_id)
     if state is not None:
         q = q.where(Job.state == JobState(state))
     q = _listed(q, kind, include_hidden)
+    q = filtered(session, q, tag=tag, model=model, search=search)
     return cursor_page(session, q, Job.id, limit, cursor)
 
 

@@ -26,6 +26,7 @@ def init_web(app: Flask) -> None:
     # Each module adds its routes to bp.
     for module in ("session_auth", "jobs", "library", "explain", "audit", "usage", "keys"):
         importlib.import_module(f"app.web.{module}")
+    importlib.import_module("app.web.lifecycle")  # compare, clone, tags, model cards
 
     filters.register(app)
     app.register_blueprint(bp)

@@ -27,6 +27,7 @@ from app.stores import Conflict
 from app.stores import datasets as datasets_store
 from app.stores import jobs as jobs_store
 from app.stores import models as models_store
+from app.stores.lifecycle import list_filters
 from app.web import trust
 from app.web.blueprint import bp
 from app.web.filters import percent
@@ -106,6 +107,9 @@ def _list_args() -> tuple[dict[str, Any], str | None]:
             args["cursor"] = int(cursor)
         else:
             problem = "cursor must be a job id"
+    filters, bad = list_filters(request.args)  # tag, model, search (app/stores/lifecycle.py)
+    args.update(filters)
+    problem = bad or problem
     return args, problem
 
 
@@ -118,6 +122,9 @@ def query_jobs(args: dict[str, Any], limit: int = PAGE_SIZE) -> tuple[list[Job],
         kind=args.get("kind"),
         limit=limit,
         cursor=args.get("cursor"),
+        tag=args.get("tag"),
+        model=args.get("model"),
+        search=args.get("search"),
     )
     return page["items"], page["next_cursor"]
 
@@ -212,7 +219,18 @@ def job_detail(job_id: int) -> ResponseReturnValue:
     job = jobs_store.get(db_session(), tenant_id(), job_id)
     top = trust.top_table(job.result) if job.kind == "score" and job.state == JobState.succeeded else None
     explained = job.kind == "predict" and bool((job.spec or {}).get("explain"))
-    return render_template("job.html", job=dump_job(job), top=top, explained=explained)
+    search = search_view(job) if job.kind == "search" else None
+    return render_template("job.html", job=dump_job(job), top=top, explained=explained, search=search)
+
+
+def search_view(job: Job) -> dict[str, Any]:
+    """A search's trials (app/kinds/search.py trials_table) and, once it ended, the parameter
+    importance its result carries."""
+    from app.kinds.search import trials_table
+
+    view = trials_table(db_session(), job.id, job.spec or {})
+    view["importance"] = (job.result or {}).get("importance")
+    return view
 
 
 @bp.get("/jobs/<id:job_id>/cancel")

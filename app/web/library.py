@@ -28,6 +28,7 @@ from app.stores import Conflict, NotFound
 from app.stores import datasets as datasets_store
 from app.stores import jobs as jobs_store
 from app.stores import models as models_store
+from app.stores import onnx as onnx_store
 from app.web import trust
 from app.web.blueprint import bp
 from app.web.jobs import confirm_delete_page, first_line, require_delete_role
@@ -318,6 +319,13 @@ def model_file(name: str, version: int, which: str) -> ResponseReturnValue:
     """Weights (safetensors) or config (JSON) download: the same file and name as the API's."""
     bundle = models_store.bundle_file(db_session(), settings(), tenant_id(), name, version, which)
     return send_file(sendable(bundle.path), as_attachment=True, download_name=bundle.download_name)
+
+
+@bp.get("/models/<string:name>/versions/<id:version>/onnx")
+def model_onnx(name: str, version: int) -> ResponseReturnValue:
+    """The version's ONNX export (app/stores/onnx.py): the same file and name as the API's."""
+    onnx = onnx_store.onnx_file(db_session(), settings(), tenant_id(), name, version)
+    return send_file(sendable(onnx.path), as_attachment=True, download_name=onnx.download_name)
 
 
 # -- erasure: confirmation pages, then CSRF-checked POSTs (member role) --------------------

@@ -40,6 +40,8 @@ SEMANTIC_422 = {
     "GET /api/v1/usage",
     # the uploaded file's content is validated (format, rows); a generated file is rarely valid
     "POST /api/v1/datasets",
+    # a clone's spec change is validated like a submission (the kind's schema and checks)
+    "POST /api/v1/jobs/{job_id}/clone",
 }
 POSITIVE_EXPECTED = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]  # Schemathesis' default
 

@@ -152,4 +152,4 @@ class InferenceServer:
         path = self.store.path(call.bundle)
         if not path.is_dir():
             raise ValueError(f"model {call.label} no longer exists")
-        return get_predictor(path, self.settings.model_cache_size)
+        return get_predictor(path, self.settings.model_cache_size, backend=self.settings.scoring_backend)

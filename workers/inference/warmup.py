@@ -51,7 +51,7 @@ def warm_up(settings: Settings, db: Database) -> int:
     loaded = 0
     for label, uri, kind in aliased_versions(db, settings.model_cache_size):
         try:
-            predictor: Any = get_predictor(store.path(uri), settings.model_cache_size)
+            predictor: Any = get_predictor(store.path(uri), settings.model_cache_size, backend=settings.scoring_backend)
             if kind == "smiles":
                 predict_inputs(predictor, [SAMPLE_SMILES], label=label)
             loaded += 1

@@ -37,7 +37,7 @@ class Kind:
 
 
 def _runners() -> dict[str, Runner]:
-    from workers.kinds import ingest, predict, pretrain, score, sleep, train
+    from workers.kinds import ingest, predict, pretrain, score, search, sleep, train
 
     return {
         "sleep": sleep.run,
@@ -46,6 +46,7 @@ def _runners() -> dict[str, Runner]:
         "predict": predict.run,
         "score": score.run,
         "ingest": ingest.run,
+        "search": search.run,
     }
 
 

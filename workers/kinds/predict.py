@@ -282,7 +282,7 @@ def load_predictor(ctx: JobContext, model_version_id: int) -> Predictor:
             raise ValueError(f"model version {model_version_id} no longer exists")
         uri = mv.artifact_uri
     bundle = ArtifactStore.from_settings(ctx.settings).path(uri)
-    return get_predictor(bundle, ctx.settings.model_cache_size)
+    return get_predictor(bundle, ctx.settings.model_cache_size, backend=ctx.settings.scoring_backend)
 
 
 def run(ctx: JobContext, spec: Spec) -> JobResult:

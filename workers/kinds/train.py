@@ -38,6 +38,7 @@ from workers.units import UnitJob, claim_for_message, drive_units, publish_pendi
 
 if TYPE_CHECKING:
     import torch
+    from sqlalchemy.orm import Session
     from torch import nn
 
     from workers.ml.data import PreparedData
@@ -172,6 +173,23 @@ def fit_summary(outcome: dict[str, Any]) -> dict[str, Any]:
     return {k: outcome.get(k) for k in ("test", "val", "best_epoch", "epochs_trained")}
 
 
+def fence_registration(session: Session, ctx: JobContext) -> None:
+    """Only the attempt that owns the job registers its version: lock the job row while it is
+    `running` at ctx.attempt (two attempts of one job then register one after the other), or
+    raise JobLost. An attempt cut off from the database while it packaged, and taken over
+    meanwhile, registered its version when the link returned (found by the chaos suite)."""
+    from app.models import Job, JobState
+    from workers.runtime import JobLost
+
+    owned = session.execute(
+        select(Job.id)
+        .where(Job.id == ctx.job_id, Job.state == JobState.running, Job.attempts == ctx.attempt)
+        .with_for_update()
+    ).first()
+    if owned is None:
+        raise JobLost(f"job {ctx.job_id} attempt {ctx.attempt} no longer owns the job: no version registered")
+
+
 def register_version(
     ctx: JobContext,
     spec: Spec,
@@ -184,8 +202,12 @@ def register_version(
     arch: str | None = None,
 ) -> tuple[int, bool]:
     """A new version (max + 1 for this tenant and name), once per job even across retries."""
+    from app.cards import at_registration  # the card's written parts and this worker's software versions
+
+    card = at_registration(spec)
     for _ in range(5):
         with ctx.db.session() as s:
+            fence_registration(s, ctx)
             existing = s.scalar(select(ModelVersion).where(ModelVersion.job_id == ctx.job_id))
             if existing is not None:
                 return existing.version, False
@@ -209,6 +231,7 @@ def register_version(
                     metrics=metrics,
                     artifact_uri=bundle_url,
                     job_id=ctx.job_id,
+                    card=card,
                 )
             )
             try:
@@ -233,7 +256,7 @@ def package_and_register(
     """Post-fit quality (calibration, domain, uncertainty: workers/ml/quality.py) and
     faithfulness (workers/ml/explain.py) into one bundle and one version. Returns (version,
     the version's metrics)."""
-    from workers.ml import explain
+    from workers.ml import explain, onnx_export
     from workers.ml.bundle import bundle_config, save_bundle
     from workers.ml.quality import package as quality_package
 
@@ -258,6 +281,8 @@ def package_and_register(
     )
     bundle_dir = store.tenant_dir(ctx.tenant_id, "models", spec["model_name"], uuid.uuid4().hex)
     save_bundle(bundle_dir, model, config, reference=package.reference)
+    ctx.progress(0.997, "exporting to ONNX and checking it with ONNX Runtime", force=True)
+    metrics["onnx"] = onnx_export.export_at_registration(bundle_dir, model, data)
     version, _created = register_version(
         ctx, spec, dataset, store.url(bundle_dir), metrics, task=data.head.name, input_kind=data.input["kind"]
     )
@@ -276,6 +301,24 @@ def run(ctx: JobContext, spec: Spec) -> JobResult:
     if int(spec.get("ensemble") or 1) > 1:
         return run_ensemble(ctx, spec)
     return run_single(ctx, spec)
+
+
+def report_unreported_epochs(ctx: JobContext, history: list[dict[str, Any]]) -> None:
+    """On resuming from a checkpoint: report the epochs it holds that have no metric event. An
+    epoch is checkpointed before it is reported, so an attempt killed or cut off from the
+    database in between never reported it, and the attempt resuming after it would leave a
+    hole in the job's metrics (found by the chaos suite's partition trial)."""
+    from app.models import JobEvent
+
+    with ctx.db.session() as s:
+        rows = s.scalars(select(JobEvent.data).where(JobEvent.job_id == ctx.job_id, JobEvent.type == "metric")).all()
+    reported = {int(d["epoch"]) for d in rows if isinstance(d, dict) and "epoch" in d}
+    missing = [m for m in history if "epoch" in m and int(m["epoch"]) not in reported]
+    if missing:
+        epochs = [int(m["epoch"]) for m in missing]
+        ctx.log(f"resumed after epochs {epochs}, checkpointed but not reported by an earlier attempt", epochs=epochs)
+    for metrics in missing:
+        ctx.metric(**metrics)
 
 
 def run_single(ctx: JobContext, spec: Spec) -> JobResult:
@@ -300,6 +343,9 @@ def run_single(ctx: JobContext, spec: Spec) -> JobResult:
     def on_epoch(epoch: int, metrics: dict) -> None:
         ctx.metric(**{"epoch": epoch, **metrics})
 
+    def on_resume(history: list[dict[str, Any]]) -> None:
+        report_unreported_epochs(ctx, history)
+
     def on_progress(fraction: float, message: str, eta_s: float | None) -> None:
         ctx.progress(0.98 * fraction, message, eta_s=None if eta_s is None else round(eta_s, 1))
 
@@ -313,6 +359,7 @@ def run_single(ctx: JobContext, spec: Spec) -> JobResult:
             on_epoch=on_epoch,
             on_progress=on_progress,
             should_stop=ctx.should_stop,
+            on_resume=on_resume,
         )
     except TrainingCancelled:
         ctx.check_cancel()  # raises JobCancelled (or JobLost)

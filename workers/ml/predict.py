@@ -36,6 +36,8 @@ from .data import length_buckets, to_unit_range
 from .domain import FingerprintIndex, capture_embeddings, morgan_packed, nearest_distance
 from .ensemble import dropout_rate, mc_dropout, member_outputs, members_of, owner_mean
 from .heads import ClassificationHead, Head, MultilabelHead
+from .onnx_runtime import OnnxModel
+from .onnx_runtime import choose as onnx_backend
 from .tokenizers import Tokenizer
 from .training import _autocast, autocast_dtype_for, resolve_device
 
@@ -121,6 +123,9 @@ class Combined:
 class Predictor:
     """A loaded bundle plus the input pipeline it was trained with."""
 
+    # ONNX Runtime in place of the module's deterministic forward (workers/ml/onnx_runtime.py)
+    onnx: OnnxModel | None = None
+
     def __init__(
         self,
         model: nn.Module,
@@ -153,10 +158,20 @@ class Predictor:
             self.domain, self._embeddings = domain, reference["embeddings"].to(self.device, torch.float32)
 
     @classmethod
-    def from_bundle(cls, directory: str | os.PathLike[str], device: str | torch.device = "auto") -> Predictor:
+    def from_bundle(
+        cls, directory: str | os.PathLike[str], device: str | torch.device = "auto", backend: str = "auto"
+    ) -> Predictor:
+        """backend: auto, onnx or torch (workers/ml/onnx_runtime.py says where each runs)."""
         device = resolve_device(device) if isinstance(device, str) else device
         model, config = load_bundle(directory, device)
-        return cls(model, config, device, load_reference(directory))
+        predictor = cls(model, config, device, load_reference(directory))
+        predictor.onnx = onnx_backend(directory, config, device, backend)
+        return predictor
+
+    @property
+    def backend(self) -> str:
+        """What runs the deterministic forward passes: onnx (ONNX Runtime) or torch."""
+        return "torch" if self.onnx is None else "onnx"
 
     @property
     def output_names(self) -> list[str]:
@@ -190,6 +205,8 @@ class Predictor:
     def raw_outputs(self, *inputs: torch.Tensor, mc_samples: int = 0) -> np.ndarray:
         """Raw outputs [M, B, K] of every member for one batch of model inputs; with
         mc_samples = T > 0, T MC-dropout passes instead ([T * M, B, K])."""
+        if self.onnx is not None and mc_samples <= 0:
+            return self.onnx.raw(*inputs)
         inputs = self._inputs_to_device(inputs)
         with _autocast(self.device, self.amp):
             if mc_samples <= 0:

@@ -339,8 +339,12 @@ def fit(
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
     on_progress: Callable[[float, str, float | None], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_resume: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
     """Train `model` for cfg.epochs epochs in total, resuming from `checkpoint_path`.
+    on_resume(history) is called once after a resume with the checkpoint's per-epoch metrics
+    (an epoch is checkpointed before on_epoch reports it: a run that died in between never
+    reported its last one).
 
     Keeps the weights with the best validation `cfg.monitor` (train loss when there is
     no validation set) and leaves them loaded in `model`. Returns
@@ -389,6 +393,8 @@ def fit(
             history=ckpt["history"],
         )
         best_state = ckpt.get("best_model")
+        if on_resume is not None:
+            on_resume(list(state["history"]))
 
     start_epoch, t_start = state["epoch"], time.monotonic()
     total_epochs = cfg.epochs

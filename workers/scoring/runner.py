@@ -133,7 +133,9 @@ def load_env(db: Any, settings: Settings, job_id: int, *, prepare: bool = False)
         path, schema = source.source_for(upload, schema, scratch)
         if not path.exists():
             raise FileNotFoundError(f"the library copy {path.name} is missing from the job's scratch directory")
-    predictor = get_predictor(store.path(mv.artifact_uri), settings.model_cache_size, spec.get("device") or "auto")
+    predictor = get_predictor(
+        store.path(mv.artifact_uri), settings.model_cache_size, spec.get("device") or "auto", settings.scoring_backend
+    )
     if predictor.input["kind"] != "smiles":
         raise ValueError(f"model {mv.name} v{mv.version} takes {predictor.input['kind']}, not SMILES")
     coverage = float(spec.get("coverage", 0.9))

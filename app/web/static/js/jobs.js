@@ -17,8 +17,14 @@
     if (job.cancel_requested && !job.terminal) state.push(" ", el("span", {"class": "muted small", text: "cancelling"}));
     var progress = el("progress", {max: "1", value: String(job.progress), "aria-label": "Job " + job.id + " progress",
                                    text: M.percent(job.progress)});
+    // the compare checkbox keeps its tick across refreshes (app/web/templates/macros.html job_row)
+    var pick = el("input", {type: "checkbox", name: "ids", value: String(job.id), form: "compare-form",
+                            "class": "compare-pick", "aria-label": "Select job " + job.id + " to compare",
+                            checked: !!picked[job.id]});
+    var tags = (job.tags || []).reduce(function (out, t) { out.push(" ", el("span", {"class": "tag", text: t})); return out; }, []);
     return el("tr", {"data-job-id": String(job.id), "data-state": job.state}, [
-      el("td", {"data-label": "Job"}, [el("a", {href: job.url, text: "#" + job.id})]),
+      el("td", {"data-label": "Compare", "class": "select-cell"}, [pick]),
+      el("td", {"data-label": "Job"}, [el("a", {href: job.url, text: "#" + job.id})].concat(tags)),
       el("td", {"data-label": "Kind", text: job.kind}),
       el("td", {"data-label": "Model"}, [model]),
       el("td", {"data-label": "State"}, state),
@@ -28,7 +34,10 @@
     ]);
   }
 
+  var picked = {};
   function render(data) {
+    picked = {};
+    Array.prototype.forEach.call(tbody.querySelectorAll("input.compare-pick:checked"), function (box) { picked[box.value] = true; });
     var frag = document.createDocumentFragment();
     data.items.forEach(function (job) { frag.appendChild(row(job)); });
     tbody.replaceChildren(frag);
