@@ -3,9 +3,15 @@ a private redis-server (append-only file on, so a restart keeps its data), two `
 worker` processes on the cpu and inference queues and `medmaas beat`, each a subprocess in a
 process group of its own (a SIGKILL of the group also takes the worker's RDKit children).
 
-The web tier is the Flask app in this process (its test client): every request goes through
-the same code, database pool and broker publish that `medmaas web` runs, and it is hit by the
-same faults (its pooled connections die with the database's backends)."""
+Where network namespaces can be made (root, iproute2: tests/netns.py), the second worker lives
+on a "host" of its own: a namespace that reaches PostgreSQL and Redis through forwarders on
+its veth link, so that a trial can partition it from either (or cut its link) and restore it.
+
+The web tier is a real `medmaas web` process (gunicorn, one uvicorn worker) that the workload
+talks to over HTTP (`WebClient`), hit by the same faults (its pooled connections die with the
+database's backends, its broker publishes meet a restarting Redis). The Flask app in this
+process only sets the stage (tenants, keys, seeded models) and plays a web tier that cannot
+reach the broker."""
 
 from __future__ import annotations
 
@@ -21,10 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import requests
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from app.config import Settings, from_env, to_env
 from medmaas.standalone import free_port, wait_for_port
+from tests import netns
 from tests.conftest import PG_ADMIN_URL, ROOT, _redis_server_binary, throwaway_pg_database
 
 # Quick leases, so a lost worker is noticed in seconds; small shards and batches, so a score
@@ -70,8 +79,11 @@ def group_states(pgid: int) -> list[str]:
 class Managed:
     """One subprocess in its own process group, restartable under the same name."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], log_dir: Path, ns: netns.Namespace | None = None
+    ) -> None:
         self.name, self.args, self.env, self.log_dir = name, args, env, log_dir
+        self.ns = ns  # the network namespace it runs in (None: this machine's)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -86,7 +98,12 @@ class Managed:
         self.starts += 1
         log = open(self.log_dir / f"{self.name}.{self.starts}.log", "wb")  # noqa: SIM115 (owned by the child)
         self.proc = subprocess.Popen(
-            self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+            self.ns.command(self.args) if self.ns is not None else self.args,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
         )
         log.close()
 
@@ -172,6 +189,52 @@ class RedisServer(Managed):
         self.start()
 
 
+class WebResponse:
+    """A `requests` answer shaped like the Flask test client's (status_code, get_json, headers)."""
+
+    def __init__(self, response: requests.Response) -> None:
+        self.status_code = response.status_code
+        self.headers = response.headers
+        self.data = response.content
+        self._response = response
+
+    def get_json(self) -> Any:
+        try:
+            return self._response.json()
+        except ValueError:
+            return None
+
+
+class WebClient:
+    """One tenant's key against the `medmaas web` process, with ApiClient's calling convention
+    (tests/conftest.py): json=, data= (a multipart form when it holds (file, name) tuples),
+    headers=. Every request has a timeout: a fault must not hang the workload."""
+
+    TIMEOUT_S = 30.0
+
+    def __init__(self, base_url: str, key: str) -> None:
+        self.base_url, self.key = base_url.rstrip("/"), key
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {key}"
+
+    def _call(self, method: str, path: str, **kw: Any) -> WebResponse:
+        kw.pop("content_type", None)  # requests sets the multipart boundary itself
+        data = kw.pop("data", None)
+        if isinstance(data, dict) and any(isinstance(v, tuple) for v in data.values()):
+            kw["files"] = {k: (v[1], v[0]) for k, v in data.items() if isinstance(v, tuple)}
+            data = {k: v for k, v in data.items() if not isinstance(v, tuple)}
+        return WebResponse(self.session.request(method, self.base_url + path, data=data, timeout=self.TIMEOUT_S, **kw))
+
+    def get(self, path: str, **kw: Any) -> WebResponse:
+        return self._call("GET", path, **kw)
+
+    def post(self, path: str, **kw: Any) -> WebResponse:
+        return self._call("POST", path, **kw)
+
+    def put(self, path: str, **kw: Any) -> WebResponse:
+        return self._call("PUT", path, **kw)
+
+
 @dataclass
 class Deployment:
     settings: Settings
@@ -181,18 +244,56 @@ class Deployment:
     database: Any
     workers: list[Managed] = field(default_factory=list)
     beat: Managed | None = None
+    web: Managed | None = None
+    web_port: int = 0
+    # the namespace of the partitionable worker (workers[1]) and its forwarders; None (with the
+    # reason in no_netns) where namespaces cannot be made
+    netns: netns.Namespace | None = None
+    no_netns: str | None = None
+    pg_forward: netns.Forward | None = None
+    redis_forward: netns.Forward | None = None
 
     # -- processes -------------------------------------------------------------------------
-    def _medmaas(self, name: str, args: list[str]) -> Managed:
-        env = {**os.environ, **to_env(self.settings), **ONE_THREAD}
-        return Managed(name, [sys.executable, "-m", "medmaas.cli", *args], env, self.work)
+    def _medmaas(self, name: str, args: list[str], ns: netns.Namespace | None = None) -> Managed:
+        settings = self.settings
+        if ns is not None:  # reach PostgreSQL and Redis through the forwarders on the veth link
+            assert self.pg_forward is not None
+            assert self.redis_forward is not None
+            settings = settings.replace(
+                database_url=forwarded_url(settings.sqlalchemy_url, self.pg_forward),
+                broker_url=forwarded_url(settings.broker_url, self.redis_forward),
+            )
+        env = {**os.environ, **to_env(settings), **ONE_THREAD}
+        return Managed(name, [sys.executable, "-m", "medmaas.cli", *args], env, self.work, ns)
+
+    @property
+    def partitionable(self) -> Managed | None:
+        """The worker in the network namespace (None without one)."""
+        return next((w for w in self.workers if w.ns is not None), None)
 
     def start(self) -> None:
-        self.workers = [self._medmaas(f"worker-{i}", ["worker", "--queues", WORKER_QUEUES]) for i in range(2)]
+        self.workers = [
+            self._medmaas(f"worker-{i}", ["worker", "--queues", WORKER_QUEUES], self.netns if i == 1 else None)
+            for i in range(2)
+        ]
         self.beat = self._medmaas("beat", ["beat"])
-        for p in [*self.workers, self.beat]:
+        self.web_port = free_port()
+        self.web = self._medmaas(
+            "web", ["web", "--host", "127.0.0.1", "--port", str(self.web_port), "--workers", "1", "--no-access-log"]
+        )
+        for p in [self.web, *self.workers, self.beat]:
             p.start()
+        assert self.web.proc is not None
+        wait_for_port(self.web_port, 120, self.web.proc)
         self.wait_workers_ready(timeout=180)
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def client(self, key: str) -> WebClient:
+        """An API client of the `medmaas web` process for this key."""
+        return WebClient(self.web_url, key)
 
     def live_worker_names(self) -> set[str]:
         from app import workers_registry
@@ -202,6 +303,21 @@ class Deployment:
             return set(workers_registry.live_workers(client).get("cpu", set()))
         finally:
             client.close()
+
+    def cut_from_postgres(self) -> int:
+        """The namespaced worker loses PostgreSQL: its forwarder goes silent (new connections
+        and bytes wait unanswered) and the connections it had open are reset, so the server
+        rolls back whatever transaction the worker had open (as a server that notices the dead
+        peer would). Without the reset a transaction cut mid-way keeps its row locks for as
+        long as the partition lasts and the reaper blocks on them: trials.OPEN_FINDINGS.
+        Returns the sockets reset."""
+        assert self.pg_forward is not None
+        self.pg_forward.hold()
+        return self.pg_forward.reset()
+
+    def heal_postgres(self) -> None:
+        assert self.pg_forward is not None
+        self.pg_forward.release()
 
     def wait_workers_ready(self, timeout: float) -> None:
         """Until every worker process announced itself on the cpu queue."""
@@ -243,40 +359,56 @@ class Deployment:
         finally:
             admin.dispose()
 
+    def processes(self) -> list[Managed]:
+        return [*self.workers, *([self.beat] if self.beat else []), *([self.web] if self.web else [])]
+
     def logs(self) -> str:
-        procs = [*self.workers, *([self.beat] if self.beat else [])]
-        return "\n".join(p.log_tail() for p in procs)
+        return "\n".join(p.log_tail() for p in self.processes())
 
     def stop(self) -> None:
-        for p in [*self.workers, *([self.beat] if self.beat else [])]:
+        for p in self.processes():
             p.stop()
 
 
+def forwarded_url(url: str, forward: netns.Forward) -> str:
+    """url (PostgreSQL or Redis) with its host and port replaced by the forwarder's."""
+    return make_url(url).set(host=forward.host, port=forward.port).render_as_string(hide_password=False)
+
+
 @contextlib.contextmanager
-def deployment(work: Path) -> Iterator[Deployment]:
-    """Bring the whole deployment up (migrated database, redis, workers, beat) and down."""
+def deployment(work: Path, *, partitionable: bool = True, **overrides: Any) -> Iterator[Deployment]:
+    """Bring the whole deployment up (migrated database, redis, workers, beat) and down.
+    partitionable: put the second worker in a network namespace where one can be made;
+    overrides: settings on top of CHAOS_SETTINGS."""
     from app import create_app
     from app.migrate import upgrade
 
     work.mkdir(parents=True, exist_ok=True)
     server = RedisServer(work / "redis")
     server.start()
-    try:
-        with throwaway_pg_database("medmaas_chaos") as url:
-            settings = from_env({}, home=work / "home", database_url=url, broker_url=server.url, **CHAOS_SETTINGS)
-            upgrade(settings)
-            app = create_app(settings)
-            dep = Deployment(settings, work, server, app, app.extensions["medmaas.db"])
-            try:
-                dep.start()
-                yield dep
-            finally:
-                dep.stop()
-                from tests.conftest import close_app
+    with contextlib.ExitStack() as stack:
+        stack.callback(server.stop)
+        url = stack.enter_context(throwaway_pg_database("medmaas_chaos"))
+        settings = from_env(
+            {}, home=work / "home", database_url=url, broker_url=server.url, **{**CHAOS_SETTINGS, **overrides}
+        )
+        upgrade(settings)
+        app = create_app(settings)
+        dep = Deployment(settings, work, server, app, app.extensions["medmaas.db"])
+        dep.no_netns = netns.unavailable() if partitionable else "not asked for"
+        if dep.no_netns is None:
+            dep.netns = stack.enter_context(netns.namespace("chaos"))
+            pg = make_url(settings.sqlalchemy_url)
+            dep.pg_forward = dep.netns.expose(pg.port or 5432, pg.host or "127.0.0.1")
+            dep.redis_forward = dep.netns.expose(server.port)
+        try:
+            dep.start()
+            yield dep
+        finally:
+            dep.stop()
+            from tests.conftest import close_app
 
-                close_app(app)
-    finally:
-        server.stop()
+            close_app(app)
 
 
 @contextlib.contextmanager

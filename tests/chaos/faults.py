@@ -12,6 +12,15 @@ Kinds:
                     web tier could not reach Redis) must run once beat is back
     redis_restart   Redis shut down cleanly and started again on the same port (not flushed)
     pg_terminate    pg_terminate_backend of every connection to the deployment's database
+    partition_pg    the namespaced worker (tests/netns.py) holding a job loses PostgreSQL (its
+                    forwarder goes silent; the connections it had open are reset, so the
+                    server rolls back its open transaction) until its lease expired and the
+                    other worker took the job over, then gets it back: the stale attempt keeps
+                    running meanwhile and its late writes (progress, events, checkpoints, score
+                    parts, its model version, its outcome) must be fenced out by the attempt
+    partition_link  the namespaced worker's link is cut (PostgreSQL and Redis both silent) for
+                    1 s to twice the heartbeat timeout, then restored: the job continues or is
+                    taken over, and the worker consumes from Redis again afterwards
 
 The first len(KINDS) trials run each kind alone; later trials mix two kinds at once.
 Recovery includes the time a process was deliberately kept down (down_s).
@@ -28,12 +37,21 @@ from typing import Any
 
 from app.models import JobState
 from medmaas.standalone import free_port
-from tests.chaos.deployment import Deployment, Managed
+from tests.chaos.deployment import Deployment, Managed, reaper_bound_s
 from tests.chaos.observe import JobView, Observer
 from tests.chaos.workload import Accepted, Workload
 from tests.conftest import ApiClient
 
-KINDS = ("worker_sigkill", "worker_sigterm", "beat_sigterm", "redis_restart", "pg_terminate")
+KINDS = (
+    "worker_sigkill",
+    "worker_sigterm",
+    "beat_sigterm",
+    "redis_restart",
+    "pg_terminate",
+    "partition_pg",
+    "partition_link",
+)
+NETNS_KINDS = ("partition_pg", "partition_link")  # need the namespaced worker (root, iproute2)
 RECOVERY_TIMEOUT_S = 120.0
 START_TIMEOUT_S = 120.0
 BEAT_EXIT_S = 5.0  # beat's loop waits reaper_interval_s between ticks: SIGTERM must end it quickly
@@ -283,6 +301,117 @@ class Injector:
             probe = self.workload.sleep(rng, seconds=0.5)
             fault.job_id = probe.id
             self._probe_running(fault, started, probe)
+
+    # -- partitions of the namespaced worker -------------------------------------------------------
+    def _on_partitionable(self, rng: random.Random) -> tuple[Accepted, JobView, Managed] | None:
+        """A job (a long sleep or a train job) running on the namespaced worker: submit until
+        one lands there (while the other worker is busy with the previous one)."""
+        target = self.dep.partitionable
+        assert target is not None, f"no namespaced worker: {self.dep.no_netns}"
+        for _ in range(4):
+            if rng.random() < 0.5:
+                job = self.workload.sleep(rng, seconds=round(rng.uniform(8.0, 14.0), 2))
+            else:
+                job = self.workload.train(rng, epochs=3)
+            held = self._random_moment(job, rng, most=3)
+            if held is not None and held[1] is target:
+                return job, *held
+        return None
+
+    def _stale_dropped(self, worker: Managed, job_id: int, attempt: int, timeout: float) -> float | None:
+        """Seconds until the worker's log says it gave the stale attempt up (taken over, or its
+        connection lost and the attempt given back), None if it did not within timeout."""
+        started = time.monotonic()
+        marks = (f"job {job_id} attempt {attempt} was taken over", f"job {job_id} attempt {attempt}: the database")
+        while time.monotonic() - started < timeout:
+            if any(mark in worker.log_tail(200_000) for mark in marks):
+                return round(time.monotonic() - started, 3)
+            time.sleep(0.25)
+        return None
+
+    def _consumes_again(self, fault: Injected, worker: Managed, rng: random.Random) -> None:
+        """After a partition: the worker takes a job again (it did not silently stop consuming).
+        Sleep probes are submitted until one runs on it (the other worker takes some)."""
+        started = time.monotonic()
+        deadline = started + RECOVERY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            probe = self.workload.sleep(rng, seconds=1.5)
+            held = self._holder(probe, timeout=max(1.0, deadline - time.monotonic()))
+            if held is not None and held[1] is worker:
+                fault.detail["consuming_again_s"] = round(time.monotonic() - started, 3)
+                return
+            if not worker.alive():
+                break
+        self.problems.append(
+            f"{fault.kind} in trial {fault.trial}: worker {worker.pid} took no job within "
+            f"{RECOVERY_TIMEOUT_S:.0f}s after the partition ended"
+        )
+
+    def partition_pg(self, trial: int, rng: random.Random) -> None:
+        """The namespaced worker loses PostgreSQL past its lease: the job is taken over, and the
+        stale attempt's writes after the partition are fenced out."""
+        found = self._on_partitionable(rng)
+        if found is None:
+            return
+        job, view, worker = found
+        with self._processes:
+            if not self._still_holds(job, view, worker):
+                return
+            extra_s = round(rng.uniform(0.0, 2.0), 2)  # the partition lasts this long past the takeover
+            fault = Injected("partition_pg", trial, job.id, {"job_kind": job.kind, "attempt": view.attempts})
+            after = view.event_seq
+            fault.detail["reset"] = self.dep.cut_from_postgres()
+            started = time.monotonic()
+            self.injected.append(fault)
+            try:
+                # the lease expires (heartbeat timeout), the reaper re-queues, the other worker claims
+                taken = self.observer.wait_job(
+                    job.id, lambda v: v.attempts > view.attempts or v.terminal, RECOVERY_TIMEOUT_S
+                )
+                self._recover(fault, started, job.id, after)
+                time.sleep(extra_s)
+            finally:
+                self.dep.heal_postgres()
+            fault.detail["held_s"] = round(time.monotonic() - started, 3)
+            fault.detail["lease_bound_s"] = reaper_bound_s(self.dep.settings)
+            if taken is None or taken.worker_pid == worker.pid:
+                fault.detail["taken_over"] = False
+                self.problems.append(f"partition_pg in trial {trial}: job {job.id} was not taken over")
+                return
+            fault.detail["taken_over"] = True
+            # the stale attempt runs on until its next write meets the fence (or its lost lease)
+            dropped = self._stale_dropped(worker, job.id, view.attempts, RECOVERY_TIMEOUT_S)
+            fault.detail["stale_dropped_s"] = dropped
+            if dropped is None:
+                self.problems.append(
+                    f"partition_pg in trial {trial}: worker {worker.pid} did not drop stale attempt "
+                    f"{view.attempts} of job {job.id} within {RECOVERY_TIMEOUT_S:.0f}s of the partition's end"
+                )
+
+    def partition_link(self, trial: int, rng: random.Random) -> None:
+        """The namespaced worker's link goes down (both services silent) and comes back."""
+        found = self._on_partitionable(rng)
+        if found is None:
+            return
+        job, view, worker = found
+        ns = self.dep.netns
+        assert ns is not None
+        with self._processes:
+            if not self._still_holds(job, view, worker):
+                return
+            cut_s = round(rng.uniform(1.0, 2 * self.dep.settings.heartbeat_timeout_s), 2)
+            fault = Injected("partition_link", trial, job.id, {"job_kind": job.kind, "cut_s": cut_s})
+            after = view.event_seq
+            ns.cut()
+            started = time.monotonic()
+            self.injected.append(fault)
+            try:
+                time.sleep(cut_s)
+            finally:
+                ns.restore()
+            self._recover(fault, started, job.id, after)
+            fault.detail["taken_over"] = self.observer.job(job.id).attempts > view.attempts
+            self._consumes_again(fault, worker, rng)
 
     # -- a job the broker never got ------------------------------------------------------------
     def unpublished_submit(self, rng: random.Random) -> Accepted:

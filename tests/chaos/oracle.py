@@ -16,9 +16,13 @@ Checks, per accepted job:
                     never starts over
     score           every shard done, and the result file has every library row exactly once,
                     in order (row 0..n-1, ids as in the library)
+    predict         one prediction per input
 and overall: the tenants have no job the API did not accept (no duplicate from a retried
-submit), every accepted job has exactly one `job.create` audit row, and every tenant's audit
-chain verifies (app/audit.py verify_tenant, which seals unsealed rows first).
+submit; only an online predict call that failed may leave a predict job behind, at most one
+per failed call, and it too ends exactly once), every job accepted by POST /jobs has
+exactly one `job.create` audit row, every answer of the online predict route held one
+prediction per input, and every tenant's audit chain verifies (app/audit.py verify_tenant,
+which seals unsealed rows first).
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class Verdict:
     states: dict[str, int] = field(default_factory=dict)
     resumed_train_attempts: int = 0  # attempts that continued from an earlier attempt's checkpoint
     retried_jobs: int = 0  # jobs that needed more than one attempt
+    kinds: dict[str, int] = field(default_factory=dict)  # jobs checked per kind
+    orphan_predict_jobs: int = 0  # predict jobs of online calls that failed (not accepted, still checked)
 
     def add(self, job_id: int | None, message: str) -> None:
         self.violations.append(f"job {job_id}: {message}" if job_id is not None else message)
@@ -139,7 +145,8 @@ def check_train(verdict: Verdict, s: Session, job: Job, events: list[Event]) -> 
 
 def check_resume(verdict: Verdict, job_id: int, events: list[Event], epochs_asked: int, stopped_early: bool) -> int:
     """Every attempt's epochs run on from the last epoch an earlier attempt reported (it was
-    checkpointed before it was reported) and the job ends at the epochs asked. Returns how many
+    checkpointed before it was reported), every epoch up to the last is reported, and the job
+    ends at the epochs asked. Returns how many
     attempts resumed from an earlier attempt's checkpoint."""
     seen = 0
     resumed = 0
@@ -153,6 +160,10 @@ def check_resume(verdict: Verdict, job_id: int, events: list[Event], epochs_aske
         seen = max([seen, *epochs])
     if seen != epochs_asked and not stopped_early:
         verdict.add(job_id, f"epochs reported end at {seen}, the spec asks {epochs_asked}")
+    reported = {epoch for _, epochs in epochs_by_attempt(events) for epoch in epochs}
+    missing = sorted(set(range(1, seen + 1)) - reported)
+    if missing:  # checkpointed (a later attempt resumed after them) but their metrics never reported
+        verdict.add(job_id, f"epochs {missing} were trained but never reported")
     return resumed
 
 
@@ -190,6 +201,8 @@ def check_submits_audited(verdict: Verdict, s: Session, workload: Workload) -> N
     ).all()
     created: dict[str | None, int] = {object_id: int(n) for object_id, n in rows}
     for job in workload.jobs:
+        if job.via != "jobs":
+            continue  # a predict route's job is audited as the call (model.predict)
         n = created.get(str(job.id), 0)
         if n != 1:
             verdict.add(job.id, f"{n} job.create audit rows (one expected)")
@@ -211,6 +224,7 @@ def judge(
                 continue
             verdict.jobs_checked += 1
             verdict.states[job.state.value] = verdict.states.get(job.state.value, 0) + 1
+            verdict.kinds[job.kind] = verdict.kinds.get(job.kind, 0) + 1
             if job.state not in TERMINAL_STATES:
                 verdict.add(job.id, f"still {job.state.value} {verdict.settle_s:.0f}s after the faults stopped")
                 continue
@@ -227,14 +241,27 @@ def judge(
                 check_score(verdict, s, settings, job, workload.library_ids)
             elif job.kind == "sleep" and (job.result or {}).get("steps") != acc.spec["steps"]:
                 verdict.add(job.id, f"sleep result {job.result} does not match its spec {acc.spec}")
-        extra = s.execute(
-            select(Job.id).where(Job.tenant_id.in_(tenant_ids), Job.id.not_in(sorted(accepted)))
-        ).scalars()
-        for job_id in extra:
-            verdict.add(job_id, "a job the API never accepted (a duplicate of a retried submit?)")
+            elif job.kind == "predict":
+                predictions = (job.result or {}).get("predictions") or []
+                if len(predictions) != len(acc.spec["inputs"]):
+                    verdict.add(job.id, f"{len(predictions)} predictions for {len(acc.spec['inputs'])} inputs")
+        extra = s.execute(select(Job).where(Job.tenant_id.in_(tenant_ids), Job.id.not_in(sorted(accepted)))).scalars()
+        orphans = 0
+        for job in extra:
+            if job.kind == "predict" and orphans < workload.failed_calls:
+                orphans += 1  # left behind by a predict call that failed: it still ends exactly once
+                if job.state in TERMINAL_STATES:
+                    check_states(verdict, job, observer.events(job.id))
+                else:
+                    verdict.add(job.id, f"a failed call's predict job still {job.state.value}")
+                continue
+            verdict.add(job.id, "a job the API never accepted (a duplicate of a retried submit?)")
+        verdict.orphan_predict_jobs = orphans
+        for problem in workload.problems:
+            verdict.add(None, problem)
         keys = s.execute(
             select(Job.idempotency_key, func.count())
-            .where(Job.tenant_id.in_(tenant_ids))
+            .where(Job.tenant_id.in_(tenant_ids), Job.idempotency_key.is_not(None))
             .group_by(Job.idempotency_key)
             .having(func.count() > 1)
         ).all()

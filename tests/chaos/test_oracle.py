@@ -68,3 +68,16 @@ def test_an_attempt_that_starts_training_over_is_caught() -> None:
     short = Verdict()
     check_resume(short, 7, KILLED_ONCE, epochs_asked=3, stopped_early=False)
     assert short.violations == ["job 7: epochs reported end at 2, the spec asks 3"]
+
+
+def test_an_epoch_checkpointed_but_never_reported_is_named() -> None:
+    """Attempt 1 checkpointed epoch 2 and lost its database before reporting it; attempt 2
+    resumed after it: epoch 2's metrics are missing from the job's events."""
+    unreported = [*KILLED_ONCE[:5], metric(6, 3), state(7, "succeeded", 2, **{"from": "running"})]
+    verdict = Verdict()
+    check_resume(verdict, 7, unreported, epochs_asked=3, stopped_early=False)
+    assert verdict.violations == ["job 7: epochs [2] were trained but never reported"]
+    reported_late = [*KILLED_ONCE[:5], metric(6, 2), metric(7, 3), state(8, "succeeded", 2, **{"from": "running"})]
+    fine = Verdict()
+    check_resume(fine, 7, reported_late, epochs_asked=3, stopped_early=False)
+    assert fine.violations == []

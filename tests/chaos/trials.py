@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tests.chaos.deployment import Deployment, reaper_bound_s
-from tests.chaos.faults import KINDS, RECOVERY_TIMEOUT_S, Injector
+from tests.chaos.faults import KINDS, NETNS_KINDS, RECOVERY_TIMEOUT_S, Injector
 from tests.chaos.observe import Observer
 from tests.chaos.oracle import Verdict, judge
 from tests.chaos.workload import make_workload
@@ -21,6 +21,49 @@ DEFAULT_MIXES = 1  # by default: every fault kind alone once, then this many mix
 # own (tests/chaos/test_chaos.py); the CI run leaves them out of its random plan until fixed.
 KNOWN_VIOLATIONS: dict[str, str] = {}  # none open: pg_terminate's (a fail-over failed running jobs) is fixed
 CI_KINDS = tuple(k for k in KINDS if k not in KNOWN_VIOLATIONS)
+# Violations found and not fixed yet, whose fault shape the trials leave out meanwhile (reported).
+OPEN_FINDINGS = (
+    {
+        "kind": "partition_pg",
+        "found_by": "python -m bench.chaos --trials 16 --seed 14 (trial 10, job 43)",
+        "what": "a worker cut off from PostgreSQL in the middle of a transaction (its forwarder silent, the "
+        "server's session left open) keeps the job row locked for as long as the partition lasts: the reaper "
+        "blocks on the lock and the job is not taken over (122 s, then the link returned). Needs the server to "
+        "drop such sessions (idle_in_transaction_session_timeout / TCP keepalives on the connections) and the "
+        "reaper to skip locked rows; until then partition_pg resets the cut-off worker's open connections",
+    },
+)
+# Violations the trials found and the product fixed, each kept as a regression test (for the figures).
+FIXED_VIOLATIONS = (
+    {
+        "kind": "pg_terminate",
+        "found_by": "seed 2",
+        "what": "a fail-over failed the running job it hit (its progress UPDATE met a terminated backend)",
+        "test": "tests/chaos/test_chaos.py::test_a_database_failover_under_a_running_job_does_not_fail_it",
+    },
+    {
+        "kind": "full_disk",
+        "found_by": "the full-disk trial",
+        "what": "a score job failed by a full disk reported its shard's traceback as its error",
+        "test": "tests/chaos/test_chaos.py::test_a_job_failed_by_a_full_disk_reports_one_sentence_without_a_traceback",
+    },
+    {
+        "kind": "partition_pg",
+        "found_by": "seed 2074446646",
+        "what": "an epoch checkpointed by an attempt cut off from PostgreSQL before it reported the epoch was "
+        "never reported: the attempt that took over resumed after it",
+        "test": "tests/chaos/test_chaos.py::"
+        "test_an_epoch_checkpointed_by_an_attempt_cut_off_from_postgres_is_still_reported",
+    },
+    {
+        "kind": "partition_pg",
+        "found_by": "its regression test (a cut just before the version's registration)",
+        "what": "an attempt cut off from PostgreSQL while it packaged registered the job's model version after the "
+        "takeover (the owning attempt adopted it): model registration was not fenced by the attempt",
+        "test": "tests/chaos/test_chaos.py::"
+        "test_an_attempt_cut_off_while_packaging_registers_no_version_after_the_takeover",
+    },
+)
 SETTLE_S = 150.0  # after the last fault: every accepted job must be terminal by then
 STALE_SLACK_S = 5.0  # on top of the reaper's bound: a loaded machine's late heartbeat or reaper tick
 
@@ -44,6 +87,7 @@ class ChaosRun:
     verdict: Verdict
     seconds: float
     workload_retries: int
+    online_calls: int = 0  # predict calls answered by an inference worker without a job
 
     @property
     def violations(self) -> list[str]:
@@ -68,10 +112,15 @@ class ChaosRun:
             "faults": dict(Counter(f.kind for f in self.injector.injected)),
             "jobs_checked": self.verdict.jobs_checked,
             "job_states": self.verdict.states,
+            "job_kinds": self.verdict.kinds,
             "retried_jobs": self.verdict.retried_jobs,
             "resumed_train_attempts": self.verdict.resumed_train_attempts,
             "submit_retries": self.workload_retries,
+            "online_predict_calls": self.online_calls,
+            "orphan_predict_jobs": self.verdict.orphan_predict_jobs,
             "violations": self.violations,
+            "fixed_violations": list(FIXED_VIOLATIONS),
+            "open_findings": list(OPEN_FINDINGS),
             "worst_recovery_s": worst,
             "settle_s": self.verdict.settle_s,
             "seconds": round(self.seconds, 1),
@@ -82,12 +131,21 @@ class ChaosRun:
         }
 
 
+def usable_kinds(dep: Deployment, kinds: tuple[str, ...]) -> tuple[str, ...]:
+    """kinds, less the partitions where the deployment has no namespaced worker."""
+    return kinds if dep.netns is not None else tuple(k for k in kinds if k not in NETNS_KINDS)
+
+
 def run_chaos(dep: Deployment, seed: int, trials: int, tenants: int = 3, kinds: tuple[str, ...] = KINDS) -> ChaosRun:
-    """The trials (plan from the seed: each kind alone, then mixes), then the oracle over every job."""
+    """The trials (plan from the seed: each kind alone, then mixes), then the oracle over every
+    job. Partitions are left out where namespaces cannot be made (the reason is printed)."""
+    if usable_kinds(dep, kinds) != kinds:
+        print(f"chaos: no partition trials: {dep.no_netns}", flush=True)
+        kinds = usable_kinds(dep, kinds)
     print(f"chaos: MEDMAAS_CHAOS_SEED={seed} MEDMAAS_CHAOS_TRIALS={trials} kinds={','.join(kinds)}", flush=True)
     started = time.monotonic()
     rng = random.Random(seed)
-    workload = make_workload(dep.app, dep.settings, rng, tenants)
+    workload = make_workload(dep.app, dep.settings, rng, tenants, client=dep.client)
     observer = Observer(dep.settings.sqlalchemy_url)
     injector = Injector(dep, workload, observer, rng)
     plan = injector.plan(trials, kinds)
@@ -99,4 +157,13 @@ def run_chaos(dep: Deployment, seed: int, trials: int, tenants: int = 3, kinds: 
     finally:
         injector.close()
         observer.close()
-    return ChaosRun(seed, trials, plan, injector, verdict, time.monotonic() - started, workload.submit_retries)
+    return ChaosRun(
+        seed,
+        trials,
+        plan,
+        injector,
+        verdict,
+        time.monotonic() - started,
+        workload.submit_retries,
+        workload.online_calls,
+    )
