@@ -326,6 +326,9 @@ def reap(session: Session, kind: LeaseKind[Any], timeout_s: float, job_id: int |
     q = q.where(m.state == kind.running, m.heartbeat_at < cutoff)
     if job_id is not None:
         q = q.where(kind.job_id == job_id)
+    # A row locked by a transaction still open (a worker cut off mid-transaction, ended by the
+    # server's idle-in-transaction timeout) is left for a later tick instead of stalling them all.
+    q = q.with_for_update(of=m, skip_locked=True)
     out: list[Reaped] = []
     for uid, attempts, max_attempts, queue, cancel, jid, *key in session.execute(q).all():
         to = _target(kind, after_failure(attempts, max_attempts, cancel_requested=bool(cancel)))

@@ -42,7 +42,13 @@ def get_db(settings: Settings) -> Database:
     """One engine per process, created after any fork."""
     global _db
     if _db is None or _db.url != settings.sqlalchemy_url:
-        _db = Database(settings.sqlalchemy_url, notifier=Notifier(settings.broker_url))
+        # A worker's transactions are short; one left open past a heartbeat timeout belongs to
+        # a worker cut off mid-transaction: the server ends it (app.db.make_engine).
+        _db = Database(
+            settings.sqlalchemy_url,
+            notifier=Notifier(settings.broker_url),
+            idle_in_transaction_s=settings.heartbeat_timeout_s,
+        )
     return _db
 
 

@@ -306,14 +306,14 @@ class Deployment:
 
     def cut_from_postgres(self) -> int:
         """The namespaced worker loses PostgreSQL: its forwarder goes silent (new connections
-        and bytes wait unanswered) and the connections it had open are reset, so the server
-        rolls back whatever transaction the worker had open (as a server that notices the dead
-        peer would). Without the reset a transaction cut mid-way keeps its row locks for as
-        long as the partition lasts and the reaper blocks on them: trials.OPEN_FINDINGS.
-        Returns the sockets reset."""
+        and bytes wait unanswered; the connections it had open stay open on the server's side,
+        as in a real partition). A transaction cut mid-way keeps its row locks until the
+        server's idle-in-transaction timeout (a worker's: its heartbeat timeout, app.db) ends
+        it; the reaper skips the locked row meanwhile (trials.FIXED_VIOLATIONS). Returns 0
+        (no socket reset)."""
         assert self.pg_forward is not None
         self.pg_forward.hold()
-        return self.pg_forward.reset()
+        return 0
 
     def heal_postgres(self) -> None:
         assert self.pg_forward is not None

@@ -22,19 +22,19 @@ DEFAULT_MIXES = 1  # by default: every fault kind alone once, then this many mix
 KNOWN_VIOLATIONS: dict[str, str] = {}  # none open: pg_terminate's (a fail-over failed running jobs) is fixed
 CI_KINDS = tuple(k for k in KINDS if k not in KNOWN_VIOLATIONS)
 # Violations found and not fixed yet, whose fault shape the trials leave out meanwhile (reported).
-OPEN_FINDINGS = (
+OPEN_FINDINGS: tuple[dict[str, str], ...] = ()
+# Violations the trials found and the product fixed, each kept as a regression test (for the figures).
+FIXED_VIOLATIONS = (
     {
         "kind": "partition_pg",
         "found_by": "python -m bench.chaos --trials 16 --seed 14 (trial 10, job 43)",
-        "what": "a worker cut off from PostgreSQL in the middle of a transaction (its forwarder silent, the "
-        "server's session left open) keeps the job row locked for as long as the partition lasts: the reaper "
-        "blocks on the lock and the job is not taken over (122 s, then the link returned). Needs the server to "
-        "drop such sessions (idle_in_transaction_session_timeout / TCP keepalives on the connections) and the "
-        "reaper to skip locked rows; until then partition_pg resets the cut-off worker's open connections",
+        "what": "a worker cut off from PostgreSQL in the middle of a transaction kept the job row locked for as "
+        "long as the partition lasted: the reaper blocked on the lock and the job was not taken over (122 s). "
+        "Now a worker's sessions end after an idle-in-transaction timeout (its heartbeat timeout) and the "
+        "reaper skips locked rows; partition_pg no longer resets the cut-off worker's connections",
+        "test": "tests/integration/test_job_state_machine_pg.py::"
+        "test_a_row_locked_by_a_worker_cut_off_mid_transaction_stalls_no_reaping_and_is_released",
     },
-)
-# Violations the trials found and the product fixed, each kept as a regression test (for the figures).
-FIXED_VIOLATIONS = (
     {
         "kind": "pg_terminate",
         "found_by": "seed 2",
