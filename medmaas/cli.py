@@ -81,7 +81,12 @@ def web(host: str | None, port: int | None, workers: int, threads: int | None, a
 
 @main.command()
 @click.option("--queues", default="cpu", show_default=True, help="comma-separated: gpu, cpu, inference")
-@click.option("--gpu", "gpu", default=None, help="pin to this GPU index (sets CUDA_VISIBLE_DEVICES)")
+@click.option(
+    "--gpu",
+    "gpu",
+    default=None,
+    help="pin to these GPU indices (sets CUDA_VISIBLE_DEVICES; 0,1 for a train job with devices: 2)",
+)
 @click.option(
     "--pool",
     type=click.Choice(["solo", "threads", "prefork"]),

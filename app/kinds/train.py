@@ -5,7 +5,8 @@ epoch and registers the result as a new model version.
 `ensemble: N` trains N members (seed + i) as units of work any worker on the queue takes;
 `augment: {"random_smiles": n}` adds n random SMILES of each training molecule per epoch;
 `init_from: "name@version"` starts an RNN from a `pretrain` language model (its embedding,
-recurrent weights and vocabulary)."""
+recurrent weights and vocabulary); `devices: N` trains with DistributedDataParallel on N
+devices of one worker (workers/ml/distributed.py), batch_size being the global batch."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from app.models import MAX_ID, Dataset
 from app.registry import ModelNotFound, resolve_ref
 from app.workers_registry import gpu_worker_check
 
+MAX_DEVICES = 8  # DistributedDataParallel ranks on one worker (workers/ml/distributed.py)
 MODEL_NAME = validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", error="letters, digits, '.', '_', '-' (max 128)")
 RNN_PARAMS = user_params("rnn")  # cell, embedding_dim, hidden_size, num_layers, bidirectional, dropout
 CNN_PARAMS = user_params("cnn")  # channels, kernel_size, hidden, dropout, batch_norm, pool_to
@@ -112,6 +114,14 @@ class TrainSpec(Schema):
         validate=validate.Range(min=1, max=10),
         metadata={"description": "members trained with seeds seed..seed+N-1, registered as one version"},
     )
+    devices = StrictInteger(
+        load_default=1,
+        validate=validate.Range(min=1, max=MAX_DEVICES),
+        metadata={
+            "description": "train with DistributedDataParallel on this many devices of one worker (GPUs "
+            "cuda:0..N-1, or N CPU processes); batch_size is the global batch, split across them"
+        },
+    )
     augment = fields.Nested(AugmentSpec, load_default=None, allow_none=True)
     init_from = fields.String(
         load_default=None,
@@ -152,8 +162,26 @@ class TrainSpec(Schema):
             errors["init_from"] = ["init_from starts an RNN from a SMILES language model; arch cnn cannot use it"]
         if arch == "cnn" and (data.get("augment") or {}).get("random_smiles"):
             errors["augment"] = ["random-SMILES augmentation needs SMILES data; arch cnn trains on images"]
+        devices_problem = _devices_problem(data)
+        if devices_problem:
+            errors["devices"] = [devices_problem]
         if errors:
             raise ValidationError(errors)
+
+
+def _devices_problem(data: dict[str, Any]) -> str | None:
+    """Why `devices` does not fit the rest of the spec, or None."""
+    devices, batch_size = data.get("devices", 1), data.get("batch_size", 64)
+    if not isinstance(devices, int) or devices <= 1:
+        return None
+    if (data.get("ensemble") or 1) > 1:
+        return f"devices {devices} with ensemble {data['ensemble']} is not supported; use one of them"
+    if isinstance(batch_size, int) and batch_size % devices:
+        return (
+            f"batch_size {batch_size} is the global batch, split across the {devices} devices: "
+            f"it must be a multiple of devices (e.g. {max(devices, batch_size - batch_size % devices)})"
+        )
+    return None
 
 
 def limits(settings: Settings) -> TrainLimits:

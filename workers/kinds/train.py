@@ -333,9 +333,12 @@ def run_single(ctx: JobContext, spec: Spec) -> JobResult:
     model = build_member(spec, data, spec["seed"], pretrained)
     cfg = train_config(spec, spec["seed"])
     device = resolve_device(cfg.device)
+    devices = int(spec.get("devices") or 1)
+    on = f"{devices} x {device.type}" if devices > 1 else str(device)
     ctx.log(
-        f"training {spec['arch']} on {device} ({sum(p.numel() for p in model.parameters())} parameters)",
+        f"training {spec['arch']} on {on} ({sum(p.numel() for p in model.parameters())} parameters)",
         device=str(device),
+        devices=devices,
         rows=data.info,
         init_from=spec.get("init_from_version"),
     )
@@ -351,16 +354,31 @@ def run_single(ctx: JobContext, spec: Spec) -> JobResult:
 
     started = time.monotonic()
     try:
-        outcome = fit(
-            model,
-            data,
-            cfg,
-            checkpoint_path=ctx.job_dir() / "checkpoint.pt",
-            on_epoch=on_epoch,
-            on_progress=on_progress,
-            should_stop=ctx.should_stop,
-            on_resume=on_resume,
-        )
+        if devices > 1:  # DDP over `devices` rank processes; this process keeps the lease and reports
+            from workers.ml.distributed import fit_on_devices
+
+            outcome = fit_on_devices(
+                model,
+                data,
+                cfg,
+                devices,
+                checkpoint_path=ctx.job_dir() / "checkpoint.pt",
+                on_epoch=on_epoch,
+                on_progress=on_progress,
+                should_stop=ctx.should_stop,
+                on_resume=on_resume,
+            )
+        else:
+            outcome = fit(
+                model,
+                data,
+                cfg,
+                checkpoint_path=ctx.job_dir() / "checkpoint.pt",
+                on_epoch=on_epoch,
+                on_progress=on_progress,
+                should_stop=ctx.should_stop,
+                on_resume=on_resume,
+            )
     except TrainingCancelled:
         ctx.check_cancel()  # raises JobCancelled (or JobLost)
         raise JobCancelled() from None
@@ -374,6 +392,7 @@ def run_single(ctx: JobContext, spec: Spec) -> JobResult:
         "best_epoch": outcome.get("best_epoch"),
         "stopped_early": outcome.get("stopped_early"),
         "device": str(device),
+        **({"devices": devices, "train_devices": outcome.get("device")} if devices > 1 else {}),
         "data": data.info,
         "train_seconds": round(train_seconds, 3),
     }

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from app.artifacts import open_read, open_write
 
 from .data import Batch, EpochBatchSampler, PreparedData, make_loader
 from .heads import Head, MetricMode
+
+if TYPE_CHECKING:
+    from .distributed import Rank
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "step", "plateau")
@@ -340,6 +343,7 @@ def fit(
     on_progress: Callable[[float, str, float | None], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_resume: Callable[[list[dict[str, Any]]], None] | None = None,
+    distributed: Rank | None = None,
 ) -> dict[str, Any]:
     """Train `model` for cfg.epochs epochs in total, resuming from `checkpoint_path`.
     on_resume(history) is called once after a resume with the checkpoint's per-epoch metrics
@@ -351,11 +355,17 @@ def fit(
     {"test", "val", "history", "best_epoch", "epochs_trained", "stopped_early", "device"}.
     Raises TrainingCancelled when should_stop() turns True; the last completed epoch's
     checkpoint remains and a later call continues from it.
+
+    `distributed`: this process is one rank of a DistributedDataParallel run
+    (workers/ml/distributed.py): it trains on its share of every global batch, rank 0 alone
+    validates (and shares the result), writes checkpoints and evaluates at the end (the other
+    ranks return empty val/test).
     """
     head = head or data.head
     device = resolve_device(cfg.device)
     amp = autocast_dtype_for(device)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed if distributed is None else cfg.seed + distributed.rank)  # rank 0 draws as one process
+    main = distributed is None or distributed.is_main
     model.to(device)
 
     has_val = data.val is not None and len(data.val) > 0
@@ -379,6 +389,8 @@ def fit(
         )
         for k, ds in data.splits().items()
     }
+    if distributed is not None:
+        loaders["train"] = distributed.train_loader(data.train, cfg)
 
     state = _FitState(epoch=0, best_score=None, best_epoch=0, bad_epochs=0, stopped_early=False, history=[])
     best_state: dict[str, torch.Tensor] | None = None
@@ -393,8 +405,11 @@ def fit(
             history=ckpt["history"],
         )
         best_state = ckpt.get("best_model")
+        if distributed is not None:
+            distributed.restore_rng(ckpt)
         if on_resume is not None:
             on_resume(list(state["history"]))
+    train_model = model if distributed is None else distributed.wrap(model)
 
     start_epoch, t_start = state["epoch"], time.monotonic()
     total_epochs = cfg.epochs
@@ -426,7 +441,7 @@ def fit(
                 report((epoch - 1 + i / n) / total_epochs, f"epoch {epoch}/{total_epochs}, batch {i}/{n}")
 
         train_loss = train_one_epoch(
-            model,
+            train_model,
             loaders["train"],
             optimizer,
             head,
@@ -436,13 +451,17 @@ def fit(
             grad_clip=cfg.grad_clip,
             on_batch=on_batch,
         )
+        if distributed is not None:
+            train_loss = distributed.mean(train_loss)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training diverged at epoch {epoch} (loss {train_loss}); lower lr")
         val = (
             evaluate(model, loaders["val"], head, device, autocast_dtype=amp, should_stop=should_stop)
-            if has_val
+            if has_val and main
             else {}
         )
+        if distributed is not None:
+            val = distributed.share(val)
         score = val.get(monitor) if has_val else train_loss
         if _improved(score, state["best_score"], mode):
             state["best_score"], state["best_epoch"], state["bad_epochs"] = score, epoch, 0
@@ -469,9 +488,11 @@ def fit(
         state["epoch"] = epoch
         state["history"].append(metrics)
         if checkpoint_path is not None:
-            save_checkpoint(
-                checkpoint_path, epoch_checkpoint(model, optimizer, scheduler, best_state, state, cfg, device)
-            )
+            checkpoint = epoch_checkpoint(model, optimizer, scheduler, best_state, state, cfg, device)
+            if distributed is not None:
+                checkpoint["rng"]["ranks"] = distributed.rng_states()
+            if main:
+                save_checkpoint(checkpoint_path, checkpoint)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         last_report[0] = time.monotonic()
@@ -479,10 +500,14 @@ def fit(
 
     if best_state is not None:
         model.load_state_dict(best_state)
-    val = evaluate(model, loaders["val"], head, device, autocast_dtype=amp, should_stop=should_stop) if has_val else {}
+    val = (
+        evaluate(model, loaders["val"], head, device, autocast_dtype=amp, should_stop=should_stop)
+        if has_val and main
+        else {}
+    )
     test = (
         evaluate(model, loaders["test"], head, device, autocast_dtype=amp, should_stop=should_stop)
-        if "test" in loaders
+        if "test" in loaders and main
         else {}
     )
     return {
