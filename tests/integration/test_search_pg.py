@@ -13,7 +13,7 @@ from sqlalchemy import select, text
 
 from app import workers_registry
 from app.db import Database
-from app.models import Job, JobState, ModelVersion, ScoreShard, ShardState
+from app.models import Job, JobEvent, JobState, ModelVersion, ScoreShard, ShardState
 from tests.conftest import ApiClient, wait_until
 from tests.integration.test_training_e2e import upload_file
 from tests.unit.test_sessions import login
@@ -56,7 +56,12 @@ def test_a_search_on_two_workers_survives_a_killed_worker_and_registers_the_best
         "hidden_size": {"type": "int", "low": 8, "high": 32, "step": 8},
         "dropout": {"type": "float", "low": 0.0, "high": 0.5},
     }
-    job = pg_api.submit("search", {"train": train, "space": space, "budget": {"trials": TRIALS}, "metric": "rmse"})
+    # No pruning before epoch 2: every trial runs past its first epoch, the window in which the
+    # other worker's trial is killed (a trial pruned at epoch 1 on a tiny dataset ends at once).
+    job = pg_api.submit(
+        "search",
+        {"train": train, "space": space, "budget": {"trials": TRIALS}, "metric": "rmse", "min_resource": 2},
+    )
 
     db = Database(pg_settings.sqlalchemy_url)
     try:
@@ -72,9 +77,18 @@ def test_a_search_on_two_workers_survives_a_killed_worker_and_registers_the_best
                         ScoreShard.job_id == job["id"], ScoreShard.state == ShardState.running
                     )
                 ).all()
+                # past its first epoch: the trial reported a metric (its curve reaches the slot's
+                # row only with the next heartbeat)
+                reported = {
+                    (data or {}).get("slot")
+                    for data in s.scalars(
+                        select(JobEvent.data).where(JobEvent.job_id == job["id"], JobEvent.type == "metric")
+                    )
+                }
             for index, worker, stats in rows:
-                if worker and worker != parent and worker.split(":")[-1] in by_pid and (stats or {}).get("curve"):
-                    return index, worker, stats["trial"]
+                if worker and worker != parent and worker.split(":")[-1] in by_pid and index in reported:
+                    if "trial" in (stats or {}):
+                        return index, worker, stats["trial"]
             return None
 
         index, worker, trial = wait_until(victim, 60, interval=0.05, what="a trial past an epoch on the other worker")
