@@ -78,6 +78,58 @@ def publish_pending(ctx: Any, queue: str) -> None:
         dispatch.publish(ctx.celery, ctx.db, leases.SHARDS, [((ctx.job_id, i), queue) for i in pending[1:]])
 
 
+def run_unit_job(
+    ctx: Any,
+    *,
+    count: int,
+    queue: str,
+    summary: Callable[[], dict[str, Any]],
+    run_claimed: Callable[[Claim, Callable[[], None]], str],
+    share: float,
+    label: str,
+    unit: str,
+    units: str,
+    max_attempts: int,
+) -> None:
+    """A parent job made of `count` units (ensemble members, search trials): create them
+    (once across attempts), publish the pending ones on `queue`, and drive them to the end
+    (`drive_units`), reporting `share` x their mean progress as the job's, with `label`
+    ("ensemble members") in the message and `<units>_done/_running/_total` in the event.
+    `run_claimed(claim, on_progress)` runs one claimed unit in this process and calls
+    `on_progress()` as it goes."""
+    from workers.runtime import JobLost
+
+    with ctx.db.session() as s:
+        created = shards.create_shards(s, ctx.job_id, [(i, i, None) for i in range(count)])
+    ctx.log(f"{count} {label}", **{units: count}, created=created)
+    publish_pending(ctx, queue)
+
+    def report(force: bool = False) -> dict[str, Any]:
+        summ = summary()
+        ctx.progress(
+            share * summ["fraction"],
+            f"{label} done {summ['done']}/{summ[units]}, running {summ['running']}",
+            force=force,
+            **{f"{units}_done": summ["done"], f"{units}_running": summ["running"], f"{units}_total": summ[units]},
+        )
+        return summ
+
+    def on_progress() -> None:
+        with contextlib.suppress(JobLost):  # ctx.should_stop() is now True: the unit stops
+            report()
+
+    report(force=True)
+    drive_units(
+        ctx,
+        run_claimed=lambda claim: run_claimed(claim, on_progress),
+        summary=report,
+        unit=unit,
+        units=units,
+        max_attempts=max_attempts,
+    )
+    report(force=True)
+
+
 def drive_units(
     ctx: Any,
     *,

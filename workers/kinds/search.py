@@ -18,7 +18,6 @@ not fatal. The parent then registers the best complete trial as a version of the
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
@@ -48,7 +47,7 @@ from workers.kinds.train import (
     train_config,
 )
 from workers.runtime import JobContext
-from workers.units import claim_for_message, drive_units, publish_pending, release_failed
+from workers.units import claim_for_message, release_failed, run_unit_job
 
 if TYPE_CHECKING:
     import optuna
@@ -404,37 +403,19 @@ def run(ctx: JobContext, spec: Spec) -> JobResult:
         if spec["budget"].get("time_s") and "deadline" not in study.user_attrs:
             study.set_user_attr("deadline", time.time() + spec["budget"]["time_s"])
         job = SearchJob.load(db, ctx.settings, ctx.job_id)
-        with db.session() as s:
-            created = shards.create_shards(s, ctx.job_id, [(i, i, None) for i in range(n)])
-        ctx.log(f"searching {len(spec['space'])} parameters over {n} trials", trials=n, created=created)
-        publish_pending(ctx, job.queue)
-
-        def report(force: bool = False) -> dict[str, Any]:
-            summ = slot_summary(db, ctx.job_id)
-            ctx.progress(
-                0.97 * summ["fraction"],
-                f"trials done {summ['done']}/{summ['trials']}, running {summ['running']}",
-                force=force,
-                trials_done=summ["done"],
-                trials_running=summ["running"],
-                trials_total=summ["trials"],
-            )
-            return summ
-
-        def on_trial_progress() -> None:
-            with contextlib.suppress(JobLost):  # ctx.should_stop() is now True: the trial stops
-                report()
-
-        report(force=True)
-        drive_units(
+        ctx.log(f"searching {len(spec['space'])} parameters")
+        run_unit_job(
             ctx,
-            run_claimed=lambda claim: train_trial(job, claim, ctx.should_stop, on_progress=on_trial_progress),
-            summary=report,
+            count=n,
+            queue=job.queue,
+            summary=lambda: slot_summary(db, ctx.job_id),
+            run_claimed=lambda claim, on_progress: train_trial(job, claim, ctx.should_stop, on_progress=on_progress),
+            share=0.97,
+            label="trials",
             unit="trial",
             units="trials",
             max_attempts=job.max_attempts,
         )
-        report(force=True)
         fail_running_trials(study)
         return register_best(ctx, job, study, started)
     except JobLost:

@@ -15,7 +15,6 @@ and registers one version. See `run_ensemble` and `train_member`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import uuid
@@ -34,7 +33,7 @@ from app.modelconfig import resolve_split
 from app.models import Dataset, ModelVersion
 from workers.kinds import JobResult
 from workers.runtime import JobContext
-from workers.units import UnitJob, claim_for_message, drive_units, publish_pending, release_failed
+from workers.units import UnitJob, claim_for_message, release_failed, run_unit_job
 
 if TYPE_CHECKING:
     import torch
@@ -593,37 +592,19 @@ def run_ensemble(ctx: JobContext, spec: Spec) -> JobResult:
     try:
         ctx.progress(0.0, f"training {n} ensemble members", force=True)
         job = MemberJob.load(db, ctx.settings, ctx.job_id)
-        with db.session() as s:
-            created = shards.create_shards(s, ctx.job_id, [(i, i, None) for i in range(n)])
-        ctx.log(f"{n} ensemble members, seeds {spec['seed']}..{spec['seed'] + n - 1}", members=n, created=created)
-        publish_pending(ctx, job.queue)
-
-        def report(force: bool = False) -> dict[str, Any]:
-            summ = member_summary(db, ctx.job_id)
-            ctx.progress(
-                0.98 * summ["fraction"],
-                f"ensemble members done {summ['done']}/{summ['members']}, running {summ['running']}",
-                force=force,
-                members_done=summ["done"],
-                members_running=summ["running"],
-                members_total=summ["members"],
-            )
-            return summ
-
-        def on_member_progress() -> None:
-            with contextlib.suppress(JobLost):  # ctx.should_stop() is now True: the member stops
-                report()
-
-        report(force=True)
-        drive_units(
+        ctx.log(f"ensemble seeds {spec['seed']}..{spec['seed'] + n - 1}")
+        run_unit_job(
             ctx,
-            run_claimed=lambda claim: train_member(job, claim, ctx.should_stop, on_progress=on_member_progress),
-            summary=report,
+            count=n,
+            queue=job.queue,
+            summary=lambda: member_summary(db, ctx.job_id),
+            run_claimed=lambda claim, on_progress: train_member(job, claim, ctx.should_stop, on_progress=on_progress),
+            share=0.98,
+            label="ensemble members",
             unit="ensemble member",
             units="members",
             max_attempts=job.max_attempts,
         )
-        report(force=True)
         return assemble_ensemble(ctx, job, started)
     except JobLost:
         raise
