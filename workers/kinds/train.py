@@ -353,31 +353,19 @@ def run_single(ctx: JobContext, spec: Spec) -> JobResult:
 
     started = time.monotonic()
     try:
+        fitting: dict[str, Any] = {
+            "checkpoint_path": ctx.job_dir() / "checkpoint.pt",
+            "on_epoch": on_epoch,
+            "on_progress": on_progress,
+            "should_stop": ctx.should_stop,
+            "on_resume": on_resume,
+        }
         if devices > 1:  # DDP over `devices` rank processes; this process keeps the lease and reports
             from workers.ml.distributed import fit_on_devices
 
-            outcome = fit_on_devices(
-                model,
-                data,
-                cfg,
-                devices,
-                checkpoint_path=ctx.job_dir() / "checkpoint.pt",
-                on_epoch=on_epoch,
-                on_progress=on_progress,
-                should_stop=ctx.should_stop,
-                on_resume=on_resume,
-            )
+            outcome = fit_on_devices(model, data, cfg, devices, **fitting)
         else:
-            outcome = fit(
-                model,
-                data,
-                cfg,
-                checkpoint_path=ctx.job_dir() / "checkpoint.pt",
-                on_epoch=on_epoch,
-                on_progress=on_progress,
-                should_stop=ctx.should_stop,
-                on_resume=on_resume,
-            )
+            outcome = fit(model, data, cfg, **fitting)
     except TrainingCancelled:
         ctx.check_cancel()  # raises JobCancelled (or JobLost)
         raise JobCancelled() from None
