@@ -79,8 +79,35 @@
     window.location.href = "/login?next=" + encodeURIComponent(window.location.pathname + window.location.search);
   }
 
+  // The epoch-curve charts of the job and compare pages: one uPlot series per label, in
+  // these colours (the compare page's runs table uses the same swatches).
+  var CURVE_COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#be185d", "#4d7c0f"];
+
+  function curveColor(i) { return CURVE_COLORS[i % CURVE_COLORS.length]; }
+
+  function curveChartOptions(labels, width, pointSize) {
+    return {
+      width: width, height: 260,
+      scales: {x: {time: false}},
+      legend: {live: true},
+      cursor: {drag: {x: false, y: false}},
+      axes: [
+        {label: "epoch", stroke: "#475569", grid: {stroke: "#e2e8f0", width: 1}, ticks: {stroke: "#cbd5e1"},
+         incrs: [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000]},
+        {stroke: "#475569", grid: {stroke: "#e2e8f0", width: 1}, ticks: {stroke: "#cbd5e1"}, size: 60,
+         values: function (u, vals) { return vals.map(function (v) { return v === null ? "" : fmtNumber(v); }); }}
+      ],
+      series: [{label: "epoch"}].concat(labels.map(function (label, i) {
+        return {label: label, stroke: curveColor(i), width: 2, spanGaps: true,
+                points: {show: true, size: pointSize, fill: curveColor(i)},
+                value: function (u, v) { return v === null || v === undefined ? "—" : fmtNumber(v); }};
+      }))
+    };
+  }
+
   window.MedMaaS = {
     humanDuration: humanDuration, age: age, clock: clock, jobDuration: jobDuration, percent: percent,
-    fmtNumber: fmtNumber, el: el, badge: badge, getJSON: getJSON, signedOut: signedOut, parseTime: parseTime
+    fmtNumber: fmtNumber, el: el, badge: badge, getJSON: getJSON, signedOut: signedOut, parseTime: parseTime,
+    curveColor: curveColor, curveChartOptions: curveChartOptions
   };
 })();

@@ -1,35 +1,13 @@
 /* Compare runs: one uPlot chart per metric with one line per run, overlaid on the union of
    their epochs. The data is the page's embedded JSON (GET /api/v1/jobs/compare's answer);
-   the colours are the job page's (static/js/job.js) and the runs table's swatches. */
+   the chart options and colours are common.js's, matching the runs table's swatches. */
 (function () {
   "use strict";
   var M = window.MedMaaS;
   var node = document.getElementById("compare-data");
   if (!node || typeof window.uPlot !== "function") return;
   var data = JSON.parse(node.textContent);
-  var COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#be185d", "#4d7c0f"];
   var plots = [];
-
-  function options(width) {
-    return {
-      width: width, height: 260,
-      scales: {x: {time: false}},
-      legend: {live: true},
-      cursor: {drag: {x: false, y: false}},
-      axes: [
-        {label: "epoch", stroke: "#475569", grid: {stroke: "#e2e8f0", width: 1}, ticks: {stroke: "#cbd5e1"},
-         incrs: [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000]},
-        {stroke: "#475569", grid: {stroke: "#e2e8f0", width: 1}, ticks: {stroke: "#cbd5e1"}, size: 60,
-         values: function (u, vals) { return vals.map(function (v) { return v === null ? "" : M.fmtNumber(v); }); }}
-      ],
-      series: [{label: "epoch"}].concat(data.jobs.map(function (job, i) {
-        var colour = COLORS[i % COLORS.length];
-        return {label: job.label || "#" + job.id, stroke: colour, width: 2, spanGaps: true,
-                points: {show: true, size: 5, fill: colour},
-                value: function (u, v) { return v === null || v === undefined ? "—" : M.fmtNumber(v); }};
-      }))
-    };
-  }
 
   function draw(host) {
     var key = host.getAttribute("data-metric");
@@ -44,7 +22,8 @@
       return xValues.map(function (x) { return x in byX ? byX[x] : null; });
     });
     var width = Math.max(240, host.clientWidth || host.parentNode.clientWidth || 300);
-    plots.push({host: host, plot: new window.uPlot(options(width), [xValues].concat(columns), host)});
+    var labels = data.jobs.map(function (job) { return job.label || "#" + job.id; });
+    plots.push({host: host, plot: new window.uPlot(M.curveChartOptions(labels, width, 5), [xValues].concat(columns), host)});
     var drawn = data.jobs.filter(function (job) { return (job.curves[key] || []).length > 0; });
     host.setAttribute("data-series", String(drawn.length));
     host.setAttribute("data-jobs", drawn.map(function (job) { return job.id; }).join(","));

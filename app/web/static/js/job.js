@@ -133,7 +133,6 @@
   // learning rate) stay in the events log.
   var SKIP = {epoch: 1, step: 1, attempt: 1, lr: 1, batch: 1, global_step: 1, eta_s: 1};
   function isCurve(k) { return !SKIP[k] && !/(^best_|epoch|_s$|_seconds$|_sec$|_time$|^time)/.test(k); }
-  var COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#be185d", "#4d7c0f"];
   var charts = {};
   var renderPending = false;
 
@@ -161,26 +160,6 @@
     if (!renderPending) { renderPending = true; requestAnimationFrame(renderMetrics); }
   }
 
-  function chartOptions(keys, width) {
-    return {
-      width: width, height: 260,
-      scales: {x: {time: false}},
-      legend: {live: true},
-      cursor: {drag: {x: false, y: false}},
-      axes: [
-        {label: "epoch", stroke: "#475569", grid: {stroke: "#e2e8f0", width: 1}, ticks: {stroke: "#cbd5e1"},
-         incrs: [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000]},
-        {stroke: "#475569", grid: {stroke: "#e2e8f0", width: 1}, ticks: {stroke: "#cbd5e1"}, size: 60,
-         values: function (u, vals) { return vals.map(function (v) { return v === null ? "" : M.fmtNumber(v); }); }}
-      ],
-      series: [{label: "epoch"}].concat(keys.map(function (k, i) {
-        return {label: k, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true,
-                points: {show: true, size: 6, fill: COLORS[i % COLORS.length]},
-                value: function (u, v) { return v === null || v === undefined ? "—" : M.fmtNumber(v); }};
-      }))
-    };
-  }
-
   function drawChart(name, keys, xs) {
     var host = document.getElementById("chart-" + name);
     var figure = host.parentNode;
@@ -200,7 +179,7 @@
     } else {
       if (chart) chart.plot.destroy();
       host.replaceChildren();
-      charts[name] = {signature: signature, plot: new window.uPlot(chartOptions(keys, width), data, host)};
+      charts[name] = {signature: signature, plot: new window.uPlot(M.curveChartOptions(keys, width, 6), data, host)};
     }
     host.setAttribute("data-points", String(points));
     host.setAttribute("data-series", signature);
