@@ -18,6 +18,7 @@ test-deploy:      ## the deployment tests only (compose file, Dockerfile, standa
 
 compose-config:   ## validate docker-compose.yml (placeholder secrets unless set)
 	POSTGRES_PASSWORD=$${POSTGRES_PASSWORD:-check} MEDMAAS_SECRET_KEY=$${MEDMAAS_SECRET_KEY:-check} \
+	MINIO_ROOT_PASSWORD=$${MINIO_ROOT_PASSWORD:-check-minio} \
 		docker compose -f docker-compose.yml config --quiet && echo "docker-compose.yml is valid"
 
 lint-docker:      ## hadolint the Dockerfile

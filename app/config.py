@@ -36,6 +36,13 @@ class Settings:
     database_url: str = ""  # default: SQLite under home
     broker_url: str = "redis://127.0.0.1:6379/0"
     artifact_root: str = ""  # default: home/artifacts
+    # The artifacts' store of record: "" or file:// = the directory above; s3://bucket/prefix = an
+    # S3-compatible object store (app/storage.py), the directory above then only this host's cache and scratch
+    artifact_store: str = ""
+    s3_endpoint_url: str = ""  # "" = botocore's AWS_ENDPOINT_URL, else AWS itself; credentials: AWS env or profile
+    s3_presigned_downloads: bool = False  # downloads of plaintext files redirect to a presigned store URL
+    s3_presign_expiry_s: int = 300
+    s3_cache_max_age_s: float = 24 * 3600.0  # a host's cached copy unused this long is dropped (0: kept)
     secret_key: str = ""  # default: generated and stored under home
     max_upload_bytes: int = 2 * 1024**3
     max_json_bytes: int = 1 * 1024**2
@@ -117,6 +124,10 @@ class Settings:
             from app.crypto import parse_master_key
 
             parse_master_key(self.encryption_key)  # a malformed key stops startup with the reason
+        if self.artifact_store:
+            from app.storage import parse_store_url
+
+            parse_store_url(self.artifact_store)  # a malformed store URL stops startup with the reason
         if self.scoring_backend not in ("auto", "onnx", "torch"):
             raise ValueError(f"MEDMAAS_SCORING_BACKEND must be auto, onnx or torch, not {self.scoring_backend!r}")
 

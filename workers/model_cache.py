@@ -10,6 +10,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from app import artifacts
+
 _lock = threading.Lock()
 _cache: OrderedDict[tuple[Path, str, str], Any] = OrderedDict()
 stats = {"hits": 0, "loads": 0}
@@ -17,7 +19,7 @@ stats = {"hits": 0, "loads": 0}
 
 def _drop_erased() -> None:
     """Forget models whose bundle directory no longer exists (call with the lock held)."""
-    for key in [k for k in _cache if not k[0].is_dir()]:
+    for key in [k for k in _cache if not artifacts.still_exists(k[0])]:
         del _cache[key]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ def remove_scratch(settings: Settings, tenant_id: int, job_id: int, *, only_if_e
     unit of an ended job may have re-created)."""
     path = scratch_dir(settings, tenant_id, job_id)
     if not only_if_empty:
-        shutil.rmtree(path, ignore_errors=True)
+        artifacts.remove(path)
         return
     subdirs = sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
     for sub in [*subdirs, path]:  # deepest first; a directory with files in it stays

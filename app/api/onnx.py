@@ -7,12 +7,11 @@ outputs (workers/ml/onnx_export.py documents them)."""
 
 from __future__ import annotations
 
-from flask import send_file
 from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
 
 from app.api import db_session, requires, settings, tenant_id
-from app.artifacts import sendable
+from app.artifacts import send_artifact
 from app.models import KeyRole
 from app.stores import onnx as onnx_store
 
@@ -42,6 +41,6 @@ def version_onnx(name: str, version: int) -> ResponseReturnValue:
     """Download the version's model.onnx. 404 `onnx_not_exported` says why a version has none
     (registered before exports, or its export failed the 1e-4 check)."""
     onnx = onnx_store.onnx_file(db_session(), settings(), tenant_id(), name, version)
-    return send_file(
-        sendable(onnx.path), as_attachment=True, download_name=onnx.download_name, mimetype="application/octet-stream"
+    return send_artifact(
+        onnx.path, settings(), as_attachment=True, download_name=onnx.download_name, mimetype="application/octet-stream"
     )

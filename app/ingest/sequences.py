@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from app import artifacts
 from app.artifacts import open_read, open_write
 from app.chem import canonical_smiles, quiet_rdkit
 
@@ -127,8 +128,7 @@ def ingest_sequences(
         _second_pass(raw_path, out_path, kept, types, col_stats)
     finally:
         for leftover in (raw_path, out_path + ".tmp"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
+            artifacts.remove(leftover)
 
     classes = {c: col_stats[c].classes() for c in kept if types[c] != "float"}
     label_types = {c: "float" if types[c] == "float" else "category" for c in kept}

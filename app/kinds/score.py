@@ -17,11 +17,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from flask import Response, jsonify, send_file
+from flask import Response, jsonify
 from marshmallow import Schema, fields, validate
 from sqlalchemy import select
 
-from app.artifacts import job_dir, open_read, sendable
+from app import artifacts
+from app.artifacts import job_dir, open_stream, send_artifact
 from app.config import Settings
 from app.errors import ApiError
 from app.fields import StrictBoolean, StrictFloat, StrictInteger
@@ -201,7 +202,7 @@ def csv_from_parquet(path: Path, chunk_rows: int = 65_536) -> Iterator[bytes]:
     text cells that would run as spreadsheet formulas are escaped (csv_safe)."""
     import pyarrow.parquet as pq
 
-    with open_read(path) as fh:
+    with open_stream(path) as fh:  # from an object store: read from it, not fetched whole first
         yield from _csv_batches(pq.ParquetFile(fh), chunk_rows)
 
 
@@ -229,16 +230,17 @@ def render_result(job: Job, args: Mapping[str, str], settings: Settings) -> Any:
         raise ApiError(400, f"format must be one of {', '.join(FORMATS)} or json", "bad_request")
     paths = score_files(job_dir(settings, job.tenant_id, job.id))
     name = f"job-{job.id}-scores.{fmt}"
-    if paths[fmt].exists():
-        return send_file(
-            sendable(paths[fmt]),
+    if artifacts.exists(paths[fmt]):
+        return send_artifact(
+            paths[fmt],
+            settings,
             mimetype=MEDIA_TYPES[fmt],
             as_attachment=True,
             download_name=name,
             max_age=0,
             conditional=True,
         )
-    if fmt == "csv" and paths["parquet"].exists():  # output=parquet, CSV asked for: convert while streaming
+    if fmt == "csv" and artifacts.exists(paths["parquet"]):  # output=parquet, CSV asked for: convert while streaming
         return Response(
             csv_from_parquet(paths["parquet"]),
             mimetype=MEDIA_TYPES["csv"],

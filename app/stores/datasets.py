@@ -17,6 +17,7 @@ from sqlalchemy import delete as delete_rows
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app import artifacts
 from app import jobs as state_machine
 from app.artifacts import ArtifactStore, save_stream
 from app.config import Settings
@@ -181,7 +182,7 @@ def fill_from_report(ds: Dataset, report: IngestReport, uri: str) -> None:
     ds.rows, ds.invalid_rows, ds.invalid_samples = report.rows, report.invalid_rows, report.invalid_samples
     ds.schema = report.schema
     ds.stats = {**report.stats, "warnings": report.warnings}
-    ds.data_uri = Path(report.data_path).resolve().as_uri() if report.data_path else uri
+    ds.data_uri = artifacts.url_of(report.data_path) if report.data_path else uri
     ds.status, ds.error = DatasetStatus.ready, None
 
 
@@ -302,7 +303,7 @@ def delete(session: Session, settings: Settings, tenant_id: int, dataset_id: int
     erasure.refuse_while_used(session, f"Dataset {dataset_id}", jobs_using(session, tenant_id, dataset_id))
     uri, data_uri = session.execute(select(Dataset.uri, Dataset.data_uri).where(Dataset.id == dataset_id)).one()
     session.execute(delete_rows(Dataset).where(Dataset.id == dataset_id))
-    store = ArtifactStore(settings.artifacts)
+    store = ArtifactStore.from_settings(settings)
     trash = erasure.Trash(settings, tenant_id)
     for entry in {erasure.area_entry(store, tenant_id, "datasets", u) for u in (uri, data_uri)}:
         trash.move(entry)

@@ -14,10 +14,16 @@ more); after the commit the trash entry is removed, and a failure there is logge
 raised. If the commit fails the directories are moved back. A crash between the rename and
 the commit leaves a row without its files (an object that was being erased); a crash after
 the commit leaves a trash entry that nothing points at, swept by a later erasure.
+
+On an object store (MEDMAAS_ARTIFACT_STORE=s3://...) nothing can be renamed: before the
+commit a marker object naming the entry is written into the tenant's trash prefix; after
+the commit the entry's objects (and this host's cached copies) are deleted, then the marker.
+If the commit fails the markers go; a marker a crash left behind is swept like a trash entry.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -33,6 +39,7 @@ from sqlalchemy.orm import Session
 from app.artifacts import ArtifactStore
 from app.config import Settings
 from app.models import Job, JobState
+from app.storage import ObjectStore
 from app.stores.errors import Conflict
 
 log = logging.getLogger(__name__)
@@ -99,9 +106,10 @@ class Trash:
     removed after it (or moved back when the commit fails)."""
 
     def __init__(self, settings: Settings, tenant_id: int) -> None:
-        self.store = ArtifactStore(settings.artifacts)
+        self.store = ArtifactStore.from_settings(settings)
         self.tenant_id = tenant_id
         self.moved: list[tuple[Path, Path]] = []
+        self.marked: list[tuple[Path, Path]] = []  # object store: (entry, its marker)
 
     @property
     def dir(self) -> Path:
@@ -117,6 +125,10 @@ class Trash:
         if not path.resolve().is_relative_to(tenant_root) or path.resolve() == tenant_root:
             log.warning("erasure: not moving %s, outside tenant %s's artifacts", path, self.tenant_id)
             return
+        remote = self.store.remote
+        if remote is not None:
+            self._mark(remote, path)
+            return
         if not os.path.lexists(path):
             return
         dest = self.dir / uuid.uuid4().hex
@@ -129,7 +141,24 @@ class Trash:
             dest = path
         self.moved.append((path, dest))
 
+    def _mark(self, remote: ObjectStore, path: Path) -> None:
+        if not remote.exists(path):
+            remote.drop_local(path)
+            return
+        marker = self.dir / f"{uuid.uuid4().hex}.json"
+        rel = path.resolve().relative_to(self.store.root).as_posix()
+        remote.put_bytes(marker, json.dumps({"entry": rel}).encode())
+        self.marked.append((path, marker))
+
     def restore(self) -> None:
+        remote = self.store.remote
+        for _entry, marker in self.marked:
+            try:
+                if remote is not None:
+                    remote.remove(marker)
+            except OSError:
+                log.exception("erasure: could not remove the trash marker %s", marker)
+        self.marked.clear()
         for original, dest in reversed(self.moved):
             if dest == original:
                 continue
@@ -144,12 +173,35 @@ class Trash:
         for _original, dest in self.moved:
             _remove(dest)
         self.moved.clear()
+        remote = self.store.remote
+        if remote is not None:
+            self._purge_marked(remote)
+            return
         try:
             old = [p for p in self.dir.iterdir() if time.time() - p.lstat().st_mtime > TRASH_SWEEP_AGE_S]
         except OSError:
             return
         for path in old:
             _remove(path)
+
+    def _purge_marked(self, remote: ObjectStore) -> None:
+        entries = list(self.marked)
+        self.marked.clear()
+        try:
+            for marker, info in remote.files(self.dir).items():
+                modified = info.get("LastModified")
+                if modified is not None and time.time() - modified.timestamp() > TRASH_SWEEP_AGE_S:
+                    rel = json.loads(remote.get_bytes(marker))["entry"]
+                    entries.append((self.store.root / rel, marker))
+        except (OSError, ValueError, KeyError):
+            log.exception("erasure: could not sweep tenant %s's trash markers", self.tenant_id)
+        for entry, marker in entries:
+            try:
+                if entry.resolve().is_relative_to(self.store.root / f"tenant-{self.tenant_id}"):
+                    remote.remove(entry)
+                remote.remove(marker)
+            except OSError:
+                log.exception("erasure: could not remove %s (its row is gone; nothing points at it)", entry)
 
 
 def _remove(path: Path) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy import delete as delete_rows
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app import registry
+from app import artifacts, registry
 from app.artifacts import ArtifactStore
 from app.config import Settings
 from app.models import ModelAlias, ModelVersion, utcnow
@@ -148,7 +148,7 @@ def bundle_file(session: Session, settings: Settings, tenant_id: int, name: str,
         raise NotFound(f"No file {which!r}; choose from {sorted(BUNDLE_FILES)}")
     mv = version(session, tenant_id, name, number)
     path = ArtifactStore.from_settings(settings).path(mv.artifact_uri) / BUNDLE_FILES[which]
-    if not path.is_file():
+    if not artifacts.is_file(path):
         if which in OPTIONAL_BUNDLE_FILES:
             raise NotFound(OPTIONAL_BUNDLE_FILES[which])
         raise NotFound(f"{BUNDLE_FILES[which]} is missing from the artifact store")
@@ -213,7 +213,7 @@ def _erase_versions(
         aliases = aliases.where(ModelAlias.version.in_([version for version, _uri in rows]))
     session.execute(aliases)
     session.execute(delete_rows(ModelVersion).where(ModelVersion.id.in_(ids)))
-    store = ArtifactStore(settings.artifacts)
+    store = ArtifactStore.from_settings(settings)
     trash = erasure.Trash(settings, tenant_id)
     for _version, uri in rows:
         trash.move(_bundle_dir(store, tenant_id, uri))

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from app import artifacts
 from app.artifacts import ArtifactStore
 from app.config import Settings
 from app.models import ModelVersion
@@ -48,6 +49,6 @@ def onnx_file(session: Session, settings: Settings, tenant_id: int, name: str, n
     """The version's model.onnx; NotFound (404) naming why when there is none."""
     mv = models_store.version(session, tenant_id, name, number)
     path = ArtifactStore.from_settings(settings).path(mv.artifact_uri) / ONNX_FILE
-    if not path.is_file():
+    if not artifacts.is_file(path):
         raise NotFound(missing_reason(mv), "onnx_not_exported", {"onnx": record(mv)})
     return BundleFile(path, f"{name}-v{number}.onnx")

@@ -23,6 +23,7 @@ from typing import Any
 from flask import Response, abort, current_app, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
+from app import artifacts
 from app.api import celery, database, db_session, settings, tenant_id
 from app.artifacts import job_dir, open_read
 from app.errors import as_api_error, domain_errors
@@ -177,7 +178,7 @@ def job_file(job_id: int, name: str) -> ResponseReturnValue:
         abort(404, f"Job {job_id} has no file {name!r}.")
     root = job_dir(settings(), job.tenant_id, job.id).resolve()
     path = (root / name).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
+    if not path.is_relative_to(root) or not artifacts.is_file(path):
         abort(404, f"The file {name!r} of job {job_id} is no longer available.")
     body = _read_small(path)
     media_type = trust.MEDIA_TYPES[path.suffix.lower()]

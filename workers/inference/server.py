@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 
+from app import artifacts
 from app import inference as online
 from app.artifacts import ArtifactStore
 from app.config import Settings
@@ -150,6 +151,6 @@ class InferenceServer:
         from workers.model_cache import get_predictor
 
         path = self.store.path(call.bundle)
-        if not path.is_dir():
+        if not artifacts.still_exists(path):
             raise ValueError(f"model {call.label} no longer exists")
         return get_predictor(path, self.settings.model_cache_size, backend=self.settings.scoring_backend)

@@ -19,6 +19,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
+from app import artifacts
 from app.artifacts import open_read, open_write
 
 from .data import PreparedData
@@ -64,6 +65,12 @@ def _write(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Save tensors (a state dict) to a safetensors artifact file, atomically."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _write(path, safetensors_save(cpu, metadata={"format": "pt"}))
+
+
 def _read(path: Path) -> bytes:
     with open_read(path) as fh:
         return fh.read()
@@ -89,13 +96,11 @@ def save_bundle(
         "model": config_dict(model),
         "members": len(members),
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _write(directory / WEIGHTS_FILE, safetensors_save(tensors, metadata={"format": "pt"}))
+    write_tensors(directory / WEIGHTS_FILE, model.state_dict())
     if reference:
-        ref = {k: v.detach().to("cpu").contiguous() for k, v in reference.items()}
-        _write(directory / REFERENCE_FILE, safetensors_save(ref, metadata={"format": "pt"}))
+        write_tensors(directory / REFERENCE_FILE, reference)
     else:
-        (directory / REFERENCE_FILE).unlink(missing_ok=True)  # never a stale reference from an earlier save
+        artifacts.remove(directory / REFERENCE_FILE)  # never a stale reference from an earlier save
     text = json.dumps(_json_safe(config), indent=2, sort_keys=True, allow_nan=False)
     _write(directory / CONFIG_FILE, text.encode("utf-8"))
     return directory
@@ -125,6 +130,6 @@ def load_bundle(
 def load_reference(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The bundle's applicability-domain reference tensors ({} when it has none)."""
     path = Path(directory) / REFERENCE_FILE
-    if not path.exists():
+    if not artifacts.exists(path):
         return {}
     return safetensors_load(_read(path))

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from app import artifacts
 from app.artifacts import open_read, open_write
 
 from .bundle import CONFIG_FILE, load_bundle, read_bundle_config
@@ -441,7 +442,7 @@ def export_bundle(
         onnx_bytes, info = export_checked(model, config, data)
     except OnnxExportError as exc:
         info = {"opset": OPSET, "tolerance": MAX_ABS_DIFF, "error": str(exc)}
-        (directory / ONNX_FILE).unlink(missing_ok=True)
+        artifacts.remove(directory / ONNX_FILE)
     else:
         with open_write(directory / ONNX_FILE) as fh:
             fh.write(onnx_bytes)
@@ -462,7 +463,7 @@ def export_at_registration(directory: str | os.PathLike[str], model: nn.Module, 
 def read_onnx(directory: str | os.PathLike[str]) -> bytes | None:
     """The bundle's model.onnx bytes (decrypted where the store encrypts), or None."""
     path = Path(directory) / ONNX_FILE
-    if not path.is_file():
+    if not artifacts.is_file(path):
         return None
     with open_read(path) as fh:
         return fh.read()
@@ -519,7 +520,7 @@ def backfill(
     for mv in rows:
         directory = store.path(mv.artifact_uri)
         label = f"tenant {mv.tenant_id} {mv.name} v{mv.version}"
-        if not directory.is_dir() or (directory / ONNX_FILE).is_file():
+        if not artifacts.is_dir(directory) or artifacts.is_file(directory / ONNX_FILE):
             continue
         try:
             info = export_bundle(directory, _version_data(db, store, mv))

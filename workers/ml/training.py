@@ -23,6 +23,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
+from app import artifacts
 from app.artifacts import open_read, open_write
 
 from .data import Batch, EpochBatchSampler, PreparedData, make_loader
@@ -274,7 +275,7 @@ def resume_checkpoint(
 ) -> dict[str, Any] | None:
     """Load an `epoch_checkpoint` at `path` into the model, optimizer (and scheduler) and the
     RNGs, and return it (for the loop's state and best weights); None when there is none."""
-    if path is None or not os.path.exists(path):
+    if path is None or not artifacts.exists(path):
         return None
     ckpt = load_checkpoint(path)
     model.load_state_dict(ckpt["model"])

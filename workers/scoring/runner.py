@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from app import leases
+from app import artifacts, leases
 from app.artifacts import ArtifactStore, job_dir, open_write, plaintext_size
 from app.config import Settings
 from app.ingest import IngestLimits, iter_library_rows, library_row_offsets
@@ -131,7 +130,7 @@ def load_env(db: Any, settings: Settings, job_id: int, *, prepare: bool = False)
             info["decompress_s"] = round(seconds, 3)
     else:
         path, schema = source.source_for(upload, schema, scratch)
-        if not path.exists():
+        if not artifacts.exists(path):
             raise FileNotFoundError(f"the library copy {path.name} is missing from the job's scratch directory")
     predictor = get_predictor(
         store.path(mv.artifact_uri), settings.model_cache_size, spec.get("device") or "auto", settings.scoring_backend
@@ -379,7 +378,7 @@ def _score_shard(
                     scored = Quantity(UsageMetric.rows_scored, stats.rows, *model_of(env.spec))
                     metering.record(s, env.tenant_id, [scored])
             if not ok:
-                part.unlink(missing_ok=True)
+                artifacts.remove(part)
                 return "lost"
             return "done"
         except _Stopped:
@@ -574,8 +573,8 @@ def run_parent(ctx: Any, spec: dict[str, Any]) -> dict[str, Any]:
             remove_scratch(settings, ctx.tenant_id, ctx.job_id)
             directory = job_dir(settings, ctx.tenant_id, ctx.job_id)
             for p in score_files(directory).values():
-                p.unlink(missing_ok=True)
-            shutil.rmtree(directory / EXPLAIN_DIR, ignore_errors=True)
+                artifacts.remove(p)
+            artifacts.remove(directory / EXPLAIN_DIR)
         raise
     return result  # the scratch (shard parts) goes once the success is committed (workers/tasks.py)
 
@@ -610,7 +609,11 @@ def _merge(ctx: Any, env: ScoreEnv, spec: dict[str, Any], rank_by: str, info: di
     started = min((sh.started_at for sh in done if sh.started_at), default=None)
     finished = max((sh.finished_at for sh in done if sh.finished_at), default=None)
     scoring_s = (finished - started).total_seconds() if started and finished else 0.0
-    files = {f: {"bytes": plaintext_size(p)} for f, p in paths.items() if p.exists() and (f == "parquet" or fmt == f)}
+    files = {
+        f: {"bytes": plaintext_size(p)}
+        for f, p in paths.items()
+        if artifacts.exists(p) and (f == "parquet" or fmt == f)
+    }
     workers = sorted({sh.worker or "" for sh in done} - {""})
     top = topk.rows()
     explanations = draw_top_k(ctx, env, top[: int(spec.get("explain_top_k") or 0)], rank_by)

@@ -12,12 +12,12 @@ job ends; disk cost = the uncompressed size) and every shard seeks in that copy.
 from __future__ import annotations
 
 import gzip
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from app import artifacts
 from app.artifacts import open_read, open_write
 
 
@@ -38,7 +38,7 @@ def prepare_source(
     """Like source_for, but writes the decompressed copy if it is missing (atomically, so a
     present copy is always complete). Returns (path, schema, seconds spent decompressing)."""
     path, plain_schema = source_for(upload, schema, scratch)
-    if path == upload or path.exists():
+    if path == upload or artifacts.exists(path):
         return path, plain_schema, None
     scratch.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -56,4 +56,4 @@ def prepare_source(
 
 
 def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    artifacts.remove(path)
