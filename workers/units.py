@@ -12,6 +12,7 @@ shard task, workers/tasks.py): `claim_for_message`, run, `release_failed` on an 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import traceback
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from app.config import Settings
 from app.models import Job, JobState, ShardState
 from workers.scoring import shards
 from workers.scoring.shards import Claim
+
+log = logging.getLogger(__name__)
 
 # The parent waits for notifications while other workers hold the last units; this is only
 # the safety net for a missed one (and the pace at which it reaps their stale leases).
@@ -65,6 +68,25 @@ def release_failed(db: Any, claim: Claim, exc: BaseException, *, trace: bool = T
     with db.session() as s:  # a retry is published by the reconciler (or claimed by the parent)
         shards.release(s, claim.id, claim.attempt, error=error)
     return "failed"
+
+
+def interrupted(db: Any, claim: Claim, lease: Any, exc: BaseException, what: str) -> str:
+    """The outcome of a unit (ensemble member, search trial) whose run under `lease` raised
+    `exc`, to be called in its `except` block: lost when the lease was taken away; released
+    as cancelled or stopped when training was told to stop; otherwise logged and released as
+    failed (release_failed)."""
+    from workers.ml.training import TrainingCancelled
+
+    stopped = isinstance(exc, TrainingCancelled)
+    if not stopped:
+        log.exception("%s attempt %s failed", what, claim.attempt)
+    if lease.lost:
+        return "lost"
+    if not stopped:
+        return release_failed(db, claim, exc)
+    with db.session() as s:
+        shards.release(s, claim.id, claim.attempt)
+    return "cancelled" if lease.cancelled else "stopped"
 
 
 def publish_pending(ctx: Any, queue: str) -> None:

@@ -2,8 +2,9 @@
 rank processes on the CPU. The ranks split each global batch of `batch_size`, so the run
 follows the loss curve of one process on the same batches; rank 0 checkpoints, validates and
 reports once per epoch; a killed rank fails the attempt and the next one resumes from the
-checkpoint; a stop ends the ranks. The NCCL/cuda path is the same code with another backend
-and is not run here (no GPU)."""
+checkpoint; a stop ends the ranks. Each rank builds its model and data itself
+(tests/unit/ddp_inputs.py) and must build the caller's. The NCCL/cuda path is the same code
+with another backend and is not run here (no GPU)."""
 
 from __future__ import annotations
 
@@ -11,21 +12,19 @@ import os
 import signal
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import psutil
 import pytest
 import torch
 
 from tests.conftest import ApiClient
+from tests.unit import ddp_inputs
 from tests.unit.test_api_datasets_models import upload
 from tests.unit.test_api_jobs import assert_error
 from tests.unit.test_pretrain import csv_bytes
 from workers.ml import distributed
-from workers.ml.data import EpochBatchSampler, PreparedData, load_sequence_frame
-from workers.ml.distributed import RankFailed, ShardedBatchSampler, fit_on_devices
-from workers.ml.models import build_model
-from workers.ml.training import TrainConfig, TrainingCancelled, fit, load_checkpoint, seed_everything
+from workers.ml.data import EpochBatchSampler, PreparedData
+from workers.ml.distributed import RankFailed, RankInputs, ShardedBatchSampler, fit_on_devices
+from workers.ml.training import TrainConfig, TrainingCancelled, fit, load_checkpoint
 
 torch.set_num_threads(1)  # tiny models on a shared CI box
 
@@ -35,28 +34,15 @@ RTOL, ATOL = 1e-4, 1e-5
 CFG = TrainConfig(epochs=4, batch_size=16, lr=1e-2, seed=3, device="cpu")
 
 
+INPUTS = RankInputs("tests.unit.ddp_inputs:build")  # each rank builds the model and data so
+
+
 def _data() -> PreparedData:
-    rng = np.random.default_rng(0)
-    smiles, y = [], []
-    for _ in range(200):  # 160 training rows: 10 global batches of 16, 8 per rank
-        atoms = rng.choice(["C", "N", "O"], size=rng.integers(2, 12), p=[0.6, 0.2, 0.2])
-        smiles.append("".join(atoms))
-        y.append((atoms == "C").sum() - 0.5 * (atoms == "O").sum() + rng.normal(0, 0.1))
-    return load_sequence_frame(pd.DataFrame({"smiles": smiles, "y": y}), target_columns="y", task="regression")
+    return ddp_inputs.make_data()
 
 
 def _model(data: PreparedData) -> torch.nn.Module:
-    seed_everything(0)
-    return build_model(
-        "rnn",
-        {
-            "vocab_size": data.tokenizer.vocab_size,
-            "num_outputs": 1,
-            "embedding_dim": 8,
-            "hidden_size": 16,
-            "dropout": 0.0,
-        },
-    )
+    return ddp_inputs.make_model(data)
 
 
 class Reports:
@@ -95,7 +81,7 @@ def data() -> PreparedData:
 @pytest.fixture(scope="module")
 def two_ranks(data: PreparedData) -> tuple[dict, dict, Reports]:
     model, reports = _model(data), Reports()
-    out = fit_on_devices(model, data, CFG, 2, on_epoch=reports.on_epoch, on_progress=reports.on_progress)
+    out = fit_on_devices(model, data, CFG, 2, inputs=INPUTS, on_epoch=reports.on_epoch, on_progress=reports.on_progress)
     return out, model.state_dict(), reports
 
 
@@ -148,7 +134,7 @@ def test_a_killed_rank_fails_the_attempt_and_the_next_resumes_to_the_same_weight
             os.kill(max(first.pids), signal.SIGKILL)
 
     with pytest.raises(RankFailed, match="killed by signal 9"):
-        fit_on_devices(_model(data), data, CFG, 2, checkpoint_path=checkpoint, on_epoch=kill_a_rank)
+        fit_on_devices(_model(data), data, CFG, 2, inputs=INPUTS, checkpoint_path=checkpoint, on_epoch=kill_a_rank)
     assert _gone(first.pids)
     reached = load_checkpoint(checkpoint)["epoch"]
     assert 1 <= reached < CFG.epochs
@@ -157,7 +143,14 @@ def test_a_killed_rank_fails_the_attempt_and_the_next_resumes_to_the_same_weight
     second = Reports()
     model = _model(data)
     out = fit_on_devices(
-        model, data, CFG, 2, checkpoint_path=checkpoint, on_epoch=second.on_epoch, on_resume=second.on_resume
+        model,
+        data,
+        CFG,
+        2,
+        inputs=INPUTS,
+        checkpoint_path=checkpoint,
+        on_epoch=second.on_epoch,
+        on_resume=second.on_resume,
     )
     assert [len(h) for h in second.resumed] == [reached]  # both ranks resumed; reported once
     assert second.epochs == list(range(reached + 1, CFG.epochs + 1))
@@ -174,10 +167,31 @@ def test_a_stop_ends_the_ranks_and_keeps_the_checkpoint(data, tmp_path) -> None:
 
     with pytest.raises(TrainingCancelled):
         fit_on_devices(
-            _model(data), data, CFG, 2, checkpoint_path=checkpoint, on_epoch=on_epoch, should_stop=lambda: stop[0]
+            _model(data),
+            data,
+            CFG,
+            2,
+            inputs=INPUTS,
+            checkpoint_path=checkpoint,
+            on_epoch=on_epoch,
+            should_stop=lambda: stop[0],
         )
     assert _gone(reports.pids)
     assert 1 <= load_checkpoint(checkpoint)["epoch"] < CFG.epochs
+
+
+def test_ranks_that_build_other_inputs_fail_before_training_and_say_why(data) -> None:
+    other = RankInputs("tests.unit.ddp_inputs:build", {"rows": 150, "hidden_size": 32})
+    with pytest.raises(RankFailed, match=r"rank \d of 2 failed: RuntimeError: .*built other splits and state.*\(File "):
+        fit_on_devices(_model(data), data, CFG, 2, inputs=other)
+    assert not distributed._live_ranks
+
+
+def test_rank_inputs_are_json_and_an_importable_name() -> None:
+    with pytest.raises(ValueError, match="builder"):
+        RankInputs("os.system('x'):f")
+    with pytest.raises(TypeError):
+        RankInputs("tests.unit.ddp_inputs:build", {"data": object()})
 
 
 def test_devices_are_checked_at_submit(api: ApiClient) -> None:
@@ -230,8 +244,9 @@ def test_a_train_job_on_two_devices_reports_one_metric_per_epoch(app, api: ApiCl
         "model": {"cell": "gru", "embedding_dim": 8, "hidden_size": 16, "dropout": 0.1},
     }
     job = api.submit("train", spec)
-    assert execute_job(db, settings, None, job["id"]) == "succeeded"
+    outcome = execute_job(db, settings, None, job["id"])
     done = api.job(job["id"])
+    assert outcome == "succeeded", done.get("error")  # a rank's failure names the rank, its error and where
     assert done["result"]["devices"] == 2
     assert done["result"]["epochs_trained"] == 2
     assert done["result"]["version"] == 1

@@ -47,7 +47,7 @@ from workers.kinds.train import (
     train_config,
 )
 from workers.runtime import JobContext
-from workers.units import claim_for_message, release_failed, run_unit_job
+from workers.units import claim_for_message, interrupted, release_failed, run_unit_job
 
 if TYPE_CHECKING:
     import optuna
@@ -214,13 +214,11 @@ def train_trial(
     failed (released as leases.after_failure decides)."""
     import optuna
     from optuna.trial import TrialState
-    from safetensors.torch import save as safetensors_save
 
     from app import leases
-    from app.artifacts import open_write
     from workers.lease import Lease
+    from workers.ml.bundle import write_tensors
     from workers.ml.training import TrainingCancelled, fit
-    from workers.scoring import shards
 
     slot, spec, db = claim.index, job.spec, job.db
     with db.session() as s:
@@ -310,26 +308,15 @@ def train_trial(
                 return finish({**_finished_stats(study._storage.get_trial(trial._trial_id), stats), "error": str(exc)})
             value = (outcome.get("val") or {}).get(spec["metric"])
             path = trial_weights(job.job_dir, slot)
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-            with open_write(path) as fh:  # atomic: whole or absent
-                fh.write(safetensors_save(tensors, metadata={"format": "pt"}))
+            write_tensors(path, model.state_dict())
             if value is None or not math.isfinite(value):
                 study.tell(trial, state=TrialState.FAIL)
             else:
                 study.tell(trial, float(value))
             done = _finished_stats(study._storage.get_trial(trial._trial_id), stats)
             return finish({**done, **fit_summary(outcome), "output_uri": job.store.url(path)})
-        except TrainingCancelled:
-            if lease.lost:
-                return "lost"
-            with db.session() as s:
-                shards.release(s, claim.id, claim.attempt)
-            return "cancelled" if lease.cancelled else "stopped"
         except Exception as exc:
-            log.exception("search job %s trial slot %s attempt %s failed", job.job_id, slot, claim.attempt)
-            if lease.lost:
-                return "lost"
-            return release_failed(db, claim, exc)
+            return interrupted(db, claim, lease, exc, f"search job {job.job_id} trial slot {slot}")
 
 
 def run_trial_task(db: Any, settings: Settings, job_id: int, index: int, worker: str) -> str:

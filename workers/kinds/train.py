@@ -33,7 +33,7 @@ from app.modelconfig import resolve_split
 from app.models import Dataset, ModelVersion
 from workers.kinds import JobResult
 from workers.runtime import JobContext
-from workers.units import UnitJob, claim_for_message, release_failed, run_unit_job
+from workers.units import UnitJob, claim_for_message, interrupted, release_failed, run_unit_job
 
 if TYPE_CHECKING:
     import torch
@@ -361,9 +361,11 @@ def run_single(ctx: JobContext, spec: Spec) -> JobResult:
             "on_resume": on_resume,
         }
         if devices > 1:  # DDP over `devices` rank processes; this process keeps the lease and reports
+            from workers.kinds.train_ranks import rank_inputs
             from workers.ml.distributed import fit_on_devices
 
-            outcome = fit_on_devices(model, data, cfg, devices, **fitting)
+            inputs = rank_inputs(ctx.settings, ctx.tenant_id, spec)
+            outcome = fit_on_devices(model, data, cfg, devices, inputs=inputs, **fitting)
         else:
             outcome = fit(model, data, cfg, **fitting)
     except TrainingCancelled:
@@ -454,13 +456,10 @@ def train_member(
     checkpoint, and leave its weights in the job's directory. Returns done, cancelled (its job
     was cancelled or ended; released), stopped (should_stop(); released), lost (taken away),
     failed (released as leases.after_failure decides: retried or failed)."""
-    from safetensors.torch import save as safetensors_save
-
     from app import leases
-    from app.artifacts import open_write
     from workers.lease import Lease
-    from workers.ml.training import TrainingCancelled, fit
-    from workers.scoring import shards
+    from workers.ml.bundle import write_tensors
+    from workers.ml.training import fit
 
     index, spec, db = claim.index, job.spec, job.db
     seed = spec["seed"] + index
@@ -500,25 +499,14 @@ def train_member(
                 should_stop=lambda: lease.check() or should_stop(),
             )
             path = member_weights(job.job_dir, index)
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-            with open_write(path) as fh:  # atomic: whole or absent
-                fh.write(safetensors_save(tensors, metadata={"format": "pt"}))
+            write_tensors(path, model.state_dict())
             stats = {"member": index, "seed": seed, **fit_summary(outcome), "stopped_early": outcome["stopped_early"]}
             values = {"rows": 0, "valid": 0, "rows_done": MEMBER_SCALE, "output_uri": job.store.url(path)}
             with db.session() as s:
                 ok = leases.finish(s, leases.SHARDS, claim.id, claim.attempt, {**values, "stats": stats, "error": None})
             return "done" if ok else "lost"
-        except TrainingCancelled:
-            if lease.lost:
-                return "lost"
-            with db.session() as s:
-                shards.release(s, claim.id, claim.attempt)
-            return "cancelled" if lease.cancelled else "stopped"
         except Exception as exc:
-            log.exception("train job %s member %s attempt %s failed", job.job_id, index, claim.attempt)
-            if lease.lost:
-                return "lost"
-            return release_failed(db, claim, exc)
+            return interrupted(db, claim, lease, exc, f"train job {job.job_id} member {index}")
 
 
 def run_member_task(db: Any, settings: Settings, job_id: int, index: int, worker: str) -> str:

@@ -3,8 +3,10 @@
 `fit_on_devices` is `fit` (workers/ml/training.py) run by N rank processes that the calling
 process (a worker's job, in the Celery solo pool) spawns and watches:
 
-- ranks use NCCL and cuda:<first + rank> when the device is CUDA, gloo and the CPU otherwise;
-  the process group has a timeout, so a rank stuck in a collective ends;
+- ranks use NCCL and cuda:<first + rank> when the device is CUDA, gloo (over loopback) and the
+  CPU otherwise; they meet through a FileStore in a private scratch directory (no port to
+  choose, so no race for one); the process group has a timeout, so a rank stuck in a
+  collective ends;
 - every global batch of `cfg.batch_size` (the same batches, in the same order, that one
   process draws) is split across the ranks, as DistributedSampler would split the data: rank
   r takes every N-th example, and a batch whose size is not a multiple of N is padded by
@@ -16,10 +18,17 @@ process (a worker's job, in the Celery solo pool) spawns and watches:
   in the calling process (which holds the job's lease and database connection);
 - the calling process polls `should_stop` (a cancel, a lost lease) and stops the ranks; a rank
   that fails or dies ends the others and raises here (RankFailed, or the rank's ValueError),
-  never hangs: the job's next attempt resumes from the last checkpoint.
+  never hangs: the job's next attempt resumes from the last checkpoint. A rank's traceback is
+  logged, and the error names the rank, its exception and the innermost frame.
 
-The model, data and config reach the ranks pickled by this process (a copy per rank, never
-shared memory), and rank 0's final weights come back as `torch.save` bytes.
+No model, data or result is pickled (the standing rule: safetensors and JSON only). Each rank
+builds its model and data itself with `RankInputs` (an importable builder and JSON arguments:
+for a job, its spec and dataset read through the artifact layer, workers/kinds/train_ranks.py)
+and checks that they are the caller's (split sizes, a digest of the data's tensors, parameter
+names and shapes). The caller's initial weights reach the ranks, and rank 0's final weights
+come back, as safetensors files in the scratch directory; the ranks' reports are JSON lines
+there, and a stop is a file there. A spawned rank's arguments (which multiprocessing pickles)
+are a few ints and strings: the plan is one JSON string.
 """
 
 from __future__ import annotations
@@ -27,11 +36,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import io
+import hashlib
+import importlib
+import json
+import logging
 import multiprocessing
 import os
-import pickle
-import queue
+import re
 import shutil
 import signal
 import tempfile
@@ -44,12 +55,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .data import Batch, BatchDataset, EpochBatchSampler, PreparedData, _collate_batch
 from .training import TrainConfig, TrainingCancelled, fit, resolve_device
+
+log = logging.getLogger(__name__)
 
 MAX_DEVICES = 8
 PROCESS_GROUP_TIMEOUT_S = 1800.0  # a collective waits this long for a live rank (rank 0 validating)
@@ -70,6 +84,29 @@ def _count_rank_cpu() -> None:
 
 class RankFailed(RuntimeError):
     """A rank raised or died: the attempt fails (and the job retries from its checkpoint)."""
+
+
+_BUILDER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankInputs:
+    """How a rank builds its model and data: `builder` ("package.module:function") called
+    with **args (JSON values only) returns (model, data) equal to the caller's (the same
+    architecture and the same splits; the weights are the caller's, loaded after)."""
+
+    builder: str
+    args: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _BUILDER.match(self.builder):
+            raise ValueError(f"builder must be 'package.module:function', got {self.builder!r}")
+        json.dumps(self.args)  # TypeError now, in the caller, for anything that is not JSON
+
+    def build(self) -> tuple[nn.Module, PreparedData]:
+        module, name = self.builder.split(":")
+        model, data = getattr(importlib.import_module(module), name)(**self.args)
+        return model, data
 
 
 # --------------------------------------------------------------------------- devices
@@ -165,16 +202,24 @@ class Rank:
         return float(t.item()) / self.world
 
     def share(self, obj: Any) -> Any:
-        """Rank 0's `obj`, on every rank."""
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, device=self._collective_device())
-        return box[0]
+        """Rank 0's `obj` (JSON: metrics), on every rank."""
+        device = self._collective_device()
+        payload = json.dumps(obj, default=_json_default).encode() if self.is_main else b""
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+        dist.broadcast(size, src=0)
+        buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+        if self.is_main:
+            buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        dist.broadcast(buf, src=0)
+        return json.loads(buf.cpu().numpy().tobytes())
 
     def rng_states(self) -> list[torch.Tensor]:
         """Every rank's torch RNG state (rank order), for the checkpoint."""
-        states: list[Any] = [None] * self.world
-        dist.all_gather_object(states, torch.get_rng_state())
-        return states
+        device = self._collective_device()
+        mine = torch.get_rng_state().to(device)
+        states = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(states, mine)
+        return [s.cpu() for s in states]
 
     def restore_rng(self, checkpoint: dict[str, Any]) -> None:
         """This rank's RNG state from a checkpoint a run of as many ranks wrote (resume_checkpoint
@@ -195,68 +240,150 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _rank_main(
-    rank: int,
-    world: int,
-    device_name: str,
-    store_file: str,
-    timeout_s: float,
-    payload: bytes,
-    channel: Any,
-    stop: Any,
-    parent: int,
-) -> None:
-    """The body of rank `rank`: fit on its share, report through `channel` (rank 0 only)."""
+# --------------------------------------------------------------------------- the scratch directory
+# initial.safetensors / final.safetensors   the caller's weights in, rank 0's weights out
+# rank-R.jsonl     rank R's reports to the caller, one JSON object a line
+# stop             present: the ranks stop (a cancel, a lost lease, a failed rank)
+# store            the process group's FileStore
+
+
+def _json_default(value: Any) -> Any:
+    """Metrics may hold numpy or torch scalars and arrays."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state as separate CPU tensors (safetensors refuses shared storage)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def _save_weights(path: Path, model: nn.Module) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(_state_tensors(model), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)  # whole or absent
+
+
+def fingerprint(model: nn.Module, data: PreparedData) -> dict[str, Any]:
+    """What a rank's own model and data must match of the caller's: parameter names and
+    shapes, each split's size and a digest of its tensors."""
+    splits = {}
+    for name, ds in data.splits().items():
+        digest = hashlib.blake2b(digest_size=16)
+        for attr, value in sorted(vars(ds).items()):
+            if isinstance(value, torch.Tensor):
+                digest.update(attr.encode())
+                digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        splits[name] = {"rows": len(ds), "digest": digest.hexdigest()}
+    return {
+        "state": {k: list(v.shape) for k, v in model.state_dict().items()},
+        "splits": splits,
+        "head": data.head.name,
+    }
+
+
+class _Reporter:
+    """A rank's reports to the caller: JSON lines appended to its file (one writer a file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def __call__(self, *message: Any) -> None:
+        line = json.dumps(list(message), default=_json_default) + "\n"
+        os.write(self.fd, line.encode())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class _Inbox:
+    """The caller's side: the complete lines each rank appended since the last read."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.offsets = [0] * len(paths)
+
+    def read(self) -> Iterator[list[Any]]:
+        for i, path in enumerate(self.paths):
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(self.offsets[i])
+                    chunk = fh.read()
+            except FileNotFoundError:
+                continue
+            end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next read
+            self.offsets[i] += end
+            for line in chunk[:end].splitlines():
+                yield json.loads(line)
+
+
+def _rank_main(rank: int, world: int, device_name: str, scratch: str, parent: int, plan_json: str) -> None:
+    """The body of rank `rank`: build the model and data, fit on its share, report (rank 0).
+    `plan_json`: the inputs, the config, the checkpoint and the caller's fingerprint (an
+    argument, not a file: the inputs may carry the worker's settings, secrets included)."""
     _die_with_parent()
-    device = torch.device(device_name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    here = Path(scratch)
+    report = _Reporter(here / f"rank-{rank}.jsonl")
     try:
-        dist.init_process_group(
-            backend,
-            init_method=f"file://{store_file}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=timeout_s),
-        )
-        model, data, cfg, checkpoint_path = pickle.loads(payload)  # our parent's own bytes
-        cfg = dataclasses.replace(cfg, device=str(device))
-        me = Rank(rank, world, device)
+        device = torch.device(device_name)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        else:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the ranks share this host
+        plan = json.loads(plan_json)
+        inputs = RankInputs(plan["inputs"]["builder"], plan["inputs"]["args"])
+        model, data = inputs.build()
+        mine = fingerprint(model, data)
+        if mine != plan["fingerprint"]:
+            differ = sorted(k for k in mine if mine[k] != plan["fingerprint"][k])
+            raise RuntimeError(f"{inputs.builder} built other {' and '.join(differ)} than the worker's")
+        model.load_state_dict(load_file(str(here / "initial.safetensors")), strict=True)
+        cfg = dataclasses.replace(TrainConfig(**plan["config"]), device=str(device))
+        stop_file = here / "stop"
 
         def should_stop() -> bool:
-            return bool(stop.is_set()) or os.getppid() != parent
+            return stop_file.exists() or os.getppid() != parent
 
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method=f"file://{here / 'store'}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=plan["timeout_s"]),
+        )
         main = rank == 0
         outcome = fit(
             model,
             data,
             cfg,
-            checkpoint_path=checkpoint_path,
-            on_epoch=(lambda epoch, metrics: channel.put(("epoch", epoch, metrics))) if main else None,
-            on_progress=(lambda f, message, eta: channel.put(("progress", f, message, eta))) if main else None,
-            on_resume=(lambda history: channel.put(("resume", history))) if main else None,
+            checkpoint_path=plan["checkpoint_path"],
+            on_epoch=(lambda epoch, metrics: report("epoch", epoch, metrics)) if main else None,
+            on_progress=(lambda f, message, eta: report("progress", f, message, eta)) if main else None,
+            on_resume=(lambda history: report("resume", history)) if main else None,
             should_stop=should_stop,
-            distributed=me,
+            distributed=Rank(rank, world, device),
         )
         if main:
-            buf = io.BytesIO()
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-            channel.put(("done", outcome, buf.getvalue()))
+            _save_weights(here / "final.safetensors", model)
+            report("done", outcome)
     except TrainingCancelled:
-        channel.put(("cancelled", rank))
-    except BaseException as exc:  # reported to the parent, which fails the attempt
-        channel.put(("error", rank, type(exc).__name__, str(exc), traceback.format_exc()))
+        report("cancelled", rank)
+    except BaseException as exc:  # reported to the caller, which fails the attempt
+        report("error", rank, type(exc).__name__, str(exc), traceback.format_exc())
         raise SystemExit(1) from None
     finally:
+        report.close()
         with contextlib.suppress(Exception):
             if dist.is_initialized():
                 dist.destroy_process_group()
 
 
-# --------------------------------------------------------------------------- the parent
+# --------------------------------------------------------------------------- the caller
 
 # A rank's error of these types is raised again as such (the job's error then reads as one
 # process's would); any other failure is a RankFailed naming the rank.
@@ -265,6 +392,14 @@ _SAME_ERRORS: dict[str, type[Exception]] = {
     "FloatingPointError": FloatingPointError,
     "OutOfMemoryError": torch.cuda.OutOfMemoryError,
 }
+
+
+def _where(trace: str) -> str:
+    """The innermost 'File ..., line N, in f' of a traceback, shortened to the repository."""
+    frames = [line.strip() for line in trace.splitlines() if line.strip().startswith('File "')]
+    if not frames:
+        return ""
+    return re.sub(r'File ".*?/((?:workers|app|tests|torch)/[^"]*)"', r'File "\1"', frames[-1])
 
 
 def _end(procs: list[Any], grace_s: float) -> None:
@@ -290,6 +425,7 @@ def fit_on_devices(
     cfg: TrainConfig,
     devices: int,
     *,
+    inputs: RankInputs,
     checkpoint_path: str | os.PathLike[str] | None = None,
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
     on_progress: Callable[[float, str, float | None], None] | None = None,
@@ -300,39 +436,36 @@ def fit_on_devices(
     poll_s: float = 0.2,
 ) -> dict[str, Any]:
     """`fit` on `devices` rank processes (see the module's docstring); the same result as fit,
-    with rank 0's final weights loaded into `model`, and "devices" added. Raises
-    TrainingCancelled when should_stop() turned True (the ranks are stopped), RankFailed (or
-    the rank's ValueError) when a rank failed or died (the others are stopped)."""
+    with rank 0's final weights loaded into `model`, and "devices" added. `inputs` builds, in
+    each rank, the model and data that `model` and `data` are (RuntimeError naming what
+    differs, before any training). Raises TrainingCancelled when should_stop() turned True
+    (the ranks are stopped), RankFailed (or the rank's ValueError) when a rank failed or died
+    (the others are stopped)."""
     targets = rank_devices(cfg.device, devices)
     _count_rank_cpu()
-    payload = pickle.dumps((model.cpu(), data, cfg, None if checkpoint_path is None else str(checkpoint_path)))
+    plan = {
+        "inputs": dataclasses.asdict(inputs),
+        "config": dataclasses.asdict(cfg),
+        "checkpoint_path": None if checkpoint_path is None else str(checkpoint_path),
+        "timeout_s": timeout_s,
+        "fingerprint": fingerprint(model, data),
+    }
+    plan_json = json.dumps(plan, default=_json_default)
+    scratch = Path(tempfile.mkdtemp(prefix="medmaas-ddp-"))
     mp = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
-    channel = mp.Queue()
-    stop = mp.Event()
-    rendezvous = Path(tempfile.mkdtemp(prefix="medmaas-ddp-"))
     procs = [
         mp.Process(
             target=_rank_main,
-            args=(
-                r,
-                devices,
-                str(targets[r]),
-                str(rendezvous / "store"),
-                timeout_s,
-                payload,
-                channel,
-                stop,
-                os.getpid(),
-            ),
+            args=(r, devices, str(targets[r]), str(scratch), os.getpid(), plan_json),
             name=f"medmaas-rank-{r}",
         )
         for r in range(devices)
     ]
-    done: list[tuple[dict[str, Any], bytes]] = []
+    done: list[dict[str, Any]] = []
     errors: list[tuple[str, str, str]] = []  # (type, message, what the job's error says) of ranks that raised
     cancelled: list[int] = []
 
-    def handle(message: tuple[Any, ...]) -> None:
+    def handle(message: list[Any]) -> None:
         tag = message[0]
         if tag == "epoch" and on_epoch is not None:
             on_epoch(message[1], message[2])
@@ -341,71 +474,75 @@ def fit_on_devices(
         elif tag == "resume" and on_resume is not None:
             on_resume(message[1])
         elif tag == "done":
-            done.append((message[1], message[2]))
+            done.append(message[1])
         elif tag == "cancelled":
             cancelled.append(message[1])
         elif tag == "error":
+            rank, kind, text, trace = message[1:5]
+            log.error("rank %s of %s failed: %s: %s\n%s", rank, devices, kind, text, trace)
+            where = _where(trace)
             errors.append(
-                (message[2], message[3], f"rank {message[1]} of {devices} failed: {message[2]}: {message[3]}")
+                (kind, text, f"rank {rank} of {devices} failed: {kind}: {text}{f' ({where})' if where else ''}")
             )
 
-    def drain() -> None:
-        with contextlib.suppress(queue.Empty, OSError, EOFError):
-            while True:
-                handle(channel.get(timeout=0.1))
-
+    inbox = _Inbox([scratch / f"rank-{r}.jsonl" for r in range(devices)])
     killed: list[str] = []
     try:
-        for p in procs:
-            p.start()
-            _live_ranks.add(p.pid or -1)
-        last_check = 0.0
-        while True:
-            try:
-                handle(channel.get(timeout=poll_s))
-                empty = False
-            except queue.Empty:
-                empty = True
-            now = time.monotonic()
-            if should_stop is not None and now - last_check >= poll_s:
-                last_check = now
-                if should_stop():
-                    stop.set()
-                    raise TrainingCancelled("training cancelled")
-            if errors or cancelled:
-                break
-            if not empty:
-                continue  # read what is queued before looking at the processes
-            dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-            if dead or all(p.exitcode == 0 for p in procs):
-                break
-        drain()  # what the ranks sent before they exited
-        time.sleep(0.2 if errors else 0.0)  # a rank killed under the one that reported is the cause
-        for r, p in enumerate(procs):
-            code = p.exitcode
-            if code is not None and code < 0:
-                killed.append(f"rank {r} of {devices} was killed by signal {-code}")
-            elif code not in (None, 0) and not errors:
-                killed.append(f"rank {r} of {devices} exited with code {code}")
+        _save_weights(scratch / "initial.safetensors", model)
+        try:
+            for p in procs:
+                p.start()
+                _live_ranks.add(p.pid or -1)
+            last_check = 0.0
+            while True:
+                exited = [p.exitcode for p in procs]  # before reading: what a rank wrote before it exited is read
+                for message in inbox.read():
+                    handle(message)
+                now = time.monotonic()
+                if should_stop is not None and now - last_check >= poll_s:
+                    last_check = now
+                    if should_stop():
+                        raise TrainingCancelled("training cancelled")
+                if errors or cancelled:
+                    break
+                if any(code not in (None, 0) for code in exited) or all(code == 0 for code in exited):
+                    break
+                time.sleep(poll_s)
+            time.sleep(0.2 if errors else 0.0)  # a rank killed under the one that reported is the cause
+            for r, p in enumerate(procs):
+                code = p.exitcode
+                if code is not None and code < 0:
+                    killed.append(f"rank {r} of {devices} was killed by signal {-code}")
+                elif code not in (None, 0) and not errors:
+                    killed.append(
+                        f"rank {r} of {devices} exited with code {code} before it reported (see the worker log)"
+                    )
+        finally:
+            (scratch / "stop").touch()
+            _end(procs, grace_s if not done else min(grace_s, 5.0))
+        failure = "; ".join(killed + [text for _, _, text in errors])
+        if failure:
+            same = _SAME_ERRORS.get(errors[0][0]) if errors and not killed else None
+            if same is not None:  # what one process would have raised (bad data, divergence, GPU memory)
+                raise same(errors[0][1])
+            raise RankFailed(failure)
+        if cancelled:
+            raise TrainingCancelled("training cancelled")
+        if not done:
+            raise RankFailed(f"the {devices} ranks ended without rank 0's result")
+        model.load_state_dict(load_file(str(scratch / "final.safetensors")), strict=True)
     finally:
-        stop.set()
-        _end(procs, grace_s if not done else min(grace_s, 5.0))
-        channel.close()
-        channel.cancel_join_thread()
-        shutil.rmtree(rendezvous, ignore_errors=True)
-    failure = "; ".join(killed + [text for _, _, text in errors])
-    if failure:
-        same = _SAME_ERRORS.get(errors[0][0]) if errors and not killed else None
-        if same is not None:  # what one process would have raised (bad data, divergence, GPU memory)
-            raise same(errors[0][1])
-        raise RankFailed(failure)
-    if cancelled:
-        raise TrainingCancelled("training cancelled")
-    if not done:
-        raise RankFailed(f"the {devices} ranks ended without rank 0's result")
-    outcome, weights = done[0]
-    model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
-    return {**outcome, "devices": devices, "device": ",".join(dict.fromkeys(str(d) for d in targets))}
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {**done[0], "devices": devices, "device": ",".join(dict.fromkeys(str(d) for d in targets))}
 
 
-__all__ = ["MAX_DEVICES", "Rank", "RankFailed", "ShardedBatchSampler", "fit_on_devices", "rank_devices"]
+__all__ = [
+    "MAX_DEVICES",
+    "Rank",
+    "RankFailed",
+    "RankInputs",
+    "ShardedBatchSampler",
+    "fingerprint",
+    "fit_on_devices",
+    "rank_devices",
+]

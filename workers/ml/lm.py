@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -34,6 +33,7 @@ from app.artifacts import open_read, open_write
 from app.modelconfig import RNNConfig
 
 from .augment import vocabulary_texts
+from .bundle import write_tensors
 from .data import Batch, BatchDataset, make_loader
 from .rnn import build_encoder
 from .tokenizers import PAD_ID, SmilesTokenizer, Tokenizer, Vocab
@@ -259,7 +259,6 @@ def save_lm_bundle(directory: str | os.PathLike[str], model: SmilesLM, tokenizer
     """model.safetensors + config.json (arch rnn_lm, its parameters, the tokenizer, `extra`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     config = {
         **extra,
         "format_version": FORMAT_VERSION,
@@ -271,8 +270,7 @@ def save_lm_bundle(directory: str | os.PathLike[str], model: SmilesLM, tokenizer
         "tokenizer": tokenizer.to_dict(),
         "torch_version": torch.__version__,
     }
-    with open_write(directory / WEIGHTS_FILE) as fh:
-        fh.write(safetensors_save(tensors, metadata={"format": "pt"}))
+    write_tensors(directory / WEIGHTS_FILE, model.state_dict())
     with open_write(directory / CONFIG_FILE) as fh:
         fh.write(json.dumps(config, indent=2, sort_keys=True, allow_nan=False).encode("utf-8"))
     return directory
