@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import func, inspect, select, update
 from sqlalchemy.orm import Session, make_transient_to_detached
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.attributes import manager_of_class, set_committed_value
 
 from app.models import ApiKey, KeyRole, Tenant, WebSession, utcnow
 
@@ -166,9 +166,13 @@ def configure_cache(ttl_s: float) -> None:
 def _from_cache(row: dict[str, Any]) -> ApiKey:
     """The cached row as a detached ApiKey: no SELECT, and no session work at all (`touch`
     writes last_used_at with an UPDATE of its own)."""
-    key = ApiKey(**row)
+    key = _KEY_CLASS.new_instance()  # the loaded values set as a query would (no __init__ events)
+    key.__dict__.update(row)
     make_transient_to_detached(key)
     return key
+
+
+_KEY_CLASS = manager_of_class(ApiKey)
 
 
 def verify(session: Session, presented: str) -> ApiKey:

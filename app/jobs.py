@@ -1,12 +1,14 @@
 """The job state machine: the only code that changes jobs.state.
 
 queued -> running -> succeeded | failed | cancelled, plus running -> queued when a worker is
-lost. Every transition is a single compare-and-set UPDATE guarded in SQL (`transition`) that
+lost. Every transition is a single compare-and-set UPDATE guarded in SQL (`transition`; the
+worker's claim and outcomes: `owned_update`, the same statement built once per shape) that
 also takes the event's sequence number, and the INSERT of its job_events row, in one
 statement on PostgreSQL (`update_with_event`) and always in the same transaction. A job is
 a leased unit like any other
 (app/leases.py): claim, heartbeat, attempt fencing and reaping are the shared lease code,
-which changes a job's state only through `transition` here (the job lease's hook).
+which changes a job's state only through `transition` here (the job lease's hook); a
+worker's claim (`claim_job`) writes the same values and event as leases.claim itself.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, func, insert, literal, select, update
+from sqlalchemy import Integer, Table, bindparam, func, insert, literal, null, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
@@ -32,12 +34,14 @@ Q, R = JobState.queued, JobState.running
 
 
 NEXT_SEQ = {"event_seq": Job.event_seq + 1}  # an UPDATE of jobs that also numbers the event it appends
+_INSERT_EVENT = insert(cast(Table, JobEvent.__table__))  # add_event's, built once
 
 
 def add_event(session: Session, job_id: int, seq: int, type_: str, data: dict[str, Any]) -> int:
     """Insert event `seq` (already taken from jobs.event_seq by the caller's UPDATE) and wake
     the job's watchers after commit; returns the seq."""
-    session.execute(insert(JobEvent).values(job_id=job_id, seq=seq, ts=utcnow(), type=type_, data=data))
+    row = {"job_id": job_id, "seq": seq, "ts": utcnow(), "type": type_, "data": data}
+    session.connection().execute(_INSERT_EVENT, row)
     notify.touch(session, job_id)
     return seq
 
@@ -90,6 +94,124 @@ def update_with_event(
     )
     columns = [moved.c.attempts, *(moved.c[col.key] for col in returning)]
     row = session.execute(select(*columns).add_cte(event)).first()
+    if row is None:
+        return None
+    notify.touch(session, job_id)
+    return tuple(row)
+
+
+# -- the worker's hot transitions: statements built once per shape ---------------------------
+# `update_with_event` builds its statement from SQL expressions on every call; building (the
+# CTE's column proxies, coercions) and the cache key of a new statement tree were most of a
+# worker's CPU per no-op job. The claim, the progress and metric reports and the outcome of
+# a running attempt use `owned_update` instead: the same statement, with every value a bound
+# parameter, built once per shape (dialect, columns set, returning) and reused.
+
+_JOBS = cast(Table, Job.__table__)
+_SHAPES: dict[tuple[Any, ...], Any] = {}
+
+
+def _build_owned_update(
+    dialect: str,
+    columns: tuple[tuple[str, bool], ...],
+    by_attempt: bool,
+    claim: bool,
+    limited: bool,
+    returning: tuple[str, ...],
+    with_attempt: bool,
+) -> Any:
+    c = _JOBS.c
+    where = [c.id == bindparam("job_id"), c.state == bindparam("from_state", type_=c.state.type)]
+    if by_attempt:
+        where.append(c.attempts == bindparam("attempt"))
+    # None is SQL NULL, as in .values(col=None) (a bound None would be JSON 'null' in a JSON column)
+    values: dict[str, Any] = {
+        name: null() if is_none else bindparam(f"set_{name}", type_=c[name].type) for name, is_none in columns
+    }
+    values["event_seq"] = c.event_seq + 1
+    if claim:
+        values["attempts"] = c.attempts + 1
+    if limited:  # the tenant's running jobs on the queue, under its limit (see claim_job)
+        other = _JOBS.alias("other")
+        running = (
+            select(func.count())
+            .select_from(other)
+            .where(
+                other.c.tenant_id == bindparam("limit_tenant"),
+                other.c.queue == bindparam("limit_queue"),
+                other.c.state == bindparam("running_state", R, type_=c.state.type),
+            )
+            .scalar_subquery()
+        )
+        where.append(running < bindparam("max_running"))
+    moved_stmt = (
+        update(_JOBS).where(*where).values(**values).returning(c.attempts, c.event_seq, *(c[n] for n in returning))
+    )
+    if dialect != "postgresql":
+        return moved_stmt
+    moved = moved_stmt.cte("moved")
+    payload: Any = bindparam("event_data", type_=JSONB())
+    if with_attempt:
+        payload = payload.op("||")(func.jsonb_build_object("attempt", moved.c.attempts))
+    events = cast(Table, JobEvent.__table__)
+    event = (
+        insert(events)
+        .from_select(
+            ["job_id", "seq", "ts", "type", "data"],
+            select(
+                bindparam("event_job_id", type_=Integer()),
+                moved.c.event_seq,
+                bindparam("event_ts", type_=UTCDateTime()),
+                bindparam("event_type", type_=events.c.type.type),
+                payload,
+            ),
+        )
+        .cte("event")
+    )
+    return select(moved.c.attempts, *(moved.c[n] for n in returning)).add_cte(event)
+
+
+def owned_update(
+    session: Session,
+    job_id: int,
+    *,
+    from_state: JobState,
+    values: dict[str, Any],
+    type_: str,
+    data: dict[str, Any],
+    attempt: int | None = None,
+    claim: bool = False,
+    limit: tuple[int, str, int] | None = None,
+    returning: tuple[str, ...] = (),
+    with_attempt: bool = True,
+) -> tuple[Any, ...] | None:
+    """`update_with_event` for the worker's hot paths, on a statement built once per shape: set
+    `values` (plain values, no SQL expressions) on the job if it is in `from_state` (and at
+    `attempt`), and append its event, whose data gains the job's "attempt" after the update
+    when with_attempt.
+    `claim` also bumps attempts; `limit` (tenant_id, queue, max_running) adds claim_job's
+    running-jobs condition. Returns (attempts, *returning columns), or None when nothing matched."""
+    dialect = session.get_bind().dialect.name
+    columns = tuple((name, value is None) for name, value in values.items())
+    key = (dialect, columns, attempt is not None, claim, limit is not None, returning, with_attempt)
+    stmt = _SHAPES.get(key)
+    if stmt is None:
+        stmt = _SHAPES.setdefault(key, _build_owned_update(*key))
+    params: dict[str, Any] = {f"set_{name}": value for name, value in values.items() if value is not None}
+    params.update(job_id=job_id, from_state=from_state)
+    if attempt is not None:
+        params["attempt"] = attempt
+    if limit is not None:
+        params.update(limit_tenant=limit[0], limit_queue=limit[1], max_running=limit[2])
+    if dialect != "postgresql":
+        row = session.execute(stmt, params).first()
+        if row is None:
+            return None
+        attempts, seq, *rest = row
+        add_event(session, job_id, seq, type_, {**data, "attempt": attempts} if with_attempt else data)
+        return (attempts, *rest)
+    params.update(event_job_id=job_id, event_ts=utcnow(), event_type=type_, event_data=data)
+    row = session.execute(stmt, params).first()
     if row is None:
         return None
     notify.touch(session, job_id)
@@ -234,6 +356,13 @@ def claim(session: Session, job_id: int, worker: str) -> int | None:
 
 # What a worker needs of the job it claimed, returned by the claim itself (no re-select).
 CLAIMED_COLUMNS = (Job.tenant_id, Job.kind, Job.spec, Job.queue, Job.max_attempts, Job.started_at)
+CLAIMED_NAMES = tuple(c.key for c in CLAIMED_COLUMNS)
+_CLAIM_LOCK = (
+    select(Tenant.id, Job.queue)
+    .join(Job, Job.tenant_id == Tenant.id)
+    .where(Job.id == bindparam("job_id"), Job.state == Q)
+    .with_for_update(of=Tenant)
+)
 
 
 @dataclass(frozen=True)
@@ -267,30 +396,30 @@ def claim_job(session: Session, job_id: int, worker: str, max_running: int) -> C
 
     Without a limit this is one UPDATE ... RETURNING (plus its event's INSERT); with one, a
     tenant row lock comes first, and the running count is a condition of that same UPDATE."""
-    within: tuple = ()
+    limit: tuple[int, str, int] | None = None
     queue: str | None = None
     if max_running > 0:
         # One claim per tenant at a time (a row lock; SQLite serialises writers anyway), so two
-        # workers never both take the tenant's last free slot. The count below is a later
-        # statement, so under READ COMMITTED it sees the claims committed while we waited.
-        row = session.execute(
-            select(Tenant.id, Job.queue)
-            .join(Job, Job.tenant_id == Tenant.id)
-            .where(Job.id == job_id, Job.state == Q)
-            .with_for_update(of=Tenant)
-        ).first()
+        # workers never both take the tenant's last free slot. The count in the claim's UPDATE
+        # is a later statement, so under READ COMMITTED it sees the claims committed while we waited.
+        row = session.execute(_CLAIM_LOCK, {"job_id": job_id}).first()
         if row is None:
             return None
         tenant_id, queue = row
-        other = aliased(Job)
-        running = (
-            select(func.count())
-            .select_from(other)
-            .where(other.tenant_id == tenant_id, other.queue == queue, other.state == R)
-            .scalar_subquery()
-        )
-        within = (running < max_running,)
-    got = leases.claim(session, LEASE, job_id, worker, returning=CLAIMED_COLUMNS, extra_where=within)
+        limit = (tenant_id, queue, max_running)
+    # leases.claim for jobs (the same values and event), on a statement built once
+    now = utcnow()
+    got = owned_update(
+        session,
+        job_id,
+        from_state=Q,
+        values={"state": R, "worker": worker[:255], "heartbeat_at": now, "started_at": now, **LEASE.claim_values},
+        type_="state",
+        data={"to": R.value, "from": Q.value, "worker": worker},
+        claim=True,
+        limit=limit,
+        returning=CLAIMED_NAMES,
+    )
     if got is not None:
         attempt, tenant, kind, spec, job_queue, max_attempts, started_at = got
         job = Job(
@@ -374,23 +503,31 @@ def report_progress(
     session: Session, job_id: int, attempt: int, progress: float, message: str = "", **data: Any
 ) -> bool:
     progress = min(max(float(progress), 0.0), 1.0)
-    return (
-        update_with_event(
-            session,
-            job_id,
-            (Job.id == job_id, Job.state == R, Job.attempts == attempt),
-            {"progress": progress, "message": message[:2000], "heartbeat_at": utcnow()},
-            "progress",
-            {"progress": progress, "message": message, **data},
-        )
-        is not None
-    )
+    values = {"progress": progress, "message": message[:2000], "heartbeat_at": utcnow()}
+    event = {"progress": progress, "message": message, **data}
+    return _owned(session, job_id, attempt, values, "progress", event, with_attempt=False)
 
 
 def report_event(session: Session, job_id: int, attempt: int, type_: str, data: dict[str, Any]) -> bool:
     """A metric or log event from the running attempt."""
-    owned = (Job.id == job_id, Job.state == R, Job.attempts == attempt)
-    return update_with_event(session, job_id, owned, {}, type_, data) is not None
+    return _owned(session, job_id, attempt, {}, type_, data, with_attempt=False)
+
+
+def _owned(
+    session: Session,
+    job_id: int,
+    attempt: int,
+    values: dict[str, Any],
+    type_: str,
+    data: dict[str, Any],
+    *,
+    with_attempt: bool = True,
+) -> bool:
+    """A change by the running attempt `attempt` (owned_update from running); whether it applied."""
+    found = owned_update(
+        session, job_id, from_state=R, attempt=attempt, values=values, type_=type_, data=data, with_attempt=with_attempt
+    )
+    return found is not None
 
 
 def _finish_values(session: Session, job_id: int, started_at: datetime | None = None) -> dict[str, Any]:
@@ -404,47 +541,38 @@ def _finish_values(session: Session, job_id: int, started_at: datetime | None = 
 def succeed(
     session: Session, job_id: int, attempt: int, result: dict[str, Any], *, started_at: datetime | None = None
 ) -> bool:
-    return _transition(
-        session,
-        job_id,
-        from_states=[R],
-        to=JobState.succeeded,
-        attempt=attempt,
-        values={
-            "result": result,
-            "progress": 1.0,
-            "message": "succeeded",
-            **_finish_values(session, job_id, started_at),
-        },
-        event={"from": R.value},
-    )
+    values = {
+        "state": JobState.succeeded,
+        "result": result,
+        "progress": 1.0,
+        "message": "succeeded",
+        **_finish_values(session, job_id, started_at),
+    }
+    return _owned(session, job_id, attempt, values, "state", {"to": JobState.succeeded.value, "from": R.value})
 
 
 def fail(session: Session, job_id: int, attempt: int, error: str, *, started_at: datetime | None = None) -> bool:
-    return _transition(
-        session,
-        job_id,
-        from_states=[R],
-        to=JobState.failed,
-        attempt=attempt,
-        values={"error": error[:10000], "message": "failed", **_finish_values(session, job_id, started_at)},
-        event={"from": R.value, "error": error[:2000]},
-    )
+    values = {
+        "state": JobState.failed,
+        "error": error[:10000],
+        "message": "failed",
+        **_finish_values(session, job_id, started_at),
+    }
+    event = {"to": JobState.failed.value, "from": R.value, "error": error[:2000]}
+    return _owned(session, job_id, attempt, values, "state", event)
 
 
 def mark_cancelled(
     session: Session, job_id: int, attempt: int, result: dict | None = None, *, started_at: datetime | None = None
 ) -> bool:
     """The running attempt stopped cooperatively after a cancel request."""
-    return _transition(
-        session,
-        job_id,
-        from_states=[R],
-        to=JobState.cancelled,
-        attempt=attempt,
-        values={"message": "cancelled", "result": result, **_finish_values(session, job_id, started_at)},
-        event={"from": R.value},
-    )
+    values = {
+        "state": JobState.cancelled,
+        "message": "cancelled",
+        "result": result,
+        **_finish_values(session, job_id, started_at),
+    }
+    return _owned(session, job_id, attempt, values, "state", {"to": JobState.cancelled.value, "from": R.value})
 
 
 def request_cancel(session: Session, job_id: int) -> JobState:

@@ -22,8 +22,9 @@ from bench.common import BENCH, RESULTS, log, machine_info, now_iso, wait_for_qu
 ORDER = ["queue_latency", "api_throughput", "training_overhead", "score_library", "submit_scale", "sse_load",
          "explain_speed", "ensemble_scoring", "onnx_scoring", "drain_rate", "predict_latency"]
 # Run only when named with --only (hours of training on 2 cores): model quality on
-# FreeSolv and B3DB (bench/model_quality.py). Its rows are in the table like the others'.
-OPTIONAL = ["model_quality"]
+# FreeSolv and B3DB (bench/model_quality.py); scaling out on an S3 store and worker hosts in
+# network namespaces (bench/scale_out.py: root). Their rows are in the table like the others'.
+OPTIONAL = ["model_quality", "scale_out"]
 README = BENCH / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 

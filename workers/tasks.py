@@ -19,7 +19,7 @@ from celery import Celery, signals
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import audit, dispatch, jobs, leases, workers_registry
+from app import artifacts, audit, dispatch, jobs, leases, workers_registry
 from app.artifacts import open_read, open_write
 from app.broker import RUN_JOB, SCORE_SHARD, create_celery
 from app.config import Settings
@@ -107,7 +107,7 @@ def save_operator_traceback(ctx: JobContext, attempt: int) -> None:
     try:
         path = ctx.job_dir() / OPERATOR_TRACEBACK
         earlier = b""
-        if path.exists():  # appended by rewriting: the file may be encrypted (app.artifacts)
+        if artifacts.exists(path):  # appended by rewriting: the file may be encrypted (app.artifacts)
             with open_read(path) as old:
                 earlier = old.read()
         with open_write(path) as fh:

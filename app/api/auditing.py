@@ -34,6 +34,7 @@ from app.models import ApiKey
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_ENVIRON = "HTTP_" + REQUEST_ID_HEADER.upper().replace("-", "_")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -144,7 +145,7 @@ def describe(endpoint: str, rule: str, method: str, view_args: dict[str, Any]) -
 def request_id() -> str:
     """This request's id: the caller's X-Request-ID when it is a sane token, else a new one."""
     if "request_id" not in g:
-        presented = request.headers.get(REQUEST_ID_HEADER, "")
+        presented = request.environ.get(_REQUEST_ID_ENVIRON, "")  # request.headers: a KeyError when absent
         g.request_id = presented if _REQUEST_ID.fullmatch(presented) else uuid.uuid4().hex
     return g.request_id
 

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 from apispec import APISpec
-from flask import Response, current_app, request, send_file, stream_with_context
+from flask import Response, current_app, jsonify, request, stream_with_context
 from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 from sqlalchemy import select
 
+from app import artifacts
 from app.api import MAX_ID, celery, database, db_session, requires, settings, tenant_id
 from app.api.openapi import answers, body_doc, camel_case, component_ref, schema_converter
-from app.artifacts import job_dir, sendable
+from app.artifacts import job_dir, send_artifact
 from app.errors import ApiError
 from app.fields import StrictInteger
 from app.kinds import all_kinds, get_kind, submittable_kinds
@@ -59,6 +61,37 @@ class JobSchema(Schema):
     duration_s = fields.Float(allow_none=True)
     tags = fields.List(fields.String())  # app/api/lifecycle.py sets them
     cloned_from = fields.Integer(allow_none=True, metadata={"description": "the job this one was cloned from"})
+
+
+# GET /jobs/{id} serialises the row itself (app.stores.jobs.read: one Core SELECT of these
+# columns) with the conversions JobSchema's fields apply, skipping ORM loading and
+# marshmallow; tests/unit/test_api_jobs.py checks it answers exactly JobSchema().dump(job).
+JOB_FIELDS = tuple(JobSchema().fields)
+
+
+def _plain(field: fields.Field) -> Callable[[Any], Any]:
+    """The conversion `field` applies to a non-null column value when JobSchema dumps it."""
+    if isinstance(field, fields.Function):  # state: the enum's value
+        return lambda value: value.value
+    if isinstance(field, fields.List):
+        item = _plain(field.inner)
+        return lambda value: [item(v) for v in value]
+    for kind, convert in ((fields.DateTime, datetime.isoformat), (fields.Integer, int), (fields.Float, float),
+                          (fields.String, str), (fields.Boolean, bool), (fields.Dict, dict)):  # fmt: skip
+        if isinstance(field, kind):
+            return convert
+    raise TypeError(f"no plain conversion for {type(field).__name__}")
+
+
+_JOB_CONVERSIONS = tuple((name, _plain(field)) for name, field in JobSchema().fields.items())
+
+
+def job_json(row: Any) -> dict[str, Any]:
+    """JobSchema().dump of a row of JOB_FIELDS (a Core row, in that order)."""
+    return {
+        name: None if value is None else convert(value)
+        for (name, convert), value in zip(_JOB_CONVERSIONS, row, strict=True)
+    }
 
 
 class JobListArgs(Schema):
@@ -198,8 +231,14 @@ def list_jobs(args: dict[str, Any]) -> dict[str, Any]:
 @blp.route("/<id:job_id>", methods=["GET"])
 @blp.response(200, JobSchema)
 @requires(KeyRole.viewer)
-def detail(job_id: int) -> Job:
-    return jobs_store.get(db_session(), tenant_id(), job_id)
+def detail(job_id: int) -> Response:
+    session = db_session()
+    if not session.in_transaction():
+        # This request writes nothing but its audit row (app.api.auditing.finish): the read
+        # and that INSERT each commit on their own, without BEGIN and COMMIT round trips.
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    # A Response passes flask-smorest's dump untouched; the body is JobSchema's (job_json).
+    return jsonify(job_json(jobs_store.read(session, tenant_id(), job_id, JOB_FIELDS)))
 
 
 @blp.route("/<id:job_id>/events", methods=["GET"])
@@ -386,9 +425,9 @@ def explanation_drawing(job_id: int, rank: int) -> ResponseReturnValue:
     job = jobs_store.succeeded(db_session(), tenant_id(), job_id)
     listed = {e.get("rank") for e in (job.result or {}).get("explanations") or [] if e.get("file")}
     path = explanation_file(job_dir(settings(), job.tenant_id, job.id), rank)
-    if job.kind != "score" or rank not in listed or not path.exists():
+    if job.kind != "score" or rank not in listed or not artifacts.exists(path):
         raise ApiError(404, f"Job {job_id} has no drawing of rank {rank}", "not_found")
-    return send_file(sendable(path), mimetype="image/svg+xml", max_age=0)
+    return send_artifact(path, settings(), mimetype="image/svg+xml", max_age=0)
 
 
 @blp.route("/<id:job_id>", methods=["DELETE"])

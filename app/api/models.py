@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flask import current_app, jsonify, request, send_file
+from flask import current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
@@ -13,7 +13,7 @@ from marshmallow import Schema, fields, validate
 from app import inference
 from app.api import MAX_ID, auditing, celery, database, db_session, requires, settings, tenant_id
 from app.api.jobs import JobSchema
-from app.artifacts import sendable
+from app.artifacts import send_artifact
 from app.errors import ApiError
 from app.fields import StrictFloat, StrictInteger
 from app.kinds import SpecError
@@ -119,7 +119,7 @@ def version_detail(name: str, version: int) -> ModelVersion:
 def version_file(name: str, version: int, which: str) -> ResponseReturnValue:
     """Download the weights (safetensors) or the config (JSON) of a version."""
     bundle = models_store.bundle_file(db_session(), settings(), tenant_id(), name, version, which)
-    return send_file(sendable(bundle.path), as_attachment=True, download_name=bundle.download_name)
+    return send_artifact(bundle.path, settings(), as_attachment=True, download_name=bundle.download_name)
 
 
 @blp.route(

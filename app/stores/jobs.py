@@ -4,11 +4,12 @@ submit (validate with the kind's spec, commit, then publish)."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 from marshmallow import ValidationError
+from sqlalchemy import Row, Select, Table, bindparam, func, select
 from sqlalchemy import delete as delete_rows
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import dispatch, workers_registry
@@ -36,6 +37,27 @@ def get(session: Session, tenant_id: int, job_id: int) -> Job:
     if job is None:
         raise NotFound(f"Job {job_id} not found")
     return job
+
+
+_JOBS = cast(Table, Job.__table__)
+_READ_STATEMENTS: dict[tuple[str, ...], Select[Any]] = {}
+
+
+def read(session: Session, tenant_id: int, job_id: int, columns: Iterable[str]) -> Row[Any]:
+    """`get` for a reader that only serialises the job: these columns of the tenant's job as
+    one Core row (a statement built once per column set, no ORM loading or identity map);
+    NotFound as `get`."""
+    names = tuple(columns)
+    stmt = _READ_STATEMENTS.get(names)
+    if stmt is None:
+        stmt = select(*(_JOBS.c[name] for name in names)).where(
+            _JOBS.c.id == bindparam("job_id"), _JOBS.c.tenant_id == bindparam("tenant_id")
+        )
+        _READ_STATEMENTS[names] = stmt
+    row = session.connection().execute(stmt, {"job_id": job_id, "tenant_id": tenant_id}).first()
+    if row is None:
+        raise NotFound(f"Job {job_id} not found")
+    return row
 
 
 def _listed(q: Any, kind: str | None, include_hidden: bool) -> Any:

@@ -186,3 +186,30 @@ def test_submit_with_the_broker_down_is_durable_and_republished(api: ApiClient, 
     assert dispatch.republish(celery, db, settings) == 1
     assert [m["args"] for m in fake_redis.messages("cpu")] == [[job["id"]]]
     assert dispatch.republish(celery, db, settings) == 0  # the broker holds it now
+
+
+def test_job_detail_answers_exactly_what_job_schema_dumps(api: ApiClient, app) -> None:  # noqa: ANN001
+    """GET /jobs/{id} serialises a Core row itself (app.api.jobs.job_json); every field, null or
+    set, must read as JobSchema().dump of the ORM job would."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.api.jobs import JobSchema
+    from app.models import JobState, utcnow
+
+    plain = api.submit("sleep", {"seconds": 0})
+    full = api.submit("sleep", {"seconds": 0.5, "steps": 2})
+    t0 = utcnow()
+    with app.extensions["medmaas.db"].session() as s:
+        s.execute(update(Job).where(Job.id == full["id"]).values(
+            state=JobState.succeeded, attempts=2, progress=1, message="succeeded", error=None,
+            result={"slept_s": 0.5, "nested": {"a": [1, 2.5, None]}}, started_at=t0,
+            finished_at=t0 + timedelta(seconds=1, microseconds=7), heartbeat_at=t0, worker="host:1",
+            cancel_requested=True, idempotency_key="k-1", duration_s=1.000007, tags=["a", "b"], cloned_from=plain["id"]))
+    with app.extensions["medmaas.db"].session() as s:
+        for job_id in (plain["id"], full["id"]):
+            expected = JobSchema().dump(s.get(Job, job_id))
+            r = api.get(f"/api/v1/jobs/{job_id}")
+            assert r.status_code == 200 and r.mimetype == "application/json"
+            assert r.get_json() == expected
