@@ -35,7 +35,7 @@ def test_a_row_locked_by_a_worker_cut_off_mid_transaction_stalls_no_reaping_and_
         with db.session() as s:
             jobs.claim(s, job_id, "w")
         backdate(db, job_id)
-    cut_off = Database(db.url, idle_in_transaction_s=1.5)  # as a worker's (heartbeat timeout)
+    cut_off = Database(db.url, idle_in_transaction_s=4.0)  # as a worker's (heartbeat timeout)
     try:
         session = cut_off.sessionmaker()
         session.execute(select(Job.id).where(Job.id == stuck).with_for_update()).all()  # then silence
@@ -43,8 +43,8 @@ def test_a_row_locked_by_a_worker_cut_off_mid_transaction_stalls_no_reaping_and_
         with db.session() as s:
             reaped = {r.job_id for r in jobs.reap_stale(s, timeout_s=60)}
         assert other in reaped and stuck not in reaped  # not blocked by the lock
-        assert time.monotonic() - started < 1.0
-        time.sleep(2.5)  # the server ends the idle transaction: the lock goes with it
+        assert time.monotonic() - started < 3.0  # a blocked reaper waits out the 4 s timeout
+        time.sleep(5.0)  # the server ends the idle transaction: the lock goes with it
         with db.session() as s:
             assert stuck in {r.job_id for r in jobs.reap_stale(s, timeout_s=60)}
             assert s.get(Job, stuck).state == JobState.queued

@@ -167,7 +167,7 @@ def test_a_watcher_is_woken_by_its_jobs_commit(sessions, hub) -> None:
         t0 = time.monotonic()
         threading.Timer(0.05, commit_later).start()
         assert watch.wait(10) is True
-        assert time.monotonic() - t0 < 2  # woken, not timed out
+        assert time.monotonic() - t0 < 5  # woken, not timed out (10 s)
     assert hub.watching() == 0
 
 
@@ -209,7 +209,7 @@ def test_async_watchers_are_woken_on_their_loop(server, hub) -> None:
 
     woke, timed_out, elapsed = asyncio.run(main())
     assert woke is True
-    assert elapsed < 2
+    assert elapsed < 5  # woken, not timed out (10 s)
     assert timed_out is False
 
 
@@ -300,7 +300,7 @@ def test_the_sse_feed_reads_on_timeout_without_notifications(app, monkeypatch) -
         assert "event: state" in rest
         assert '"succeeded"' in rest
         assert "event: end" in rest
-        assert elapsed < 3, elapsed  # a few safety-net periods at most, not the stream's lifetime
+        assert elapsed < 20, elapsed  # safety-net periods (0.3 s), not the stream's lifetime
         r.close()
     finally:
         dead_hub.close()
