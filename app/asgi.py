@@ -1,7 +1,8 @@
 """ASGI entry point: what `medmaas web` serves (`gunicorn -k app.asgi.Worker app.asgi:app`).
 
-Every route is the Flask app's, run on a thread pool through a2wsgi, except the two
-server-sent-event streams (`/api/v1/jobs/{id}/stream`, Bearer key, and its page twin
+Every route is the Flask app's, run on a thread pool through a2wsgi, except the small JSON
+reads (BUFFERED_READS: Flask on a thread, the whole answer handed back at once), the online
+predict route (OnlinePredict) and the two server-sent-event streams (`/api/v1/jobs/{id}/stream`, Bearer key, and its page twin
 `/ui/api/jobs/{id}/stream`, session cookie). An open stream spends nearly all its life
 waiting for the job's next event; on a WSGI thread that wait pins the thread, so 100
 viewers would need 100 threads. Here a stream is a coroutine on the event loop:
@@ -51,6 +52,20 @@ if TYPE_CHECKING:
 
 STREAM_PATHS = ("/api/v1/jobs/{job_id:int}/stream", "/ui/api/jobs/{job_id:int}/stream")
 PREDICT_PATH = "/api/v1/models/{name}/predict"
+# GETs answered with small JSON documents (a page at most): run through Flask in one hop to a
+# thread and back (run_flask), rather than a2wsgi's streamed hand-off, which crosses between
+# the thread and the event loop for the start, each body chunk and the end.
+BUFFERED_READS = (
+    "/api/v1/jobs",
+    "/api/v1/jobs/{job_id:int}",
+    "/api/v1/jobs/{job_id:int}/events",
+    "/api/v1/datasets",
+    "/api/v1/datasets/{dataset_id:int}",
+    "/api/v1/models",
+    "/api/v1/models/{name}",
+    "/api/v1/models/{name}/versions/{version:int}",
+    "/api/v1/keys",
+)
 STREAM_LIMIT_RETRY_AFTER_S = 5
 
 
@@ -81,11 +96,9 @@ def create_asgi_app(
         handoff: dict[str, Any] = {}
         environ[STREAM_HANDOFF] = handoff
         status, headers, body = await anyio.to_thread.run_sync(flask_preamble, environ, limiter=limiter)
-        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers if k.lower() != "content-length"]
         if not handoff or status != 200 or request.method != "GET":
-            response = Response(body, status_code=status)
-            response.raw_headers = [(k, v) for k, v in raw] + [(b"content-length", str(len(body)).encode())]
-            return response
+            return flask_response(status, headers, body)
+        raw = raw_headers(headers)
         job_id, owner = handoff["job_id"], handoff.get("owner", "unknown")
         slot = await anyio.to_thread.run_sync(slots.acquire, owner, limiter=limiter)
         if slot is None:
@@ -116,6 +129,12 @@ def create_asgi_app(
         return response
 
     online_predict = OnlinePredict(flask_app, None, wsgi_threads)
+    reads = anyio.CapacityLimiter(wsgi_threads)
+
+    async def buffered_read(request: Request) -> Response:
+        environ: dict[str, Any] = dict(build_environ(request.scope, io.BytesIO(b"")))  # type: ignore[arg-type]
+        status, headers, body = await anyio.to_thread.run_sync(run_flask, flask_app, environ, limiter=reads)
+        return flask_response(status, headers, body)
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -127,6 +146,7 @@ def create_asgi_app(
     # (a2wsgi and Starlette spell the WSGI and ASGI callable types differently; they agree at run time)
     wsgi = WSGIMiddleware(cast("WSGIApp", flask_app), workers=wsgi_threads)
     routes: list[BaseRoute] = [Route(path, stream, methods=["GET"]) for path in STREAM_PATHS]
+    routes += [Route(path, buffered_read, methods=["GET"]) for path in BUFFERED_READS]
     online_predict.wsgi = cast(ASGIApp, wsgi)
     if settings.inference_online and settings.inference_async_front:
         routes.append(Route(PREDICT_PATH, online_predict, methods=["POST"]))
@@ -193,10 +213,7 @@ class OnlinePredict:
                 )
             else:
                 answer = self._json(self.response_schema.dump(reply.result))
-        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers if k.lower() != "content-length"]
-        response = Response(answer, status_code=status)
-        response.raw_headers = [*raw, (b"content-length", str(len(answer)).encode())]
-        await response(scope, receive, send)
+        await flask_response(status, headers, answer)(scope, receive, send)
 
     def client(self) -> inference.AsyncInferenceClient:
         if self._client is None:  # made on the event loop that uses it
@@ -227,6 +244,18 @@ class OnlinePredict:
         environ: dict[str, Any] = dict(build_environ(scope, io.BytesIO(body)))  # type: ignore[arg-type]
         environ.update(marks)
         return await anyio.to_thread.run_sync(run_flask, self.flask_app, environ, limiter=self.limiter)
+
+
+def flask_response(status: int, headers: list[tuple[str, str]], body: bytes) -> Response:
+    """A response run_flask gave, as Starlette sends it (Flask's headers, the body's length)."""
+    response = Response(body, status_code=status)
+    response.raw_headers = [*raw_headers(headers), (b"content-length", str(len(body)).encode())]
+    return response
+
+
+def raw_headers(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Flask's headers as ASGI's (lower-case latin-1 names), without Content-Length."""
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers if k.lower() != "content-length"]
 
 
 def run_flask(flask_app: Flask, environ: dict[str, Any]) -> tuple[int, list[tuple[str, str]], bytes]:

@@ -244,14 +244,24 @@ def append_unsealed(session: Session, *entries: Entry) -> list[dict[str, Any]]:
     """Append `entries` unsealed (one INSERT statement, no lock) in the session's transaction
     (not committed); `seal` chains them later. Each entry counts as added to the transaction,
     so the commit hooks (`install`) do not write it a second time. Returns the rows' values."""
-    rows = [_row(entry) for entry in entries]
+    rows = append_rows(session, [unsealed_row(entry) for entry in entries])
+    for entry in entries:
+        entry.in_transaction = True
+    return rows
+
+
+def unsealed_row(entry: Entry) -> dict[str, Any]:
+    """The row `append_rows` writes for `entry`, stamped now."""
+    return _row(entry)
+
+
+def append_rows(session: Session, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """INSERT rows made by `unsealed_row` (unsealed) in the session's transaction."""
     if rows:
         # one cached Core statement with the rows as parameters (`.values(**row)` would build
         # and compile a new statement per row: a third of an inference worker's CPU at load;
         # the ORM's bulk insert path costs a read request's audit row twice the CPU)
         session.connection().execute(insert(cast(Table, AuditEvent.__table__)), rows if len(rows) > 1 else rows[0])
-    for entry in entries:
-        entry.in_transaction = True
     return rows
 
 

@@ -68,6 +68,9 @@ class Settings:
     scoring_backend: str = "auto"
     # seconds an API key row is trusted per process (revocation elsewhere takes effect within it; 0 = off)
     api_key_cache_s: float = 5.0
+    # seconds within which a read's audit row is written, batched with others (app/api/auditing.py
+    # ReadTrail); 0: each read's row is written before its answer
+    audit_read_flush_s: float = 0.05
     # seconds a model version looked up by the online predict route is trusted per web process
     # (an alias moved or a version deleted elsewhere reaches that route within it; 0 = off)
     model_cache_s: float = 2.0

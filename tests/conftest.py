@@ -128,8 +128,24 @@ def _make_app(settings: Settings):  # noqa: ANN202
     return create_app(settings)
 
 
+def flush_read_audit(app) -> None:  # noqa: ANN001
+    """Write the audit rows of reads this app has answered but not yet written (its ReadTrail
+    batches them, app/api/auditing.py), as a reader of the trail through the API would."""
+    from app.api.auditing import READ_TRAIL
+
+    trail = app.extensions.get(READ_TRAIL)
+    if trail is not None:
+        trail.flush()
+
+
 def close_app(app) -> None:  # noqa: ANN001
-    """Stop what create_app started: the event hub's listener thread and the database pool."""
+    """Stop what create_app started: the event hub's listener thread, the audit rows of reads
+    still to write, and the database pool."""
+    from app.api.auditing import READ_TRAIL
+
+    trail = app.extensions.get(READ_TRAIL)
+    if trail is not None:
+        trail.stop()
     hub = app.extensions.get("medmaas.hub")
     if hub is not None:
         hub.close()

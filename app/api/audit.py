@@ -13,6 +13,7 @@ from marshmallow import Schema, fields, validate
 
 from app import audit
 from app.api import MAX_ID, database, db_session, requires, tenant_id
+from app.api.auditing import flush_reads
 from app.models import KeyRole, Tenant
 from app.stores import audit as audit_store
 
@@ -84,6 +85,7 @@ class ChainSchema(Schema):
 @requires(KeyRole.admin)
 def list_events(args: dict[str, Any]) -> dict[str, Any]:
     """The tenant's audit rows, newest first; page with next_cursor."""
+    flush_reads()
     return audit_store.list_page(
         db_session(), tenant_id(), audit_store.AuditFilter.of(args), args["limit"], args.get("cursor")
     )
@@ -107,6 +109,7 @@ def export(args: dict[str, Any]) -> Response:
 
 def export_response(tenant: int, filters: audit_store.AuditFilter) -> Response:
     """A streamed JSON-lines download of the tenant's matching rows (the API's and the page's)."""
+    flush_reads()
     db = database()
 
     def lines() -> Iterator[str]:
@@ -123,6 +126,7 @@ def export_response(tenant: int, filters: audit_store.AuditFilter) -> Response:
 @requires(KeyRole.admin)
 def verify() -> dict[str, Any]:
     """Walk the tenant's hash chain; names the first row edited or deleted by hand."""
+    flush_reads()
     session = db_session()
     report = audit.verify_tenant(session, session.get_one(Tenant, tenant_id()))
     return {**vars(report), "intact": report.intact}

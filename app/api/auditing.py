@@ -3,10 +3,13 @@
 Once a request is authenticated, `begin` attaches an audit entry (actor, action, object,
 client address, request id) to the request's database session: the view's first commit
 writes it (unsealed) in the same transaction as the change. `finish` (after the response is
-made) appends the entries of requests that committed nothing (reads, refusals, failures)
-with the response status, unsealed (one INSERT, then the commit; app.audit seals them
-later), before the response leaves: a row that cannot be written turns a success into a
-503. It also sets X-Request-ID.
+made) appends the entries of requests that committed nothing (refusals, failures) with the
+response status, unsealed (one INSERT, then the commit; app.audit seals them later), before
+the response leaves: a row that cannot be written turns a success into a 503. A read's row
+(GET, HEAD) goes into this process's ReadTrail instead, written in a batch within
+`audit_read_flush_s` (0: before the answer, as the others); a read answered in the last
+interval before the process is killed (SIGKILL) is then not in the trail. It also sets
+X-Request-ID.
 
 Actions and objects come from the route by default (`describe`): the first path segment
 names the object type, the view arguments its id, the method the verb (GET read or list,
@@ -23,11 +26,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from app import audit
 from app.api import database, db_session
+from app.batching import BatchWriter
 from app.errors import error_response
 from app.models import ApiKey
 
@@ -258,6 +263,13 @@ def finish(response: Response) -> Response:
     entry.status = response.status_code
     entry.outcome = audit.outcome_for(response.status_code, request.method not in SAFE_METHODS)
     session = db_session()
+    trail: ReadTrail | None = current_app.extensions.get(READ_TRAIL)
+    if trail is not None and request.method in SAFE_METHODS and trail.healthy:
+        # A read changed nothing: its row joins the next batch; what the view left in the
+        # session is not committed (teardown rolls it back).
+        trail.add([audit.unsealed_row(entry)])
+        entry.written = True
+        return response
     try:
         if _may_have_changed(session, response):
             session.rollback()  # whatever the view left uncommitted is not part of this row
@@ -266,12 +278,16 @@ def finish(response: Response) -> Response:
     except Exception:
         log.exception("could not write the audit row of %s %s", request.method, request.path)
         session.rollback()
+        if trail is not None:
+            trail.healthy = False  # reads write their own rows (or answer 503) until a write succeeds
         if response.status_code < 400:  # nothing is served that the trail does not show
             failed, status = error_response(503, "The audit trail is unavailable; try again", "audit_unavailable")
             failed.status_code = status
             failed.headers[REQUEST_ID_HEADER] = request_id()
             return failed
         return response
+    if trail is not None:
+        trail.healthy = True
     if _SEALS.due(entry.tenant_id):
         _seal_after(response, entry.tenant_id)
     return response
@@ -288,6 +304,38 @@ def _may_have_changed(session: Session, response: Response) -> bool:
 
 # Unsealed rows this process appended, per tenant: every SEAL_AFTER of them, one bounded seal.
 _SEALS = audit.SealSchedule()
+READ_TRAIL = "medmaas.read_trail"
+
+
+class ReadTrail(BatchWriter[dict[str, Any]]):
+    """The audit rows of reads (GET, HEAD), stamped when the read is answered and appended in
+    batches within `audit_read_flush_s` (one INSERT of many rows, one commit), then sealed
+    like any unsealed row. While a batch cannot be written, reads write their own row before
+    answering (a 503 when that fails too), as they all do with the setting at 0."""
+
+    name = "medmaas-read-audit"
+    what = "audit rows of reads"
+
+    def __init__(self, engine: Engine, interval_s: float) -> None:
+        super().__init__(interval_s, flush_size=1000, max_pending=200_000)
+        self.engine = engine
+
+    def write(self, batch: list[dict[str, Any]]) -> None:
+        with Session(self.engine) as s:
+            audit.append_rows(s, batch)
+            s.commit()
+
+    def after_write(self, batch: list[dict[str, Any]]) -> None:
+        due = {row["tenant_id"] for row in batch if _SEALS.due(row["tenant_id"])}
+        for tenant_id in sorted(due):
+            audit.seal_inline(self.engine, tenant_id)
+
+
+def flush_reads() -> None:
+    """Write this process's pending read rows now (before the trail is read or exported)."""
+    trail: ReadTrail | None = current_app.extensions.get(READ_TRAIL)
+    if trail is not None:
+        trail.flush()
 
 
 def _seal_after(response: Response, tenant_id: int) -> None:
@@ -300,6 +348,9 @@ def install(app: Flask) -> None:
     """Request hooks for the API (the pages call `begin` from their own guard) and the
     session hooks that write attached entries."""
     audit.install(app.extensions["medmaas.db"].sessionmaker)
+    flush_s = app.extensions["medmaas.settings"].audit_read_flush_s
+    if flush_s > 0:
+        app.extensions[READ_TRAIL] = ReadTrail(app.extensions["medmaas.db"].engine, flush_s)
 
     @app.before_request
     def _begin_api_audit() -> None:

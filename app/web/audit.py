@@ -58,6 +58,7 @@ def _filter_args(schema: AuditFilterArgs) -> tuple[dict[str, Any], dict[str, str
 def audit_page() -> ResponseReturnValue:
     _admin_only()
     args, raw, error = _filter_args(AuditListArgs(unknown=EXCLUDE))
+    auditing.flush_reads()
     page = audit_store.list_page(
         db_session(), tenant_id(), audit_store.AuditFilter.of(args), PAGE_SIZE, args.get("cursor")
     )

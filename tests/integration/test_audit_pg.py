@@ -15,7 +15,7 @@ from sqlalchemy import select, text
 from app import audit, auth
 from app.config import to_env
 from app.models import AuditEvent, KeyRole
-from tests.conftest import ROOT
+from tests.conftest import ROOT, flush_read_audit
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +81,7 @@ def test_concurrent_requests_keep_one_unbroken_chain(pg_app) -> None:  # noqa: A
     sealing.join(60)
     assert sorted(set(statuses)) == [200, 202] and len(statuses) == threads * per_thread
 
+    flush_read_audit(pg_app)  # the reads' rows still in this process's batch
     audit.seal(engine, tenant_id)  # the reads appended after the sealer's last pass
     rows = chain(pg_app, tenant_id)
     assert len(rows) == 1 + threads * per_thread  # every request, none lost

@@ -1,6 +1,6 @@
-"""GET /api/v1/jobs/{id} on PostgreSQL: the Core read path answers what JobSchema dumps, its
-audit row is committed before the answer (autocommit: no BEGIN / COMMIT round trips), and the
-connection goes back to the pool transactional again."""
+"""GET /api/v1/jobs/{id} on PostgreSQL: the Core read path answers what JobSchema dumps (in
+autocommit: no BEGIN / COMMIT round trips), its audit row is written in the read trail's next
+batch, and the connection goes back to the pool transactional again."""
 from __future__ import annotations
 
 import uuid
@@ -11,6 +11,7 @@ from sqlalchemy import select, update
 from app import auth
 from app.api.jobs import JobSchema
 from app.models import AuditEvent, Job, JobState, KeyRole, utcnow
+from tests.conftest import flush_read_audit
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +45,7 @@ def test_job_detail_on_postgresql(pg_app) -> None:  # noqa: ANN001
     r = client.get(f"/api/v1/jobs/{job_id}", headers=other_headers)
     assert r.status_code == 404 and r.get_json()["error"]["code"] == "not_found"
 
+    flush_read_audit(pg_app)
     with db.session() as s:  # committed, seen from another connection
         rows = s.execute(select(AuditEvent.action, AuditEvent.tenant_id, AuditEvent.status, AuditEvent.outcome)
                          .where(AuditEvent.object_id == str(job_id), AuditEvent.action == "job.read")

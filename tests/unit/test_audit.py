@@ -18,6 +18,7 @@ from app import audit, auth
 from app.api.auditing import audited, describe
 from app.config import to_env
 from app.models import ApiKey, AuditEvent, Job, KeyRole, ModelVersion
+from tests.conftest import flush_read_audit
 from tests.unit.test_roles import minimal_request, routes
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -42,6 +43,7 @@ def bearer(secret: str, **extra: str) -> dict[str, str]:
 
 
 def rows(app, tenant_id: int | None = None) -> list[AuditEvent]:  # noqa: ANN001
+    flush_read_audit(app)
     with app.extensions["medmaas.db"].session() as s:
         q = select(AuditEvent).order_by(AuditEvent.id)
         if tenant_id is not None:
@@ -80,6 +82,7 @@ def entry(tenant_id: int, action: str = "dataset.read", **kw: Any) -> audit.Entr
 
 
 def verify(app, tenant: str) -> audit.ChainReport:  # noqa: ANN001
+    flush_read_audit(app)
     with app.extensions["medmaas.db"].session() as s:
         return audit.verify(s, tenant)[0]
 
@@ -258,9 +261,10 @@ def test_an_action_whose_audit_row_cannot_be_written_is_not_committed(app, clien
         raise RuntimeError("audit table unavailable")
 
     monkeypatch.setattr(audit, "record", broken)  # a write's row, chained with its commit
-    monkeypatch.setattr(audit, "append_unsealed", broken)  # a read's (or a failure's) row
+    monkeypatch.setattr(audit, "append_rows", broken)  # a read's (or a failure's) row, and batches of reads'
     r = client.post("/api/v1/jobs", json={"kind": "sleep", "spec": {"seconds": 0}}, headers=bearer(secret))
     assert r.status_code >= 500 and job_count(app) == 0
+    # the failure's row could not be written either: reads now write their own before answering
     read = client.get("/api/v1/jobs", headers=bearer(secret))
     assert read.status_code == 503 and read.get_json()["error"]["code"] == "audit_unavailable"  # nothing unrecorded is served
     monkeypatch.undo()

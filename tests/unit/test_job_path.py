@@ -17,7 +17,7 @@ from sqlalchemy import event, select, text, update
 from app import audit, auth, jobs
 from app.db import Database
 from app.models import ApiKey, AuditEvent, Job, JobEvent, JobState, KeyRole, utcnow
-from tests.conftest import use_template
+from tests.conftest import flush_read_audit, use_template
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -76,6 +76,7 @@ def new_tenant(app) -> tuple[int, str, str]:  # noqa: ANN001
 
 
 def audit_rows(app, tenant_id: int) -> list[AuditEvent]:  # noqa: ANN001
+    flush_read_audit(app)
     with app.extensions["medmaas.db"].session() as s:
         found = list(s.scalars(select(AuditEvent).where(AuditEvent.tenant_id == tenant_id).order_by(AuditEvent.id)))
         s.expunge_all()
@@ -83,6 +84,7 @@ def audit_rows(app, tenant_id: int) -> list[AuditEvent]:  # noqa: ANN001
 
 
 def verify(app, name: str) -> audit.ChainReport:  # noqa: ANN001
+    flush_read_audit(app)
     with app.extensions["medmaas.db"].session() as s:
         return audit.verify(s, name)[0]
 
@@ -257,6 +259,7 @@ def test_tampering_with_a_sealed_read_is_detected(app, client) -> None:  # noqa:
     tid, name, secret = new_tenant(app)
     for _ in range(3):
         assert client.get("/api/v1/jobs", headers=bearer(secret)).status_code == 200
+    flush_read_audit(app)
     assert audit.seal(app.extensions["medmaas.db"].engine, tid) == 3
     target = audit_rows(app, tid)[1]
     with app.extensions["medmaas.db"].engine.begin() as conn:
@@ -271,21 +274,30 @@ def test_the_export_seals_first_and_lists_the_whole_chain(app, client) -> None: 
         client.get("/api/v1/jobs", headers=bearer(secret))
     export = client.get("/api/v1/audit/export", headers=bearer(secret))
     lines = export.get_data(as_text=True).splitlines()
-    assert len(lines) == 3 and all('"seq": null' not in line for line in lines)  # the export's own row too
-    assert [r.seq for r in audit_rows(app, tid)] == [1, 2, 3]
+    assert len(lines) == 2 and all('"seq": null' not in line for line in lines)  # the reads' rows, written first
+    assert [(r.action, r.seq) for r in audit_rows(app, tid)] == [("job.list", 1), ("job.list", 2), ("audit.export", None)]
 
 
 def test_a_read_whose_audit_row_cannot_be_written_answers_503(app, client, monkeypatch) -> None:  # noqa: ANN001
-    tid, _name, secret = new_tenant(app)
+    """Reads' rows are written in batches: once a batch cannot be written, reads write their
+    own row before answering, and answer 503 while that fails; the batch is kept, not lost."""
+    from app.api.auditing import READ_TRAIL
 
-    def broken(session, entry) -> None:  # noqa: ANN001
+    tid, _name, secret = new_tenant(app)
+    trail = app.extensions[READ_TRAIL]
+
+    def broken(session, rows) -> None:  # noqa: ANN001
         raise RuntimeError("audit table unavailable")
 
-    monkeypatch.setattr(audit, "append_unsealed", broken)
+    monkeypatch.setattr(audit, "append_rows", broken)
+    assert client.get("/api/v1/jobs", headers=bearer(secret)).status_code == 200  # its row is batched
+    assert trail.flush() == 0 and not trail.healthy  # the batch could not be written
     r = client.get("/api/v1/jobs", headers=bearer(secret))
     assert r.status_code == 503 and r.get_json()["error"]["code"] == "audit_unavailable"
     monkeypatch.undo()
-    assert audit_rows(app, tid) == []
+    assert trail.pending() == 1
+    assert [r.status for r in audit_rows(app, tid)] == [200]  # the first read's row, written at last
+    assert trail.healthy
     assert client.get("/api/v1/jobs", headers=bearer(secret)).status_code == 200
 
 
@@ -306,6 +318,7 @@ def test_the_maintenance_tick_seals_every_tenant(app, client) -> None:  # noqa: 
     b, _nb, sb = new_tenant(app)
     for secret in (sa, sb, sa):
         client.get("/api/v1/jobs", headers=bearer(secret))
+    flush_read_audit(app)
     assert audit.seal(app.extensions["medmaas.db"].engine, batch=1) == 3  # in batches of one
     assert [r.seq for r in audit_rows(app, a)] == [1, 2] and [r.seq for r in audit_rows(app, b)] == [1]
     assert audit.seal(app.extensions["medmaas.db"].engine) == 0

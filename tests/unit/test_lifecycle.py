@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from app import auth, jobs
 from app.models import AuditEvent, Job, KeyRole, ModelVersion
-from tests.conftest import ApiClient, create_tenant_key
+from tests.conftest import ApiClient, create_tenant_key, flush_read_audit
 
 
 def run(app, job_id: int, metrics: list[dict[str, Any]], result: dict[str, Any]) -> None:
@@ -192,6 +192,7 @@ def test_compare_runs_curves_specs_and_final_metrics(api: ApiClient, app) -> Non
     assert metrics["test.rmse"] == [0.5, None]
     assert metrics["best_epoch"] == [3, None]
     assert metrics["train_loss"] == [None, 1.0]
+    flush_read_audit(app)
     with app.extensions["medmaas.db"].session() as s:
         details = s.scalars(select(AuditEvent.details).where(AuditEvent.action == "job.compare.read")).all()
     assert details == [{"job_ids": [a["id"], b["id"]]}]  # audited: which runs were read

@@ -19,7 +19,7 @@ from app.models import AuditEvent, KeyRole, ModelVersion
 from app.stores import models as models_store
 from medmaas import commands
 from medmaas.client import Client
-from tests.conftest import sign_in
+from tests.conftest import flush_read_audit, sign_in
 from tests.unit.test_api_jobs import assert_error
 from tests.unit.test_encryption import encrypted_app  # noqa: F401  (a fixture)
 from tests.unit.test_erasure import FlaskSession, Tenant
@@ -71,6 +71,7 @@ def test_viewer_downloads_the_onnx_file_and_it_runs(app, lab: Tenant) -> None:
     assert r.data == (bundle / "model.onnx").read_bytes()
     s = ort.InferenceSession(r.data, providers=["CPUExecutionProvider"])
     assert [i.name for i in s.get_inputs()] == ["ids", "lengths"]
+    flush_read_audit(app)
     with app.extensions["medmaas.db"].session() as s:  # the download is in the audit trail
         row = s.scalars(select(AuditEvent).where(AuditEvent.tenant_id == lab.id).order_by(AuditEvent.id.desc())).first()
         assert (row.object_type, row.object_id, row.status) == ("model", "sol@1", 200)
@@ -132,6 +133,7 @@ def test_model_page_shows_the_export_and_serves_the_file(app, client, lab: Tenan
     got = client.get("/models/sol/versions/2/onnx")
     assert got.status_code == 200
     assert got.data == (bundle / "model.onnx").read_bytes()
+    flush_read_audit(app)
     with app.extensions["medmaas.db"].session() as s:
         row = s.scalars(select(AuditEvent).where(AuditEvent.tenant_id == lab.id).order_by(AuditEvent.id.desc())).first()
         assert (row.action, row.object_id, row.status) == ("model.onnx.download", "sol@2", 200)

@@ -7,18 +7,18 @@ row (appended unsealed, one INSERT each; app.audit's sealer chains it like any r
 A flush that fails keeps its records for the next one (up to MAX_PENDING; beyond that the
 oldest are dropped with a logged error). Records still pending when the process is killed
 are lost: the calls were answered, their usage and audit rows not written. A graceful stop
-flushes them."""
+flushes them (app.batching)."""
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from app import audit
 from app import inference as online
+from app.batching import BatchWriter
 from app.db import Database
 from app.models import UsageMetric
 from app.stores import usage as usage_store
@@ -57,66 +57,17 @@ class Answered:
         return out
 
 
-@dataclass
-class Recorder:
-    """Collects Answered records and flushes them from its own thread."""
+class Recorder(BatchWriter[Answered]):
+    """Collects Answered records and flushes them from its own thread (app.batching)."""
 
-    db: Database
-    redis: Any
-    interval_s: float = FLUSH_INTERVAL_S
-    _pending: list[Answered] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _wake: threading.Event = field(default_factory=threading.Event)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    name = "medmaas-inference-records"
+    what = "online-call records"
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="medmaas-inference-records", daemon=True)
-        self._thread.start()
+    def __init__(self, db: Database, redis: Any, interval_s: float = FLUSH_INTERVAL_S) -> None:
+        super().__init__(interval_s, FLUSH_SIZE, MAX_PENDING)
+        self.db, self.redis = db, redis
 
-    def add(self, records: list[Answered]) -> None:
-        with self._lock:
-            self._pending.extend(records)
-            if len(self._pending) > MAX_PENDING:
-                dropped = len(self._pending) - MAX_PENDING
-                del self._pending[:dropped]
-                log.error("dropped %d unwritten online-call records (the database is failing)", dropped)
-            if len(self._pending) >= FLUSH_SIZE:
-                self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.interval_s)
-            self._wake.clear()
-            self.flush()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self.flush()
-
-    def flush(self) -> int:
-        """Write what is pending; returns how many records were written."""
-        with self._lock:
-            batch, self._pending = self._pending, []
-        if not batch:
-            return 0
-        try:
-            self._write_rows(batch)
-        except Exception:
-            log.warning("writing %d online-call records failed; retrying", len(batch), exc_info=True)
-            with self._lock:
-                self._pending[:0] = batch
-            return 0
-        try:
-            self._add_latencies(batch)
-        except Exception:
-            log.warning("adding %d latencies to the /metrics histograms failed", len(batch), exc_info=True)
-        return len(batch)
-
-    def _write_rows(self, batch: list[Answered]) -> None:
+    def write(self, batch: list[Answered]) -> None:
         per_tenant: dict[int, list[Quantity]] = defaultdict(list)
         for r in batch:
             per_tenant[r.tenant_id] += r.quantities()
@@ -126,7 +77,8 @@ class Recorder:
             # chained by the sealer
             audit.append_unsealed(s, *(online.audit_entry(r.audit, r.status) for r in batch if r.audit is not None))
 
-    def _add_latencies(self, batch: list[Answered]) -> None:
+    def after_write(self, batch: list[Answered]) -> None:
+        """Each call's latency into its model's /metrics histogram."""
         pipe = self.redis.pipeline(transaction=False)
         labelled: set[int] = set()
         for r in batch:
