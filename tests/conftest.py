@@ -316,29 +316,47 @@ def sign_in(app, client, key_id: int, csrf: str = "token") -> None:  # noqa: ANN
         sess[SESSION_ID], sess["csrf"] = token, csrf
 
 
-def seed_tiny_model_and_library(database: Any, artifacts: Path, tenant_id: int, smiles: list[str]) -> int:
-    """Register model "tiny" v1 (an untrained RNN over the first 50 SMILES) and a library of
-    `smiles` for a tenant; return the library's dataset id."""
+def seed_tiny_model(
+    database: Any, store: Any, tenant_id: int, smiles: list[str], bundle_dir: Path, hidden_size: int = 8
+) -> str:
+    """Register model "tiny" v1 for a tenant: an untrained RNN over `smiles` (targets 0 to 1),
+    its bundle written to `bundle_dir` through the artifact layer (`store`, an ArtifactStore)
+    like a training job's; returns "tiny@1"."""
     import numpy as np
     import pandas as pd
     import torch
 
-    from app.artifacts import ArtifactStore
-    from app.ingest.library import ingest_library
-    from app.models import Dataset, ModelVersion
+    from app.models import ModelVersion
     from workers.ml.bundle import bundle_config, save_bundle
     from workers.ml.data import load_sequence_frame
     from workers.ml.models import build_model
 
-    store = ArtifactStore(artifacts)
     data = load_sequence_frame(
-        pd.DataFrame({"smiles": smiles[:50], "y": np.linspace(0, 1, 50)}), target_columns="y", task="regression"
+        pd.DataFrame({"smiles": smiles, "y": np.linspace(0, 1, len(smiles))}), target_columns="y", task="regression"
     )
+    assert data.tokenizer is not None
     torch.manual_seed(0)
     model = build_model(
-        "rnn", {"vocab_size": data.tokenizer.vocab_size, "num_outputs": 1, "hidden_size": 8, "embedding_dim": 4}
+        "rnn",
+        {"vocab_size": data.tokenizer.vocab_size, "num_outputs": 1, "hidden_size": hidden_size,
+         "embedding_dim": hidden_size // 2},
     )
-    bundle = save_bundle(store.tenant_dir(tenant_id, "models", "tiny"), model, bundle_config(model, data))
+    bundle = save_bundle(bundle_dir, model, bundle_config(model, data))
+    with database.session() as s:
+        s.add(ModelVersion(tenant_id=tenant_id, name="tiny", version=1, arch="rnn", task="regression",
+                           input_kind="smiles", spec={}, artifact_uri=store.url(bundle)))
+    return "tiny@1"
+
+
+def seed_tiny_model_and_library(database: Any, artifacts: Path, tenant_id: int, smiles: list[str]) -> int:
+    """Register model "tiny" v1 (an untrained RNN over the first 50 SMILES) and a library of
+    `smiles` for a tenant; return the library's dataset id."""
+    from app.artifacts import ArtifactStore
+    from app.ingest.library import ingest_library
+    from app.models import Dataset
+
+    store = ArtifactStore(artifacts)
+    seed_tiny_model(database, store, tenant_id, smiles[:50], store.tenant_dir(tenant_id, "models", "tiny"))
     lib = store.tenant_dir(tenant_id, "datasets", "lib") / "lib.smi"
     lib.write_text("\n".join(f"{smi} m{i}" for i, smi in enumerate(smiles)) + "\n")
     report = ingest_library(str(lib), lib.name)
@@ -358,18 +376,6 @@ def seed_tiny_model_and_library(database: Any, artifacts: Path, tenant_id: int, 
             data_uri=store.url(lib),
         )
         s.add(ds)
-        s.add(
-            ModelVersion(
-                tenant_id=tenant_id,
-                name="tiny",
-                version=1,
-                arch="rnn",
-                task="regression",
-                input_kind="smiles",
-                spec={},
-                artifact_uri=store.url(bundle),
-            )
-        )
         s.flush()
         return ds.id
 

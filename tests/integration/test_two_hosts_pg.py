@@ -30,7 +30,7 @@ from sqlalchemy import select
 from app.config import Settings, from_env, to_env
 from tests import hosts
 from tests.chaos.deployment import CHAOS_TIMINGS, Managed, RedisServer
-from tests.conftest import ApiClient, close_app, create_tenant_key, throwaway_pg_database, wait_until
+from tests.conftest import ApiClient, close_app, create_tenant_key, seed_tiny_model, throwaway_pg_database, wait_until
 from tests.integration.test_scoring import moses_smiles
 from tests.s3 import make_bucket, s3_endpoint  # noqa: F401 (fixture)
 
@@ -89,41 +89,12 @@ def control_plane(work: Path, endpoint: str) -> Iterator[tuple[Settings, Any]]:
 def seed_model(app: Any, settings: Settings, tenant_id: int) -> str:
     """Register "tiny" v1, an (untrained) RNN bundle written to the store through the artifact
     layer like a training job's; returns its name@version."""
-    import numpy as np
-    import pandas as pd
-    import torch
-
     from app.artifacts import ArtifactStore
-    from app.models import ModelVersion
-    from workers.ml.bundle import bundle_config, save_bundle
-    from workers.ml.data import load_sequence_frame
-    from workers.ml.models import build_model
 
     store = ArtifactStore.from_settings(settings)
-    smiles = moses_smiles(200)
-    data = load_sequence_frame(
-        pd.DataFrame({"smiles": smiles, "y": np.linspace(0, 1, len(smiles))}), target_columns="y", task="regression"
+    return seed_tiny_model(
+        app.extensions["medmaas.db"], store, tenant_id, moses_smiles(200), store.new_dir(tenant_id, "models"), 16
     )
-    assert data.tokenizer is not None
-    torch.manual_seed(0)
-    model = build_model(
-        "rnn", {"vocab_size": data.tokenizer.vocab_size, "num_outputs": 1, "hidden_size": 16, "embedding_dim": 8}
-    )
-    bundle = save_bundle(store.new_dir(tenant_id, "models"), model, bundle_config(model, data))
-    with app.extensions["medmaas.db"].session() as s:
-        s.add(
-            ModelVersion(
-                tenant_id=tenant_id,
-                name="tiny",
-                version=1,
-                arch="rnn",
-                task="regression",
-                input_kind="smiles",
-                spec={},
-                artifact_uri=store.url(bundle),
-            )
-        )
-    return "tiny@1"
 
 
 def library(path: Path) -> list[tuple[str, str]]:
