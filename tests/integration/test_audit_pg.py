@@ -121,3 +121,33 @@ def test_verify_cli_names_rows_edited_or_deleted_in_sql(pg_app) -> None:  # noqa
     _fresh_id, fresh_name, fresh_secret = new_tenant(pg_app)
     client.get("/api/v1/jobs", headers={"Authorization": f"Bearer {fresh_secret}"})
     assert verify_cli(settings, fresh_name).returncode == 0
+
+
+def test_a_batch_by_copy_stores_what_single_inserts_store(pg_app) -> None:  # noqa: ANN001
+    """A big batch goes in by COPY (audit.COPY_MIN_ROWS), a small one by INSERT: the same
+    columns read back, and the chain over both verifies."""
+    tenant_id, name, _secret = new_tenant(pg_app)
+    db = pg_app.extensions["medmaas.db"]
+
+    def entry(i: int) -> audit.Entry:
+        return audit.Entry(
+            tenant_id=tenant_id, actor=audit.Actor("key", "api", 7, "mk_ab"), action="job.read", object_type="job",
+            object_id=str(i), details={"q": {"z": [1, 2.5, None]}, "name": "Ünïcode ✓ \x00 'quoted'", "i": i},
+            client_addr=None if i % 2 else "10.0.0.1", request_id=f"r-{i}", status=200,
+        )
+
+    batch = [audit.unsealed_row(entry(i)) for i in range(audit.COPY_MIN_ROWS)]
+    single = [dict(row) for row in batch[:2]]  # the same rows, stamps included
+    with db.session() as s:
+        audit.append_rows(s, batch)  # COPY
+        audit.append_rows(s, single)  # INSERT
+    columns = [c for c in AuditEvent.__table__.columns if c.name not in ("id", "seq", "prev_hash", "hash")]
+    with db.session() as s:
+        stored = [tuple(r) for r in s.execute(select(*columns).where(AuditEvent.tenant_id == tenant_id)
+                                              .order_by(AuditEvent.id))]
+    assert len(stored) == len(batch) + len(single)
+    assert stored[:2] == stored[-2:]  # rows 0 and 1 by COPY, then by INSERT: equal column for column
+    assert stored[0][columns.index(AuditEvent.__table__.c.details)]["name"] == "Ünïcode ✓ \ufffd 'quoted'"
+    audit.seal(db.engine, tenant_id)
+    with db.session() as s:
+        assert audit.verify(s, name)[0].intact
