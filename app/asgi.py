@@ -1,7 +1,7 @@
 """ASGI entry point: what `medmaas web` serves (`gunicorn -k app.asgi.Worker app.asgi:app`).
 
 Every route is the Flask app's, run on a thread pool through a2wsgi, except the small JSON
-reads (BUFFERED_READS: Flask on a thread, the whole answer handed back at once), the online
+requests (BUFFERED_ROUTES: BufferedFlask, the whole answer handed back at once), the online
 predict route (OnlinePredict) and the two server-sent-event streams (`/api/v1/jobs/{id}/stream`, Bearer key, and its page twin
 `/ui/api/jobs/{id}/stream`, session cookie). An open stream spends nearly all its life
 waiting for the job's next event; on a WSGI thread that wait pins the thread, so 100
@@ -52,19 +52,17 @@ if TYPE_CHECKING:
 
 STREAM_PATHS = ("/api/v1/jobs/{job_id:int}/stream", "/ui/api/jobs/{job_id:int}/stream")
 PREDICT_PATH = "/api/v1/models/{name}/predict"
-# GETs answered with small JSON documents (a page at most): run through Flask in one hop to a
-# thread and back (run_flask), rather than a2wsgi's streamed hand-off, which crosses between
-# the thread and the event loop for the start, each body chunk and the end.
-BUFFERED_READS = (
-    "/api/v1/jobs",
-    "/api/v1/jobs/{job_id:int}",
-    "/api/v1/jobs/{job_id:int}/events",
-    "/api/v1/datasets",
-    "/api/v1/datasets/{dataset_id:int}",
-    "/api/v1/models",
-    "/api/v1/models/{name}",
-    "/api/v1/models/{name}/versions/{version:int}",
-    "/api/v1/keys",
+# Requests with small JSON bodies and answers (a page at most): Flask in one hop (BufferedFlask).
+BUFFERED_ROUTES = (
+    ("/api/v1/jobs", ["GET", "POST"]),
+    ("/api/v1/jobs/{job_id:int}", ["GET"]),
+    ("/api/v1/jobs/{job_id:int}/events", ["GET"]),
+    ("/api/v1/datasets", ["GET"]),
+    ("/api/v1/datasets/{dataset_id:int}", ["GET"]),
+    ("/api/v1/models", ["GET"]),
+    ("/api/v1/models/{name}", ["GET"]),
+    ("/api/v1/models/{name}/versions/{version:int}", ["GET"]),
+    ("/api/v1/keys", ["GET"]),
 )
 STREAM_LIMIT_RETRY_AFTER_S = 5
 
@@ -129,12 +127,7 @@ def create_asgi_app(
         return response
 
     online_predict = OnlinePredict(flask_app, None, wsgi_threads)
-    reads = anyio.CapacityLimiter(wsgi_threads)
-
-    async def buffered_read(request: Request) -> Response:
-        environ: dict[str, Any] = dict(build_environ(request.scope, io.BytesIO(b"")))  # type: ignore[arg-type]
-        status, headers, body = await anyio.to_thread.run_sync(run_flask, flask_app, environ, limiter=reads)
-        return flask_response(status, headers, body)
+    buffered = BufferedFlask(flask_app, None, wsgi_threads)
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -146,8 +139,8 @@ def create_asgi_app(
     # (a2wsgi and Starlette spell the WSGI and ASGI callable types differently; they agree at run time)
     wsgi = WSGIMiddleware(cast("WSGIApp", flask_app), workers=wsgi_threads)
     routes: list[BaseRoute] = [Route(path, stream, methods=["GET"]) for path in STREAM_PATHS]
-    routes += [Route(path, buffered_read, methods=["GET"]) for path in BUFFERED_READS]
-    online_predict.wsgi = cast(ASGIApp, wsgi)
+    routes += [Route(path, buffered, methods=methods) for path, methods in BUFFERED_ROUTES]
+    online_predict.wsgi = buffered.wsgi = cast(ASGIApp, wsgi)
     if settings.inference_online and settings.inference_async_front:
         routes.append(Route(PREDICT_PATH, online_predict, methods=["POST"]))
     # Everything else, and other methods on these paths (Flask answers 401/405 as ever).
@@ -159,7 +152,62 @@ def create_asgi_app(
     return asgi
 
 
-class OnlinePredict:
+class BufferedFlask:
+    """A request with a small body (none, or a Content-Length within the JSON limit) through
+    the Flask app in one hop: the body is read on the event loop, Flask runs on a thread
+    (`run_flask`) and its whole answer comes back at once. a2wsgi's streamed hand-off, which the
+    other routes keep, crosses between the thread and the loop for the body, the start, each
+    chunk of the answer and its end: milliseconds of a small request's time here. A chunked or
+    larger body goes to a2wsgi (`wsgi`), where Flask reads or refuses it as ever."""
+
+    def __init__(self, flask_app: Flask, wsgi: ASGIApp | None, threads: int) -> None:
+        self.flask_app, self.wsgi = flask_app, wsgi
+        self.max_body = flask_app.extensions["medmaas.settings"].max_json_bytes
+        self.limiter = anyio.CapacityLimiter(threads)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._small_body(scope, receive, send)
+        if body is None:
+            return
+        status, headers, answer = await self._flask(scope, body, {})
+        await flask_response(status, headers, answer)(scope, receive, send)
+
+    async def _small_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The request's body; None once a2wsgi has taken the request (a chunked body, or one
+        over the limit: Flask refuses it as ever) or the client went away."""
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        too_big = length is not None and (not length.isdigit() or int(length) > self.max_body)
+        if too_big or b"transfer-encoding" in headers:
+            assert self.wsgi is not None
+            await self.wsgi(scope, receive, send)
+            return None
+        return await self._read_body(receive) if length else b""
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:  # more than its Content-Length said: cut off as Flask would
+                return b"".join(chunks)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _flask(
+        self, scope: Scope, body: bytes, marks: dict[str, Any]
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        environ: dict[str, Any] = dict(build_environ(scope, io.BytesIO(body)))  # type: ignore[arg-type]
+        environ.update(marks)
+        return await anyio.to_thread.run_sync(run_flask, self.flask_app, environ, limiter=self.limiter)
+
+
+class OnlinePredict(BufferedFlask):
     """`POST /api/v1/models/{name}/predict` without a thread held while the model runs.
 
     The request goes through the Flask app on a thread as any other (authentication, the
@@ -175,21 +223,14 @@ class OnlinePredict:
     def __init__(self, flask_app: Flask, wsgi: ASGIApp | None, threads: int) -> None:
         from app.api.models import PredictResponse
 
-        self.flask_app, self.wsgi = flask_app, wsgi
-        self.max_body = flask_app.extensions["medmaas.settings"].max_json_bytes
-        self.limiter = anyio.CapacityLimiter(threads)
+        super().__init__(flask_app, wsgi, threads)
         self.response_schema = PredictResponse()
         self._client: Any = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if not length.isdigit() or int(length) > self.max_body:
-            assert self.wsgi is not None
-            await self.wsgi(scope, receive, send)  # chunked or too big: Flask refuses it as ever
-            return
-        body = await self._read_body(receive)
+        body = await self._small_body(scope, receive, send)
         if body is None:
-            return  # the client went away
+            return
         started = time.monotonic()
         handoff: dict[str, Any] = {}
         status, headers, answer = await self._flask(scope, body, {inference.HANDOFF: handoff})
@@ -222,28 +263,6 @@ class OnlinePredict:
 
     def _json(self, value: Any) -> bytes:
         return (self.flask_app.json.dumps(value) + "\n").encode()
-
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:  # more than its Content-Length said: cut off as Flask would
-                return b"".join(chunks)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    async def _flask(
-        self, scope: Scope, body: bytes, marks: dict[str, Any]
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
-        environ: dict[str, Any] = dict(build_environ(scope, io.BytesIO(body)))  # type: ignore[arg-type]
-        environ.update(marks)
-        return await anyio.to_thread.run_sync(run_flask, self.flask_app, environ, limiter=self.limiter)
 
 
 def flask_response(status: int, headers: list[tuple[str, str]], body: bytes) -> Response:
