@@ -7,6 +7,7 @@ and passed into create_app(), the Celery app and the worker job kinds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 from collections.abc import Callable, Mapping
@@ -138,8 +139,8 @@ class Settings:
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'medmaas.db').resolve()}"
 
-    @property
-    def artifacts(self) -> Path:
+    @functools.cached_property
+    def artifacts(self) -> Path:  # cached: resolving the default costs a syscall per path part
         return Path(self.artifact_root) if self.artifact_root else (self.home / "artifacts").resolve()
 
     @property

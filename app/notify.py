@@ -63,10 +63,13 @@ class Notifier:
         try:
             if self._client is None:
                 self._client = self._factory()
-            pipe = self._client.pipeline(transaction=False)
-            for job_id in ids:
-                pipe.publish(CHANNEL, str(job_id))
-            pipe.execute()
+            if len(ids) == 1:  # a job's own transition: the common case, without a pipeline's cost
+                self._client.publish(CHANNEL, str(ids[0]))
+            else:
+                pipe = self._client.pipeline(transaction=False)
+                for job_id in ids:
+                    pipe.publish(CHANNEL, str(job_id))
+                pipe.execute()
         except redis.RedisError:
             # Watchers fall back to their safety-net timeout; say so at most once a minute.
             now = time.monotonic()
