@@ -18,7 +18,6 @@ key, bound to the file's path under the root; without it they are plain files.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, Self
 from urllib.parse import urlparse
 
-from app.config import Settings
+from app.config import Settings, resolved
 from app.crypto import HEADER_SIZE, DecryptionError, EncryptedReader, EncryptedWriter, Header, is_encrypted
 from app.storage import ObjectStore
 
@@ -252,16 +251,10 @@ _keyrings: dict[Path, Keyring] = {}  # artifact root -> the keyring its files us
 _keyrings_lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=64)
-def _resolved(root: Path) -> Path:
-    """An artifact root, resolved once per process (configure runs before every file access)."""
-    return root.resolve()
-
-
 def configure(settings: Settings) -> None:
     """Encrypt files under settings' artifact root when it has an encryption key (cheap
     when nothing changed, so callers just call it before touching files)."""
-    root = _resolved(settings.artifacts)
+    root = resolved(settings.artifacts)
     with _keyrings_lock:
         _configure_remote(settings, root)
         current = _keyrings.get(root)

@@ -153,12 +153,13 @@ def create_asgi_app(
 
 
 class BufferedFlask:
-    """A request with a small body (none, or a Content-Length within the JSON limit) through
-    the Flask app in one hop: the body is read on the event loop, Flask runs on a thread
-    (`run_flask`) and its whole answer comes back at once. a2wsgi's streamed hand-off, which the
-    other routes keep, crosses between the thread and the loop for the body, the start, each
-    chunk of the answer and its end: milliseconds of a small request's time here. A chunked or
-    larger body goes to a2wsgi (`wsgi`), where Flask reads or refuses it as ever."""
+    """A request with a small body (none, chunked, or a Content-Length within the JSON limit)
+    through the Flask app in one hop: the body is read on the event loop (a chunked one up to a
+    byte past the limit, which Flask then refuses), Flask runs on a thread (`run_flask`) and its
+    whole answer comes back at once. a2wsgi's streamed hand-off, which the other routes keep,
+    crosses between the thread and the loop for the body, the start, each chunk of the answer
+    and its end: milliseconds of a small request's time here. A declared length over the limit
+    goes to a2wsgi (`wsgi`), where Flask refuses it without reading it."""
 
     def __init__(self, flask_app: Flask, wsgi: ASGIApp | None, threads: int) -> None:
         self.flask_app, self.wsgi = flask_app, wsgi
@@ -173,18 +174,20 @@ class BufferedFlask:
         await flask_response(status, headers, answer)(scope, receive, send)
 
     async def _small_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
-        """The request's body; None once a2wsgi has taken the request (a chunked body, or one
-        over the limit: Flask refuses it as ever) or the client went away."""
+        """The request's body; None once a2wsgi has taken the request (a declared length over
+        the limit) or the client went away."""
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
-        too_big = length is not None and (not length.isdigit() or int(length) > self.max_body)
-        if too_big or b"transfer-encoding" in headers:
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
             assert self.wsgi is not None
             await self.wsgi(scope, receive, send)
             return None
-        return await self._read_body(receive) if length else b""
+        if length is None and b"transfer-encoding" not in headers:
+            return b""
+        return await self._read_body(receive)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
+        """At most max_body + 1 bytes (Flask reads no more than a declared length of them)."""
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -192,17 +195,18 @@ class BufferedFlask:
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:  # more than its Content-Length said: cut off as Flask would
-                return b"".join(chunks)
             chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+            size += len(chunk)
+            if size > self.max_body or not message.get("more_body", False):
+                return b"".join(chunks)[: self.max_body + 1]
 
     async def _flask(
         self, scope: Scope, body: bytes, marks: dict[str, Any]
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         environ: dict[str, Any] = dict(build_environ(scope, io.BytesIO(body)))  # type: ignore[arg-type]
+        if "CONTENT_LENGTH" not in environ:  # a chunked body, read here: Flask sees it whole, with its length
+            environ.pop("HTTP_TRANSFER_ENCODING", None)
+            environ["CONTENT_LENGTH"] = str(len(body))
         environ.update(marks)
         return await anyio.to_thread.run_sync(run_flask, self.flask_app, environ, limiter=self.limiter)
 
@@ -268,7 +272,9 @@ class OnlinePredict(BufferedFlask):
 def flask_response(status: int, headers: list[tuple[str, str]], body: bytes) -> Response:
     """A response run_flask gave, as Starlette sends it (Flask's headers, the body's length)."""
     response = Response(body, status_code=status)
-    response.raw_headers = [*raw_headers(headers), (b"content-length", str(len(body)).encode())]
+    declared = next((v for k, v in headers if k.lower() == "content-length"), None)
+    length = declared if declared is not None and not body else str(len(body))  # HEAD: GET's length
+    response.raw_headers = [*raw_headers(headers), (b"content-length", length.encode())]
     return response
 
 

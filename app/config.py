@@ -31,6 +31,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def resolved(path: Path) -> Path:
+    """`path` resolved; an absolute one once per process (resolving costs a system call per
+    path part, and artifact roots are resolved before every file access), a relative one each
+    time (it depends on the working directory)."""
+    return _resolved_absolute(path) if path.is_absolute() else path.resolve()
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved_absolute(path: Path) -> Path:
+    return path.resolve()
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path = Path(".medmaas")
@@ -139,9 +151,9 @@ class Settings:
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'medmaas.db').resolve()}"
 
-    @functools.cached_property
-    def artifacts(self) -> Path:  # cached: resolving the default costs a syscall per path part
-        return Path(self.artifact_root) if self.artifact_root else (self.home / "artifacts").resolve()
+    @property
+    def artifacts(self) -> Path:
+        return Path(self.artifact_root) if self.artifact_root else resolved(self.home / "artifacts")
 
     @property
     def cookies_secure(self) -> bool:

@@ -134,7 +134,10 @@ def test_a_killed_rank_fails_the_attempt_and_the_next_resumes_to_the_same_weight
             os.kill(max(first.pids), signal.SIGKILL)
 
     with pytest.raises(RankFailed, match="killed by signal 9"):
-        fit_on_devices(_model(data), data, CFG, 2, inputs=INPUTS, checkpoint_path=checkpoint, on_epoch=kill_a_rank)
+        fit_on_devices(
+            _model(data), data, CFG, 2, inputs=INPUTS, checkpoint_path=checkpoint, on_epoch=kill_a_rank,
+            poll_s=0.01,  # the ranks' reports read within 10 ms: tiny epochs must not all end first
+        )
     assert _gone(first.pids)
     reached = load_checkpoint(checkpoint)["epoch"]
     assert 1 <= reached < CFG.epochs
@@ -175,6 +178,7 @@ def test_a_stop_ends_the_ranks_and_keeps_the_checkpoint(data, tmp_path) -> None:
             checkpoint_path=checkpoint,
             on_epoch=on_epoch,
             should_stop=lambda: stop[0],
+            poll_s=0.01,
         )
     assert _gone(reports.pids)
     assert 1 <= load_checkpoint(checkpoint)["epoch"] < CFG.epochs
