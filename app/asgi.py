@@ -2,8 +2,9 @@
 
 Every route is the Flask app's, run on a thread pool through a2wsgi, except the small JSON
 requests (BUFFERED_ROUTES: BufferedFlask, the whole answer handed back at once), the online
-predict route (OnlinePredict) and the two server-sent-event streams (`/api/v1/jobs/{id}/stream`, Bearer key, and its page twin
-`/ui/api/jobs/{id}/stream`, session cookie). An open stream spends nearly all its life
+predict route (OnlinePredict) and the two server-sent-event streams
+(`/api/v1/jobs/{id}/stream`, Bearer key, and its page twin `/ui/api/jobs/{id}/stream`,
+session cookie). An open stream spends nearly all its life
 waiting for the job's next event; on a WSGI thread that wait pins the thread, so 100
 viewers would need 100 threads. Here a stream is a coroutine on the event loop:
 

@@ -48,8 +48,7 @@ class BatchWriter(Generic[T]):
 
     def add(self, records: list[T]) -> None:
         with self._lock:
-            if self._pid != os.getpid() or self._thread is None:
-                self._start()
+            self._ensure_thread()
             self._pending.extend(records)
             if len(self._pending) > self.max_pending:
                 dropped = len(self._pending) - self.max_pending
@@ -64,10 +63,11 @@ class BatchWriter(Generic[T]):
 
     def start(self) -> None:
         with self._lock:
-            if self._pid != os.getpid() or self._thread is None:
-                self._start()
+            self._ensure_thread()
 
-    def _start(self) -> None:  # with the lock held
+    def _ensure_thread(self) -> None:  # with the lock held; a fork or `stop` leaves none
+        if self._pid == os.getpid() and self._thread is not None:
+            return
         if self._pid == 0:
             atexit.register(self.stop)
         self._pid = os.getpid()
