@@ -16,11 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Integer, Table, bindparam, func, insert, literal, null, select, update
+from sqlalchemy import Integer, Table, bindparam, func, insert, literal, null, select, union_all, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, aliased
 from app import leases, notify
 from app.broker import RUN_JOB
 from app.models import TERMINAL_STATES, Job, JobEvent, JobState, Tenant, UTCDateTime, utcnow
+from app.stores import usage as usage_store
 from app.stores.errors import Invalid
 
 Q, R = JobState.queued, JobState.running
@@ -119,6 +120,8 @@ def _build_owned_update(
     limited: bool,
     returning: tuple[str, ...],
     with_attempt: bool,
+    with_before: bool,
+    with_usage: bool,
 ) -> Any:
     c = _JOBS.c
     where = [c.id == bindparam("job_id"), c.state == bindparam("from_state", type_=c.state.type)]
@@ -128,7 +131,7 @@ def _build_owned_update(
     values: dict[str, Any] = {
         name: null() if is_none else bindparam(f"set_{name}", type_=c[name].type) for name, is_none in columns
     }
-    values["event_seq"] = c.event_seq + 1
+    values["event_seq"] = c.event_seq + (2 if with_before else 1)
     if claim:
         values["attempts"] = c.attempts + 1
     if limited:  # the tenant's running jobs on the queue, under its limit (see claim_job)
@@ -154,21 +157,20 @@ def _build_owned_update(
     if with_attempt:
         payload = payload.op("||")(func.jsonb_build_object("attempt", moved.c.attempts))
     events = cast(Table, JobEvent.__table__)
-    event = (
-        insert(events)
-        .from_select(
-            ["job_id", "seq", "ts", "type", "data"],
-            select(
-                bindparam("event_job_id", type_=Integer()),
-                moved.c.event_seq,
-                bindparam("event_ts", type_=UTCDateTime()),
-                bindparam("event_type", type_=events.c.type.type),
-                payload,
-            ),
+    job_id, ts = bindparam("event_job_id", type_=Integer()), bindparam("event_ts", type_=UTCDateTime())
+    rows: Any = select(job_id, moved.c.event_seq, ts, bindparam("event_type", type_=events.c.type.type), payload)
+    if with_before:  # the event that comes first takes the first of the two numbers
+        first = select(
+            job_id,
+            moved.c.event_seq - 1,
+            ts,
+            bindparam("before_type", type_=events.c.type.type),
+            bindparam("before_data", type_=JSONB()),
         )
-        .cte("event")
-    )
-    return select(moved.c.attempts, *(moved.c[n] for n in returning)).add_cte(event)
+        rows = union_all(first, rows)
+    event = insert(events).from_select(["job_id", "seq", "ts", "type", "data"], rows).cte("event")
+    ctes = (event, usage_store.upsert_after(moved)) if with_usage else (event,)
+    return select(moved.c.attempts, *(moved.c[n] for n in returning)).add_cte(*ctes)
 
 
 def owned_update(
@@ -184,16 +186,31 @@ def owned_update(
     limit: tuple[int, str, int] | None = None,
     returning: tuple[str, ...] = (),
     with_attempt: bool = True,
+    before: tuple[str, dict[str, Any]] | None = None,
+    usage: list[dict[str, Any]] | None = None,
 ) -> tuple[Any, ...] | None:
     """`update_with_event` for the worker's hot paths, on a statement built once per shape: set
     `values` (plain values, no SQL expressions) on the job if it is in `from_state` (and at
     `attempt`), and append its event, whose data gains the job's "attempt" after the update
-    when with_attempt.
+    when with_attempt. `before` (type, data) is one more event, appended just ahead of it by
+    the same statement (an outcome carries the attempt's last progress report so). `usage`:
+    rows from usage_store.counter_rows, added by the same statement if it matched (on SQLite
+    by a second one).
     `claim` also bumps attempts; `limit` (tenant_id, queue, max_running) adds claim_job's
     running-jobs condition. Returns (attempts, *returning columns), or None when nothing matched."""
     dialect = session.get_bind().dialect.name
     columns = tuple((name, value is None) for name, value in values.items())
-    key = (dialect, columns, attempt is not None, claim, limit is not None, returning, with_attempt)
+    key = (
+        dialect,
+        columns,
+        attempt is not None,
+        claim,
+        limit is not None,
+        returning,
+        with_attempt,
+        before is not None,
+        usage is not None,
+    )
     stmt = _SHAPES.get(key)
     if stmt is None:
         stmt = _SHAPES.setdefault(key, _build_owned_update(*key))
@@ -204,14 +221,22 @@ def owned_update(
     if limit is not None:
         params.update(limit_tenant=limit[0], limit_queue=limit[1], max_running=limit[2])
     if dialect != "postgresql":
-        row = session.execute(stmt, params).first()
+        row = session.connection().execute(stmt, params).first()
         if row is None:
             return None
         attempts, seq, *rest = row
+        if before is not None:
+            add_event(session, job_id, seq - 1, *before)
         add_event(session, job_id, seq, type_, {**data, "attempt": attempts} if with_attempt else data)
+        if usage is not None:
+            usage_store.upsert_rows(session, usage)
         return (attempts, *rest)
     params.update(event_job_id=job_id, event_ts=utcnow(), event_type=type_, event_data=data)
-    row = session.execute(stmt, params).first()
+    if before is not None:
+        params.update(before_type=before[0], before_data=before[1])
+    if usage is not None:
+        params.update(usage_store.after_params(usage))
+    row = session.connection().execute(stmt, params).first()
     if row is None:
         return None
     notify.touch(session, job_id)
@@ -402,7 +427,7 @@ def claim_job(session: Session, job_id: int, worker: str, max_running: int) -> C
         # One claim per tenant at a time (a row lock; SQLite serialises writers anyway), so two
         # workers never both take the tenant's last free slot. The count in the claim's UPDATE
         # is a later statement, so under READ COMMITTED it sees the claims committed while we waited.
-        row = session.execute(_CLAIM_LOCK, {"job_id": job_id}).first()
+        row = session.connection().execute(_CLAIM_LOCK, {"job_id": job_id}).first()
         if row is None:
             return None
         tenant_id, queue = row
@@ -499,13 +524,27 @@ def startable(session: Session, candidates: list[leases.Candidate], max_running:
     return out
 
 
+@dataclass(frozen=True)
+class Report:
+    """A progress report of a running attempt: the job's progress columns and its event."""
+
+    fraction: float
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def values(self) -> dict[str, Any]:
+        return {"progress": min(max(float(self.fraction), 0.0), 1.0), "message": self.message[:2000]}
+
+    def event(self) -> dict[str, Any]:
+        return {"progress": self.values()["progress"], "message": self.message, **self.data}
+
+
 def report_progress(
     session: Session, job_id: int, attempt: int, progress: float, message: str = "", **data: Any
 ) -> bool:
-    progress = min(max(float(progress), 0.0), 1.0)
-    values = {"progress": progress, "message": message[:2000], "heartbeat_at": utcnow()}
-    event = {"progress": progress, "message": message, **data}
-    return _owned(session, job_id, attempt, values, "progress", event, with_attempt=False)
+    report = Report(progress, message, data)
+    values = {**report.values(), "heartbeat_at": utcnow()}
+    return _owned(session, job_id, attempt, values, "progress", report.event(), with_attempt=False)
 
 
 def report_event(session: Session, job_id: int, attempt: int, type_: str, data: dict[str, Any]) -> bool:
@@ -522,10 +561,28 @@ def _owned(
     data: dict[str, Any],
     *,
     with_attempt: bool = True,
+    last_report: Report | None = None,
+    usage: list[dict[str, Any]] | None = None,
 ) -> bool:
-    """A change by the running attempt `attempt` (owned_update from running); whether it applied."""
+    """A change by the running attempt `attempt` (owned_update from running); whether it applied.
+    `last_report`: the attempt's last progress report, written by the same statement (its
+    event first; the change's own values win over its columns). `usage`: the attempt's usage
+    rows (usage_store.counter_rows), added only if the change applied."""
+    before = None
+    if last_report is not None:
+        values = {**last_report.values(), **values}
+        before = ("progress", last_report.event())
     found = owned_update(
-        session, job_id, from_state=R, attempt=attempt, values=values, type_=type_, data=data, with_attempt=with_attempt
+        session,
+        job_id,
+        from_state=R,
+        attempt=attempt,
+        values=values,
+        type_=type_,
+        data=data,
+        with_attempt=with_attempt,
+        before=before,
+        usage=usage,
     )
     return found is not None
 
@@ -539,7 +596,14 @@ def _finish_values(session: Session, job_id: int, started_at: datetime | None = 
 
 
 def succeed(
-    session: Session, job_id: int, attempt: int, result: dict[str, Any], *, started_at: datetime | None = None
+    session: Session,
+    job_id: int,
+    attempt: int,
+    result: dict[str, Any],
+    *,
+    started_at: datetime | None = None,
+    last_report: Report | None = None,
+    usage: list[dict[str, Any]] | None = None,
 ) -> bool:
     values = {
         "state": JobState.succeeded,
@@ -548,10 +612,20 @@ def succeed(
         "message": "succeeded",
         **_finish_values(session, job_id, started_at),
     }
-    return _owned(session, job_id, attempt, values, "state", {"to": JobState.succeeded.value, "from": R.value})
+    event = {"to": JobState.succeeded.value, "from": R.value}
+    return _owned(session, job_id, attempt, values, "state", event, last_report=last_report, usage=usage)
 
 
-def fail(session: Session, job_id: int, attempt: int, error: str, *, started_at: datetime | None = None) -> bool:
+def fail(
+    session: Session,
+    job_id: int,
+    attempt: int,
+    error: str,
+    *,
+    started_at: datetime | None = None,
+    last_report: Report | None = None,
+    usage: list[dict[str, Any]] | None = None,
+) -> bool:
     values = {
         "state": JobState.failed,
         "error": error[:10000],
@@ -559,11 +633,18 @@ def fail(session: Session, job_id: int, attempt: int, error: str, *, started_at:
         **_finish_values(session, job_id, started_at),
     }
     event = {"to": JobState.failed.value, "from": R.value, "error": error[:2000]}
-    return _owned(session, job_id, attempt, values, "state", event)
+    return _owned(session, job_id, attempt, values, "state", event, last_report=last_report, usage=usage)
 
 
 def mark_cancelled(
-    session: Session, job_id: int, attempt: int, result: dict | None = None, *, started_at: datetime | None = None
+    session: Session,
+    job_id: int,
+    attempt: int,
+    result: dict | None = None,
+    *,
+    started_at: datetime | None = None,
+    last_report: Report | None = None,
+    usage: list[dict[str, Any]] | None = None,
 ) -> bool:
     """The running attempt stopped cooperatively after a cancel request."""
     values = {
@@ -572,7 +653,8 @@ def mark_cancelled(
         "result": result,
         **_finish_values(session, job_id, started_at),
     }
-    return _owned(session, job_id, attempt, values, "state", {"to": JobState.cancelled.value, "from": R.value})
+    event = {"to": JobState.cancelled.value, "from": R.value}
+    return _owned(session, job_id, attempt, values, "state", event, last_report=last_report, usage=usage)
 
 
 def request_cancel(session: Session, job_id: int) -> JobState:

@@ -1,10 +1,11 @@
 """Drain rate: two `medmaas worker` processes draining N no-op `sleep` jobs (seconds=0)
 against two bare Celery workers draining N no-op tasks, in jobs per second.
 
-Both pairs of workers are started and ready first; then the N units are enqueued in one
-burst (platform: N queued jobs committed in one transaction through the job state machine,
-then published exactly as the API publishes them; bare: N apply_async), faster than either
-side drains them. The rate is N over the time from the first unit's start to the last
+Both pairs of workers are started and ready first and stay up; the two sides then drain in
+alternate rounds (bare, platform, bare, ...), each round N units enqueued in one burst
+(platform: N queued jobs committed in one transaction through the job state machine, then
+published exactly as the API publishes them; bare: N apply_async), faster than either side
+drains them. The rate is N over the time from the first unit's start to the last
 unit's end (platform: min(started_at) to max(finished_at), the server's stamps; bare: the
 task returns time.time(), so the span of those stamps). Submit costs are not measured here
 (queue_latency and api_throughput measure them).
@@ -15,6 +16,7 @@ limit is left at its default (4), so each claim pays the fairness check as in pr
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from typing import Any
@@ -101,35 +103,42 @@ def drain_bare(app: Any, n: int, timeout_s: float) -> tuple[float, float]:
     return min(stamps), max(stamps)
 
 
-def run(quick: bool = False, jobs: int | None = None) -> dict[str, Any]:
+def run(quick: bool = False, jobs: int | None = None, rounds: int | None = None) -> dict[str, Any]:
+    """Both pairs of workers stay up (an idle pair only waits on its queue) and drain in
+    alternate rounds, bare first: a slow spell of a shared machine then falls on both sides
+    instead of on one. The table gives the median rate of each side and the median of the
+    rounds' ratios."""
     n = jobs or (200 if quick else 1000)
+    rounds = rounds or (2 if quick else 3)
     timeout_s = 600.0
     result: dict[str, Any] = {"benchmark": NAME, "date": now_iso(), "machine": machine_info(), "quick": quick}
     with Stack("drain", tenant_max_running_per_queue=4) as st:
-        log(f"{NAME}: {WORKERS} bare Celery workers draining {n} no-op tasks")
-        bare_workers = _spawn_bare_workers(st, WORKERS)
+        log(f"{NAME}: {WORKERS} bare Celery workers and {WORKERS} platform workers, {rounds} rounds of {n} units")
+        _spawn_bare_workers(st, WORKERS)
         app = bare_celery(st.redis_url)
         drain_bare(app, 10, 60)  # warm-up: connections, imports
-        b0, b1 = drain_bare(app, n, timeout_s)
-        for p in bare_workers:
-            st.stop(p)
-        log(f"{NAME}: {WORKERS} platform workers draining {n} `sleep` jobs (seconds=0)")
-        workers = _spawn_platform_workers(st, WORKERS)
-        wait_platform(st, enqueue_platform(st, 10), 120)  # warm-up
-        p0, p1 = wait_platform(st, enqueue_platform(st, n), timeout_s)
-        for p in workers:
-            st.stop(p)
-    bare_rate = n / max(b1 - b0, 1e-6)
-    platform_rate = n / max(p1 - p0, 1e-6)
-    ratio = platform_rate / bare_rate
-    result["params"] = {"units": n, "workers": f"{WORKERS} × medmaas worker --queues cpu (solo)",
+        _spawn_platform_workers(st, WORKERS)
+        wait_platform(st, enqueue_platform(st, 10), 120)
+        spans: list[tuple[float, float]] = []
+        for r in range(rounds):
+            b0, b1 = drain_bare(app, n, timeout_s)
+            p0, p1 = wait_platform(st, enqueue_platform(st, n), timeout_s)
+            spans.append((p1 - p0, b1 - b0))
+            log(f"{NAME}: round {r + 1}: platform {n / max(p1 - p0, 1e-6):.0f} jobs/s, bare {n / max(b1 - b0, 1e-6):.0f}")
+    platform_rates = [n / max(p, 1e-6) for p, _b in spans]
+    bare_rates = [n / max(b, 1e-6) for _p, b in spans]
+    ratio = statistics.median(p / b for p, b in zip(platform_rates, bare_rates))
+    result["params"] = {"units": n, "rounds": rounds,
+                        "workers": f"{WORKERS} × medmaas worker --queues cpu (solo)",
                         "bare": f"{WORKERS} × bare Celery solo worker, same flags, Redis result backend",
                         "job": {"kind": "sleep", "spec": SLEEP_SPEC}, "tenant_max_running_per_queue": 4,
                         "database": "PostgreSQL (private database)", "broker": "redis-server (private, loopback)"}
-    result["platform_span_s"] = round(p1 - p0, 3)
-    result["bare_span_s"] = round(b1 - b0, 3)
-    result["rows"] = [row("drain rate, 2 workers, no-op units", platform_rate, bare_rate, unit="jobs/s",
-                          target=f"≥ {TARGET_RATIO}× bare", met=ratio >= TARGET_RATIO)]
+    result["rounds"] = [{"platform_span_s": round(p, 3), "bare_span_s": round(b, 3),
+                         "ratio": round(b / max(p, 1e-6), 3)} for p, b in spans]
+    result["rows"] = [row("drain rate, 2 workers, no-op units", statistics.median(platform_rates),
+                          statistics.median(bare_rates), unit="jobs/s", ratio=ratio,
+                          target=f"≥ {TARGET_RATIO}× bare", met=ratio >= TARGET_RATIO,
+                          note=f"median of {rounds} alternated rounds")]
     return result
 
 

@@ -171,20 +171,15 @@ def kind_quantities(job: Job, result: dict[str, Any] | None) -> list[Quantity]:
     return []
 
 
-def record_job(
-    session: Session, job: Job, reading: Reading, result: dict[str, Any] | None = None, *, guarded: bool = True
-) -> None:
-    """At a job attempt's end, in the transaction that ended it: its CPU and GPU seconds (and,
-    with the result of a succeeded job, its kind's quantities) into the tenant's usage.
-    guarded=False: no savepoint (the caller redoes its transaction without usage if this fails)."""
+def job_usage(job: Job, reading: Reading, result: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """A job attempt's usage rows (usage_store.counter_rows), written by the statement that
+    records the attempt's outcome: its CPU and GPU seconds and, with the result of a succeeded
+    job, its kind's quantities."""
     model, version = usage_store.model_of(job.spec, result)
     quantities = reading.quantities(model, version)
     if result is not None:
         quantities += kind_quantities(job, result)
-    if guarded:
-        record(session, job.tenant_id, quantities)
-    else:
-        usage_store.add(session, job.tenant_id, quantities)
+    return usage_store.counter_rows(job.tenant_id, quantities)
 
 
 def record(session: Session, tenant_id: int, quantities: list[Quantity]) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
 
 from app import artifacts, jobs
 from app.config import Settings
@@ -78,7 +77,7 @@ class JobContext:
         self.hub = hub  # wakes a job waiting on others' work (a scoring parent on its shards)
         self.lease = Lease(db, jobs.LEASE, job_id, attempt, settings.heartbeat_interval_s, name=f"heartbeat-{job_id}")
         self._last_progress = 0.0
-        self._final_progress: tuple[float, str, dict[str, Any]] | None = None
+        self.final_report: jobs.Report | None = None  # the report of completion, held back
 
     @property
     def lost(self) -> bool:
@@ -93,31 +92,22 @@ class JobContext:
     # -- reporting ---------------------------------------------------------------------
     def progress(self, fraction: float, message: str = "", *, force: bool = False, **data: Any) -> None:
         """Record progress; throttled to a few writes a second unless forced. A report of
-        completion (fraction 1.0) is held back and written in the transaction that records the
-        job's outcome (`write_final_progress`), not in a transaction of its own."""
+        completion (fraction 1.0) is held back (`final_report`) and written by the statement
+        that records the job's outcome, not in a transaction of its own."""
         if fraction >= 1.0:
-            self._final_progress = (fraction, message, data)
+            self.final_report = jobs.Report(fraction, message, data)
             return
         now = time.monotonic()
-        if not force and fraction < 1.0 and now - self._last_progress < 0.25:
+        if not force and now - self._last_progress < 0.25:
             return
         self._last_progress = now
-        with self.db.session() as s:
-            ok = jobs.report_progress(s, self.job_id, self.attempt, fraction, message, **data)
+        report = jobs.report_progress
+        ok = self.db.run(lambda s: report(s, self.job_id, self.attempt, fraction, message, **data), one_statement=True)
         if not ok:
             self._on_not_owned()
 
-    def write_final_progress(self, session: Session) -> None:
-        """In the session recording the job's outcome: the completion report `progress` held
-        back, if any (its event comes before the outcome's). Kept, so that a transaction
-        that is rolled back and written again writes it again."""
-        if self._final_progress is not None:
-            fraction, message, data = self._final_progress
-            jobs.report_progress(session, self.job_id, self.attempt, fraction, message, **data)
-
     def event(self, type_: str, data: dict[str, Any]) -> None:
-        with self.db.session() as s:
-            ok = jobs.report_event(s, self.job_id, self.attempt, type_, data)
+        ok = self.db.run(lambda s: jobs.report_event(s, self.job_id, self.attempt, type_, data), one_statement=True)
         if not ok:
             self._on_not_owned()
 

@@ -34,6 +34,10 @@ from workers.runtime import JobCancelled, JobContext, JobLost, lost_database_con
 log = logging.getLogger(__name__)
 
 _db: Database | None = None
+# A worker's connections are pinged only after sitting idle this long: a busy worker saves a
+# round trip per transaction; a restart or fail-over takes longer than this, so the
+# connections it left dead are pinged and replaced (app.db.ping_after_idle, Database.run).
+PING_AFTER_IDLE_S = 1.0
 _hub: EventHub | None = None
 _hub_url: str | None = None
 
@@ -48,6 +52,7 @@ def get_db(settings: Settings) -> Database:
             settings.sqlalchemy_url,
             notifier=Notifier(settings.broker_url),
             idle_in_transaction_s=settings.heartbeat_timeout_s,
+            ping_after_idle_s=PING_AFTER_IDLE_S,
         )
     return _db
 
@@ -119,8 +124,8 @@ def save_operator_traceback(ctx: JobContext, attempt: int) -> None:
 def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -> str:
     """Run one delivery of a job. Returns what happened (for logs and tests)."""
     worker = worker_name()
-    with db.session() as s:
-        claimed = jobs.claim_job(s, job_id, worker, settings.tenant_max_running_per_queue)
+    limit = settings.tenant_max_running_per_queue  # without one the claim is a single statement
+    claimed = db.run(lambda s: jobs.claim_job(s, job_id, worker, limit), one_statement=limit <= 0)
     if isinstance(claimed, jobs.Waiting):
         log.info("job %s: %s; left queued until a slot frees", job_id, claimed.message)
         return "waiting"
@@ -137,12 +142,18 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
         with db.session() as s:
             jobs.fail(s, job_id, attempt, f"no handler for job kind {job.kind!r} on this worker", started_at=started_at)
         return "failed"
+
+    def ending() -> dict[str, Any]:  # what every outcome of this attempt is written with
+        return {"started_at": started_at, "last_report": ctx.final_report}
+
     meter = metering.Meter().start()  # usage (CPU, GPU seconds) is recorded with the job's end
     ctx.start_heartbeat()
     try:
         result = kind.run(ctx, job.spec)
     except JobCancelled:
-        end_attempt(db, ctx, job, meter, lambda s: jobs.mark_cancelled(s, job_id, attempt, started_at=started_at))
+        end_attempt(
+            db, ctx, job, meter, lambda s, usage: jobs.mark_cancelled(s, job_id, attempt, usage=usage, **ending())
+        )
         return "cancelled"
     except JobLost:
         log.warning("job %s attempt %s was taken over; dropping this attempt", job_id, attempt)
@@ -161,16 +172,20 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
         save_operator_traceback(ctx, attempt)
         message = failure_message(job.kind, exc)
         if ctx.should_stop(poll_s=0) and not ctx.lost:  # cancelled while failing: cancel wins
-            end_attempt(db, ctx, job, meter, lambda s: jobs.mark_cancelled(s, job_id, attempt, started_at=started_at))
+            end_attempt(
+                db, ctx, job, meter, lambda s, usage: jobs.mark_cancelled(s, job_id, attempt, usage=usage, **ending())
+            )
             return "cancelled"
-        end_attempt(db, ctx, job, meter, lambda s: jobs.fail(s, job_id, attempt, message, started_at=started_at))
+        end_attempt(
+            db, ctx, job, meter, lambda s, usage: jobs.fail(s, job_id, attempt, message, usage=usage, **ending())
+        )
         return "failed"
     finally:
         ctx.stop_heartbeat()
         free_accelerator_memory()
         meter.stop()
     succeeded = end_attempt(
-        db, ctx, job, meter, lambda s: jobs.succeed(s, job_id, attempt, result, started_at=started_at), result
+        db, ctx, job, meter, lambda s, usage: jobs.succeed(s, job_id, attempt, result, usage=usage, **ending()), result
     )
     if not succeeded:
         return "lost"
@@ -185,31 +200,24 @@ def end_attempt(
     ctx: JobContext,
     job: Job,
     meter: metering.Meter,
-    outcome: Callable[[Session], bool],
+    outcome: Callable[[Session, list[dict[str, Any]] | None], bool],
     result: dict[str, Any] | None = None,
 ) -> bool:
-    """Write an attempt's end in one transaction: the kind's held-back last progress report,
-    the `outcome` transition and, when it applied, the attempt's usage. The usage goes in
-    without a savepoint (a round trip pair fewer per job); should that transaction fail, it
-    is written again without the usage, so metering never undoes the work it meters.
-    Returns whether the outcome applied (False: the attempt was no longer the job's)."""
-    reading = meter.stop()
+    """Write an attempt's end: the `outcome` transition, which carries the kind's held-back last
+    progress report (`ctx.final_report`) and the attempt's usage rows, one statement on
+    PostgreSQL. Should it fail, the outcome is written again without the usage, so metering
+    never undoes the work it meters. Returns whether the outcome applied (False: the attempt
+    was no longer the job's)."""
     try:
-        with db.session() as s:
-            ctx.write_final_progress(s)  # the kind's last progress report, with its outcome
-            ended = outcome(s)
-            if ended:
-                metering.record_job(s, job, reading, result, guarded=False)
-        return ended
+        usage = metering.job_usage(job, meter.stop(), result)
+        return db.run(lambda s: outcome(s, usage), one_statement=True)
     except Exception as exc:
         if lost_database_connection(exc):
             raise
         log.exception(
             "job %s: recording the end of attempt %s with its usage failed; without usage", job.id, ctx.attempt
         )
-    with db.session() as s:
-        ctx.write_final_progress(s)
-        return outcome(s)
+    return db.run(lambda s: outcome(s, None), one_statement=True)
 
 
 def reap(db: Database, settings: Settings) -> list[leases.Reaped]:

@@ -22,13 +22,13 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy import Date, Float, Integer, String, bindparam, delete, func, select, true, tuple_
 from sqlalchemy.orm import Session
 
 from app import artifacts
 from app.artifacts import ArtifactStore, job_dir
 from app.config import Settings
-from app.models import Dataset, Job, ModelVersion, Usage, UsageMetric, utcnow
+from app.models import Dataset, Job, ModelVersion, Usage, UsageMetric, UTCDateTime, utcnow
 from app.stores.errors import Invalid
 
 GAUGES = frozenset({UsageMetric.bytes_stored})
@@ -103,12 +103,22 @@ def _rows(tenant_id: int, quantities: Iterable[Quantity], day: date, *, keep_zer
     ]
 
 
-def add(session: Session, tenant_id: int, quantities: Iterable[Quantity], day: date | None = None) -> None:
-    """Add counter quantities to the tenant's usage of `day` (default today, UTC); zero and
-    negative amounts are skipped. Runs in the caller's transaction."""
+def counter_rows(tenant_id: int, quantities: Iterable[Quantity], day: date | None = None) -> list[dict[str, Any]]:
+    """The rows `add` upserts: zero and negative amounts skipped, one per key, in key order."""
     rows = _rows(tenant_id, quantities, day or today(), keep_zero=False)
     if any(r["metric"] in GAUGES for r in rows):
         raise ValueError("gauges are set by snapshot_storage, not added")
+    return rows
+
+
+def add(session: Session, tenant_id: int, quantities: Iterable[Quantity], day: date | None = None) -> None:
+    """Add counter quantities to the tenant's usage of `day` (default today, UTC); zero and
+    negative amounts are skipped. Runs in the caller's transaction."""
+    upsert_rows(session, counter_rows(tenant_id, quantities, day))
+
+
+def upsert_rows(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Add rows from `counter_rows` to the usage table, in the caller's transaction."""
     if not rows:
         return
     # One Core statement per dialect, the rows as parameters: `.values(rows)` compiled a new
@@ -123,6 +133,55 @@ def add(session: Session, tenant_id: int, quantities: Iterable[Quantity], day: d
         )
         _UPSERTS[dialect] = stmt
     session.connection().execute(stmt, rows if len(rows) > 1 else rows[0])
+
+
+def upsert_after(source: Any) -> Any:
+    """PostgreSQL: `add` as a CTE of a bigger statement, adding the rows only if `source` (a
+    CTE of that statement) yields a row: a job's outcome and its usage in one statement, one
+    round trip. Its parameters come from `after_params`; the rows are unnested from arrays
+    in the order given (key order: see the module's note on locks)."""
+    from sqlalchemy.dialects.postgresql import ARRAY
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    given = (
+        func.unnest(
+            bindparam("usage_metric", type_=ARRAY(String())),
+            bindparam("usage_model", type_=ARRAY(String())),
+            bindparam("usage_version", type_=ARRAY(Integer())),
+            bindparam("usage_quantity", type_=ARRAY(Float())),
+        )
+        .table_valued("metric", "model", "version", "quantity")
+        .render_derived(name="given")
+    )
+    rows = select(
+        bindparam("usage_tenant", type_=Integer()),
+        bindparam("usage_day", type_=Date()),
+        given.c.metric,
+        given.c.model,
+        given.c.version,
+        given.c.quantity,
+        bindparam("usage_at", type_=UTCDateTime()),
+    ).select_from(source.join(given, true()))
+    ins = pg_insert(Usage).from_select([*_KEY, "quantity", "updated_at"], rows)
+    ins = ins.on_conflict_do_update(
+        index_elements=list(_KEY),
+        set_={"quantity": Usage.quantity + ins.excluded.quantity, "updated_at": ins.excluded.updated_at},
+    )
+    return ins.cte("usage")
+
+
+def after_params(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The parameters of `upsert_after` for rows from `counter_rows` (an empty list adds none)."""
+    first = rows[0] if rows else {"tenant_id": 0, "day": today(), "updated_at": utcnow()}
+    return {
+        "usage_tenant": first["tenant_id"],
+        "usage_day": first["day"],
+        "usage_at": first["updated_at"],
+        "usage_metric": [str(r["metric"]) for r in rows],
+        "usage_model": [r["model"] for r in rows],
+        "usage_version": [r["version"] for r in rows],
+        "usage_quantity": [r["quantity"] for r in rows],
+    }
 
 
 # -- bytes stored -------------------------------------------------------------------------------

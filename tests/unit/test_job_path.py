@@ -353,31 +353,6 @@ def test_a_job_whose_database_connection_drops_gives_its_attempt_back(db: Databa
     assert not tasks.lost_database_connection(ValueError("a bug in the job"))
 
 
-def test_a_report_of_completion_is_written_with_the_outcome(db: Database, tmp_path) -> None:  # noqa: ANN001
-    from app.config import from_env
-    from workers.runtime import JobContext
-
-    _tenant, job_id = new_job(db)
-    with db.session() as s:
-        claimed = jobs.claim_job(s, job_id, "w", max_running=0)
-    assert isinstance(claimed, jobs.Claimed)
-    ctx = JobContext(db, from_env({}, home=tmp_path), job_id, claimed.attempt, claimed.job.tenant_id, {})
-    ctx.progress(0.5, "half", force=True)
-    ctx.progress(1.0, "step 2/2", step=2)
-    assert [t for _seq, t, _data in events(db, job_id)] == ["state", "state", "progress"]  # 1.0 held back
-    with db.session() as s:
-        ctx.write_final_progress(s)
-        assert jobs.succeed(s, job_id, claimed.attempt, {}, started_at=claimed.job.started_at)
-    assert [(t, data.get("progress"), data.get("to")) for _seq, t, data in events(db, job_id)][2:] == [
-        ("progress", 0.5, None),
-        ("progress", 1.0, None),
-        ("state", None, "succeeded"),
-    ]
-    with db.session() as s:
-        ctx.write_final_progress(s)  # written once
-    assert len(events(db, job_id)) == 5
-
-
 # -- the online predict route's model look-up ------------------------------------------------
 
 

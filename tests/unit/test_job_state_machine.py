@@ -144,6 +144,69 @@ def test_event_sequence_is_gapless(db: Database) -> None:
     assert seqs == list(range(1, 9))
 
 
+def all_events(db: Database, job_id: int) -> list[tuple[int, str, dict]]:
+    from sqlalchemy import select
+
+    from app.models import JobEvent
+
+    with db.session() as s:
+        rows = s.execute(
+            select(JobEvent.seq, JobEvent.type, JobEvent.data).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)
+        ).all()
+        return [(seq, type_, data) for seq, type_, data in rows]
+
+
+def test_a_report_of_completion_is_written_by_the_outcome_statement(db: Database, tmp_path) -> None:  # noqa: ANN001
+    from app.config import from_env
+    from workers.runtime import JobContext
+
+    job_id = new_job(db)
+    with db.session() as s:
+        claimed = jobs.claim_job(s, job_id, "w", max_running=0)
+    assert isinstance(claimed, jobs.Claimed)
+    ctx = JobContext(db, from_env({}, home=tmp_path), job_id, claimed.attempt, claimed.job.tenant_id, {})
+    ctx.progress(0.5, "half", force=True)
+    ctx.progress(1.0, "step 2/2", step=2)
+    assert [t for _seq, t, _data in all_events(db, job_id)] == ["state", "state", "progress"]  # 1.0 held back
+    with db.session() as s:
+        assert jobs.succeed(
+            s, job_id, claimed.attempt, {}, started_at=claimed.job.started_at, last_report=ctx.final_report
+        )
+    written = all_events(db, job_id)
+    assert [seq for seq, _t, _data in written] == [1, 2, 3, 4, 5]
+    assert [(t, data.get("progress"), data.get("to")) for _seq, t, data in written][2:] == [
+        ("progress", 0.5, None),
+        ("progress", 1.0, None),
+        ("state", None, "succeeded"),
+    ]
+    assert written[3][2] == {"progress": 1.0, "message": "step 2/2", "step": 2}
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and (job.progress, job.message, job.event_seq) == (1.0, "succeeded", 5)
+
+
+def test_a_failure_after_a_report_of_completion_keeps_the_report(db: Database, tmp_path) -> None:  # noqa: ANN001
+    from app.config import from_env
+    from workers.runtime import JobContext
+
+    job_id = new_job(db)
+    with db.session() as s:
+        claimed = jobs.claim_job(s, job_id, "w", max_running=0)
+    assert isinstance(claimed, jobs.Claimed)
+    ctx = JobContext(db, from_env({}, home=tmp_path), job_id, claimed.attempt, claimed.job.tenant_id, {})
+    ctx.progress(1.0, "done", rows=3)
+    with db.session() as s:
+        assert jobs.fail(s, job_id, claimed.attempt, "saving failed", last_report=ctx.final_report)
+        assert not jobs.fail(s, job_id, claimed.attempt, "again", last_report=ctx.final_report)  # ended: no events
+    assert [(seq, t, data.get("message")) for seq, t, data in all_events(db, job_id)][2:] == [
+        (3, "progress", "done"),
+        (4, "state", None),
+    ]
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and (job.state, job.progress, job.message) == (JobState.failed, 1.0, "failed")
+
+
 def test_migrations_match_models(db: Database) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext

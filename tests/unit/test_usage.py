@@ -182,7 +182,8 @@ def test_a_metering_failure_never_undoes_the_job_it_meters(app, db, monkeypatch)
     def broken(*_args, **_kwargs) -> None:  # noqa: ANN002, ANN003
         raise RuntimeError("usage table unavailable")
 
-    monkeypatch.setattr(usage_store, "add", broken)
+    monkeypatch.setattr(usage_store, "upsert_rows", broken)  # SQLite: the usage's own statement
+    monkeypatch.setattr(usage_store, "after_params", broken)  # PostgreSQL: part of the outcome's
     assert execute_job(db, settings, None, job_id) == "succeeded"
     with db.session() as s:
         job = s.get(Job, job_id)
