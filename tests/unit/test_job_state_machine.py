@@ -156,7 +156,8 @@ def all_events(db: Database, job_id: int) -> list[tuple[int, str, dict]]:
         return [(seq, type_, data) for seq, type_, data in rows]
 
 
-def test_a_report_of_completion_is_written_by_the_outcome_statement(db: Database, tmp_path) -> None:  # noqa: ANN001
+def claimed_job_context(db: Database, tmp_path) -> tuple:  # noqa: ANN001
+    """(job id, its Claimed, the worker's JobContext) of a new job claimed by worker "w"."""
     from app.config import from_env
     from workers.runtime import JobContext
 
@@ -164,7 +165,11 @@ def test_a_report_of_completion_is_written_by_the_outcome_statement(db: Database
     with db.session() as s:
         claimed = jobs.claim_job(s, job_id, "w", max_running=0)
     assert isinstance(claimed, jobs.Claimed)
-    ctx = JobContext(db, from_env({}, home=tmp_path), job_id, claimed.attempt, claimed.job.tenant_id, {})
+    return job_id, claimed, JobContext(db, from_env({}, home=tmp_path), job_id, claimed.attempt, claimed.job.tenant_id, {})
+
+
+def test_a_report_of_completion_is_written_by_the_outcome_statement(db: Database, tmp_path) -> None:  # noqa: ANN001
+    job_id, claimed, ctx = claimed_job_context(db, tmp_path)
     ctx.progress(0.5, "half", force=True)
     ctx.progress(1.0, "step 2/2", step=2)
     assert [t for _seq, t, _data in all_events(db, job_id)] == ["state", "state", "progress"]  # 1.0 held back
@@ -186,14 +191,7 @@ def test_a_report_of_completion_is_written_by_the_outcome_statement(db: Database
 
 
 def test_a_failure_after_a_report_of_completion_keeps_the_report(db: Database, tmp_path) -> None:  # noqa: ANN001
-    from app.config import from_env
-    from workers.runtime import JobContext
-
-    job_id = new_job(db)
-    with db.session() as s:
-        claimed = jobs.claim_job(s, job_id, "w", max_running=0)
-    assert isinstance(claimed, jobs.Claimed)
-    ctx = JobContext(db, from_env({}, home=tmp_path), job_id, claimed.attempt, claimed.job.tenant_id, {})
+    job_id, claimed, ctx = claimed_job_context(db, tmp_path)
     ctx.progress(1.0, "done", rows=3)
     with db.session() as s:
         assert jobs.fail(s, job_id, claimed.attempt, "saving failed", last_report=ctx.final_report)
