@@ -33,11 +33,12 @@ from workers.runtime import JobCancelled, JobContext, JobLost, lost_database_con
 
 log = logging.getLogger(__name__)
 
-_db: Database | None = None
 # A worker's connections are pinged only after sitting idle this long: a busy worker saves a
 # round trip per transaction; a restart or fail-over takes longer than this, so the
 # connections it left dead are pinged and replaced (app.db.ping_after_idle, Database.run).
 PING_AFTER_IDLE_S = 1.0
+
+_db: Database | None = None
 _hub: EventHub | None = None
 _hub_url: str | None = None
 
@@ -133,27 +134,22 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
         log.info("job %s: not claimable (duplicate delivery or cancelled); skipping", job_id)
         return "skipped"
     attempt, job = claimed.attempt, claimed.job  # the claim returned what the job needs: no re-select
-    started_at = job.started_at
     kind = kind_for(job.kind)
     ctx = JobContext(
         db, settings, job_id, attempt, job.tenant_id, job.spec, celery=celery, worker=worker, hub=get_hub(settings)
     )
     if kind is None:
         with db.session() as s:
-            jobs.fail(s, job_id, attempt, f"no handler for job kind {job.kind!r} on this worker", started_at=started_at)
+            jobs.fail(
+                s, job_id, attempt, f"no handler for job kind {job.kind!r} on this worker", started_at=job.started_at
+            )
         return "failed"
-
-    def ending() -> dict[str, Any]:  # what every outcome of this attempt is written with
-        return {"started_at": started_at, "last_report": ctx.final_report}
-
     meter = metering.Meter().start()  # usage (CPU, GPU seconds) is recorded with the job's end
     ctx.start_heartbeat()
     try:
         result = kind.run(ctx, job.spec)
     except JobCancelled:
-        end_attempt(
-            db, ctx, job, meter, lambda s, usage: jobs.mark_cancelled(s, job_id, attempt, usage=usage, **ending())
-        )
+        end_attempt(db, ctx, job, meter, jobs.mark_cancelled)
         return "cancelled"
     except JobLost:
         log.warning("job %s attempt %s was taken over; dropping this attempt", job_id, attempt)
@@ -163,8 +159,7 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
             # A database restart or fail-over is not the job's fault: give the attempt back (the
             # next one resumes from the last checkpoint) instead of failing the job.
             log.warning("job %s attempt %s: the database connection was lost; giving the attempt back", job_id, attempt)
-            with db.session() as s:
-                leases.release(s, jobs.LEASE, job_id, attempt, error="the database connection was lost")
+            db.run(lambda s: leases.release(s, jobs.LEASE, job_id, attempt, error="the database connection was lost"))
             return "released"
         # The traceback is for the operator (this log, and a file in the job's directory the
         # API never serves); the tenant reads one sentence in job.error.
@@ -172,21 +167,15 @@ def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -
         save_operator_traceback(ctx, attempt)
         message = failure_message(job.kind, exc)
         if ctx.should_stop(poll_s=0) and not ctx.lost:  # cancelled while failing: cancel wins
-            end_attempt(
-                db, ctx, job, meter, lambda s, usage: jobs.mark_cancelled(s, job_id, attempt, usage=usage, **ending())
-            )
+            end_attempt(db, ctx, job, meter, jobs.mark_cancelled)
             return "cancelled"
-        end_attempt(
-            db, ctx, job, meter, lambda s, usage: jobs.fail(s, job_id, attempt, message, usage=usage, **ending())
-        )
+        end_attempt(db, ctx, job, meter, jobs.fail, message)
         return "failed"
     finally:
         ctx.stop_heartbeat()
         free_accelerator_memory()
         meter.stop()
-    succeeded = end_attempt(
-        db, ctx, job, meter, lambda s, usage: jobs.succeed(s, job_id, attempt, result, usage=usage, **ending()), result
-    )
+    succeeded = end_attempt(db, ctx, job, meter, jobs.succeed, result, result=result)
     if not succeeded:
         return "lost"
     # Only now that the success is committed: a kill before it leaves the scratch (a score
@@ -200,24 +189,30 @@ def end_attempt(
     ctx: JobContext,
     job: Job,
     meter: metering.Meter,
-    outcome: Callable[[Session, list[dict[str, Any]] | None], bool],
+    outcome: Callable[..., bool],
+    *args: Any,
     result: dict[str, Any] | None = None,
 ) -> bool:
-    """Write an attempt's end: the `outcome` transition, which carries the kind's held-back last
-    progress report (`ctx.final_report`) and the attempt's usage rows, one statement on
-    PostgreSQL. Should it fail, the outcome is written again without the usage, so metering
-    never undoes the work it meters. Returns whether the outcome applied (False: the attempt
-    was no longer the job's)."""
+    """Write an attempt's end: `outcome(session, job id, attempt, *args)` (jobs.succeed, fail or
+    mark_cancelled) with the kind's held-back last progress report (`ctx.final_report`) and
+    the attempt's usage rows, one statement on PostgreSQL. Should it fail, the outcome is
+    written again without the usage, so metering never undoes the work it meters. Returns
+    whether the outcome applied (False: the attempt was no longer the job's)."""
+
+    def write(session: Session, usage: list[dict[str, Any]] | None) -> bool:
+        ending = {"started_at": job.started_at, "last_report": ctx.final_report, "usage": usage}
+        return outcome(session, job.id, ctx.attempt, *args, **ending)
+
     try:
         usage = metering.job_usage(job, meter.stop(), result)
-        return db.run(lambda s: outcome(s, usage), one_statement=True)
+        return db.run(lambda s: write(s, usage), one_statement=True)
     except Exception as exc:
         if lost_database_connection(exc):
             raise
         log.exception(
             "job %s: recording the end of attempt %s with its usage failed; without usage", job.id, ctx.attempt
         )
-    return db.run(lambda s: outcome(s, None), one_statement=True)
+    return db.run(lambda s: write(s, None), one_statement=True)
 
 
 def reap(db: Database, settings: Settings) -> list[leases.Reaped]:
