@@ -133,9 +133,9 @@ class Database:
     def run(self, work: Callable[[Session], T], *, one_statement: bool = False) -> T:
         """`work(session)` in a transaction of its own (`session`), done once more on a fresh
         connection when the first try found its connection dead (`ping_after_idle`); work that
-        may be repeated, such as a compare-and-set. one_statement: `work` sends a single
-        statement, which on PostgreSQL runs as its own transaction (autocommit: no BEGIN and
-        COMMIT round trips)."""
+        may be repeated, such as a compare-and-set. one_statement: each statement `work` sends
+        is a transaction of its own on PostgreSQL (autocommit: no BEGIN and COMMIT round trips),
+        for work of one statement, or of statements that need not commit together."""
         for retry in (True, False):
             try:
                 with self.session() as session:

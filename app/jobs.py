@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Integer, Table, bindparam, func, insert, literal, null, select, union_all, update
+from sqlalchemy import Boolean, Integer, Table, bindparam, func, insert, literal, null, select, union_all, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from app import leases, notify
 from app.broker import RUN_JOB
-from app.models import TERMINAL_STATES, Job, JobEvent, JobState, Tenant, UTCDateTime, utcnow
+from app.models import TERMINAL_STATES, Job, JobEvent, JobState, UTCDateTime, utcnow
 from app.stores import usage as usage_store
 from app.stores.errors import Invalid
 
@@ -134,19 +134,22 @@ def _build_owned_update(
     values["event_seq"] = c.event_seq + (2 if with_before else 1)
     if claim:
         values["attempts"] = c.attempts + 1
-    if limited:  # the tenant's running jobs on the queue, under its limit (see claim_job)
-        other = _JOBS.alias("other")
-        running = (
-            select(func.count())
-            .select_from(other)
-            .where(
-                other.c.tenant_id == bindparam("limit_tenant"),
-                other.c.queue == bindparam("limit_queue"),
-                other.c.state == bindparam("running_state", R, type_=c.state.type),
+    if limited:  # a slot free under the job's tenant's limit on the job's queue (see claim_job)
+        if dialect == "postgresql":  # lock, then count on a fresh snapshot (migration 0014)
+            where.append(func.medmaas_claim_slot(c.tenant_id, c.queue, bindparam("max_running"), type_=Boolean()))
+        else:  # SQLite serialises writers: the statement's own count is current
+            other = _JOBS.alias("other")
+            running = (
+                select(func.count())
+                .select_from(other)
+                .where(
+                    other.c.tenant_id == c.tenant_id,
+                    other.c.queue == c.queue,
+                    other.c.state == bindparam("running_state", R, type_=c.state.type),
+                )
+                .scalar_subquery()
             )
-            .scalar_subquery()
-        )
-        where.append(running < bindparam("max_running"))
+            where.append(running < bindparam("max_running"))
     moved_stmt = (
         update(_JOBS).where(*where).values(**values).returning(c.attempts, c.event_seq, *(c[n] for n in returning))
     )
@@ -183,7 +186,7 @@ def owned_update(
     data: dict[str, Any],
     attempt: int | None = None,
     claim: bool = False,
-    limit: tuple[int, str, int] | None = None,
+    max_running: int | None = None,
     returning: tuple[str, ...] = (),
     with_attempt: bool = True,
     before: tuple[str, dict[str, Any]] | None = None,
@@ -196,8 +199,8 @@ def owned_update(
     the same statement (an outcome carries the attempt's last progress report so). `usage`:
     rows from usage_store.counter_rows, added by the same statement if it matched (on SQLite
     by a second one).
-    `claim` also bumps attempts; `limit` (tenant_id, queue, max_running) adds claim_job's
-    running-jobs condition. Returns (attempts, *returning columns), or None when nothing matched."""
+    `claim` also bumps attempts; `max_running` adds claim_job's condition: a slot free under
+    the job's tenant's limit of running jobs on its queue. Returns (attempts, *returning columns), or None when nothing matched."""
     dialect = session.get_bind().dialect.name
     columns = tuple((name, value is None) for name, value in values.items())
     key = (
@@ -205,7 +208,7 @@ def owned_update(
         columns,
         attempt is not None,
         claim,
-        limit is not None,
+        max_running is not None,
         returning,
         with_attempt,
         before is not None,
@@ -218,8 +221,8 @@ def owned_update(
     params.update(job_id=job_id, from_state=from_state)
     if attempt is not None:
         params["attempt"] = attempt
-    if limit is not None:
-        params.update(limit_tenant=limit[0], limit_queue=limit[1], max_running=limit[2])
+    if max_running is not None:
+        params["max_running"] = max_running
     if dialect != "postgresql":
         row = session.connection().execute(stmt, params).first()
         if row is None:
@@ -382,12 +385,6 @@ def claim(session: Session, job_id: int, worker: str) -> int | None:
 # What a worker needs of the job it claimed, returned by the claim itself (no re-select).
 CLAIMED_COLUMNS = (Job.tenant_id, Job.kind, Job.spec, Job.queue, Job.max_attempts, Job.started_at)
 CLAIMED_NAMES = tuple(c.key for c in CLAIMED_COLUMNS)
-_CLAIM_LOCK = (
-    select(Tenant.id, Job.queue)
-    .join(Job, Job.tenant_id == Tenant.id)
-    .where(Job.id == bindparam("job_id"), Job.state == Q)
-    .with_for_update(of=Tenant)
-)
 
 
 @dataclass(frozen=True)
@@ -419,19 +416,10 @@ def claim_job(session: Session, job_id: int, worker: str, max_running: int) -> C
     published_at cleared, so the maintenance tick's republish (`startable`) sends it again once
     a slot is free. None: another delivery (or a cancel) got there first.
 
-    Without a limit this is one UPDATE ... RETURNING (plus its event's INSERT); with one, a
-    tenant row lock comes first, and the running count is a condition of that same UPDATE."""
-    limit: tuple[int, str, int] | None = None
-    queue: str | None = None
-    if max_running > 0:
-        # One claim per tenant at a time (a row lock; SQLite serialises writers anyway), so two
-        # workers never both take the tenant's last free slot. The count in the claim's UPDATE
-        # is a later statement, so under READ COMMITTED it sees the claims committed while we waited.
-        row = session.connection().execute(_CLAIM_LOCK, {"job_id": job_id}).first()
-        if row is None:
-            return None
-        tenant_id, queue = row
-        limit = (tenant_id, queue, max_running)
+    One UPDATE ... RETURNING (with its event's INSERT, on PostgreSQL in the same statement).
+    Under a limit, two workers must never both take a tenant's last free slot: on PostgreSQL
+    the UPDATE's condition medmaas_claim_slot (migration 0014) holds a per-tenant lock until
+    the claim commits and counts after it was granted; SQLite serialises writers anyway."""
     # leases.claim for jobs (the same values and event), on a statement built once
     now = utcnow()
     got = owned_update(
@@ -442,7 +430,7 @@ def claim_job(session: Session, job_id: int, worker: str, max_running: int) -> C
         type_="state",
         data={"to": R.value, "from": Q.value, "worker": worker},
         claim=True,
-        limit=limit,
+        max_running=max_running if max_running > 0 else None,
         returning=CLAIMED_NAMES,
     )
     if got is not None:
@@ -459,13 +447,16 @@ def claim_job(session: Session, job_id: int, worker: str, max_running: int) -> C
             state=R,
         )
         return Claimed(int(attempt), job)
-    if queue is None:
+    if max_running <= 0:
         return None
-    message = waiting_message(max_running, queue)
-    still_queued = session.execute(
-        update(Job).where(Job.id == job_id, Job.state == Q).values(message=message, published_at=None).returning(Job.id)
+    # Still queued, so its tenant had no free slot (claimed or cancelled meanwhile: None).
+    waiting = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == Q)
+        .values(message=literal(waiting_message(max_running, "")) + Job.queue, published_at=None)
+        .returning(Job.message)
     ).first()
-    return Waiting(message) if still_queued is not None else None
+    return Waiting(waiting[0]) if waiting is not None else None
 
 
 def claim_within_limit(session: Session, job_id: int, worker: str, max_running: int) -> int | Waiting | None:

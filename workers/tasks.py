@@ -125,8 +125,8 @@ def save_operator_traceback(ctx: JobContext, attempt: int) -> None:
 def execute_job(db: Database, settings: Settings, celery: Celery, job_id: int) -> str:
     """Run one delivery of a job. Returns what happened (for logs and tests)."""
     worker = worker_name()
-    limit = settings.tenant_max_running_per_queue  # without one the claim is a single statement
-    claimed = db.run(lambda s: jobs.claim_job(s, job_id, worker, limit), one_statement=limit <= 0)
+    limit = settings.tenant_max_running_per_queue
+    claimed = db.run(lambda s: jobs.claim_job(s, job_id, worker, limit), one_statement=True)
     if isinstance(claimed, jobs.Waiting):
         log.info("job %s: %s; left queued until a slot frees", job_id, claimed.message)
         return "waiting"

@@ -51,3 +51,48 @@ def test_a_row_locked_by_a_worker_cut_off_mid_transaction_stalls_no_reaping_and_
         session.invalidate()  # its connection was ended by the server
     finally:
         cut_off.dispose()
+
+
+def test_concurrent_claims_never_take_more_than_the_tenants_free_slots(db: Database) -> None:
+    """Eight workers claim eight jobs of one tenant at once, each in autocommit as a worker does
+    (Database.run): with a limit of 2 on the queue, exactly 2 win and the others are told to wait,
+    round after round; the lock in the claim's condition (migration 0014) serialises them."""
+    import threading
+
+    from sqlalchemy import func, select
+
+    from app import auth, jobs
+    from app.models import Job, JobState
+
+    workers = [Database(db.url) for _ in range(8)]
+    try:
+        with db.session() as s:
+            tenant = auth.create_tenant(s, "claim-race")
+        for _round in range(5):
+            with db.session() as s:
+                ids = [jobs.submit(s, tenant_id=tenant.id, kind="sleep", spec={}, queue="cpu")[0].id for _ in range(8)]
+            start, outcomes = threading.Barrier(8), []
+
+            def claim(worker: Database, job_id: int) -> None:
+                start.wait()
+                outcomes.append(worker.run(lambda s: jobs.claim_job(s, job_id, "w", 2), one_statement=True))
+
+            threads = [threading.Thread(target=claim, args=pair) for pair in zip(workers, ids)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert sum(isinstance(o, jobs.Claimed) for o in outcomes) == 2, outcomes
+            assert sum(isinstance(o, jobs.Waiting) for o in outcomes) == 6, outcomes
+            with db.session() as s:
+                running = s.scalar(
+                    select(func.count()).where(Job.tenant_id == tenant.id, Job.state == JobState.running)
+                )
+                assert running == 2
+                for job_id in ids:  # end the round: the running ones succeed, the waiting ones are cancelled
+                    jobs.request_cancel(s, job_id)
+                for job in s.scalars(select(Job).where(Job.id.in_(ids), Job.state == JobState.running)):
+                    assert jobs.succeed(s, job.id, job.attempts, {})
+    finally:
+        for worker in workers:
+            worker.dispose()
