@@ -145,16 +145,28 @@ def run(quick: bool = False, jobs: int | None = None, rounds: int | None = None)
 def round_trips(n: int = 100) -> dict[str, float]:
     """Round trips to PostgreSQL per operation, in this process: a GET /api/v1/jobs/{id} and a
     POST /api/v1/jobs through the Flask test client, and one no-op `sleep` job through
-    workers.tasks.execute_job (fairness limit 4). Counts psycopg's network waits, one per round
-    trip (BEGIN, statements, COMMIT/ROLLBACK, pings)."""
+    workers.tasks.execute_job (fairness limit 4). Counts the times psycopg waited for the
+    server to answer (a read wait of its I/O generators: BEGIN, statements, COMMIT/ROLLBACK,
+    pings); a wait that needed no I/O (switching autocommit on an idle connection) is none."""
     import psycopg.connection
+    from psycopg.waiting import Wait
 
     waits = [0]
     wait = psycopg.connection.Connection.wait
 
-    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
-        waits[0] += 1
-        return wait(self, *args, **kwargs)
+    def counted(gen: Any) -> Any:
+        sent = None
+        try:
+            while True:
+                state = gen.send(sent)
+                if state & Wait.R:
+                    waits[0] += 1
+                sent = yield state
+        except StopIteration as stop:
+            return stop.value
+
+    def counting(self: Any, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        return wait(self, counted(gen), *args, **kwargs)
 
     def per_call(fn: Any, count: int) -> float:
         waits[0] = 0
