@@ -73,11 +73,17 @@ def s3_settings(settings: Settings, store_url: str, endpoint: str) -> Settings:
 
 
 def objects(endpoint: str, store_url: str) -> dict[str, bytes]:
-    """Every object under the store URL's prefix: key relative to the prefix -> its bytes."""
+    """Every object under the store URL's prefix: key relative to the prefix -> its bytes. An
+    object deleted between the listing and its read (a job's scratch, removed just after the
+    job's success is committed) is left out, as a listing made a moment later would."""
     bucket, _, prefix = store_url.removeprefix("s3://").partition("/")
     s3 = client(endpoint)
     found: dict[str, bytes] = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
         for obj in page.get("Contents", []):
-            found[obj["Key"][len(prefix) + 1 :]] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            try:
+                body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            except s3.exceptions.NoSuchKey:
+                continue
+            found[obj["Key"][len(prefix) + 1 :]] = body
     return found
