@@ -453,7 +453,7 @@ def claim_job(session: Session, job_id: int, worker: str, max_running: int) -> C
     waiting = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == Q)
-        .values(message=literal(waiting_message(max_running, "")) + Job.queue, published_at=None)
+        .values(message=literal(waiting_message(max_running, queue="")) + Job.queue, published_at=None)
         .returning(Job.message)
     ).first()
     return Waiting(waiting[0]) if waiting is not None else None
@@ -573,7 +573,7 @@ def _owned(
         data=data,
         with_attempt=with_attempt,
         before=before,
-        usage=usage,
+        usage=usage or None,  # nothing metered: the statement without the usage part
     )
     return found is not None
 

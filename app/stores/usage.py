@@ -171,8 +171,8 @@ def upsert_after(source: Any) -> Any:
 
 
 def after_params(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The parameters of `upsert_after` for rows from `counter_rows` (an empty list adds none)."""
-    first = rows[0] if rows else {"tenant_id": 0, "day": today(), "updated_at": utcnow()}
+    """The parameters of `upsert_after` for rows (at least one) from `counter_rows`."""
+    first = rows[0]
     return {
         "usage_tenant": first["tenant_id"],
         "usage_day": first["day"],
